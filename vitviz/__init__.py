@@ -1,0 +1,7 @@
+"""vitviz: see what a Vision Transformer has learned."""
+
+from vitviz.errors import VitvizError
+from vitviz.tokens import TokenLayout, token_layout
+
+__all__ = ["VitvizError", "TokenLayout", "token_layout"]
+__version__ = "0.1.0"
