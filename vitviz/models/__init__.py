@@ -1,0 +1,42 @@
+"""Model layer: config -> timm ViT, position-embedding variants, checkpoint format and loading sources."""
+
+from vitviz.models.checkpoint import (
+    FORMAT_VERSION,
+    LoadedModel,
+    ModelMeta,
+    file_sha256,
+    load_checkpoint,
+    load_state_dict_checked,
+    model_from_meta,
+    read_checkpoint_meta,
+    read_state_dict,
+    save_checkpoint,
+)
+from vitviz.models.config import ViTConfig
+from vitviz.models.factory import build_model, build_timm_model, count_parameters, pretrain_head
+from vitviz.models.posembed import patch_position_embeddings, resample_input_size, sincos_pos_embed
+from vitviz.models.sources import load_model, run_checkpoint, timm_meta
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadedModel",
+    "ModelMeta",
+    "ViTConfig",
+    "build_model",
+    "build_timm_model",
+    "count_parameters",
+    "file_sha256",
+    "load_checkpoint",
+    "load_model",
+    "load_state_dict_checked",
+    "model_from_meta",
+    "patch_position_embeddings",
+    "pretrain_head",
+    "read_checkpoint_meta",
+    "read_state_dict",
+    "resample_input_size",
+    "run_checkpoint",
+    "save_checkpoint",
+    "sincos_pos_embed",
+    "timm_meta",
+]

@@ -1,0 +1,382 @@
+"""The project checkpoint format: one .safetensors file whose header metadata key "vitviz" holds `ModelMeta`.
+
+Writes are atomic (temporary file in the same folder, fsync, rename, fsync the folder), so a crash never
+leaves a half-written checkpoint under the real name. Reads never unpickle arbitrary objects: safetensors
+holds raw tensors only, and foreign .pth/.bin files go through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from vitviz.errors import VitvizError
+from vitviz.models.config import MAX_CLASSES, MAX_IMG_SIDE, ViTConfig
+from vitviz.models.factory import build_model, build_timm_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_KEY = "vitviz"
+PROJECT_ARCH = "vitviz"
+TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+MAX_MESSAGE_KEYS = 3  # how many offending keys a one-line error names
+
+
+@dataclass
+class ModelMeta:
+    """Everything besides the tensors that a checkpoint needs to be rebuilt and used."""
+
+    arch: str  # "vitviz" for project models, or the timm model name
+    config: ViTConfig | None  # the project architecture; None for timm models
+    class_names: list[str]  # one name per classifier output
+    input_size: tuple[int, int]  # (H, W) pixels the model takes
+    in_chans: int  # 1 (greyscale) or 3 (RGB)
+    mean: tuple[float, ...]  # per-channel normalisation mean
+    std: tuple[float, ...]  # per-channel normalisation std
+    training: dict[str, Any]  # dataset, epochs, steps, final metrics, run_id (free-form JSON)
+    resolution_history: list[dict[str, Any]]  # every resampling: {"method", "old_grid", "new_grid"}
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (normalising JSON lists to tuples); raise VitvizError naming the first problem."""
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise VitvizError(f"checkpoint format_version must be an integer, got {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise VitvizError(
+                f"checkpoint format version {self.format_version} is newer than this vitviz reads "
+                f"({FORMAT_VERSION}); upgrade vitviz"
+            )
+        if self.format_version < 1:
+            raise VitvizError(f"checkpoint format_version {self.format_version} is not valid")
+        if not isinstance(self.arch, str) or not 0 < len(self.arch) <= 200:
+            raise VitvizError(f"checkpoint arch must be a non-empty name, got {self.arch!r}")
+        if isinstance(self.config, dict):
+            self.config = ViTConfig.from_dict(self.config)
+        if self.arch == PROJECT_ARCH and not isinstance(self.config, ViTConfig):
+            raise VitvizError('a "vitviz" checkpoint must carry its model config')
+        if self.arch != PROJECT_ARCH and self.config is not None:
+            raise VitvizError(f'only "vitviz" checkpoints carry a config; arch is {self.arch!r}')
+        if not isinstance(self.class_names, (list, tuple)) or len(self.class_names) > MAX_CLASSES:
+            raise VitvizError("checkpoint class_names must be a list of at most 100000 names")
+        if not all(isinstance(name, str) for name in self.class_names):
+            raise VitvizError("checkpoint class_names must all be strings")
+        self.class_names = list(self.class_names)
+        self.input_size = _pair("input_size", self.input_size, 1, MAX_IMG_SIDE)
+        if not isinstance(self.in_chans, int) or isinstance(self.in_chans, bool) or not 1 <= self.in_chans <= 16:
+            raise VitvizError(f"checkpoint in_chans must be an integer from 1 to 16, got {self.in_chans!r}")
+        self.mean = _floats("mean", self.mean, self.in_chans)
+        self.std = _floats("std", self.std, self.in_chans)
+        if any(s <= 0 for s in self.std):
+            raise VitvizError(f"checkpoint std must be positive, got {list(self.std)}")
+        if not isinstance(self.training, dict):
+            raise VitvizError("checkpoint training summary must be a JSON object")
+        if not isinstance(self.resolution_history, (list, tuple)):
+            raise VitvizError("checkpoint resolution_history must be a list")
+        self.resolution_history = [_history_entry(entry) for entry in self.resolution_history]
+        if self.config is not None:
+            cfg = self.config
+            if self.input_size != cfg.img_size or self.in_chans != cfg.in_chans:
+                raise VitvizError(
+                    f"checkpoint meta says input {self.input_size} with {self.in_chans} channels but its config "
+                    f"says {cfg.img_size} with {cfg.in_chans}"
+                )
+            if len(self.class_names) != cfg.num_classes:
+                raise VitvizError(
+                    f"checkpoint has {len(self.class_names)} class names for {cfg.num_classes} classifier outputs"
+                )
+
+    def to_json(self) -> str:
+        """The JSON document stored under the "vitviz" header key."""
+        doc = dataclasses.asdict(self)
+        doc["config"] = None if self.config is None else self.config.to_dict()
+        doc["input_size"] = list(self.input_size)
+        doc["mean"] = list(self.mean)
+        doc["std"] = list(self.std)
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, s: str) -> ModelMeta:
+        """Parse and validate a meta document; anything malformed raises VitvizError."""
+        try:
+            doc = json.loads(s)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise VitvizError(f"checkpoint metadata is not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise VitvizError("checkpoint metadata must be a JSON object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in doc if k not in fields)
+        if unknown:
+            raise VitvizError(f"checkpoint metadata has unknown key(s): {', '.join(unknown)}")
+        required = [name for name, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in doc]
+        if missing:
+            raise VitvizError(f"checkpoint metadata lacks key(s): {', '.join(missing)}")
+        return cls(**doc)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis, with what is needed to preprocess inputs and name its outputs."""
+
+    model: nn.Module  # eval mode
+    meta: ModelMeta
+    source: str  # what the user asked for
+    content_hash: str  # sha256 hex of the file bytes, or of "timm:<name>" for random init; caches key on it
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": resolved checkpoint path}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
+    """Write `model`'s tensors and `meta` to one .safetensors file, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise VitvizError(f"checkpoint files end in .safetensors; got {path.name}")
+    meta.validate()
+    _check_meta_fits_model(meta, model)
+    tensors = _tensors_for_saving(model.state_dict())
+    metadata = {META_KEY: meta.to_json()}
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise VitvizError(f"cannot save checkpoint: folder {folder} does not exist")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        safetensors.torch.save_file(tensors, str(tmp_path), metadata=metadata)
+        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; a checkpoint is an ordinary file
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(folder)
+    except BaseException as exc:
+        tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise VitvizError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
+        raise
+    logger.info("saved checkpoint %s (%d tensors)", path, len(tensors))
+
+
+def read_checkpoint_meta(path: str | Path) -> ModelMeta:
+    """Read and validate only the header of a project checkpoint (cheap: no tensors are loaded)."""
+    path = _existing_file(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
+        raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
+    if META_KEY not in header:
+        raise VitvizError(
+            f"{path} is a safetensors file without vitviz metadata; for a bare state dict use "
+            "timm:<name> with --weights"
+        )
+    return ModelMeta.from_json(header[META_KEY])
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    """Rebuild the model described by a project checkpoint and load its weights strictly (eval mode)."""
+    path = _existing_file(path)
+    meta = read_checkpoint_meta(path)
+    model = model_from_meta(meta)
+    state = read_state_dict(path)
+    load_state_dict_checked(model, state, f"{path}")
+    model.eval()
+    return LoadedModel(model=model, meta=meta, source=str(path), content_hash=file_sha256(path), extra={"path": str(path)})
+
+
+def model_from_meta(meta: ModelMeta) -> nn.Module:
+    """A freshly initialised model with the architecture `meta` describes (project config or timm name)."""
+    if meta.config is not None:
+        return build_model(meta.config)
+    return build_timm_model(
+        meta.arch, num_classes=len(meta.class_names), in_chans=meta.in_chans, img_size=meta.input_size
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or from .pth/.pt/.bin with torch.load(weights_only=True) only.
+
+    Dicts wrapping the state dict under "model" or "state_dict" are unwrapped, and a DistributedDataParallel
+    "module." prefix is removed. Nothing here can run code stored in the file.
+    """
+    path = _existing_file(path)
+    name = path.name.lower()
+    if name.endswith(".safetensors"):
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
+    if not name.endswith(TORCH_PICKLE_SUFFIXES):
+        raise VitvizError(f"{path.name}: weights must be .safetensors, .pth, .pt or .bin")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        raise VitvizError(
+            f"refused to read {path}: it is not a plain PyTorch state dict (corrupt, or it holds Python objects "
+            "other than tensors, which could run code); re-save it as a state dict or .safetensors"
+        ) from None
+    return _unwrap_state_dict(obj, path)
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load `state` into `model`; any mismatch raises one line naming the first bad keys/shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = describe_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise VitvizError(f"weights in {source} do not fit the model: {problem}")
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise VitvizError(f"weights in {source} contain NaN or infinite values (first: {bad})")
+    model.load_state_dict(dict(state), strict=True)
+
+
+def describe_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
+    """One line naming the first missing, unexpected and wrongly shaped keys, or None when all fit."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong_shape = [
+        f"{k} {list(found[k])} vs model {list(expected[k])}" for k in expected if k in found and found[k] != expected[k]
+    ]  # in the model's order, so the first named key is the earliest layer that does not fit
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:MAX_MESSAGE_KEYS]) + (", ..." if len(keys) > MAX_MESSAGE_KEYS else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    return "; ".join(problems) or None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no shared storage (safetensors refuses tied weights), all finite."""
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise VitvizError(f"refusing to save a checkpoint with NaN or infinite weights (first: {bad})")
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[tuple[str, int]] = set()
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        storage = (tensor.device.type, tensor.untyped_storage().data_ptr())
+        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        # Tied or sliced tensors get their own copy, so every key is in the file and any model
+        # (tied or not) loads it strictly.
+        if storage in seen_storages or not whole:
+            tensor = tensor.clone()
+        seen_storages.add(storage)
+        out[key] = tensor.cpu().contiguous()
+    return out
+
+
+def _first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor.detach()).all()):
+                return key
+    return None
+
+
+def _check_meta_fits_model(meta: ModelMeta, model: nn.Module) -> None:
+    """Refuse to write a checkpoint that could not be loaded back (meta describing another model)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None and tuple(img_size) != tuple(meta.input_size):
+        raise VitvizError(f"meta says input size {meta.input_size} but the model takes {tuple(img_size)}")
+    if meta.config is None:
+        return
+    # Shapes only: build on the meta device (no memory, no effect on the caller's random state).
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        reference = build_model(meta.config)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    problem = describe_mismatch(expected, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if problem:
+        raise VitvizError(f"the model does not match meta.config, so the checkpoint could not be loaded: {problem}")
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(2):  # e.g. {"model": {...}} or {"state_dict": {...}}, as training scripts save them
+        if isinstance(obj, dict):
+            for wrapper in ("model", "state_dict"):
+                if isinstance(obj.get(wrapper), dict):
+                    obj = obj[wrapper]
+                    break
+    if not isinstance(obj, dict) or not obj:
+        raise VitvizError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise VitvizError(f"{path} is not a plain state dict: {', '.join(not_tensors[:MAX_MESSAGE_KEYS])} are not tensors")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise VitvizError(f"no such file: {path}")
+    if not path.is_file():
+        raise VitvizError(f"{path} is not a file")
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is only durable once the folder entry is on disk too.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _pair(name: str, value: object, low: int, high: int) -> tuple[int, int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)
+    ):
+        raise VitvizError(f"checkpoint {name} must be two integers from {low} to {high}, got {value!r}")
+    return (value[0], value[1])
+
+
+def _floats(name: str, value: object, length: int) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise VitvizError(f"checkpoint {name} must list {length} numbers (one per channel), got {value!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise VitvizError(f"checkpoint {name} must be finite numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _history_entry(entry: object) -> dict[str, Any]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+        raise VitvizError(f"resolution_history entries need a method, old_grid and new_grid; got {entry!r}")
+    out = dict(entry)
+    for key in ("old_grid", "new_grid"):
+        out[key] = list(_pair(f"resolution_history {key}", entry.get(key), 0, MAX_IMG_SIDE))
+    return out

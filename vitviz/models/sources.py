@@ -1,0 +1,134 @@
+"""Every way a user can name a model: a checkpoint file, a run folder, or `timm:<name>` (+ local weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+from timm.data import ImageNetInfo, resolve_data_config
+from torch import nn
+
+from vitviz.errors import VitvizError
+from vitviz.models.checkpoint import (
+    LoadedModel,
+    ModelMeta,
+    file_sha256,
+    load_checkpoint,
+    load_state_dict_checked,
+    read_state_dict,
+)
+from vitviz.models.factory import build_timm_model
+from vitviz.tokens import token_layout
+
+logger = logging.getLogger(__name__)
+
+TIMM_PREFIX = "timm:"
+RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always means the same weights
+_EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)\.safetensors$")
+
+
+def load_model(source: str, *, weights: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
+    """Load a model from any supported source, in eval mode, with its metadata.
+
+    Sources: a project .safetensors checkpoint; a run folder (best.safetensors, else last.safetensors,
+    else the newest checkpoints/epoch-*.safetensors); "timm:<name>" with random weights, timm's pretrained
+    weights (`pretrained=True`, needs the network) or a local state dict (`weights=FILE`).
+    """
+    source = str(source)
+    if source.startswith(TIMM_PREFIX):
+        return _load_timm(source, source[len(TIMM_PREFIX):].strip(), weights=weights, pretrained=pretrained)
+    if weights is not None or pretrained:
+        raise VitvizError("--weights and pretrained apply only to timm:<name> sources; a checkpoint has its own weights")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        loaded = load_checkpoint(run_checkpoint(path))
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise VitvizError(
+                f"{source} is not a vitviz checkpoint (.safetensors); for a state dict use timm:<name> --weights {source}"
+            )
+        loaded = load_checkpoint(path)
+    else:
+        raise VitvizError(
+            f"no such checkpoint or run folder: {source} (a model is a .safetensors checkpoint, a run folder, "
+            "or timm:<name>)"
+        )
+    loaded.source = source
+    return loaded
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint a run folder stands for: best, else last, else the newest epoch checkpoint."""
+    run_dir = Path(run_dir)
+    for name in ("best.safetensors", "last.safetensors"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    epochs = []
+    for candidate in (run_dir / "checkpoints").glob("epoch-*.safetensors"):
+        match = _EPOCH_CHECKPOINT.match(candidate.name)
+        if match and candidate.is_file():
+            epochs.append((int(match.group(1)), candidate))
+    if not epochs:
+        raise VitvizError(
+            f"run folder {run_dir} has no checkpoint yet (best.safetensors, last.safetensors or "
+            "checkpoints/epoch-NNN.safetensors)"
+        )
+    return max(epochs)[1]
+
+
+def _load_timm(source: str, name: str, *, weights: str | Path | None, pretrained: bool) -> LoadedModel:
+    if not name:
+        raise VitvizError("timm: needs a model name, e.g. timm:vit_tiny_patch16_224")
+    if weights is not None and pretrained:
+        raise VitvizError("choose either pretrained weights or --weights FILE, not both")
+    if weights is not None:
+        state = read_state_dict(weights)
+        head = state.get("head.weight")
+        # Fine-tuned weights often have their own number of classes; size the head from the file.
+        kwargs = {"num_classes": int(head.shape[0])} if isinstance(head, torch.Tensor) and head.ndim == 2 else {}
+        model = build_timm_model(name, **kwargs)
+        load_state_dict_checked(model, state, str(weights))
+        content_hash = file_sha256(weights)
+    elif pretrained:
+        model = build_timm_model(name, pretrained=True)
+        tag = getattr(model, "pretrained_cfg", {}).get("tag") or "default"
+        content_hash = hashlib.sha256(f"{TIMM_PREFIX}{name}:pretrained:{tag}".encode()).hexdigest()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build_timm_model(name)
+        content_hash = hashlib.sha256(f"{TIMM_PREFIX}{name}".encode()).hexdigest()
+    model.eval()
+    summary = {"source": "timm", "pretrained": pretrained, "weights": None if weights is None else str(weights)}
+    meta = timm_meta(name, model, training=summary)
+    extra = {} if weights is None else {"path": str(weights)}
+    return LoadedModel(model=model, meta=meta, source=source, content_hash=content_hash, extra=extra)
+
+
+def timm_meta(name: str, model: nn.Module, training: dict | None = None) -> ModelMeta:
+    """ModelMeta for a timm model: normalisation from its pretrained config, ImageNet names for 1000 classes."""
+    data_config = resolve_data_config(model=model)
+    layout = token_layout(model)
+    in_chans = int(getattr(model, "in_chans", data_config["input_size"][0]))
+    num_classes = int(getattr(model, "num_classes", 0))
+    if num_classes == 1000:
+        class_names = list(ImageNetInfo().label_descriptions())
+    else:
+        class_names = [f"class {i}" for i in range(num_classes)]
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    if len(mean) != in_chans:  # e.g. a greyscale model with RGB statistics: average them
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return ModelMeta(
+        arch=name,
+        config=None,
+        class_names=class_names,
+        input_size=layout.img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        training=dict(training or {}),
+        resolution_history=[],
+    )
