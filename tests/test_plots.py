@@ -1,0 +1,262 @@
+"""Figures: built from small arrays, values checked against the inputs, exported as PNG and SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from matplotlib.image import AxesImage
+from PIL import Image
+
+from vitviz.plots import interactive, paper, tile_mosaic
+
+RNG = np.random.default_rng(0)
+
+
+def tile_region(values: np.ndarray, r: int, c: int, h: int, w: int) -> np.ndarray:
+    """Tile (r, c) of a mosaic with 1-pixel gaps, located by hand."""
+    return values[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w]
+
+
+def images_of(ax: matplotlib.axes.Axes) -> list[AxesImage]:
+    return [child for child in ax.get_children() if isinstance(child, AxesImage)]
+
+
+def saved_png_size(fig: matplotlib.figure.Figure, path: Path) -> tuple[int, int]:
+    paths = paper.save_figure(fig, path)
+    assert [p.suffix for p in paths] == [".png", ".svg"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert b"<svg" in paths[1].read_bytes()[:2000]
+    with Image.open(paths[0]) as png:
+        png.load()
+        return png.size
+
+
+def test_tile_mosaic_places_every_tile_and_leaves_gaps() -> None:
+    tiles = RNG.normal(size=(2, 3, 4, 5))
+    mosaic = tile_mosaic(tiles)
+    assert mosaic.shape == (2 * 4 + 1, 3 * 5 + 2)
+    for r in range(2):
+        for c in range(3):
+            np.testing.assert_array_equal(tile_region(mosaic, r, c, 4, 5), tiles[r, c])
+    assert np.isnan(mosaic[4]).all() and np.isnan(mosaic[:, 5]).all() and np.isnan(mosaic[:, 11]).all()
+
+
+# --- matplotlib (paper) ---------------------------------------------------------------------------
+
+
+def test_paper_position_similarity_is_one_image_with_the_tiles(tmp_path: Path) -> None:
+    gh, gw = 3, 5
+    sim = RNG.uniform(-1, 1, size=(gh, gw, gh, gw))
+    fig = paper.position_similarity_figure(sim)
+    main = fig.axes[0]
+    (image,) = images_of(main)  # one image however large the grid
+    shown = np.ma.filled(image.get_array().astype(float), np.nan)
+    for r in range(gh):
+        for c in range(gw):
+            np.testing.assert_allclose(tile_region(shown, r, c, gh, gw), sim[r, c])
+    assert image.get_clim() == (-1.0, 1.0)
+    assert main.get_xlabel() == "Input patch column" and main.get_ylabel() == "Input patch row"
+    assert [t.get_text() for t in main.get_yticklabels()] == ["1", "2", "3"]
+    assert image.colorbar is not None and image.colorbar.ax.get_ylabel() == "Cosine similarity"
+    width, height = saved_png_size(fig, tmp_path / "position")
+    assert width > 1.5 * height  # the mosaic is 11 x 29 cells: wide, as the grid
+
+
+def test_paper_position_figure_stays_one_image_for_a_24x24_grid() -> None:
+    sim = RNG.uniform(-1, 1, size=(24, 24, 24, 24)).astype(np.float32)
+    fig = paper.position_similarity_figure(sim)
+    assert len(fig.axes) == 1 and len(images_of(fig.axes[0])) == 1  # not 576 axes
+
+
+def test_paper_filters_scaled_per_component_with_ratios(tmp_path: Path) -> None:
+    components = RNG.normal(size=(28, 3, 4, 4)) * np.arange(1, 29)[:, None, None, None]
+    ratios = np.linspace(0.2, 0.001, 28)
+    fig = paper.filters_figure(components, ratios)
+    shown = [ax for ax in fig.axes if images_of(ax)]
+    assert len(shown) == 28
+    for index, ax in enumerate(shown):
+        picture = images_of(ax)[0].get_array()
+        assert picture.shape == (4, 4, 3)
+        assert picture.min() == pytest.approx(0.0) and picture.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(picture.transpose(2, 0, 1), _minmax(components[index]))
+        assert f"{100 * ratios[index]:.1f}%" in ax.get_title()
+    width, height = saved_png_size(fig, tmp_path / "filters")
+    assert width > height  # 7 columns x 4 rows
+
+    grey = paper.filters_figure(components[:5, :1], ratios[:5])
+    grey_images = [images_of(ax)[0] for ax in grey.axes if images_of(ax)]
+    assert len(grey_images) == 5 and grey_images[0].get_cmap().name == "gray"
+    assert grey_images[0].get_array().ndim == 2
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    return (values - values.min()) / (values.max() - values.min())
+
+
+def test_paper_distance_scatter_has_one_series_per_head_and_the_mean(tmp_path: Path) -> None:
+    pixels = RNG.uniform(5, 100, size=(4, 3))
+    fig = paper.distance_figure(pixels, std=np.ones((4, 3)))
+    ax = fig.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["Head 1", "Head 2", "Head 3", "Mean"]
+    (mean_line,) = [line for line in ax.get_lines() if line.get_label() == "Mean"]
+    np.testing.assert_array_equal(mean_line.get_xdata(), [1, 2, 3, 4])  # depth is 1-based
+    np.testing.assert_allclose(mean_line.get_ydata(), pixels.mean(axis=1))
+    assert ax.get_xlabel() == "Network depth (layer)"
+    assert ax.get_ylabel() == "Mean attention distance (pixels)"
+    assert ax.get_ylim()[0] == 0
+    assert paper.distance_figure(pixels, ymax=250).axes[0].get_ylim()[1] == 250
+    saved_png_size(fig, tmp_path / "distance")
+
+
+def test_overlay_divides_the_map_by_its_max() -> None:
+    image = RNG.integers(0, 256, size=(12, 18, 3), dtype=np.uint8)
+    relevance = RNG.uniform(0, 0.01, size=(2, 3))
+    np.testing.assert_array_equal(
+        paper.overlay_image(image, relevance), paper.overlay_image(image, relevance * 700.0)
+    )
+    # Fully opaque grey colour map over a 1 x 2 map at the map's own size: pixels are map / max.
+    black = np.zeros((1, 2, 3), np.uint8)
+    shown = paper.overlay_image(black, np.array([[0.0, 0.004]]), cmap="gray", alpha=1.0)
+    np.testing.assert_array_equal(shown[0, :, 0], [0, 255])
+
+
+def test_paper_rollout_overlay_side_by_side(tmp_path: Path) -> None:
+    image = RNG.integers(0, 256, size=(40, 80, 3), dtype=np.uint8)
+    relevance = RNG.uniform(size=(2, 4))
+    fig = paper.rollout_overlay_figure(image, relevance, title="Rollout")
+    pictures = [images_of(ax)[0].get_array() for ax in fig.axes if images_of(ax)]
+    assert len(pictures) == 2
+    np.testing.assert_array_equal(pictures[0], image)
+    np.testing.assert_array_equal(pictures[1], paper.overlay_image(image, relevance))
+    width, height = saved_png_size(fig, tmp_path / "rollout")
+    assert width > 2.5 * height  # two 2:1 panels side by side
+
+
+def test_paper_attention_grid_is_one_image_layers_by_heads(tmp_path: Path) -> None:
+    attention = RNG.dirichlet(np.ones(6), size=(2, 4)).reshape(2, 4, 2, 3)
+    fig = paper.attention_grid_figure(attention, query=(1, 2))
+    (image,) = images_of(fig.axes[0])
+    shown = np.ma.filled(image.get_array().astype(float), np.nan)
+    np.testing.assert_allclose(tile_region(shown, 1, 3, 2, 3), attention[1, 3])
+    assert image.get_clim() == (0.0, pytest.approx(attention.max()))
+    per_tile = paper.attention_grid_figure(attention, per_tile=True)
+    shown = np.ma.filled(images_of(per_tile.axes[0])[0].get_array().astype(float), np.nan)
+    np.testing.assert_allclose(tile_region(shown, 0, 2, 2, 3), attention[0, 2] / attention[0, 2].max())
+    width, height = saved_png_size(fig, tmp_path / "grid")
+    assert width > height  # 4 heads wide, 2 layers high
+
+
+def test_save_figure_keeps_dots_in_names_and_builds_no_pyplot_state(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = paper.distance_figure(np.ones((2, 2)))
+    paths = paper.save_figure(fig, tmp_path / "nested" / "vit-b.16")
+    assert [p.name for p in paths] == ["vit-b.16.png", "vit-b.16.svg"]
+    assert plt.get_fignums() == []
+
+
+# --- plotly (app) ---------------------------------------------------------------------------------
+
+
+def test_interactive_position_is_one_heatmap_with_hover_coordinates() -> None:
+    gh, gw = 3, 4
+    sim = RNG.uniform(-1, 1, size=(gh, gw, gh, gw))
+    fig = interactive.position_figure(sim, zmin=-0.5, zmax=0.5)
+    (trace,) = fig.data
+    assert trace.type == "heatmap" and (trace.zmin, trace.zmax) == (-0.5, 0.5)
+    z = np.asarray(trace.z, dtype=float)
+    custom = np.asarray(trace.customdata)
+    for r in range(gh):
+        for c in range(gw):
+            np.testing.assert_allclose(tile_region(z, r, c, gh, gw), sim[r, c], atol=1e-6)
+    # Mosaic cell of query patch (2, 1) and key patch (0, 3), 0-based: hover says 1-based.
+    row, col = 2 * (gh + 1) + 0, 1 * (gw + 1) + 3
+    assert z[row, col] == pytest.approx(sim[2, 1, 0, 3], abs=1e-6)
+    np.testing.assert_array_equal(custom[row, col], [3, 2, 1, 4])
+    assert "query patch" in trace.hovertemplate and "key patch" in trace.hovertemplate
+    assert list(fig.layout.yaxis.ticktext) == ["1", "2", "3"]
+
+
+def test_interactive_position_patch_map() -> None:
+    sim = RNG.uniform(-1, 1, size=(3, 4, 3, 4))
+    fig = interactive.position_patch_figure(sim, 1, 2)
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z), sim[1, 2])
+    assert (fig.data[1].x[0], fig.data[1].y[0]) == (2, 1)
+
+
+def test_interactive_filters_one_image_scaled_per_component() -> None:
+    components = RNG.normal(size=(9, 3, 4, 4))
+    fig = interactive.filters_figure(components, np.full(9, 0.05))
+    (trace,) = fig.data
+    assert trace.type == "image"
+    picture = np.asarray(trace.z)
+    assert picture.dtype == np.uint8 and picture.shape[2] == 3
+    first = picture[:4, :4].transpose(2, 0, 1).astype(float)
+    np.testing.assert_allclose(first, np.rint(_minmax(components[0]) * 255))
+    assert len(fig.layout.annotations) == 9 and "5.0%" in fig.layout.annotations[0].text
+
+
+def test_interactive_distance_heads_and_mean_line() -> None:
+    pixels = RNG.uniform(5, 100, size=(5, 2))
+    fig = interactive.distance_figure(pixels, ymax=224)
+    assert [trace.name for trace in fig.data] == ["Head 1", "Head 2", "Mean"]
+    np.testing.assert_allclose(fig.data[-1].y, pixels.mean(axis=1))
+    np.testing.assert_array_equal(fig.data[0].x, [1, 2, 3, 4, 5])
+    assert tuple(fig.layout.yaxis.range) == (0, 224)
+
+
+def test_interactive_explained_variance_curve() -> None:
+    ratios = np.array([0.5, 0.2, 0.1])
+    fig = interactive.explained_variance_figure(ratios)
+    np.testing.assert_allclose(fig.data[1].y, [0.5, 0.7, 0.8])
+
+
+def test_interactive_rollout_normalises_by_max_and_covers_the_image() -> None:
+    image = RNG.integers(0, 256, size=(32, 64, 3), dtype=np.uint8)
+    relevance = RNG.uniform(0, 0.02, size=(2, 4))
+    fig = interactive.rollout_figure(image, relevance, opacity=0.4)
+    picture, heat = fig.data
+    assert picture.type == "image" and heat.type == "heatmap" and heat.opacity == 0.4
+    np.testing.assert_allclose(np.asarray(heat.z), relevance / relevance.max())
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    # Cell j spans pixels [16 j, 16 j + 16): its centre is at 16 j + 7.5 in pixel coordinates.
+    assert heat.x0 == pytest.approx(7.5) and heat.dx == pytest.approx(16)
+    assert heat.y0 == pytest.approx(7.5) and heat.dy == pytest.approx(16)
+
+
+def test_interactive_attention_grid_is_one_heatmap() -> None:
+    attention = RNG.dirichlet(np.ones(4), size=(3, 2)).reshape(3, 2, 2, 2)
+    fig = interactive.attention_grid_figure(attention, zmax=0.9)
+    (trace,) = fig.data
+    z = np.asarray(trace.z, dtype=float)
+    np.testing.assert_allclose(tile_region(z, 2, 1, 2, 2), attention[2, 1], atol=1e-6)
+    assert trace.zmax == 0.9
+    np.testing.assert_array_equal(np.asarray(trace.customdata)[2 * 3 + 1, 1 * 3 + 0], [3, 2, 2, 1])
+
+
+def test_difference_map_is_centred_at_zero() -> None:
+    diff = np.array([[-0.2, 0.1], [0.05, 0.0]])
+    trace = interactive.difference_figure(diff).data[0]
+    assert (trace.zmin, trace.zmax) == (pytest.approx(-0.2), pytest.approx(0.2))
+    shared = interactive.difference_figure(diff, zmax=1.0).data[0]
+    assert (shared.zmin, shared.zmax) == (-1.0, 1.0)
+    tiles = interactive.difference_figure(RNG.normal(size=(2, 2, 2, 2)))
+    assert len(tiles.data) == 1 and tiles.data[0].zmin == -tiles.data[0].zmax
+
+
+def test_training_curves_split_loss_and_accuracy() -> None:
+    records = [
+        {"step": 0, "train_loss": 2.0, "lr": 0.1},
+        {"step": 10, "train_loss": 1.5, "val_accuracy": 0.4},
+        {"epoch": 1, "val_accuracy": 0.5},  # no step: skipped
+        {"step": 20, "train_loss": 1.0, "val_accuracy": 0.6},
+    ]
+    fig = interactive.training_curves_figure(records)
+    by_name = {trace.name: trace for trace in fig.data}
+    assert set(by_name) == {"train_loss", "val_accuracy"}
+    assert list(by_name["train_loss"].x) == [0, 10, 20] and list(by_name["val_accuracy"].y) == [0.4, 0.6]
+    assert by_name["train_loss"].xaxis != by_name["val_accuracy"].xaxis  # separate panels

@@ -1,0 +1,410 @@
+"""Plotly figures for the app: the paper's figures plus the app's own views (overlays, grids, curves).
+
+Every function takes numpy arrays (never a model) and returns a `plotly.graph_objects.Figure`.
+Grids of maps are drawn as ONE heatmap of a mosaic (see `vitviz.plots.tile_mosaic`), never as
+hundreds of subplots, so a 24 x 24 grid stays responsive; hover tells which tile and cell is under
+the cursor. Colour-scale arguments (`zmin`, `zmax`) let the compare page use one scale for two models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from vitviz.plots import as_rgb_uint8, minmax_scale, mosaic_positions, scale_by_max, tile_centres, tile_mosaic
+
+_FONT = {"size": 12}
+_MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
+
+
+def filters_figure(
+    components: np.ndarray,
+    explained_variance_ratio: np.ndarray,
+    *,
+    ncols: int = 7,
+    max_components: int = 28,
+    title: str | None = None,
+) -> go.Figure:
+    """Principal components of the patch-embedding filters as one image, each min-max scaled on its own.
+
+    Args:
+        components: [k, C, P, P]; C == 3 in colour, anything else in grey (mean over channels).
+        explained_variance_ratio: [k], written above each filter.
+    """
+    components = np.asarray(components, dtype=np.float64)[:max_components]
+    if components.ndim != 4:
+        raise ValueError(f"expected components [k, C, P, P], got shape {components.shape}")
+    ratios = np.asarray(explained_variance_ratio, dtype=np.float64)[: len(components)]
+    count, channels, ph, pw = components.shape
+    scaled = minmax_scale(components, over=(1, 2, 3))
+    pictures = scaled.transpose(0, 2, 3, 1) if channels == 3 else np.repeat(scaled.mean(axis=1)[..., None], 3, axis=3)
+    ncols = max(1, min(ncols, count))
+    nrows = math.ceil(count / ncols)
+    tiles = np.ones((nrows * ncols, ph, pw, 3))
+    tiles[:count] = pictures
+    gap = max(2, ph // 3)  # room for the labels between rows
+    mosaic = tile_mosaic(tiles.reshape(nrows, ncols, ph, pw, 3), gap=gap, fill=1.0)
+    fig = go.Figure(go.Image(z=np.rint(mosaic * 255).astype(np.uint8), hoverinfo="skip"))
+    for index in range(count):
+        row, col = divmod(index, ncols)
+        fig.add_annotation(
+            x=col * (pw + gap) + (pw - 1) / 2, y=row * (ph + gap) - 0.5, yanchor="bottom",
+            text=f"{index + 1}: {100 * ratios[index]:.1f}%", showarrow=False, font={"size": 11},
+        )
+    if title is None:
+        kind = "RGB" if channels == 3 else ("Grey" if channels == 1 else f"{channels}-channel (mean)")
+        title = f"{kind} embedding filters (first {count} principal components)"
+    fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "t": 70}, plot_bgcolor="white")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, range=[mosaic.shape[0] - 0.5, -gap - 0.5])
+    return fig
+
+
+def position_figure(
+    similarity: np.ndarray,
+    *,
+    zmin: float = -1.0,
+    zmax: float = 1.0,
+    colorscale: str = "Viridis",
+    title: str = "Position embedding similarity",
+) -> go.Figure:
+    """Cosine similarity of position embeddings: one heatmap trace, tile (r, c) = similarity[r, c].
+
+    Hover shows the query patch (the tile), the key patch (the cell inside it) and the similarity,
+    all 1-based as on the axes.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if similarity.ndim != 4:
+        raise ValueError(f"expected similarity [gh, gw, gh, gw], got shape {similarity.shape}")
+    gh, gw = similarity.shape[:2]
+    fig = _mosaic_heatmap(
+        similarity,
+        zmin=zmin, zmax=zmax, colorscale=colorscale, colorbar_title="Cosine similarity",
+        hovertemplate=(
+            "query patch (%{customdata[0]}, %{customdata[1]})<br>"
+            "key patch (%{customdata[2]}, %{customdata[3]})<br>similarity %{z:.3f}<extra></extra>"
+        ),
+    )
+    _tile_axes(fig, (gh, gw), (gh, gw), x_title="Input patch column", y_title="Input patch row")
+    fig.update_layout(title=title)
+    return fig
+
+
+def position_patch_figure(
+    similarity: np.ndarray,
+    row: int,
+    col: int,
+    *,
+    zmin: float = -1.0,
+    zmax: float = 1.0,
+    colorscale: str = "Viridis",
+) -> go.Figure:
+    """Similarity of one patch's position embedding (0-based `row`, `col`) with every other patch."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    gh, gw = similarity.shape[:2]
+    values = similarity[row, col]
+    ticks_y, ticks_x = np.arange(gh), np.arange(gw)
+    fig = go.Figure(
+        go.Heatmap(
+            z=values, x=ticks_x, y=ticks_y, zmin=zmin, zmax=zmax, colorscale=colorscale,
+            colorbar={"title": {"text": "Cosine similarity", "side": "right"}},
+            customdata=np.stack(np.meshgrid(ticks_y + 1, ticks_x + 1, indexing="ij"), axis=-1),
+            hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>similarity %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[col], y=[row], mode="markers", hoverinfo="skip", showlegend=False,
+            marker={"symbol": "square-open", "size": 14, "color": "red", "line": {"width": 2}},
+        )
+    )
+    fig.update_xaxes(
+        title="Input patch column", tickvals=ticks_x, ticktext=[str(i + 1) for i in ticks_x], showgrid=False
+    )
+    fig.update_yaxes(
+        title="Input patch row", tickvals=ticks_y, ticktext=[str(i + 1) for i in ticks_y],
+        autorange="reversed", scaleanchor="x", showgrid=False,
+    )
+    fig.update_layout(
+        title=f"Similarity with patch ({row + 1}, {col + 1})", font=_FONT, margin=_MARGIN, plot_bgcolor="white"
+    )
+    return fig
+
+
+def distance_figure(
+    pixels: np.ndarray,
+    *,
+    std: np.ndarray | None = None,
+    show_mean: bool = True,
+    ymax: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Mean attention distance (pixels) of every head against depth, with the per-layer mean line."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected pixels [L, H], got shape {pixels.shape}")
+    depth, heads = pixels.shape
+    layers = np.arange(1, depth + 1)
+    fig = go.Figure()
+    for head in range(heads):
+        error = None if std is None else {"type": "data", "array": np.asarray(std)[:, head], "thickness": 1, "width": 0}
+        fig.add_trace(
+            go.Scatter(
+                x=layers, y=pixels[:, head], mode="markers", name=f"Head {head + 1}", error_y=error,
+                marker={"size": 7}, hovertemplate=f"layer %{{x}}, head {head + 1}<br>%{{y:.1f}} px<extra></extra>",
+            )
+        )
+    if show_mean:
+        fig.add_trace(
+            go.Scatter(
+                x=layers, y=pixels.mean(axis=1), mode="lines", name="Mean", line={"color": "black", "width": 2},
+                hovertemplate="layer %{x}<br>mean %{y:.1f} px<extra></extra>",
+            )
+        )
+    top = ymax if ymax is not None else max(1.0, float(np.nanmax(pixels)) * 1.08)
+    tick_step = 1 if depth <= 16 else math.ceil(depth / 12)
+    fig.update_xaxes(title="Network depth (layer)", tickmode="linear", dtick=tick_step)
+    fig.update_yaxes(title="Mean attention distance (pixels)", range=[0, top])
+    fig.update_layout(title=title, font=_FONT, margin=_MARGIN, legend={"font": {"size": 10}})
+    return fig
+
+
+def explained_variance_figure(explained_variance_ratio: np.ndarray) -> go.Figure:
+    """Explained-variance ratio of each principal component, and the cumulative total."""
+    ratios = np.asarray(explained_variance_ratio, dtype=np.float64)
+    components = np.arange(1, len(ratios) + 1)
+    fig = go.Figure(
+        [
+            go.Bar(x=components, y=ratios, name="Per component", hovertemplate="PC %{x}: %{y:.1%}<extra></extra>"),
+            go.Scatter(
+                x=components, y=np.cumsum(ratios), mode="lines+markers", name="Cumulative",
+                hovertemplate="first %{x}: %{y:.1%}<extra></extra>",
+            ),
+        ]
+    )
+    fig.update_xaxes(title="Principal component")
+    fig.update_yaxes(title="Explained variance", tickformat=".0%", range=[0, 1.02])
+    fig.update_layout(font=_FONT, margin=_MARGIN, legend={"x": 0.98, "xanchor": "right", "y": 0.5})
+    return fig
+
+
+def rollout_figure(
+    image: np.ndarray,
+    relevance: np.ndarray,
+    *,
+    opacity: float = 0.5,
+    colorscale: str = "Jet",
+    zmin: float = 0.0,
+    zmax: float = 1.0,
+    smooth: bool = False,
+    title: str | None = None,
+) -> go.Figure:
+    """An image with a patch map laid over it; the map is divided by its max (DESIGN: displays do).
+
+    Args:
+        image: uint8 [H, W, 3].
+        relevance: [gh, gw] non-negative map; cell (i, j) covers its patch's pixels.
+        smooth: interpolate between patch centres instead of drawing blocks.
+    """
+    image = as_rgb_uint8(image)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    height, width = image.shape[:2]
+    gh, gw = relevance.shape
+    dy, dx = height / gh, width / gw
+    fig = go.Figure(go.Image(z=image, hoverinfo="skip"))
+    fig.add_trace(
+        go.Heatmap(
+            z=scale_by_max(relevance), x0=(dx - 1) / 2, dx=dx, y0=(dy - 1) / 2, dy=dy,
+            zmin=zmin, zmax=zmax, colorscale=colorscale, opacity=opacity, zsmooth="best" if smooth else False,
+            colorbar={"title": {"text": "Relevance (÷ max)", "side": "right"}},
+            customdata=np.stack(np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij"), axis=-1),
+            hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>%{z:.2f} of max<extra></extra>",
+        )
+    )
+    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
+    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x")
+    fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "l": 10})
+    return fig
+
+
+def attention_grid_figure(
+    attention: np.ndarray,
+    *,
+    zmin: float = 0.0,
+    zmax: float | None = None,
+    per_tile: bool = False,
+    colorscale: str = "Inferno",
+    title: str | None = None,
+) -> go.Figure:
+    """Attention of one query over the patches, layers (rows) x heads (columns), as one heatmap.
+
+    Args:
+        attention: [L, H, gh, gw].
+        per_tile: divide each tile by its own max (shape, not strength); else one scale for all.
+    """
+    attention = np.asarray(attention, dtype=np.float64)
+    if attention.ndim != 4:
+        raise ValueError(f"expected attention [L, H, gh, gw], got shape {attention.shape}")
+    depth, heads, gh, gw = attention.shape
+    values = np.stack([[scale_by_max(tile) for tile in layer] for layer in attention]) if per_tile else attention
+    top = 1.0 if per_tile else (zmax if zmax is not None else max(float(np.nanmax(values)), 1e-12))
+    fig = _mosaic_heatmap(
+        values,
+        zmin=zmin, zmax=top, colorscale=colorscale,
+        colorbar_title="Attention (÷ tile max)" if per_tile else "Attention probability",
+        hovertemplate=(
+            "layer %{customdata[0]}, head %{customdata[1]}<br>"
+            "key patch (%{customdata[2]}, %{customdata[3]})<br>%{z:.4f}<extra></extra>"
+        ),
+    )
+    _tile_axes(fig, (depth, heads), (gh, gw), x_title="Head", y_title="Layer")
+    fig.update_layout(title=title)
+    return fig
+
+
+def difference_figure(
+    difference: np.ndarray,
+    *,
+    zmax: float | None = None,
+    colorscale: str = "RdBu_r",
+    title: str | None = None,
+    colorbar_title: str = "Difference",
+) -> go.Figure:
+    """A difference map (model A minus model B) on a diverging scale centred at 0 (-zmax..zmax).
+
+    Args:
+        difference: [h, w], or [gh, gw, gh, gw] (e.g. two position-similarity tables) drawn as a mosaic.
+        zmax: half-width of the scale, default the largest absolute difference.
+    """
+    difference = np.asarray(difference, dtype=np.float64)
+    limit = zmax if zmax is not None else max(float(np.nanmax(np.abs(difference))), 1e-12)
+    if difference.ndim == 4:
+        gh, gw = difference.shape[:2]
+        fig = _mosaic_heatmap(
+            difference, zmin=-limit, zmax=limit, colorscale=colorscale, colorbar_title=colorbar_title,
+            hovertemplate=(
+                "query patch (%{customdata[0]}, %{customdata[1]})<br>"
+                "key patch (%{customdata[2]}, %{customdata[3]})<br>difference %{z:.3f}<extra></extra>"
+            ),
+        )
+        _tile_axes(fig, (gh, gw), (gh, gw), x_title="Input patch column", y_title="Input patch row")
+        fig.update_layout(plot_bgcolor="#bbbbbb")  # gaps in grey: white means "no difference" here
+    elif difference.ndim == 2:
+        rows, cols = difference.shape
+        fig = go.Figure(
+            go.Heatmap(
+                z=difference, zmin=-limit, zmax=limit, colorscale=colorscale,
+                x=np.arange(1, cols + 1), y=np.arange(1, rows + 1),
+                colorbar={"title": {"text": colorbar_title, "side": "right"}},
+                hovertemplate="(%{y}, %{x})<br>difference %{z:.3f}<extra></extra>",
+            )
+        )
+        fig.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False)
+        fig.update_xaxes(showgrid=False)
+        fig.update_layout(font=_FONT, margin=_MARGIN, plot_bgcolor="white")
+    else:
+        raise ValueError(f"expected a [h, w] or [gh, gw, gh, gw] difference, got shape {difference.shape}")
+    fig.update_layout(title=title)
+    return fig
+
+
+def training_curves_figure(
+    records: Sequence[Mapping[str, object]],
+    *,
+    x: str = "step",
+    metrics: Sequence[str] | None = None,
+) -> go.Figure:
+    """Loss (left) and accuracy (right) against `x` from logged records, e.g. metrics.jsonl rows.
+
+    Args:
+        records: one mapping per logged point; records without `x` or a metric are skipped for it.
+        metrics: keys to draw; default every numeric key whose name contains "loss" or "acc".
+            Keys containing "acc" go to the right panel, all others to the left.
+    """
+    if metrics is None:
+        keys = dict.fromkeys(key for record in records for key in record)
+        metrics = [
+            key for key in keys
+            if key != x and ("loss" in key.lower() or "acc" in key.lower())
+            and any(_is_number(record.get(key)) for record in records)
+        ]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.12)
+    for key in metrics:
+        points = [
+            (record[x], record[key])
+            for record in records
+            if _is_number(record.get(x)) and _is_number(record.get(key))
+        ]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        column = 2 if "acc" in key.lower() else 1
+        fig.add_trace(
+            go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=key),
+            row=1, col=column,
+        )
+    fig.update_xaxes(title=x.capitalize())
+    fig.update_layout(font=_FONT, margin=_MARGIN, hovermode="x unified")
+    return fig
+
+
+def _mosaic_heatmap(
+    tiles: np.ndarray,
+    *,
+    zmin: float,
+    zmax: float,
+    colorscale: str,
+    colorbar_title: str,
+    hovertemplate: str,
+) -> go.Figure:
+    """One heatmap of a [R, C, h, w] tile array; customdata holds 1-based (tile r, tile c, cell r, cell c)."""
+    rows, cols, h, w = tiles.shape
+    mosaic = tile_mosaic(tiles, gap=1).astype(np.float32)  # float32 halves what the browser receives
+    tile_row, cell_row = mosaic_positions(rows, h)
+    tile_col, cell_col = mosaic_positions(cols, w)
+    dtype = np.uint8 if max(rows, cols, h, w) < 255 else np.uint16  # sent as compact typed arrays
+    shape = mosaic.shape
+    customdata = np.stack(
+        [
+            np.broadcast_to(tile_row[:, None] + 1, shape),
+            np.broadcast_to(tile_col[None, :] + 1, shape),
+            np.broadcast_to(cell_row[:, None] + 1, shape),
+            np.broadcast_to(cell_col[None, :] + 1, shape),
+        ],
+        axis=-1,
+    ).astype(dtype)  # gaps (index -1) become 0; they are not hoverable anyway
+    fig = go.Figure(
+        go.Heatmap(
+            z=mosaic, zmin=zmin, zmax=zmax, colorscale=colorscale, customdata=customdata,
+            hovertemplate=hovertemplate, hoverongaps=False,
+            colorbar={"title": {"text": colorbar_title, "side": "right"}},
+        )
+    )
+    fig.update_layout(font=_FONT, margin=_MARGIN, plot_bgcolor="white")
+    return fig
+
+
+def _tile_axes(fig: go.Figure, counts: tuple[int, int], tile: tuple[int, int], *, x_title: str, y_title: str) -> None:
+    """1-based tick labels at tile centres, row 1 at the top, square cells."""
+    for update, count, tile_len, axis_title in (
+        (fig.update_yaxes, counts[0], tile[0], y_title),
+        (fig.update_xaxes, counts[1], tile[1], x_title),
+    ):
+        step = 1 if count <= 16 else math.ceil(count / 12)
+        picked = np.arange(0, count, step)
+        update(
+            title=axis_title, tickvals=tile_centres(count, tile_len)[picked], ticktext=[str(i + 1) for i in picked],
+            showgrid=False, zeroline=False, ticks="",
+        )
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain")
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(value)
