@@ -1,0 +1,54 @@
+"""The paper's analyses as pure functions: tensors in, tensors or frozen dataclasses out.
+
+Definitions follow DESIGN.md ("Definitions") exactly; each module's docstring restates its own.
+Streaming accumulators (RolloutAccumulator, DistanceAccumulator) are consumers for vitviz.capture.
+"""
+
+from vitviz.analysis.distance import (
+    DISTANCE_MODES,
+    AttentionDistance,
+    DistanceAccumulator,
+    image_attention_distance,
+    mean_attention_distance,
+    query_attention_distance,
+)
+from vitviz.analysis.filters import (
+    FilterPCA,
+    components_for_display,
+    filter_pca,
+    filters_applicable,
+    patch_embedding_filters,
+)
+from vitviz.analysis.position import position_similarity, similarity_mosaic
+from vitviz.analysis.rollout import (
+    HEAD_FUSIONS,
+    PointingGame,
+    RolloutAccumulator,
+    attention_rollout,
+    gradient_rollout,
+    patch_grid,
+    pointing_game,
+)
+
+__all__ = [
+    "DISTANCE_MODES",
+    "HEAD_FUSIONS",
+    "AttentionDistance",
+    "DistanceAccumulator",
+    "FilterPCA",
+    "PointingGame",
+    "RolloutAccumulator",
+    "attention_rollout",
+    "components_for_display",
+    "filter_pca",
+    "filters_applicable",
+    "gradient_rollout",
+    "image_attention_distance",
+    "mean_attention_distance",
+    "patch_embedding_filters",
+    "patch_grid",
+    "pointing_game",
+    "position_similarity",
+    "query_attention_distance",
+    "similarity_mosaic",
+]

@@ -1,0 +1,216 @@
+"""Attention rollout, gradient-weighted rollout and the pointing game.
+
+Attention rollout (Abnar & Zuidema 2020), for each layer from ``start_layer`` to the last:
+fuse heads (mean, max or min) into F [N, N]; if ``discard_ratio`` r > 0, set the floor(r*N*N) smallest
+entries of F to zero, per image, except entry (0, 0), which is kept if it is among them (as vit-explain
+does); A = 0.5 F + 0.5 I; divide each row of A by its sum; R = A @ R, R starting as I.
+floor(r*N*N) is taken exactly from r's decimal value (0.29 * 100 is 29 here, 28 in float arithmetic), and
+ties among the smallest entries go to the lower flat index.
+
+Gradient-weighted rollout (Chefer, Gur and Wolf 2021, generic rule): G = d logit_c / d attn per layer;
+Abar = mean over heads of max(G * attn, 0); R = I; for each layer in order R = R + Abar @ R.
+
+Readout, for both: R[0, p:] (the class token's row over patch columns) shaped [gh, gw]. A model without a
+class token has no row that speaks for the image, so the map is the mean of R's patch rows over patch
+columns, R[p:, p:].mean over rows. Maps are raw (not divided by their maximum). Arithmetic is in float64.
+
+Pointing game: a hit when the patch with the largest map value (first in row-major order on ties) overlaps
+the object mask; patch (i, j) covers pixels [i*sh, (i+1)*sh) x [j*sw, (j+1)*sw). The random baseline is the
+exact chance that a uniformly random patch overlaps the object: the fraction of such patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from vitviz.errors import VitvizError
+from vitviz.tokens import TokenLayout
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HEAD_FUSIONS",
+    "PointingGame",
+    "RolloutAccumulator",
+    "attention_rollout",
+    "gradient_rollout",
+    "patch_grid",
+    "pointing_game",
+]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+@dataclass(frozen=True)
+class PointingGame:
+    """Pointing-game outcome per image."""
+
+    hits: torch.Tensor  # [B] bool: the map's top patch overlaps the object
+    random_chance: torch.Tensor  # [B] float64: fraction of patches overlapping the object
+
+    @property
+    def hit_rate(self) -> float:
+        return float(self.hits.to(torch.float64).mean())
+
+    @property
+    def random_rate(self) -> float:
+        return float(self.random_chance.mean())
+
+
+def patch_grid(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Values over all N tokens [..., N] -> values over patches [..., gh, gw] (prefix tokens dropped)."""
+    if values.shape[-1] != layout.num_tokens:
+        raise ValueError(f"{values.shape[-1]} token values do not fit a layout of {layout.num_tokens} tokens")
+    return values[..., layout.num_prefix_tokens :].reshape(*values.shape[:-1], *layout.grid)
+
+
+def _readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Map [B, gh, gw] from a rollout matrix [B, N, N]."""
+    prefix = layout.num_prefix_tokens
+    if layout.has_class_token:
+        return patch_grid(rollout[:, 0, :], layout)  # timm puts the class token first
+    patch_rows_mean = rollout[:, prefix:, prefix:].mean(dim=1)  # (B, num_patches)
+    return patch_rows_mean.reshape(rollout.shape[0], *layout.grid)
+
+
+def _discard_count(discard_ratio: float, num_tokens: int) -> int:
+    return math.floor(Fraction(repr(float(discard_ratio))) * num_tokens * num_tokens)
+
+
+def _fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    """[B, H, N, N] -> [B, N, N] float64."""
+    if head_fusion == "mean":
+        return attn.mean(dim=1, dtype=torch.float64)
+    if head_fusion == "max":
+        return attn.amax(dim=1).to(torch.float64)
+    return attn.amin(dim=1).to(torch.float64)
+
+
+class RolloutAccumulator:
+    """Streaming attention rollout: holds one [B, N, N] matrix whatever the depth.
+
+    Several forwards in a row (layer indices starting again) give the maps of all their images, concatenated.
+    """
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        *,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        start_layer: int = 0,
+    ) -> None:
+        if head_fusion not in HEAD_FUSIONS:
+            raise VitvizError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+        if not 0.0 <= discard_ratio <= 1.0:
+            raise VitvizError(f"discard ratio must be between 0 and 1, got {discard_ratio}")
+        if start_layer < 0:
+            raise VitvizError(f"start layer must be 0 or more, got {start_layer}")
+        self.layout = layout
+        self.head_fusion = head_fusion
+        self.discard_ratio = discard_ratio
+        self.start_layer = start_layer
+        self._rollout: torch.Tensor | None = None
+        self._last_layer = -1
+        self._layers_used = 0
+        self._maps: list[torch.Tensor] = []
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        if layer_index <= self._last_layer:
+            self._finish_forward()
+        self._last_layer = layer_index
+        batch, _, num_tokens, _ = attn.shape
+        if num_tokens != self.layout.num_tokens:
+            raise ValueError(f"attention over {num_tokens} tokens does not fit a layout of {self.layout.num_tokens}")
+        if self._rollout is None:
+            self._rollout = torch.eye(num_tokens, dtype=torch.float64, device=attn.device).expand(batch, -1, -1)
+        if layer_index < self.start_layer:
+            return
+        fused = _fuse_heads(attn, self.head_fusion)  # (B, N, N)
+        discard = _discard_count(self.discard_ratio, num_tokens)
+        if discard > 0:
+            flat = fused.reshape(batch, -1)
+            smallest = torch.sort(flat, dim=1, stable=True).indices[:, :discard]
+            drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, smallest, True)
+            drop[:, 0] = False  # entry (0, 0) stays
+            fused = flat.masked_fill(drop, 0.0).reshape(batch, num_tokens, num_tokens)
+        # In place on our own float64 copy: A = 0.5 F + 0.5 I, rows normalised; keeps extra memory to one [B, N, N].
+        mixed = fused.mul_(0.5)
+        mixed.diagonal(dim1=-2, dim2=-1).add_(0.5)
+        mixed.div_(mixed.sum(dim=-1, keepdim=True))
+        self._rollout = mixed if self._layers_used == 0 else mixed @ self._rollout  # R starts as I
+        self._layers_used += 1
+
+    def _finish_forward(self) -> None:
+        if self._rollout is None:
+            return
+        if self._layers_used == 0:
+            raise VitvizError(f"start layer {self.start_layer} is past the model's last layer ({self._last_layer})")
+        self._maps.append(_readout(self._rollout, self.layout))
+        self._rollout = None
+        self._last_layer = -1
+        self._layers_used = 0
+
+    def result(self) -> torch.Tensor:
+        """Raw rollout maps [B, gh, gw] float64 for every image consumed so far."""
+        self._finish_forward()
+        if not self._maps:
+            raise ValueError("no attention was consumed")
+        return torch.cat(self._maps, dim=0)
+
+
+def attention_rollout(
+    attentions: Sequence[torch.Tensor],
+    layout: TokenLayout,
+    *,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+) -> torch.Tensor:
+    """Raw rollout maps [B, gh, gw] from the L attention tensors [B, H, N, N] of one forward."""
+    accumulator = RolloutAccumulator(
+        layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer
+    )
+    for layer_index, attn in enumerate(attentions):
+        accumulator.consume(layer_index, attn)
+    return accumulator.result()
+
+
+def gradient_rollout(
+    attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor], layout: TokenLayout
+) -> torch.Tensor:
+    """Raw gradient-weighted rollout maps [B, gh, gw] from L attentions and their gradients [B, H, N, N]."""
+    if len(attentions) != len(gradients) or not attentions:
+        raise ValueError(f"need one gradient per attention, got {len(attentions)} and {len(gradients)}")
+    batch, _, num_tokens, _ = attentions[0].shape
+    rollout = torch.eye(num_tokens, dtype=torch.float64, device=attentions[0].device).repeat(batch, 1, 1)
+    for attn, grad in zip(attentions, gradients):
+        weighted = (grad.to(torch.float64) * attn.to(torch.float64)).clamp(min=0).mean(dim=1)  # (B, N, N)
+        rollout = rollout + weighted @ rollout
+    return _readout(rollout, layout)
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, stride: tuple[int, int]) -> PointingGame:
+    """Pointing game of maps [B, gh, gw] against object masks [B, H, W] (bool) at ``stride`` pixels per token.
+
+    Pixels right of or below the patch grid (when H > gh*sh or W > gw*sw) belong to no patch.
+    An image with an empty mask can neither be hit nor be hit by chance.
+    """
+    batch, gh, gw = maps.shape
+    sh, sw = stride
+    if masks.shape[0] != batch or masks.dim() != 3:
+        raise ValueError(f"need one [H, W] mask per map: {batch} maps, masks of shape {tuple(masks.shape)}")
+    if masks.shape[1] < gh * sh or masks.shape[2] < gw * sw:
+        raise ValueError(f"masks {tuple(masks.shape[1:])} are smaller than the {gh}x{gw} grid at stride {stride}")
+    covered = masks[:, : gh * sh, : gw * sw].to(torch.bool)
+    overlaps = covered.reshape(batch, gh, sh, gw, sw).any(dim=4).any(dim=2)  # (B, gh, gw)
+    top_patch = maps.reshape(batch, -1).argmax(dim=1)
+    hits = overlaps.reshape(batch, -1).gather(1, top_patch[:, None]).squeeze(1)
+    random_chance = overlaps.reshape(batch, -1).to(torch.float64).mean(dim=1)
+    return PointingGame(hits=hits, random_chance=random_chance)

@@ -1,0 +1,346 @@
+"""Attention capture: the one way vitviz reads post-softmax attention out of a timm ViT.
+
+The model keeps its fused attention (``scaled_dot_product_attention``); nothing on it is flipped or replaced.
+During one forward, a hook on each block's ``attn.qkv`` keeps the qkv projection it already computed, and a
+hook on the attention module turns it into the probabilities timm's non-fused path would produce
+(q_norm/k_norm, scale, attention mask or relative-position bias, softmax), shaped [B, H, N, N].
+
+Each layer's attention is handed to the consumers as soon as it exists and then dropped, so the extra memory
+is about one layer's attention whatever the depth. A consumer is any object with
+``consume(layer_index, attn) -> None`` and ``result()``; layers arrive in order, 0 to L-1, once per forward.
+Consumers may be fed several forwards in a row (batches of one image set); each documents how it combines them.
+
+Public API:
+    capture_attention(model, images, consumers, *, with_logits=True) -> logits [B, classes] or None
+    attention_maps(model, images) -> list of L tensors [B, H, N, N]
+    attention_gradients(model, images, target_class=None) -> AttentionGradients(logits, target_class,
+        attentions, gradients), gradients = d logit_c / d attn per layer
+    attention_modules(model) -> the attention module of every block, checked to be capturable
+    KeepAllAttention, QueryAttention: consumers (analysis/ holds the rollout and distance accumulators)
+
+Sharing one model: the app serves several sessions from one cached model in several threads. Hooks are
+registered and removed under a lock (torch's hook bookkeeping is not thread-safe), act only on forwards of
+the thread that installed them, and are removed on every exit path. The model's parameters, their
+``requires_grad``, its buffers and its train/eval mode are never changed. The model must be in eval mode:
+in training mode dropout makes attention random and BatchNorm in hybrid stems would update its statistics.
+
+Gradients: ``attention_gradients`` enables autograd locally (also under a caller's ``torch.no_grad`` or
+``torch.inference_mode``). The hook on each attention module replaces the module's output with
+``proj(norm(attn @ v))`` recomputed from the captured attention, exactly as timm's non-fused path computes it,
+so every layer's attention sits in the autograd graph; the gradients come from ``torch.autograd.grad`` with
+respect to those tensors only, so no ``.grad`` of any parameter is touched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models.vision_transformer_relpos import RelPosAttention
+from torch import nn
+
+from vitviz.errors import VitvizError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AttentionConsumer",
+    "AttentionGradients",
+    "KeepAllAttention",
+    "QueryAttention",
+    "attention_gradients",
+    "attention_maps",
+    "attention_modules",
+    "capture_attention",
+]
+
+# Attention forwards whose arithmetic _attention_probabilities reproduces exactly. Subclasses that keep
+# the forward are fine; anything else (rope, separate q/k/v projections, pooling attention) is refused.
+_SUPPORTED_FORWARDS: dict[Callable[..., Any], inspect.Signature] = {
+    Attention.forward: inspect.signature(Attention.forward),
+    RelPosAttention.forward: inspect.signature(RelPosAttention.forward),
+}
+
+# torch's RemovableHandle ids and hook dictionaries are updated without a lock; serialise our own updates.
+_HOOK_LOCK = threading.Lock()
+
+
+class AttentionConsumer(Protocol):
+    """Receives each layer's attention [B, H, N, N] as it is produced; must not keep it unless it means to."""
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class AttentionGradients:
+    """Attention of every layer and the gradient of one class logit with respect to it."""
+
+    logits: torch.Tensor  # [B, num_classes]
+    target_class: torch.Tensor  # [B] long, the class whose logit was differentiated
+    attentions: list[torch.Tensor]  # L x [B, H, N, N]
+    gradients: list[torch.Tensor]  # L x [B, H, N, N], d logit_c / d attn
+
+
+class KeepAllAttention:
+    """Keeps every layer's attention; for small models and tests. Several forwards concatenate over images."""
+
+    def __init__(self) -> None:
+        self._layers: dict[int, list[torch.Tensor]] = {}
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        self._layers.setdefault(layer_index, []).append(attn)
+
+    def result(self) -> list[torch.Tensor]:
+        """L tensors [B, H, N, N], layer order."""
+        return [torch.cat(self._layers[layer], dim=0) for layer in sorted(self._layers)]
+
+
+class QueryAttention:
+    """Keeps one query token's attention row in every layer and head: attn[:, :, query_index, :].
+
+    Several forwards concatenate over images.
+    """
+
+    def __init__(self, query_index: int) -> None:
+        self.query_index = query_index
+        self._layers: dict[int, list[torch.Tensor]] = {}
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        num_tokens = attn.shape[-1]
+        if not -num_tokens <= self.query_index < num_tokens:
+            raise VitvizError(f"query token {self.query_index} does not exist: the model has {num_tokens} tokens")
+        # clone so the row does not keep the whole [B, H, N, N] storage alive
+        self._layers.setdefault(layer_index, []).append(attn[:, :, self.query_index, :].clone())
+
+    def result(self) -> torch.Tensor:
+        """[L, B, H, N]: the query's attention over all tokens, prefix tokens first."""
+        return torch.stack([torch.cat(self._layers[layer], dim=0) for layer in sorted(self._layers)])
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention module of every transformer block, in order; refuses models it cannot capture exactly."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise VitvizError(
+            f"{type(model).__name__} has no transformer blocks (model.blocks); "
+            "vitviz reads attention from timm VisionTransformer-family models"
+        )
+    modules = []
+    for index, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if attn is None or type(attn).forward not in _SUPPORTED_FORWARDS:
+            kind = "no attention module" if attn is None else f"a {type(attn).__name__} attention"
+            raise VitvizError(
+                f"block {index} of {type(model).__name__} has {kind}; vitviz can capture timm's "
+                "Attention and RelPosAttention only"
+            )
+        modules.append(attn)
+    return modules
+
+
+def _attention_probabilities(
+    module: nn.Module, qkv_output: torch.Tensor, call: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-softmax attention [B, H, N, N] and values [B, H, N, hd] as timm's non-fused path computes them."""
+    batch, num_tokens, _ = qkv_output.shape
+    qkv = qkv_output.reshape(batch, num_tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
+    q, k = module.q_norm(q), module.k_norm(k)
+    q = q * module.scale
+    scores = q @ k.transpose(-2, -1)  # (B, H, N, N)
+    if isinstance(module, RelPosAttention):
+        shared_rel_pos = call.get("shared_rel_pos")
+        if module.rel_pos is not None:
+            scores = module.rel_pos(scores, shared_rel_pos=shared_rel_pos)
+        elif shared_rel_pos is not None:
+            scores = scores + shared_rel_pos
+    else:
+        bias = resolve_self_attn_mask(num_tokens, scores, call.get("attn_mask"), call.get("is_causal", False))
+        scores = maybe_add_mask(scores, bias)
+    return scores.softmax(dim=-1), v
+
+
+def _attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The attention module's output recomputed from attn, as timm's non-fused path does (eval mode)."""
+    batch, heads, num_tokens, head_dim = v.shape
+    out = (attn @ v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)  # (B, N, H*hd)
+    norm = getattr(module, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    gate = getattr(module, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return module.proj_drop(module.proj(out))
+
+
+class _CaptureSession:
+    """Hooks for one capture: they act only in the thread that created the session."""
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        on_attention: Callable[[int, torch.Tensor], None],
+        *,
+        replace_output: bool,
+    ) -> None:
+        self.modules = list(modules)
+        self.on_attention = on_attention
+        self.replace_output = replace_output
+        self.owner = threading.get_ident()
+        self.pending_qkv: dict[int, torch.Tensor] = {}
+        self.layers_seen: list[int] = []
+
+    def _qkv_hook(self, layer_index: int) -> Callable[..., None]:
+        # Variadic: hooks of other threads' sessions may be called with either hook signature while
+        # a registration or removal is half-way through in another thread.
+        def hook(module: nn.Module, args: Any, *rest: Any) -> None:
+            if threading.get_ident() != self.owner:
+                return None
+            self.pending_qkv[layer_index] = rest[-1]
+            return None
+
+        return hook
+
+    def _attention_hook(self, layer_index: int) -> Callable[..., torch.Tensor | None]:
+        signature = _SUPPORTED_FORWARDS[type(self.modules[layer_index]).forward]
+
+        def hook(module: nn.Module, args: Any, *rest: Any) -> torch.Tensor | None:
+            if threading.get_ident() != self.owner:
+                return None
+            kwargs, _fused_output = rest  # registered with_kwargs by this thread, so both are there
+            qkv_output = self.pending_qkv.pop(layer_index, None)
+            if qkv_output is None:
+                raise RuntimeError(f"layer {layer_index}: attention ran without its qkv projection")
+            call = signature.bind(module, *args, **kwargs).arguments
+            attn, v = _attention_probabilities(module, qkv_output, call)
+            self.layers_seen.append(layer_index)
+            self.on_attention(layer_index, attn)
+            if self.replace_output:
+                return _attention_output(module, attn, v, call["x"])
+            return None
+
+        return hook
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Install the hooks for the duration of the block; they are removed however it exits."""
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            with _HOOK_LOCK:
+                for layer_index, module in enumerate(self.modules):
+                    handles.append(module.qkv.register_forward_hook(self._qkv_hook(layer_index)))
+                    handles.append(
+                        module.register_forward_hook(self._attention_hook(layer_index), with_kwargs=True)
+                    )
+            yield
+        finally:
+            with _HOOK_LOCK:
+                for handle in handles:
+                    handle.remove()
+            self.pending_qkv.clear()
+
+    def check_complete(self) -> None:
+        expected = list(range(len(self.modules)))
+        if self.layers_seen != expected:
+            raise RuntimeError(f"captured layers {self.layers_seen}, expected {expected}")
+
+
+def _check_capturable(model: nn.Module) -> list[nn.Module]:
+    if any(module.training for module in model.modules()):
+        raise ValueError("attention capture needs model.eval(): training mode makes attention random")
+    return attention_modules(model)
+
+
+def _as_consumers(consumers: AttentionConsumer | Sequence[AttentionConsumer]) -> list[AttentionConsumer]:
+    if hasattr(consumers, "consume"):
+        return [consumers]  # type: ignore[list-item]
+    return list(consumers)  # type: ignore[arg-type]
+
+
+def capture_attention(
+    model: nn.Module,
+    images: torch.Tensor,
+    consumers: AttentionConsumer | Sequence[AttentionConsumer],
+    *,
+    with_logits: bool = True,
+) -> torch.Tensor | None:
+    """Run one forward without autograd, streaming every layer's attention [B, H, N, N] to the consumers.
+
+    Args:
+        model: a timm VisionTransformer-family model in eval mode; it is not changed.
+        images: [B, C, H, W] preprocessed images on the model's device.
+        consumers: one consumer or several; each gets every layer in order, then the tensor is dropped.
+        with_logits: run the classifier head and return its logits; False stops after forward_features.
+
+    Returns:
+        The logits [B, num_classes], or None when ``with_logits`` is False.
+    """
+    modules = _check_capturable(model)
+    targets = _as_consumers(consumers)
+
+    def deliver(layer_index: int, attn: torch.Tensor) -> None:
+        for consumer in targets:
+            consumer.consume(layer_index, attn)
+
+    session = _CaptureSession(modules, deliver, replace_output=False)
+    with torch.no_grad(), session.installed():
+        output = model(images) if with_logits else model.forward_features(images)
+    session.check_complete()
+    return output if with_logits else None
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention [B, H, N, N] kept in memory; fine for small models, tests and one image."""
+    keep = KeepAllAttention()
+    capture_attention(model, images, [keep], with_logits=False)
+    return keep.result()
+
+
+def attention_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    target_class: int | torch.Tensor | None = None,
+) -> AttentionGradients:
+    """Attention of every layer and d logit_c / d attn, for gradient-weighted rollout.
+
+    Args:
+        model: a timm VisionTransformer-family model in eval mode; it is not changed.
+        images: [B, C, H, W] preprocessed images.
+        target_class: the class c, one for all images or a [B] tensor; None takes each image's predicted class.
+    """
+    modules = _check_capturable(model)
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError("attention gradients need gradient checkpointing off (it re-runs blocks in backward)")
+    attentions: list[torch.Tensor] = []
+    session = _CaptureSession(modules, lambda _layer, attn: attentions.append(attn), replace_output=True)
+    # The input, not the parameters, carries requires_grad, so every attention joins the graph even when
+    # the parameters are frozen, and no parameter is touched.
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = images.detach().clone().requires_grad_(True)
+        with session.installed():
+            logits = model(inputs)
+        session.check_complete()
+        if target_class is None:
+            target = logits.argmax(dim=-1)
+        else:
+            target = torch.as_tensor(target_class, dtype=torch.long, device=logits.device).expand(logits.shape[0])
+        num_classes = logits.shape[-1]
+        if bool(((target < 0) | (target >= num_classes)).any()):
+            raise VitvizError(f"target class {target.tolist()} is out of range: the model has {num_classes} classes")
+        chosen = logits.gather(1, target[:, None]).sum()  # images are independent, so one backward serves all
+        gradients = torch.autograd.grad(chosen, attentions)
+    return AttentionGradients(
+        logits=logits.detach(),
+        target_class=target.detach().clone(),
+        attentions=[attn.detach() for attn in attentions],
+        gradients=[grad.detach() for grad in gradients],
+    )
