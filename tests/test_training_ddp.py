@@ -1,0 +1,106 @@
+"""Distributed training: torchrun with 2 CPU (gloo) processes computes the same weights as one process with
+the same global batch, and only rank 0 writes the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import presets
+from training.config import apply_overrides
+from training.distributed import DistContext
+from training.engine import RunOptions, epoch_order, rank_batches, run
+from vitviz.models import read_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# SGD with momentum: Adam's first steps divide each gradient by its own magnitude, which turns float
+# rounding differences in near-zero gradients into +-lr jumps, so only SGD can be compared at 1e-5.
+OVERRIDES = {
+    "optim.name": "sgd",
+    "optim.lr": "0.05",
+    "optim.momentum": "0.9",
+    "grad_accum": "2",
+    "epochs": "2",
+    "resume_every": "100",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread; several threads on a busy 2-core machine spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ranks_together_take_exactly_the_single_process_batch() -> None:
+    order = epoch_order(64, seed=3, epoch=1)
+    assert sorted(order) == list(range(64)) and order != epoch_order(64, seed=3, epoch=2)
+    single = rank_batches(order, 16, DistContext(0, 1, 0, torch.device("cpu")), 0, 4)
+    for world in (2, 4):
+        shards = [rank_batches(order, 16, DistContext(r, world, r, torch.device("cpu")), 0, 4) for r in range(world)]
+        for step in range(4):
+            assert all(len(shard[step]) == 16 // world for shard in shards)
+            assert sorted(i for shard in shards for i in shard[step]) == sorted(single[step])
+    # Starting at step 2 (a resume) gives the batches that were not seen yet, and nothing else.
+    assert rank_batches(order, 16, DistContext(0, 1, 0, torch.device("cpu")), 2, 4) == single[2:]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    cfg = presets.tiny()
+    cfg = replace(
+        cfg,
+        optim=replace(cfg.optim, name="sgd", lr=0.05, momentum=0.9),
+        grad_accum=2,
+        epochs=2,
+        resume_every=100,
+    )
+    assert apply_overrides(presets.tiny(), [f"{k}={v}" for k, v in OVERRIDES.items()]) == cfg  # same config both ways
+    run(cfg, RunOptions(runs_dir=tmp_path, run_id="single", device="cpu"))
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "-m", "training", "train", "--preset", "tiny", "--no-progress", "--device", "cpu",
+        "--runs-dir", str(tmp_path), "--run-id", "ddp",
+    ]  # fmt: skip
+    for key, value in OVERRIDES.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    single = read_state_dict(tmp_path / "single" / "last.safetensors")
+    ddp = read_state_dict(tmp_path / "ddp" / "last.safetensors")
+    assert single.keys() == ddp.keys()
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5, msg=key)
+    after_epoch_1 = read_state_dict(tmp_path / "single" / "checkpoints" / "epoch-001.safetensors")
+    moved = max(float((single[k] - after_epoch_1[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the weights really changed in the steps compared, so agreement means something
+
+    saved = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert saved["batch_size"] == 16 and saved["grad_accum"] == 2  # the global batch, as for one process
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))  # rank 0 alone logs
+    single_records = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(records, single_records):
+        assert ours["kind"] == theirs["kind"]
+        if ours.get("loss") is not None:
+            assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-5)  # losses averaged over both ranks
+    assert json.loads((tmp_path / "ddp" / "status.json").read_text())["status"] == "finished"

@@ -1,0 +1,198 @@
+"""Train, fine-tune and evaluate ViTs: ``python -m training train|finetune|evaluate``.
+
+One process (CPU, or the GPU when there is one):
+
+    python -m training train --preset shapes-default
+    python -m training train --preset mnist-small --set optim.lr=1e-3 --set model.depth=4 --run-id mnist-a
+    python -m training train --resume runs/mnist-a            # continue a stopped or killed run exactly
+    python -m training finetune --from runs/shapes-a --preset shapes-finetune-hires --img-size 96 96 \\
+        --freeze-blocks 1 --layer-decay 0.75 --dataset shapes
+    python -m training evaluate runs/shapes-a/best.safetensors --dataset shapes --split test --json eval.json
+
+Several processes with DistributedDataParallel (gloo on CPU, nccl on GPU); batch_size stays the global
+batch and is split evenly across the processes, rank 0 logs and writes checkpoints:
+
+    torchrun --nproc_per_node=4 -m training train --preset shapes-default
+    python -m torch.distributed.run --nproc_per_node=2 --master_port 29511 -m training train --preset tiny
+
+A run writes runs/<run-id>/ (config.json, metrics.jsonl, summary.csv, status.json, best/last and
+checkpoints/epoch-NNN.safetensors, state/ for --resume). Mistakes in the arguments print one line and
+exit with status 2; a run stopped by non-finite losses exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from vitviz.errors import VitvizError
+
+logger = logging.getLogger("training")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a VitvizError (one line, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise VitvizError(f"{self.prog}: {message}")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted key, e.g. optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--dataset", help="dataset name (shortcut for --set data.dataset=NAME)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder that holds run folders")
+    parser.add_argument("--run-id", help="name of the run folder (default: <preset>-<date>-<time>)")
+    parser.add_argument("--max-steps", type=int, help="stop (resumably) once the run has done this many steps")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m training", description="Train, fine-tune and evaluate vitviz ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model from a preset")
+    train.add_argument("--preset", default="shapes-default", help="named preset (see training/presets.py)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
+    _run_options(train)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a checkpoint with a new head")
+    finetune.add_argument("--from", dest="source", required=True, metavar="CKPT|RUN_DIR")
+    finetune.add_argument("--preset", default="finetune", help="preset with the fine-tuning hyper-parameters")
+    finetune.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="new input size")
+    finetune.add_argument(
+        "--freeze-blocks", type=int, metavar="K", help="freeze the patch embedding and the first K blocks"
+    )
+    finetune.add_argument("--layer-decay", type=float, metavar="RATE", help="layer-wise lr decay, e.g. 0.75")
+    _run_options(finetune)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
+    evaluate.add_argument("source", metavar="CKPT|RUN_DIR")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--split", default="test", help='e.g. "test" or "test[8000:]"')
+    evaluate.add_argument("--root", help="folder with the dataset's files")
+    evaluate.add_argument("--num-samples", type=int, help="evaluate a seeded subset (or, for shapes, this many images)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
+    return parser
+
+
+def _config_for(args: argparse.Namespace):  # -> TrainConfig
+    from training.config import FinetuneConfig, apply_overrides
+    from training.data import normalize_dataset_name
+    from training.presets import get_preset
+
+    cfg = get_preset(args.preset)
+    if args.command == "finetune":
+        if any(o.strip().startswith("model.") for o in args.overrides):
+            raise VitvizError(
+                "fine-tuning keeps the source's architecture; --set model.* is not allowed (use --img-size)"
+            )
+        cfg = replace(
+            cfg,
+            finetune=FinetuneConfig(
+                source=args.source,
+                img_size=tuple(args.img_size) if args.img_size else cfg.finetune.img_size,
+                freeze_blocks=cfg.finetune.freeze_blocks if args.freeze_blocks is None else args.freeze_blocks,
+            ),
+            objective="classify",
+        )
+        if args.layer_decay is not None:
+            cfg = replace(cfg, optim=replace(cfg.optim, layer_decay=args.layer_decay))
+        if not Path(args.source).exists():
+            raise VitvizError(f"no such checkpoint or run folder: {args.source}")
+    if args.dataset:
+        cfg = replace(cfg, data=replace(cfg.data, dataset=args.dataset))
+    cfg = apply_overrides(cfg, args.overrides)
+    cfg = replace(cfg, data=replace(cfg.data, dataset=normalize_dataset_name(cfg.data.dataset)))
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.engine import RunOptions, run
+
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise VitvizError(f"--max-steps must be positive, got {args.max_steps}")
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if args.overrides or args.dataset or args.run_id:
+            raise VitvizError("--resume continues a run with its saved config; drop --set, --dataset and --run-id")
+        cfg = None
+    else:
+        cfg = _config_for(args)
+    options = RunOptions(
+        runs_dir=args.runs_dir,
+        run_id=args.run_id,
+        resume=resume,
+        max_steps=args.max_steps,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = run(cfg, options)
+    if result.run_dir is not None:
+        print(result.run_dir)
+        if result.status != "finished":
+            logger.info(
+                "stopped at step %d; continue with: python -m training train --resume %s", result.step, result.run_dir
+            )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.source,
+        dataset=args.dataset,
+        split=args.split,
+        root=args.root,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    line = f"accuracy {result['accuracy']:.4f} on {result['num_images']} images"
+    if "pointing_game" in result:
+        game = result["pointing_game"]
+        line += f"; pointing game: rollout {game['rollout']:.3f}, random patch {game['random']:.3f}"
+    print(line)
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise VitvizError(f"cannot write {args.json}: {exc.strerror or exc}") from None
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("vitviz").setLevel(logging.WARNING)  # one line per saved checkpoint is noise here
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _train(args)
+    except VitvizError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from training.engine import TrainingFailed
+
+        if isinstance(exc, TrainingFailed):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

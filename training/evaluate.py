@@ -1,0 +1,119 @@
+"""Evaluate a checkpoint on a dataset split: accuracy, per-class accuracy, confusion matrix, and on datasets
+with object masks the attention-rollout pointing game beside the random-patch baseline.
+
+The images go through the same preprocessing the studio uses (`training.data.eval_transform`), and the
+rollout is vitviz's own (`vitviz.capture` + `vitviz.analysis.rollout`), so the numbers here are the ones
+the app would show for the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.data import build_dataset, eval_transform
+from training.distributed import resolve_device
+from vitviz.analysis.rollout import RolloutAccumulator, pointing_game
+from vitviz.capture import capture_attention
+from vitviz.errors import VitvizError
+from vitviz.models import load_model
+from vitviz.tokens import token_layout
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_checkpoint(
+    source: str,
+    *,
+    dataset: str,
+    split: str = "test",
+    root: str | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a model source (checkpoint file or run folder) and return the evaluation JSON document."""
+    if batch_size <= 0:
+        raise VitvizError(f"--batch-size must be positive, got {batch_size}")
+    loaded = load_model(source)
+    model, meta = loaded.model, loaded.meta
+    if meta.training.get("objective") == "masked":
+        raise VitvizError(f"{source} was trained for masked patch prediction; fine-tune it for classification first")
+    data = build_dataset(dataset, split=split, img_size=meta.input_size, root=root, num_samples=num_samples, seed=seed)
+    class_names = list(data.class_names)
+    if class_names != list(meta.class_names):
+        raise VitvizError(
+            f"the model predicts {len(meta.class_names)} classes ({_preview(meta.class_names)}) but {dataset} has "
+            f"{len(class_names)} ({_preview(class_names)}); evaluate on the dataset it was trained for"
+        )
+    torch_device = resolve_device(device)
+    model.to(torch_device).eval()
+    transform = eval_transform(input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
+    layout = token_layout(model)
+    with_masks = bool(getattr(data, "has_masks", False))
+
+    num_classes = len(class_names)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    hits: list[torch.Tensor] = []
+    chances: list[torch.Tensor] = []
+    for start in range(0, len(data), batch_size):
+        indices = range(start, min(start + batch_size, len(data)))
+        samples = [data[i] for i in indices]
+        images = torch.stack([transform(image) for image, _ in samples]).to(torch_device)  # (B, C, H, W)
+        labels = torch.tensor([int(label) for _, label in samples])
+        if with_masks:
+            rollout = RolloutAccumulator(layout)
+            logits = capture_attention(model, images, [rollout])
+            masks = torch.stack([_mask_at(data.mask(i), meta.input_size) for i in indices])  # (B, H, W)
+            game = pointing_game(rollout.result().cpu(), masks, layout.stride)
+            hits.append(game.hits)
+            chances.append(game.random_chance)
+        else:
+            with torch.no_grad():
+                logits = model(images)
+        predictions = logits.argmax(dim=-1).cpu()  # type: ignore[union-attr]
+        pairs = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)  # (true, predicted)
+        confusion += pairs.reshape(num_classes, num_classes)
+
+    total = int(confusion.sum())
+    per_class = {}
+    for index, name in enumerate(class_names):
+        row = int(confusion[index].sum())
+        per_class[name] = float(confusion[index, index]) / row if row else None
+    result: dict[str, Any] = {
+        "model": source,
+        "dataset": dataset,
+        "split": split,
+        "num_images": total,
+        "accuracy": float(confusion.diag().sum()) / total if total else None,
+        "per_class_accuracy": per_class,
+        "class_names": class_names,
+        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted class
+    }
+    if with_masks and hits:
+        result["pointing_game"] = {
+            "rollout": float(torch.cat(hits).double().mean()),
+            "random": float(torch.cat(chances).mean()),
+            "num_images": total,
+        }
+    return result
+
+
+def _mask_at(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """An object mask [H, W] at the model's input size (nearest neighbour, like the image's direct resize)."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = size
+    if mask.shape != (height, width):
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+        mask = np.asarray(resized) > 127
+    return torch.from_numpy(mask.copy())
+
+
+def _preview(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (", ..." if len(names) > limit else "")

@@ -1,0 +1,200 @@
+"""Named training presets: small functions that each return a complete `TrainConfig`.
+
+Variants are built from a base with `dataclasses.replace`, so the difference between two presets reads
+in a line or two. `tiny` is for tests: it trains in seconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from training.config import DataConfig, FinetuneConfig, OptimConfig, ScheduleConfig, TrainConfig
+from vitviz.errors import VitvizError
+from vitviz.models import ViTConfig
+
+SHAPES_CLASSES = 10  # training.data.shapes.SHAPE_CLASSES; set again from the dataset when a run starts
+
+
+def tiny() -> TrainConfig:
+    """A seconds-long run on 64 procedural shapes at 32 px: two blocks of width 32."""
+    return TrainConfig(
+        preset="tiny",
+        model=ViTConfig(
+            img_size=(32, 32),
+            patch_size=8,
+            in_chans=3,
+            num_classes=SHAPES_CLASSES,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+        ),
+        data=DataConfig(dataset="shapes", num_train_samples=64, num_eval_samples=32),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0),
+        schedule=ScheduleConfig(warmup_steps=0, decay="constant"),
+        epochs=2,
+        batch_size=16,
+        log_every=1,
+        resume_every=2,
+    )
+
+
+def shapes_default() -> TrainConfig:
+    """The reference run: ViT with a 1D learned position embedding on 64 px procedural shapes (8x8 tokens)."""
+    return TrainConfig(
+        preset="shapes-default",
+        model=ViTConfig(
+            img_size=(64, 64),
+            patch_size=8,
+            in_chans=3,
+            num_classes=SHAPES_CLASSES,
+            embed_dim=96,
+            depth=4,
+            num_heads=4,
+            mlp_ratio=2.0,
+            pos_embed="learned",
+        ),
+        data=DataConfig(dataset="shapes", num_train_samples=10_000, num_eval_samples=1_000),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05),
+        schedule=ScheduleConfig(warmup_epochs=1.0, decay="cosine"),
+        label_smoothing=0.1,
+        epochs=15,
+        batch_size=128,
+        grad_clip=1.0,
+        log_every=10,
+        resume_every=50,
+    )
+
+
+def _shapes_variant(name: str, **model_changes: object) -> TrainConfig:
+    base = shapes_default()
+    return replace(base, preset=name, model=replace(base.model, **model_changes))
+
+
+def shapes_1d() -> TrainConfig:
+    """shapes-default, named for the paper's position-embedding comparison: one learned vector per patch."""
+    return _shapes_variant("shapes-1d", pos_embed="learned")
+
+
+def shapes_2d() -> TrainConfig:
+    """Factorised learned X and Y embeddings, concatenated (paper Appendix D.4)."""
+    return _shapes_variant("shapes-2d", pos_embed="learned_2d")
+
+
+def shapes_sincos() -> TrainConfig:
+    """A fixed 2D sin-cos position embedding."""
+    return _shapes_variant("shapes-sincos", pos_embed="sincos")
+
+
+def shapes_nopos() -> TrainConfig:
+    """No position information at all: the bag-of-patches baseline."""
+    return _shapes_variant("shapes-nopos", pos_embed="none")
+
+
+def shapes_relative() -> TrainConfig:
+    """A learned relative-position bias inside attention instead of an absolute embedding."""
+    return _shapes_variant("shapes-relative", pos_embed="relative")
+
+
+def shapes_hybrid() -> TrainConfig:
+    """A ResNetV2 stem of two stages (stride 8) whose feature-map cells are the tokens."""
+    return _shapes_variant("shapes-hybrid", stem="hybrid", hybrid_layers=(1, 1), patch_size=8)
+
+
+def shapes_masked() -> TrainConfig:
+    """Self-supervised masked patch prediction on shapes (no labels used); fine-tune the result after."""
+    base = shapes_default()
+    return replace(base, preset="shapes-masked", objective="masked", label_smoothing=0.0)
+
+
+def finetune() -> TrainConfig:
+    """Generic fine-tuning hyper-parameters from the paper: SGD with momentum 0.9, no weight decay, cosine,
+    gradient clipping at norm 1. Pass the checkpoint with `finetune --from`."""
+    base = shapes_default()
+    return replace(
+        base,
+        preset="finetune",
+        optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=0.0),
+        schedule=ScheduleConfig(warmup_epochs=0.5, decay="cosine"),
+        label_smoothing=0.0,
+        grad_clip=1.0,
+        epochs=5,
+        batch_size=64,
+    )
+
+
+def shapes_finetune_hires() -> TrainConfig:
+    """Fine-tune a shapes model at 96 px (12x12 tokens), resampling its position embedding in 2D."""
+    base = finetune()
+    return replace(
+        base,
+        preset="shapes-finetune-hires",
+        data=replace(base.data, dataset="shapes", num_train_samples=4_000, num_eval_samples=1_000),
+        finetune=FinetuneConfig(img_size=(96, 96)),
+        epochs=3,
+    )
+
+
+def mnist_small() -> TrainConfig:
+    """A small ViT on real MNIST digits: 7x7 patches of 28x28 -> 16 tokens, 3 blocks, 4 heads, width 32.
+
+    Trained on the first 8000 images of the MNIST test set and evaluated on the last 2000 (the repository
+    ships only the test set). Adam at 3e-4 (AdamW without weight decay is Adam), class token, learned 1D
+    position embedding; the loss is cross-entropy on the raw logits (no softmax in front of it).
+    """
+    return TrainConfig(
+        preset="mnist-small",
+        model=ViTConfig(
+            img_size=(28, 28),
+            patch_size=7,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=32,
+            depth=3,
+            num_heads=4,
+            mlp_ratio=2.0,
+            class_token=True,
+            global_pool="token",
+            pos_embed="learned",
+        ),
+        data=DataConfig(
+            dataset="mnist",
+            root="../shared/data/mnist",
+            train_split="test[:8000]",
+            eval_split="test[8000:]",
+            mean=(0.1307,),
+            std=(0.3081,),
+        ),
+        optim=OptimConfig(name="adamw", lr=3e-4, weight_decay=0.0),
+        schedule=ScheduleConfig(decay="constant"),
+        grad_clip=None,
+        epochs=10,
+        batch_size=64,
+        log_every=20,
+        resume_every=100,
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "tiny": tiny,
+    "shapes-default": shapes_default,
+    "shapes-1d": shapes_1d,
+    "shapes-2d": shapes_2d,
+    "shapes-sincos": shapes_sincos,
+    "shapes-nopos": shapes_nopos,
+    "shapes-relative": shapes_relative,
+    "shapes-hybrid": shapes_hybrid,
+    "shapes-masked": shapes_masked,
+    "finetune": finetune,
+    "shapes-finetune-hires": shapes_finetune_hires,
+    "mnist-small": mnist_small,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    """The config of preset `name`; an unknown name raises VitvizError listing the known ones."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise VitvizError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
