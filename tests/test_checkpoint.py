@@ -120,7 +120,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(
         raise OSError(5, "Input/output error")
 
     if failing == "os.replace":
-        monkeypatch.setattr(checkpoint_module.os, "replace", broken_replace)
+        monkeypatch.setattr(os, "replace", broken_replace)  # the one atomic writer, vitviz.fileio, renames with it
     else:
         monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(VitvizError, match="could not write checkpoint"):

@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from vitviz.errors import VitvizError
+from vitviz.fileio import atomic_write_text
 
 logger = logging.getLogger("vitviz")
 
@@ -210,7 +211,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if args.json_out == "-":
             sys.stdout.write(text + "\n")
         else:
-            _write_text_atomically(Path(args.json_out), text)
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(args.json_out), text)
             logger.info("wrote %s", args.json_out)
     if args.figures is not None:
         written = write_figures(Path(args.figures), loaded, result, pca, similarity, images, image_results, files)
@@ -245,23 +247,6 @@ def write_figures(folder: Path, loaded, result, pca, similarity, images, image_r
                 fig = paper.rollout_overlay_figure(picture, relevance.numpy(), title=f"{title}: {path.name}")
                 written += paper.save_figure(fig, folder / f"{kind}-{index:03d}-{path.stem}")
     return written
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _configure_logging() -> None:

@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from vitviz.errors import VitvizError
+from vitviz.fileio import atomic_path
 from vitviz.models.config import MAX_CLASSES, MAX_IMG_SIDE, ViTConfig
 from vitviz.models.factory import build_model, build_timm_model
 
@@ -155,21 +154,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise VitvizError(f"cannot save checkpoint: folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp_name)
     try:
-        safetensors.torch.save_file(tensors, str(tmp_path), metadata=metadata)
-        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; a checkpoint is an ordinary file
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-        _fsync_dir(folder)
-    except BaseException as exc:
-        tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise VitvizError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
-        raise
+        with atomic_path(path) as tmp_path:
+            safetensors.torch.save_file(tensors, str(tmp_path), metadata=metadata)
+    except OSError as exc:
+        raise VitvizError(f"could not write checkpoint {path}: {exc.strerror or exc}") from exc
     logger.info("saved checkpoint %s (%d tensors)", path, len(tensors))
 
 
@@ -339,15 +328,6 @@ def _existing_file(path: str | Path) -> Path:
     if not path.is_file():
         raise VitvizError(f"{path} is not a file")
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is only durable once the folder entry is on disk too.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _first_line(exc: BaseException) -> str:
