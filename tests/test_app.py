@@ -1,0 +1,512 @@
+"""The studio through Streamlit's AppTest: every page on the bundled default checkpoint, uploads (good and
+bad), the model picker and its URL, /compare with two checkpoints and /train's run list.
+
+Expected numbers come from the checkpoint files read here with safetensors and numpy/torch directly (not
+through the app's code), following DESIGN.md's definitions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app.py"
+DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
+TIMEOUT = 120
+
+PAGES = {
+    "overview": ("vitviz/ui/overview.py", "vitviz studio"),
+    "filters": ("vitviz/ui/filters.py", "Patch-embedding filters"),
+    "position": ("vitviz/ui/position.py", "Position embeddings"),
+    "distance": ("vitviz/ui/distance.py", "Mean attention distance"),
+    "rollout": ("vitviz/ui/rollout.py", "Attention rollout"),
+    "compare": ("vitviz/ui/compare.py", "Compare models"),
+    "train": ("vitviz/ui/train.py", "Train"),
+}
+
+
+@pytest.fixture(autouse=True)
+def app_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Each test gets its own runs folder and cache folder (the app reads both from the environment)."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    runs.mkdir()
+    monkeypatch.setenv("VITVIZ_RUNS_DIR", str(runs))
+    monkeypatch.setenv("VITVIZ_CACHE_DIR", str(cache))
+    return {"runs": runs, "cache": cache}
+
+
+def _other_bundled() -> Path:
+    others = sorted(p for p in DEFAULT.parent.glob("*.safetensors") if p != DEFAULT)
+    if not others:
+        pytest.skip("needs a second bundled checkpoint in assets/checkpoints")
+    return others[0]
+
+
+def _open(page: str = "overview", query: dict[str, object] | None = None) -> AppTest:
+    assert DEFAULT.is_file(), f"the bundled default checkpoint {DEFAULT} is missing"
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    at.run()
+    if page != "overview":
+        at.switch_page(PAGES[page][0]).run()
+    _assert_clean(at)
+    return at
+
+
+def _assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _text(element: object) -> str:
+    """An element's text with Markdown escapes removed (the app escapes user- and model-derived text)."""
+    return str(getattr(element, "value", element)).replace("\\", "")
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [_text(e) for e in at.error]
+
+
+def _query(at: AppTest, key: str) -> list[str]:
+    value = at.query_params.get(key, [])
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def _charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def _array(value: object) -> np.ndarray:
+    """A plotly trace array, plain or base64-typed ({"dtype", "bdata", "shape"})."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            flat = flat.reshape([int(s) for s in str(shape).split(",")])
+        return flat.astype(np.float64)
+    return np.asarray(value, dtype=np.float64)
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(str(path))
+
+
+def _meta(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    return json.loads(header["__metadata__"]["vitviz"])
+
+
+def _cosine_similarity_tiles(path: Path) -> np.ndarray:
+    """DESIGN.md: cosine similarity of the patch positions' embeddings, [gh, gw, gh, gw] (slow, obvious)."""
+    meta = _meta(path)
+    config = meta["config"]
+    gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    table = _tensors(path)["pos_embed"].reshape(-1, config["embed_dim"]).astype(np.float64)
+    table = table[table.shape[0] - gh * gw :]  # drop the class token's entry when the table has one
+    out = np.zeros((gh, gw, gh, gw))
+    for i in range(gh * gw):
+        for j in range(gh * gw):
+            a, b = table[i], table[j]
+            out[i // gw, i % gw, j // gw, j % gw] = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    return out
+
+
+def _tile(mosaic: np.ndarray, row: int, col: int, size: tuple[int, int]) -> np.ndarray:
+    """Tile (row, col) of a mosaic with 1-pixel gaps."""
+    h, w = size
+    return mosaic[row * (h + 1) : row * (h + 1) + h, col * (w + 1) : col * (w + 1) + w]
+
+
+def _png(width: int, height: int, colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    picture = Image.new("RGB", (width, height), (240, 240, 240))
+    for x in range(width // 4, 3 * width // 4):
+        for y in range(height // 3, 2 * height // 3):
+            picture.putpixel((x, y), colour)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _reference_probabilities(path: Path, picture: Image.Image) -> np.ndarray:
+    """Class probabilities of the checkpoint on a picture: resize, normalise, forward, softmax (no vitviz.images)."""
+    from vitviz.models import load_model
+
+    loaded = load_model(str(path))
+    meta = _meta(path)
+    height, width = meta["input_size"]
+    pixels = np.asarray(picture.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    pixels = (pixels - np.array(meta["mean"], dtype=np.float32)) / np.array(meta["std"], dtype=np.float32)
+    with torch.no_grad():
+        logits = loaded.model(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    return logits.softmax(dim=-1)[0].numpy()
+
+
+# --- every page on the default checkpoint ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_renders_on_the_default_checkpoint_with_downloads(page: str) -> None:
+    at = _open(page)
+    assert [t.value for t in at.title] == [PAGES[page][1]]
+    assert _errors(at) == []
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    assert _query(at, "model") == ["bundled:shapes-default"]
+    if page in ("filters", "position", "distance", "rollout", "compare"):
+        labels = [b.label for b in at.get("download_button")]
+        assert any(label.endswith(".png") or label == "PNG" for label in labels), labels
+        assert any(label.endswith((".csv", ".npz")) for label in labels), labels
+
+
+def test_overview_card_reports_the_checkpoints_architecture() -> None:
+    at = _open("overview")
+    config = _meta(DEFAULT)["config"]
+    parameters = sum(int(t.size) for t in _tensors(DEFAULT).values())
+    expected = f"{parameters / 1e6:.2f} M" if parameters >= 1e5 else f"{parameters:,}"
+    assert _metric(at, "Parameters") == expected
+    assert _metric(at, "Layers × heads") == f"{config['depth']} × {config['num_heads']}"
+    gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    assert _metric(at, "Tokens") == f"{gh}×{gw} + 1"
+
+
+def test_filters_page_states_the_explained_variance_of_the_top_components() -> None:
+    at = _open("filters")
+    k = at.slider(key="filters.k").value
+    weight = _tensors(DEFAULT)["patch_embed.proj.weight"].astype(np.float64)
+    flat = weight.reshape(weight.shape[0], -1)
+    singular = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)
+    share = (singular[:k] ** 2).sum() / (singular**2).sum()
+    captions = " ".join(_text(c) for c in at.caption)
+    assert f"The first {k} components explain {100 * share:.1f} %" in captions
+
+
+def test_position_page_draws_the_cosine_similarity_of_the_embeddings() -> None:
+    at = _open("position")
+    expected = _cosine_similarity_tiles(DEFAULT)
+    gh, gw = expected.shape[:2]
+    mosaic = _array(_charts(at)[0]["data"][0]["z"])
+    assert mosaic.shape == (gh * (gh + 1) - 1, gw * (gw + 1) - 1)
+    for row in range(gh):
+        for col in range(gw):
+            np.testing.assert_allclose(_tile(mosaic, row, col, (gh, gw)), expected[row, col], atol=1e-5)
+
+
+def test_distance_page_modes_and_units_agree() -> None:
+    at = _open("distance")
+    paper = at.dataframe[0].value
+    assert len(paper) == _meta(DEFAULT)["config"]["depth"]
+    width = _meta(DEFAULT)["input_size"][1]
+    np.testing.assert_allclose(paper["mean % of width"], (100 * paper["mean px"] / width).round(1), atol=0.11)
+    at.segmented_control(key="distance.mode").set_value("renormalised").run()
+    _assert_clean(at)
+    renormalised = at.dataframe[0].value
+    # "paper" drops the attention paid to the class token without renormalising, so it can only be shorter.
+    assert (renormalised["mean px"].to_numpy() >= paper["mean px"].to_numpy() - 0.05).all()
+    assert (renormalised["mean px"].to_numpy() > paper["mean px"].to_numpy()).any()
+
+
+# --- rollout with uploads --------------------------------------------------------------------------------
+
+
+def test_rollout_on_an_uploaded_image_shows_the_models_top5_and_overlays() -> None:
+    at = _open("rollout")
+    data = _png(100, 80)
+    at.file_uploader(key="rollout.images.upload").set_value(("red-box.png", data, "image/png")).run()
+    _assert_clean(at)
+    assert _errors(at) == []
+    assert any("red-box.png" in _text(c) for c in at.caption)
+    top5 = at.dataframe[0].value
+    expected = _reference_probabilities(DEFAULT, Image.open(io.BytesIO(data)))
+    names = _meta(DEFAULT)["class_names"]
+    order = np.argsort(-expected)[:5]
+    assert list(top5["class"]) == [names[i] for i in order]
+    np.testing.assert_allclose(top5["probability"].to_numpy(), expected[order], atol=1e-5)
+    overlays = [c for c in _charts(at) if len(c["data"]) == 2 and c["data"][0]["type"] == "image"]
+    assert len(overlays) == 2  # attention rollout and gradient rollout
+
+
+def test_rollout_honours_exif_orientation_of_an_uploaded_jpeg() -> None:
+    upright = Image.new("RGB", (90, 60), (20, 20, 20))
+    for x in range(30):
+        for y in range(60):
+            upright.putpixel((x, y), (250, 250, 0))  # a yellow band on the left of the upright picture
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote; EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    at = _open("rollout")
+    at.file_uploader(key="rollout.images.upload").set_value(("phone.jpg", buffer.getvalue(), "image/jpeg")).run()
+    _assert_clean(at)
+    from PIL import ImageOps
+
+    expected = _reference_probabilities(DEFAULT, ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    order = np.argsort(-expected)[:5]
+    np.testing.assert_allclose(at.dataframe[0].value["probability"].to_numpy(), expected[order], atol=1e-5)
+
+
+def test_bad_image_upload_shows_an_error_and_the_page_keeps_working() -> None:
+    at = _open("rollout")
+    at.file_uploader(key="rollout.images.upload").set_value(
+        [("broken.png", b"this is not a picture", "image/png"), ("ok.png", _png(64, 64), "image/png")]
+    ).run()
+    _assert_clean(at)
+    errors = _errors(at)
+    assert len(errors) == 1 and "broken.png" in errors[0] and "could not read image" in errors[0]
+    assert any("ok.png" in _text(c) for c in at.caption)  # the good upload is still explained
+    assert len(at.dataframe[0].value) == 5
+
+
+# --- the model picker ----------------------------------------------------------------------------------------
+
+
+def test_model_in_the_url_is_selected_and_shown() -> None:
+    other = _other_bundled()
+    at = _open("overview", query={"model": f"bundled:{other.stem}"})
+    assert at.sidebar.selectbox(key="vv.model.widget").value == f"bundled:{other.stem}"
+    rows = at.dataframe[0].value
+    pos_embed = _meta(other)["config"]["pos_embed"]
+    assert rows.loc[rows["property"] == "position embedding", "value"].item() == pos_embed
+
+
+def test_unknown_model_in_the_url_falls_back_to_the_default_with_a_warning() -> None:
+    at = _open("overview", query={"model": "bundled:no-such-model"})
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    assert any("no-such-model" in _text(w) for w in at.warning)
+
+
+def test_uploaded_checkpoint_becomes_the_selection() -> None:
+    other = _other_bundled()
+    at = _open("overview")
+    at.file_uploader(key="vv.add.upload").set_value((other.name, other.read_bytes(), "application/octet-stream")).run()
+    _assert_clean(at)
+    selected = at.sidebar.selectbox(key="vv.model.widget").value
+    assert selected.startswith("upload:")
+    assert _query(at, "model") == [selected]
+    rows = at.dataframe[0].value
+    assert rows.loc[rows["property"] == "position embedding", "value"].item() == _meta(other)["config"]["pos_embed"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"garbage that is not safetensors", "not a readable .safetensors file"),
+        (safetensors.numpy.save({"w": np.zeros(3, dtype=np.float32)}), "without vitviz metadata"),
+    ],
+)
+def test_bad_checkpoint_upload_shows_an_error_and_keeps_the_model(content: bytes, message: str) -> None:
+    at = _open("filters")
+    at.file_uploader(key="vv.add.upload").set_value(("bad.safetensors", content, "application/octet-stream")).run()
+    _assert_clean(at)
+    errors = _errors(at)
+    assert any(message in e and "bad.safetensors" in e for e in errors), errors
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    assert [t.value for t in at.title] == ["Patch-embedding filters"]
+
+
+def test_unknown_timm_name_shows_an_error_and_keeps_the_model() -> None:
+    at = _open("overview")
+    at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz").run()
+    next(b for b in at.button if b.label == "Load timm model").click().run()
+    _assert_clean(at)
+    assert any("unknown timm model" in e for e in _errors(at)), _errors(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+
+
+def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitviz.ui import catalog
+
+    monkeypatch.setattr(catalog, "network_reachable", lambda *args, **kwargs: False)
+    at = _open("overview")
+    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224").run()
+    at.checkbox(key="vv.add.pretrained").check().run()
+    next(b for b in at.button if b.label == "Load timm model").click().run()
+    _assert_clean(at)
+    assert any("need the network" in e for e in _errors(at)), _errors(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+
+
+# --- compare -------------------------------------------------------------------------------------------------
+
+
+def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
+    other = _other_bundled()
+    keys = ["bundled:shapes-default", f"bundled:{other.stem}"]
+    at = _open("compare", query={"compare": keys})
+    assert _errors(at) == []
+    assert at.multiselect(key="vv.compare.widget").value == keys
+    assert _query(at, "compare") == keys
+    summary = at.dataframe[0].value
+    row = summary[summary[""] == "position embedding"]
+    assert list(row[["A", "B"]].iloc[0]) == [_meta(DEFAULT)["config"]["pos_embed"], _meta(other)["config"]["pos_embed"]]
+    expected = _cosine_similarity_tiles(other) - _cosine_similarity_tiles(DEFAULT)
+    gh, gw = expected.shape[:2]
+    differences = [c for c in _charts(at) if c["data"][0].get("colorscale") and "difference" in c["data"][0].get("hovertemplate", "")]
+    assert differences, "no difference map drawn"
+    mosaic = _array(differences[0]["data"][0]["z"])
+    for row_index in range(gh):
+        for col in range(gw):
+            np.testing.assert_allclose(_tile(mosaic, row_index, col, (gh, gw)), expected[row_index, col], atol=1e-5)
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+
+
+def _fake_run(runs: Path, run_id: str) -> Path:
+    """A finished run folder as the training backend writes it (DESIGN.md's run folder)."""
+    folder = runs / run_id
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"preset": "tiny"}))
+    records = [
+        {"kind": "step", "step": 1, "loss": 2.3, "accuracy": 0.1},
+        {"kind": "step", "step": 2, "loss": 2.1, "accuracy": 0.2},
+        {"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 2.2, "eval_accuracy": 0.25},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')
+    status = {"status": "finished", "reason": None, "pid": 1, "run_id": run_id,
+              "progress": {"step": 2, "total_steps": 2, "epoch": 1, "epochs": 1},
+              "metrics": {"eval_accuracy": 0.25}}
+    (folder / "status.json").write_text(json.dumps(status))
+    (folder / "best.safetensors").write_bytes(DEFAULT.read_bytes())
+    (folder / "checkpoints" / "epoch-001.safetensors").write_bytes(DEFAULT.read_bytes())
+    return folder
+
+
+def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folders: dict[str, Path]) -> None:
+    _fake_run(app_folders["runs"], "demo-run")
+    at = _open("train")
+    assert _errors(at) == []
+    runs_table = at.dataframe[0].value
+    assert list(runs_table["run"]) == ["demo-run"] and list(runs_table["status"]) == ["finished"]
+    assert any("demo-run" in _text(m) and "finished" in _text(m) for m in at.markdown)
+    curves = _charts(at)[0]
+    loss = next(trace for trace in curves["data"] if trace["name"] == "loss")
+    assert list(_array(loss["y"])) == [2.3, 2.1]  # the half-written last line is skipped
+    picker = at.sidebar.selectbox(key="vv.model.widget")
+    assert "run demo-run · best" in picker.options and "run demo-run · epoch-001" in picker.options
+
+
+def test_train_form_rejects_malformed_overrides_without_starting_a_run(app_folders: dict[str, Path]) -> None:
+    at = _open("train")
+    at.text_area(key="train.overrides").set_value("epochs=1\nthis is not an override")  # sent with the form
+    next(b for b in at.get("form_submit_button") if b.label == "Start").click().run()
+    _assert_clean(at)
+    assert any("override line 2 is not KEY=VALUE" in e for e in _errors(at)), _errors(at)
+    assert list(app_folders["runs"].iterdir()) == []
+
+
+def _rerun_until(at: AppTest, condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition(at):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; page says: {[_text(m) for m in at.markdown][-6:]}")
+        time.sleep(1.0)
+        at.run()
+        _assert_clean(at)
+
+
+def _run_heading(at: AppTest, run_id: str) -> str:
+    return next((_text(m) for m in at.markdown if _text(m).startswith(f"##### Run {run_id}:")), "")
+
+
+@pytest.mark.slow
+def test_a_run_started_from_the_train_page_can_be_stopped(app_folders: dict[str, Path]) -> None:
+    from vitviz.ui import runs
+
+    at = _open("train")
+    at.selectbox(key="train.preset.train").set_value("tiny")
+    at.text_area(key="train.overrides").set_value("epochs=500")
+    at.text_input(key="train.run_id").set_value("stop-me")
+    next(b for b in at.get("form_submit_button") if b.label == "Start").click().run()
+    _assert_clean(at)
+    process = runs.started_here("stop-me")
+    assert process is not None
+    try:
+        _rerun_until(at, lambda a: _run_heading(a, "stop-me").endswith(": running") and any(
+            b.label == "Stop" for b in a.button), 180, "the run to start")
+        next(b for b in at.button if b.label == "Stop").click().run()
+        _assert_clean(at)
+        process.wait(timeout=120)
+        _rerun_until(at, lambda a: _run_heading(a, "stop-me").endswith(": stopped"), 30, "the stopped status")
+        status = json.loads((app_folders["runs"] / "stop-me" / "status.json").read_text())
+        assert status["resumable"] is True and "stop signal" in status["reason"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --- pieces without streamlit ----------------------------------------------------------------------------------
+
+
+def test_disk_cache_round_trips_arrays_without_pickle(tmp_path: Path) -> None:
+    from vitviz.ui.diskcache import DiskCache, cache_key
+
+    cache = DiskCache(tmp_path)
+    key = cache_key("distance", model="abc", images=["1", "2"], mode="paper")
+    assert key != cache_key("distance", model="abc", images=["2", "1"], mode="paper")
+    calls = []
+    arrays = {"pixels": np.arange(6.0).reshape(2, 3), "names": np.array(["a", "b"])}
+    first = cache.get_or_compute("distance", key, lambda: calls.append(1) or arrays)
+    second = cache.get_or_compute("distance", key, lambda: calls.append(1) or arrays)
+    assert calls == [1]
+    np.testing.assert_array_equal(second["pixels"], first["pixels"])
+    assert list(second["names"]) == ["a", "b"]
+    cache.path("distance", key).write_bytes(b"damaged")
+    assert cache.get("distance", key) is None
+
+
+def test_model_keys_only_resolve_to_discovered_files(tmp_path: Path) -> None:
+    from vitviz.ui import catalog
+
+    entries = catalog.discover_models(checkpoints=DEFAULT.parent, runs=tmp_path)
+    assert entries[0].key == "bundled:shapes-default"
+    assert catalog.resolve_key("bundled:../../etc/passwd", entries) is None
+    assert catalog.resolve_key("run:../x", entries) is None
+    assert catalog.resolve_key("upload:../../secret", entries) is None
+    assert catalog.resolve_key("timm:vit_tiny_patch16_224", entries).source == "timm:vit_tiny_patch16_224"
+    assert catalog.resolve_key("timm:bad name; rm -rf", entries) is None
+
+
+def test_sample_sets_are_the_image_folders_without_masks(tmp_path: Path) -> None:
+    from vitviz.ui import catalog
+
+    (tmp_path / "shapes").mkdir()
+    for name in ("circle-1.png", "circle-1-mask.png", "star-2.png", "notes.txt"):
+        (tmp_path / "shapes" / name).write_bytes(_png(8, 8))
+    (tmp_path / "loose.jpg").write_bytes(b"x")
+    sets = {s.name: [p.name for p in s.files] for s in catalog.discover_sample_sets(tmp_path)}
+    assert sets == {"samples": ["loose.jpg"], "shapes": ["circle-1.png", "star-2.png"]}
+
+
+def test_training_command_line_follows_the_training_cli(tmp_path: Path) -> None:
+    from vitviz.errors import VitvizError
+    from vitviz.ui import runs
+
+    overrides = runs.parse_overrides("# comment\nepochs=1\n\noptim.lr=1e-3\n")
+    request = runs.RunRequest(command="finetune", preset="finetune", run_id="ft-1", runs_dir=tmp_path,
+                              overrides=overrides, source="a.safetensors", img_size=(96, 96), freeze_blocks=2)
+    args = runs.command_line(request)
+    assert args[1:] == [
+        "-m", "training", "finetune", "--preset", "finetune", "--from", "a.safetensors", "--img-size", "96", "96",
+        "--freeze-blocks", "2", "--runs-dir", str(tmp_path), "--run-id", "ft-1", "--no-progress",
+        "--set", "epochs=1", "--set", "optim.lr=1e-3",
+    ]
+    with pytest.raises(VitvizError):
+        runs.command_line(runs.RunRequest(command="train", preset="tiny", run_id="../escape", runs_dir=tmp_path))

@@ -1,0 +1,232 @@
+"""The studio in a real browser: `streamlit run app.py` driven through Playwright and the system Chromium.
+
+Visits every page, uploads an image on /rollout, compares two checkpoints, starts a tiny training run on
+/train and watches its curve appear. Any element with data-testid="stException" fails the test.
+Screenshots go to test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ROOT / "test-output" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+PAGE_TITLES = {
+    "": "vitviz studio",
+    "filters": "Patch-embedding filters",
+    "position": "Position embeddings",
+    "distance": "Mean attention distance",
+    "rollout": "Attention rollout",
+    "compare": "Compare models",
+    "train": "Train",
+}
+PAGE_CONTENT = {  # an element each page shows once its analysis is drawn
+    "": "[data-testid='stDataFrame']",
+    "filters": ".js-plotly-plot",
+    "position": ".js-plotly-plot",
+    "distance": ".js-plotly-plot",
+    "rollout": ".js-plotly-plot",
+    "compare": "[data-testid='stDataFrame']",
+    "train": "[data-testid='stForm']",
+}
+STARTUP_TIMEOUT_S = 120
+PAGE_TIMEOUT_MS = 120_000
+TRAINING_TIMEOUT_MS = 300_000  # a tiny run is seconds of training, plus starting Python and torch on a busy machine
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the system Chromium at /usr/bin/chromium (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """The app served by `streamlit run` on a free port, with its own runs and cache folders."""
+    folder = tmp_path_factory.mktemp("studio")
+    runs = folder / "runs"
+    runs.mkdir()
+    port = _free_port()
+    env = {**os.environ, "VITVIZ_RUNS_DIR": str(runs), "VITVIZ_CACHE_DIR": str(folder / "cache")}
+    log = open(folder / "streamlit.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"streamlit did not start: {(folder / 'streamlit.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "runs": runs}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: object) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1800})
+    tab = context.new_page()
+    tab.set_default_timeout(PAGE_TIMEOUT_MS)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+def _wait_idle(page: object, quiet_checks: int = 4) -> None:
+    """Until the script has stopped running: no running indicator and no skeleton for several checks."""
+    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+    quiet = 0
+    while quiet < quiet_checks:
+        busy = page.locator('[data-testid="stStatusWidget"]').count() + page.locator('[data-testid="stSkeleton"]').count()
+        quiet = 0 if busy else quiet + 1
+        if time.monotonic() > deadline:
+            raise AssertionError("the app did not finish running")
+        page.wait_for_timeout(400)
+
+
+def _assert_no_exception(page: object) -> None:
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, exceptions.first.inner_text()
+
+
+def _shot(page: object, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def _open(page: object, url: str, title: str) -> None:
+    page.goto(url)
+    page.get_by_role("heading", name=title, exact=True).first.wait_for()
+    _wait_idle(page)
+    _assert_no_exception(page)
+
+
+def _choose(page: object, selectbox: object, option: str) -> None:
+    """Pick an option of a selectbox."""
+    selectbox.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_every_page_opens_on_the_default_checkpoint(server: dict, page: object) -> None:
+    for path, title in PAGE_TITLES.items():
+        _open(page, f"{server['url']}/{path}", title)
+        page.locator(PAGE_CONTENT[path]).first.wait_for()
+        _wait_idle(page)
+        assert "model=bundled%3Ashapes-default" in page.url or "model=bundled:shapes-default" in page.url
+        _shot(page, path or "overview")
+
+
+def test_rollout_explains_an_uploaded_image(server: dict, page: object, tmp_path: Path) -> None:
+    picture = Image.new("RGB", (120, 90), (235, 235, 235))
+    for x in range(30, 90):
+        for y in range(20, 70):
+            picture.putpixel((x, y), (30, 90, 200))
+    path = tmp_path / "blue-box.png"
+    picture.save(path)
+    _open(page, f"{server['url']}/rollout", "Attention rollout")
+    page.locator('[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(path))
+    page.get_by_text("Input: blue-box.png").wait_for()
+    _wait_idle(page)
+    _assert_no_exception(page)
+    overlays = page.locator('[data-testid="stPlotlyChart"]')
+    assert overlays.count() >= 3  # rollout, gradient rollout, the layers x heads grid
+    page.locator(".js-plotly-plot .heatmaplayer, .js-plotly-plot .imagelayer image").first.wait_for()
+    _shot(page, "rollout-upload")
+
+
+def test_compare_two_checkpoints(server: dict, page: object) -> None:
+    others = sorted(p.stem for p in (ROOT / "assets" / "checkpoints").glob("*.safetensors") if p.stem != "shapes-default")
+    if not others:
+        pytest.skip("needs a second bundled checkpoint")
+    query = f"compare=bundled:shapes-default&compare=bundled:{others[0]}"
+    _open(page, f"{server['url']}/compare?{query}", "Compare models")
+    summary = page.locator('[data-testid="stDataFrame"]').first
+    summary.wait_for()
+    _shot(page, "compare-summary")
+    for tab in ("Filters", "Position embeddings", "Attention distance", "Rollout"):
+        page.get_by_role("tab", name=tab).click()
+        _wait_idle(page)
+        _assert_no_exception(page)
+        _shot(page, f"compare-{tab.lower().replace(' ', '-')}")
+    assert page.get_by_text("Differences in rollout").count() == 1
+
+
+def test_train_a_tiny_run_and_watch_its_curve(server: dict, page: object) -> None:
+    _open(page, f"{server['url']}/train", "Train")
+    _choose(page, page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").first, "tiny")
+    page.get_by_label("Run id (optional)").fill("browser-tiny")
+    page.get_by_role("button", name="Start").click()
+    page.get_by_text("Started run browser-tiny.").wait_for()
+    ended = page.get_by_role("heading", name=re.compile(r"^Run browser-tiny: (finished|failed|stopped|interrupted|exited)"))
+    ended.wait_for(timeout=TRAINING_TIMEOUT_MS)
+    _wait_idle(page)
+    log = page.locator('[data-testid="stExpander"]').filter(has_text="Log")
+    assert ended.inner_text().endswith("finished"), log.inner_text() if log.count() else ended.inner_text()
+    _assert_no_exception(page)
+    curve = page.locator('[data-testid="stPlotlyChart"] .scatterlayer .trace')
+    curve.first.wait_for()
+    assert curve.count() >= 2  # loss and accuracy at least
+    _shot(page, "train-finished")
+    assert (server["runs"] / "browser-tiny" / "best.safetensors").is_file()
+    # The finished run's checkpoint is offered by the model picker and goes into the URL when chosen.
+    _choose(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "run browser-tiny · best")
+    _wait_idle(page)
+    assert "model=run%3Abrowser-tiny" in page.url or "model=run:browser-tiny" in page.url
+    _assert_no_exception(page)

@@ -1,0 +1,18 @@
+"""Session-state keys and URL query parameters, spelled once."""
+
+# URL query parameters (shareable views).
+QUERY_MODEL = "model"  # the selected model's key, e.g. bundled:shapes-default
+QUERY_COMPARE = "compare"  # repeated: the models on /compare
+
+# Session state.
+MODEL = "vv.model"  # key of the selected model (survives page switches)
+MODEL_WIDGET = "vv.model.widget"  # the sidebar selectbox's own key
+EXTRA_MODELS = "vv.model.extra"  # dict key -> ModelEntry: timm names and uploads added in this session
+URL_ADOPTED = "vv.url_adopted"  # the URL's model selection has been read once in this session
+UPLOADED_CHECKPOINTS = "vv.model.uploaded"  # file ids of checkpoint uploads already handled
+MODEL_MESSAGE = "vv.model.message"  # one-line result of the last add-a-model action: (kind, text)
+COMPARE = "vv.compare"  # keys of the models on /compare
+COMPARE_WIDGET = "vv.compare.widget"
+COMPARE_ADOPTED = "vv.compare.adopted"
+FOLLOW_RUN = "vv.train.follow"  # run id shown in the live view of /train
+TRAIN_MESSAGE = "vv.train.message"  # (kind, text) after starting or stopping a run

@@ -1,0 +1,176 @@
+"""Page `/`: the selected model's card, how it was trained, its curves, and a guide to the other pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from vitviz.models import count_parameters
+from vitviz.pipeline import model_summary
+from vitviz.plots import interactive
+from vitviz.tokens import token_layout
+from vitviz.ui import catalog, exports, widgets
+
+GUIDE = [
+    ("vitviz/ui/filters.py", "Patch filters", "the learned patch-embedding filters and their principal components."),
+    ("vitviz/ui/position.py", "Position embeddings", "how similar each position's embedding is to every other, and after resampling."),
+    ("vitviz/ui/distance.py", "Attention distance", "how far each head looks, layer by layer, over many images."),
+    ("vitviz/ui/rollout.py", "Attention rollout", "which patches explain a prediction, and where one patch attends in every head."),
+    ("vitviz/ui/compare.py", "Compare models", "two or more checkpoints side by side on the same inputs."),
+    ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
+]
+
+PROPERTY_COLUMNS = {
+    "property": st.column_config.TextColumn("property", width="medium"),
+    "value": st.column_config.TextColumn("value", width="large"),
+}
+
+
+def render() -> None:
+    selection = widgets.model_sidebar()
+    loaded, entry = selection.loaded, selection.entry
+    meta = loaded.meta
+    st.title("vitviz studio")
+    st.caption("See what a Vision Transformer has learned.")
+    st.subheader(f"Model: {widgets.plain(entry.label)}")
+
+    summary = model_summary(loaded)
+    layout = token_layout(loaded.model)
+    parameters = count_parameters(loaded.model)
+    cols = st.columns(5)
+    cols[0].metric("Parameters", f"{parameters / 1e6:.2f} M" if parameters >= 1e5 else f"{parameters:,}")
+    cols[1].metric("Layers × heads", f"{summary['depth']} × {summary['num_heads']}")
+    cols[2].metric("Width", summary["embed_dim"])
+    cols[3].metric("Input", f"{summary['img_size'][0]}×{summary['img_size'][1]} px")
+    cols[4].metric("Tokens", f"{layout.grid[0]}×{layout.grid[1]} + {layout.num_prefix_tokens}")
+
+    arch_col, train_col = st.columns(2)
+    with arch_col:
+        st.markdown("##### Architecture")
+        widgets.table(_architecture_rows(loaded, layout), column_config=PROPERTY_COLUMNS)
+        if meta.resolution_history:
+            st.markdown("##### Resolution history")
+            widgets.table(
+                [
+                    {"method": h["method"], "old grid": _grid(h["old_grid"]), "new grid": _grid(h["new_grid"])}
+                    for h in meta.resolution_history
+                ]
+            )
+    with train_col:
+        st.markdown("##### How it was trained")
+        rows = _training_rows(meta.training)
+        if rows:
+            widgets.table(rows, column_config=PROPERTY_COLUMNS)
+        else:
+            st.caption("This model carries no training summary.")
+        accuracy = _final_accuracy(meta.training)
+        if accuracy:
+            metric_cols = st.columns(len(accuracy))
+            for col, (label, value) in zip(metric_cols, accuracy.items()):
+                col.metric(label, f"{100 * value:.1f} %")
+
+    records, where = _training_log(entry, meta.training)
+    st.markdown("##### Training curves")
+    if records:
+        st.caption(f"From {widgets.plain(where)}")
+        widgets.plotly(interactive.training_curves_figure(records, x="step"), key="overview.curves")
+    else:
+        st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
+
+    card = {**summary, "parameters": parameters, "class_names": meta.class_names, "training": meta.training,
+            "config": meta.config.to_dict() if meta.config is not None else None,
+            "resolution_history": meta.resolution_history, "content_hash": loaded.content_hash}
+    numbers = {"model-card.json": lambda: exports.json_bytes(card)}
+    if records:
+        numbers["metrics.csv"] = lambda: exports.records_csv_bytes(records)
+    widgets.downloads(entry.key, numbers=numbers, key="overview")
+
+    st.divider()
+    st.markdown("##### What each page shows")
+    for path, title, what in GUIDE:
+        link_col, text_col = st.columns([1, 3], vertical_alignment="center")
+        link_col.page_link(path, label=title)
+        text_col.markdown(what)
+    st.caption("Every page uses the model chosen in the sidebar, and offers its figures and numbers for download.")
+
+
+def _grid(value: Any) -> str:
+    return f"{value[0]}×{value[1]}" if isinstance(value, (list, tuple)) and len(value) == 2 else str(value)
+
+
+def _short_source(source: str) -> str:
+    """A checkpoint path relative to the repository (or the runs folder) when it lies inside it."""
+    for base in (catalog.REPO_ROOT, catalog.runs_dir().parent):
+        try:
+            return str(Path(source).resolve().relative_to(base))
+        except (ValueError, OSError):
+            continue
+    return source
+
+
+def _architecture_rows(loaded: Any, layout: Any) -> list[dict[str, str]]:
+    meta = loaded.meta
+    prefix = []
+    if layout.has_class_token:
+        prefix.append("class")
+    if layout.has_dist_token:
+        prefix.append("distillation")
+    if layout.num_reg_tokens:
+        prefix.append(f"{layout.num_reg_tokens} register")
+    rows = [
+        ("architecture", meta.arch),
+        ("source", _short_source(loaded.source)),
+        ("patch grid", _grid(layout.grid)),
+        ("pixels per token", _grid(layout.stride)),
+        ("prefix tokens", ", ".join(prefix) or "none"),
+        ("input channels", str(meta.in_chans)),
+        ("classes", f"{len(meta.class_names)}: " + ", ".join(meta.class_names[:8]) + (" …" if len(meta.class_names) > 8 else "")),
+        ("normalisation", f"mean {', '.join(f'{m:.3g}' for m in meta.mean)}; std {', '.join(f'{s:.3g}' for s in meta.std)}"),
+    ]
+    if meta.config is not None:
+        cfg = meta.config
+        rows += [
+            ("position embedding", cfg.pos_embed),
+            ("stem", cfg.stem if cfg.stem == "patch" else f"hybrid ResNetV2 {list(cfg.hybrid_layers)}"),
+            ("pooling", cfg.global_pool),
+            ("MLP ratio", f"{cfg.mlp_ratio:g}"),
+            ("head", cfg.head),
+        ]
+    return [{"property": key, "value": str(value)} for key, value in rows]
+
+
+def _training_rows(training: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for key, value in training.items():
+        if isinstance(value, (dict, list)) or value is None or value == "":
+            continue
+        rows.append({"property": key.replace("_", " "), "value": "" if value is None else str(value)})
+    return rows
+
+
+def _final_accuracy(training: dict[str, Any]) -> dict[str, float]:
+    metrics = training.get("metrics") or training.get("final_metrics") or {}
+    if not isinstance(metrics, dict):
+        return {}
+    labels = {"eval_accuracy": "Eval accuracy", "best_accuracy": "Best accuracy", "train_accuracy": "Train accuracy"}
+    return {
+        label: float(metrics[key])
+        for key, label in labels.items()
+        if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)
+    }
+
+
+def _training_log(entry: catalog.ModelEntry, training: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    run = catalog.run_dir_for(entry, training)
+    if run is not None:
+        return catalog.read_metrics(run), f"run {run.name}"
+    beside = catalog.metrics_beside(entry)
+    if beside is not None:
+        return catalog.read_jsonl(beside), beside.name
+    return [], ""
+
+
+if __name__ == "__main__":
+    render()

@@ -1,0 +1,106 @@
+"""Page `/position`: cosine similarity of the position embeddings (paper Fig. 7 centre), one patch's map,
+and the embeddings resampled to a new resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from vitviz.errors import VitvizError
+from vitviz.plots import interactive, paper
+from vitviz.tokens import token_layout
+from vitviz.ui import cached, exports, widgets
+
+MAX_SCALE = 2  # resampling choices reach up to this many times the trained grid...
+MAX_RESAMPLED_SIDE = 24  # ...and at most this many patches per side (a 24x24 mosaic is 360k cells to draw)
+
+
+def render() -> None:
+    selection = widgets.model_sidebar()
+    loaded = selection.loaded
+    layout = token_layout(loaded.model)
+    gh, gw = layout.grid
+    st.title("Position embeddings")
+    st.caption(
+        "Tile (r, c) shows how similar the embedding of patch (r, c) is to the embedding of every patch "
+        "(cosine similarity). A model that learned the 2-D layout shows a bright spot that moves with the tile."
+    )
+    similarity = cached.position_table_similarity(loaded.content_hash, loaded.model)
+    if similarity is None:
+        st.info("Not applicable: this model has no absolute position embeddings (none, or a relative-position bias).")
+        return
+
+    grid_col, patch_col = st.columns([3, 2])
+    with grid_col:
+        widgets.plotly(interactive.position_figure(similarity), key="position.grid")
+    with patch_col:
+        st.markdown("##### One patch")
+        row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key="position.row") if gh > 1 else 1
+        col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key="position.col") if gw > 1 else 1
+        widgets.plotly(interactive.position_patch_figure(similarity, row - 1, col - 1), key="position.patch")
+
+    st.markdown("##### At another resolution")
+    controls_col, resampled_col = st.columns([2, 3])
+    with controls_col:
+        st.caption(
+            "Fine-tuning at a higher resolution keeps the patch size, so the grid grows and the embeddings are "
+            "resampled (bicubic in 2-D for learned tables, recomputed for sin-cos, per axis for factorised ones)."
+        )
+        choices = _grid_choices(gh, gw)
+        rows = st.select_slider(
+            "New patch grid",
+            options=list(choices),
+            value=min((r for r in choices if r > gh), default=gh),
+            format_func=lambda r: f"{r}×{choices[r]} ({r * layout.stride[0]}×{choices[r] * layout.stride[1]} px)",
+            key="position.resample",
+        )
+    new_grid = (rows, choices[rows])
+    new_size = (new_grid[0] * layout.stride[0], new_grid[1] * layout.stride[1])
+    resampled = None
+    try:
+        with st.spinner("Resampling…"):
+            resampled, record = cached.resampled_similarity(loaded.content_hash, loaded.model, loaded.meta, new_size)
+    except VitvizError as exc:
+        widgets.show_error(exc, controls_col)
+    else:
+        if resampled is None:
+            controls_col.info("After resampling this model has no absolute position embeddings to compare.")
+        else:
+            controls_col.caption(
+                f"Method: {widgets.plain(record['method'])}; grid {gh}×{gw} → {new_grid[0]}×{new_grid[1]}."
+            )
+            with resampled_col:
+                widgets.plotly(
+                    interactive.position_figure(resampled, title=f"Resampled to {new_grid[0]}×{new_grid[1]}"),
+                    key="position.resampled",
+                )
+
+    figures = {"position-similarity": lambda: paper.position_similarity_figure(similarity)}
+    numbers = {
+        "position-similarity.csv": lambda: exports.matrix_csv_bytes(
+            similarity.reshape(gh * gw, gh * gw), "patch", [f"patch_{i + 1}" for i in range(gh * gw)]
+        ),
+        "position-similarity.npz": lambda: exports.npz_bytes(_arrays(similarity, resampled)),
+    }
+    if resampled is not None:
+        figures["position-similarity-resampled"] = lambda: paper.position_similarity_figure(
+            resampled, title=f"Position embedding similarity, resampled to {new_grid[0]}×{new_grid[1]}"
+        )
+    widgets.downloads(selection.entry.key, figures=figures, numbers=numbers, key="position")
+
+
+def _grid_choices(gh: int, gw: int) -> dict[int, int]:
+    """New grids with the trained aspect ratio, as rows -> columns, from half to MAX_SCALE times the trained size."""
+    top = max(gh + 1, min(MAX_SCALE * gh, MAX_RESAMPLED_SIDE))
+    return {rows: max(1, round(rows * gw / gh)) for rows in range(max(1, gh // 2), top + 1)}
+
+
+def _arrays(similarity: np.ndarray, resampled: np.ndarray | None) -> dict[str, np.ndarray]:
+    arrays = {"similarity": similarity}
+    if resampled is not None:
+        arrays["similarity_resampled"] = resampled
+    return arrays
+
+
+if __name__ == "__main__":
+    render()

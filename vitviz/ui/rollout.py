@@ -1,0 +1,210 @@
+"""Page `/rollout`: attention rollout and gradient rollout on the user's images, the top-5 predictions,
+and where one query token attends in every layer and head."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from vitviz.analysis import HEAD_FUSIONS
+from vitviz.errors import VitvizError
+from vitviz.models import LoadedModel
+from vitviz.plots import interactive, paper
+from vitviz.tokens import token_layout
+from vitviz.ui import exports, widgets
+from vitviz.ui.analyses import (
+    InputImage,
+    display_picture,
+    gradient_map,
+    image_attention,
+    query_grid,
+    top_classes,
+)
+
+GALLERY_MAX = 8  # uploads shown as small overlays side by side
+CLASS_TOKEN = "class token"
+OVERLAY_HEIGHT = 380  # pixels: the overlays are square, so the default plotly height leaves a gap above
+
+
+def render() -> None:
+    selection = widgets.model_sidebar()
+    loaded = selection.loaded
+    layout = token_layout(loaded.model)
+    depth = len(loaded.model.blocks)
+    class_names = loaded.meta.class_names
+    st.title("Attention rollout")
+    st.caption(
+        "Rollout multiplies the attention of every layer (with the residual path) to see which patches the "
+        "class token draws on (Abnar & Zuidema 2020). Gradient rollout weights attention by its effect on one "
+        "class's score (Chefer et al. 2021)."
+    )
+    images, from_uploads = widgets.image_picker(key="rollout.images")
+    if not images:
+        return
+    if len(images) > 1:
+        index = st.selectbox(
+            "Image to explain", range(len(images)), format_func=lambda i: images[i].name, key="rollout.which"
+        )
+        image = images[index]
+    else:
+        image = images[0]
+
+    fusion_col, discard_col, start_col, class_col, opacity_col = st.columns([2, 2, 2, 3, 2])
+    head_fusion = fusion_col.selectbox("Head fusion", HEAD_FUSIONS, key="rollout.fusion")
+    discard_ratio = discard_col.slider(
+        "Discard ratio", 0.0, 0.95, 0.0, 0.05, key="rollout.discard",
+        help="Share of the weakest attention links set to zero in each layer before rolling out.",
+    )
+    start_layer = (
+        start_col.slider("Start layer", 1, depth, 1, key="rollout.start", help="First layer multiplied in.") - 1
+        if depth > 1
+        else 0
+    )
+    opacity = opacity_col.slider("Overlay opacity", 0.1, 1.0, 0.5, 0.05, key="rollout.opacity")
+
+    try:
+        with st.spinner("Running the model…"):
+            attention = image_attention(
+                loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                start_layer=start_layer, query_index=0,
+            )
+    except VitvizError as exc:
+        widgets.show_error(exc)
+        return
+    picture = display_picture(loaded, image)
+    top5 = top_classes(attention["probs"], class_names)
+    gradient = None
+    if class_names:
+        predicted = top5[0][0]
+        target = class_col.selectbox(
+            "Gradient rollout for class",
+            range(len(class_names)),
+            index=predicted,
+            format_func=lambda i: f"{class_names[i]}{' (predicted)' if i == predicted else ''}",
+            key=f"rollout.target.{image.digest[:12]}",
+            help="Chefer et al.'s rollout weights attention by the gradient of this class's score.",
+        )
+        try:
+            with st.spinner("Back-propagating…"):
+                gradient = gradient_map(loaded, image, int(target))
+        except VitvizError as exc:
+            widgets.show_error(exc)
+
+    overlay_col, gradient_col, top_col = st.columns([4, 4, 3])
+    with overlay_col:
+        st.markdown("##### Attention rollout")
+        widgets.plotly(
+            interactive.rollout_figure(picture, attention["rollout"], opacity=opacity), key="rollout.overlay", height=OVERLAY_HEIGHT
+        )
+    with gradient_col:
+        st.markdown("##### Gradient rollout")
+        if gradient is not None:
+            widgets.plotly(
+                interactive.rollout_figure(picture, gradient["map"], opacity=opacity), key="rollout.gradient",
+                height=OVERLAY_HEIGHT,
+            )
+        else:
+            st.caption("Not available: the model has no classifier head.")
+    with top_col:
+        st.markdown("##### Top-5 predictions")
+        widgets.table(
+            [{"class": name, "probability": prob} for _, name, prob in top5],
+            column_config={"probability": st.column_config.NumberColumn("probability", format="percent")},
+        )
+        st.caption(f"Input: {widgets.plain(image.name)}")
+
+    if from_uploads and len(images) > 1:
+        _gallery(loaded, images, head_fusion, discard_ratio, start_layer)
+
+    st.markdown("##### Where one token attends, in every layer and head")
+    grid_col, query_col = st.columns([3, 2])
+    with query_col:
+        st.caption(
+            "A model view for image patches, like bertviz's for text: rows are layers, columns are heads, and "
+            "each tile shows the attention of the chosen query token over the patches."
+        )
+        query_choices = ([CLASS_TOKEN] if layout.has_class_token else []) + ["a patch"]
+        query_kind = st.radio("Query token", query_choices, key="rollout.query.kind", horizontal=True)
+        query_index, query_label, query_patch = 0, CLASS_TOKEN, None
+        if query_kind == "a patch":
+            gh, gw = layout.grid
+            row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key="rollout.query.row") if gh > 1 else 1
+            col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key="rollout.query.col") if gw > 1 else 1
+            query_patch = (row - 1, col - 1)
+            query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
+            query_label = f"patch ({row}, {col})"
+        per_tile = st.toggle(
+            "Scale each tile to its own maximum", value=True, key="rollout.query.per_tile",
+            help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
+                 "heads can be told apart.",
+        )
+    query_attention = attention["query"]
+    if query_index != 0:
+        try:
+            query_attention = image_attention(
+                loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                start_layer=start_layer, query_index=query_index,
+            )["query"]
+        except VitvizError as exc:
+            widgets.show_error(exc)
+            return
+    grid = query_grid(loaded, query_attention)
+    with grid_col:
+        widgets.plotly(
+            interactive.attention_grid_figure(grid, per_tile=per_tile, title=f"Attention of the {query_label}"),
+            key="rollout.grid",
+        )
+
+    figures = {
+        "rollout": lambda: paper.rollout_overlay_figure(picture, attention["rollout"], alpha=opacity),
+        "attention-grid": lambda: paper.attention_grid_figure(grid, query=query_patch, per_tile=per_tile,
+                                                              title=f"Attention of the {query_label}"),
+    }
+    arrays = {
+        "rollout": attention["rollout"],
+        "probabilities": attention["probs"],
+        "query_attention": grid,
+        "query_index": np.asarray(query_index),
+    }
+    if gradient is not None:
+        figures["gradient-rollout"] = lambda: paper.rollout_overlay_figure(
+            picture, gradient["map"], title="Gradient-weighted rollout", alpha=opacity
+        )
+        arrays["gradient_rollout"] = gradient["map"]
+        arrays["gradient_target_class"] = gradient["target"]
+    widgets.downloads(
+        f"{selection.entry.key}-{image.name}",
+        figures=figures,
+        numbers={
+            "top5.csv": lambda: exports.csv_bytes(["class_index", "class", "probability"], top5),
+            "rollout.npz": lambda: exports.npz_bytes(arrays),
+        },
+        key="rollout",
+    )
+
+
+def _gallery(
+    loaded: LoadedModel, images: list[InputImage], head_fusion: str, discard_ratio: float, start_layer: int
+) -> None:
+    """Small rollout overlays of every upload, so several images can be compared at a glance."""
+    st.markdown("##### All uploads")
+    shown = images[:GALLERY_MAX]
+    columns = st.columns(min(4, len(shown)))
+    for index, image in enumerate(shown):
+        with columns[index % len(columns)]:
+            try:
+                result = image_attention(
+                    loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                    start_layer=start_layer, query_index=0,
+                )
+            except VitvizError as exc:
+                widgets.show_error(exc)
+                continue
+            st.image(paper.overlay_image(display_picture(loaded, image), result["rollout"]), width="stretch")
+            st.caption(widgets.plain(image.name))
+    if len(images) > GALLERY_MAX:
+        st.caption(f"… and {len(images) - GALLERY_MAX} more (choose one above).")
+
+
+if __name__ == "__main__":
+    render()

@@ -1,0 +1,175 @@
+"""Start and stop training runs as subprocesses (`python -m training ...`); the app never trains itself.
+
+No streamlit here. The processes this app started are remembered for the life of the server (one registry
+for every session), so any session can stop them; runs started elsewhere are only followed, through their
+run folder. A run's stdout and stderr go to <runs>/.logs/<run-id>.log, because the run folder itself is
+created by the training process (which refuses an existing non-empty one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitviz.errors import VitvizError
+from vitviz.ui.catalog import LOGS_FOLDER, REPO_ROOT, valid_run_id
+
+logger = logging.getLogger(__name__)
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=.*$")
+_PROCESSES: dict[str, subprocess.Popen] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the /train form asks for; turned into a `python -m training` command line."""
+
+    command: str  # "train" or "finetune"
+    preset: str
+    run_id: str
+    runs_dir: Path
+    overrides: tuple[str, ...] = ()  # KEY=VALUE, passed as --set
+    source: str | None = None  # finetune: the checkpoint or run folder to start from
+    img_size: tuple[int, int] | None = None  # finetune: new input size
+    freeze_blocks: int | None = None
+    max_steps: int | None = None
+
+
+def parse_overrides(text: str) -> tuple[str, ...]:
+    """One KEY=VALUE per line (blank lines and # comments ignored); a malformed line raises VitvizError."""
+    overrides = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _OVERRIDE.match(line):
+            raise VitvizError(f"override line {number} is not KEY=VALUE (e.g. optim.lr=1e-3): {line[:80]}")
+        overrides.append(line)
+    return tuple(overrides)
+
+
+def command_line(request: RunRequest) -> list[str]:
+    """The argument list of the training process (no shell: every value is one argument)."""
+    if request.command not in ("train", "finetune"):
+        raise VitvizError(f"unknown training command {request.command!r}")
+    if not valid_run_id(request.run_id):
+        raise VitvizError(f"run id {request.run_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
+    args = [sys.executable, "-m", "training", request.command, "--preset", request.preset]
+    if request.command == "finetune":
+        if not request.source:
+            raise VitvizError("fine-tuning needs a checkpoint to start from")
+        args += ["--from", request.source]
+        if request.img_size is not None:
+            args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
+        if request.freeze_blocks:
+            args += ["--freeze-blocks", str(request.freeze_blocks)]
+    args += ["--runs-dir", str(request.runs_dir), "--run-id", request.run_id, "--no-progress"]
+    if request.max_steps:
+        args += ["--max-steps", str(request.max_steps)]
+    for override in request.overrides:
+        args += ["--set", override]
+    return args
+
+
+def log_path(runs_dir: Path, run_id: str) -> Path:
+    return runs_dir / LOGS_FOLDER / f"{run_id}.log"
+
+
+def start_run(request: RunRequest) -> subprocess.Popen:
+    """Start the training process in its own session (it outlives the app); refuses a taken run id."""
+    args = command_line(request)
+    if (request.runs_dir / request.run_id).exists():
+        raise VitvizError(f"a run called {request.run_id} already exists; choose another run id")
+    log_file = log_path(request.runs_dir, request.run_id)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with _LOCK:
+        if request.run_id in _PROCESSES and _PROCESSES[request.run_id].poll() is None:
+            raise VitvizError(f"run {request.run_id} is already running")
+        with open(log_file, "ab") as log:
+            process = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _PROCESSES[request.run_id] = process
+    logger.info("started run %s (pid %d): %s", request.run_id, process.pid, " ".join(args[1:]))
+    return process
+
+
+def started_here(run_id: str) -> subprocess.Popen | None:
+    """The process of a run this app started, or None."""
+    with _LOCK:
+        return _PROCESSES.get(run_id)
+
+
+def started_ids() -> list[str]:
+    """Ids of the runs this app started, newest first."""
+    with _LOCK:
+        return list(reversed(_PROCESSES))
+
+
+def exit_code(run_id: str) -> int | None:
+    """The exit status of a run this app started, or None while it runs (or when not started here)."""
+    process = started_here(run_id)
+    return None if process is None else process.poll()
+
+
+def stop_run(run_id: str) -> bool:
+    """Ask a run started here to stop (SIGTERM: it saves a resume state at the next step); False if not ours."""
+    process = started_here(run_id)
+    if process is None or process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGTERM)
+    logger.info("asked run %s (pid %d) to stop", run_id, process.pid)
+    return True
+
+
+def log_tail(runs_dir: Path, run_id: str, lines: int = 15) -> str:
+    """The last lines of a run's log written by the app, or "" when there is none."""
+    path = log_path(runs_dir, run_id)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 16_384))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def available_presets() -> list[str]:
+    """Names of the training backend's presets (read from training.presets; empty if it is missing)."""
+    try:
+        from training.presets import PRESETS
+    except ImportError:
+        logger.warning("training.presets is not importable; no presets to offer")
+        return []
+    return list(PRESETS)
+
+
+def preset_config(name: str) -> dict | None:
+    """The resolved config of a preset as JSON data, to show what an override changes."""
+    try:
+        from training.presets import get_preset
+    except ImportError:
+        return None
+    try:
+        return get_preset(name).to_dict()
+    except VitvizError:
+        return None

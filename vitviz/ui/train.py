@@ -1,0 +1,208 @@
+"""Page `/train`: start a training or fine-tuning run as a subprocess, follow its curves live, stop it, and
+list the runs. Finished checkpoints appear in every model picker (they are discovered in the runs folder)."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from vitviz.errors import VitvizError
+from vitviz.plots import interactive
+from vitviz.ui import catalog, exports, keys, runs, widgets
+
+REFRESH_SECONDS = 2.0
+ACTIVE = ("running", "starting")
+
+
+def render() -> None:
+    widgets.model_sidebar()
+    st.title("Train")
+    st.caption(
+        "Runs start as separate processes (python -m training), so the studio stays responsive and a run "
+        "survives a closed browser. Each run writes its folder under the runs folder: "
+    )
+    st.code(str(catalog.runs_dir()), language=None)
+    message = st.session_state.pop(keys.TRAIN_MESSAGE, None)
+    if message is not None:
+        (st.success if message[0] == "success" else st.error)(widgets.plain(message[1]))
+
+    form_col, runs_col = st.columns([2, 3])
+    with form_col:
+        _start_form()
+    with runs_col:
+        _runs_table()
+    follow = st.session_state.get(keys.FOLLOW_RUN)
+    run_ids = [p.name for p in catalog.list_run_folders()]
+    run_ids += [run_id for run_id in runs.started_ids() if run_id not in run_ids]  # folders not created yet
+    if follow not in run_ids and run_ids:
+        follow = run_ids[0]
+    if follow is None:
+        st.info("No runs yet. Start one above.")
+        return
+    st.divider()
+    st.session_state["train.follow.widget"] = follow
+    chosen = st.selectbox("Follow run", run_ids, key="train.follow.widget", on_change=_on_follow)
+    st.session_state[keys.FOLLOW_RUN] = chosen
+    active = _status(chosen) in ACTIVE
+    live = st.fragment(_live_view, run_every=REFRESH_SECONDS if active else None)
+    live(chosen, active)
+
+
+def _on_follow() -> None:
+    st.session_state[keys.FOLLOW_RUN] = st.session_state["train.follow.widget"]
+
+
+def _status(run_id: str, info: catalog.RunInfo | None = None) -> str:
+    """The run's status, completed by what this app knows about the processes it started."""
+    info = info or catalog.run_info(catalog.runs_dir() / run_id)
+    process = runs.started_here(run_id)
+    if process is None or info.status not in ("running", "starting", "unknown"):
+        return info.status
+    code = process.poll()
+    if code is None:
+        return "starting" if info.status == "unknown" else info.status
+    return f"exited ({code})" if code != 0 else info.status
+
+
+def _start_form() -> None:
+    st.markdown("##### Start a run")
+    presets = runs.available_presets()
+    if not presets:
+        st.warning("The training backend (training/) is not available in this installation.")
+        return
+    entries = [e for e in catalog.discover_models() if e.is_project_checkpoint]
+    command = st.segmented_control(
+        "Kind", ("train", "finetune"), default="train", key="train.command",
+        format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a checkpoint"}[c],
+    ) or "train"
+    default_preset = "finetune" if command == "finetune" else "shapes-default"
+    source, img_side, freeze = None, 0, 0
+    with st.form(f"train.form.{command}", border=True):
+        preset = st.selectbox(
+            "Preset", presets, index=presets.index(default_preset) if default_preset in presets else 0,
+            key=f"train.preset.{command}",
+        )
+        if command == "finetune":
+            if not entries:
+                st.warning("There is no checkpoint to fine-tune yet.")
+            source = st.selectbox(
+                "Start from", [e.key for e in entries], key="train.source",
+                format_func=lambda k: next((e.label for e in entries if e.key == k), k),
+            ) if entries else None
+            size_col, freeze_col = st.columns(2)
+            img_side = size_col.number_input("New input size in px (0 keeps it)", 0, 1024, 0, 8, key="train.img",
+                                             help="A multiple of the patch size; the position embeddings are resampled.")
+            freeze = freeze_col.number_input("Frozen blocks", 0, 64, 0, key="train.freeze",
+                                             help="Freeze the patch embedding and the first K blocks.")
+        overrides = st.text_area(
+            "Overrides, one KEY=VALUE per line", key="train.overrides", height=90,
+            placeholder="e.g. epochs=3 (one per line)",
+            help="Any field of the preset's config by its dotted name, e.g. optim.lr=1e-3 or model.depth=4. "
+                 "See the preset's defaults below.",
+        )
+        id_col, steps_col = st.columns(2)
+        run_id = id_col.text_input("Run id (optional)", key="train.run_id", placeholder=f"{preset}-<date>-<time>")
+        max_steps = steps_col.number_input("Stop after steps (0: no limit)", 0, 10_000_000, 0, key="train.max_steps")
+        submitted = st.form_submit_button("Start", type="primary", icon=":material/play_arrow:")
+    with st.expander("Preset defaults"):
+        config = runs.preset_config(preset)
+        if config is not None:
+            st.json(config, expanded=1)
+    if not submitted:
+        return
+    entry = next((e for e in entries if e.key == source), None)
+    try:
+        request = runs.RunRequest(
+            command=command,
+            preset=preset,
+            run_id=run_id.strip() or catalog.new_run_id(preset),
+            runs_dir=catalog.runs_dir(),
+            overrides=runs.parse_overrides(overrides),
+            source=str(entry.path) if command == "finetune" and entry is not None else None,
+            img_size=(int(img_side), int(img_side)) if command == "finetune" and img_side else None,
+            freeze_blocks=int(freeze) if command == "finetune" else None,
+            max_steps=int(max_steps) or None,
+        )
+        runs.start_run(request)
+    except VitvizError as exc:
+        st.session_state[keys.TRAIN_MESSAGE] = ("error", str(exc))
+    except OSError as exc:
+        st.session_state[keys.TRAIN_MESSAGE] = ("error", f"could not start the training process: {exc}")
+    else:
+        st.session_state[keys.FOLLOW_RUN] = request.run_id
+        st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Started run {request.run_id}.")
+    st.rerun()
+
+
+def _runs_table() -> None:
+    st.markdown("##### Runs")
+    folders = catalog.list_run_folders()
+    if not folders:
+        st.caption("No runs in the runs folder yet.")
+        return
+    rows = []
+    for folder in folders:
+        info = catalog.run_info(folder)
+        rows.append(
+            {
+                "run": info.run_id,
+                "preset": info.preset or "",
+                "status": _status(info.run_id, info),
+                "progress": info.fraction,
+                "epoch": f"{info.epoch}/{info.epochs}" if info.epochs else "",
+                "eval accuracy": info.metrics.get("eval_accuracy"),
+                "updated": time.strftime("%m-%d %H:%M", time.localtime(info.updated)) if info.updated else "",
+            }
+        )
+    st.dataframe(
+        rows,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+            "eval accuracy": st.column_config.NumberColumn("eval accuracy", format="%.3f"),
+        },
+    )
+
+
+def _live_view(run_id: str, was_active: bool) -> None:
+    """Status, curves, stop button and log of one run; re-drawn every few seconds while it runs."""
+    folder = catalog.runs_dir() / run_id
+    info = catalog.run_info(folder)
+    status = _status(run_id, info)
+    active = status in ACTIVE
+    if was_active and not active:
+        st.rerun(scope="app")  # the run ended: refresh the pickers (new checkpoint) and stop refreshing
+    code = runs.exit_code(run_id)
+    head_col, stop_col = st.columns([5, 1], vertical_alignment="center")
+    with head_col:
+        st.markdown(f"##### Run {widgets.plain(run_id)}: {widgets.plain(status)}")
+        if info.total_steps:
+            st.progress(info.fraction, text=f"step {info.step} of {info.total_steps}")
+        if info.reason:
+            st.caption(widgets.plain(info.reason))
+    with stop_col:
+        ours = runs.started_here(run_id) is not None
+        if ours and active and st.button("Stop", key=f"train.stop.{run_id}", icon=":material/stop:", width="stretch"):
+            runs.stop_run(run_id)
+            st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Asked run {run_id} to stop; it saves a resume state first.")
+            st.rerun(scope="app")
+    records = catalog.read_metrics(folder)
+    if records:
+        widgets.plotly(interactive.training_curves_figure(records, x="step"), key=f"train.curves.{run_id}")
+        accuracy = info.metrics.get("eval_accuracy")
+        if isinstance(accuracy, (int, float)):
+            st.caption(f"Eval accuracy {100 * accuracy:.1f} %; checkpoints of finished epochs are in every model picker.")
+    else:
+        st.caption("Waiting for the first logged step…")
+    log = runs.log_tail(catalog.runs_dir(), run_id)
+    if log:
+        with st.expander("Log", expanded=code not in (None, 0)):
+            st.code(log, language=None)
+    if records:
+        widgets.downloads(run_id, numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)}, key="train")
+
+
+if __name__ == "__main__":
+    render()
