@@ -330,9 +330,9 @@ def test_unknown_timm_name_shows_an_error_and_keeps_the_model() -> None:
 
 
 def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vitviz.ui import catalog
+    from vitviz.models import factory
 
-    monkeypatch.setattr(catalog, "network_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
     at = _open("overview")
     at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224").run()
     at.checkbox(key="vv.add.pretrained").check().run()

@@ -233,3 +233,17 @@ def test_offline_pretrained_request_says_so_and_suggests_weights_file(tmp_path: 
     lines = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
     assert len(lines) == 1
     assert "could not be downloaded" in lines[0] and "--weights FILE" in lines[0]
+
+
+def test_offline_pretrained_request_fails_before_asking_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, huggingface_hub would retry for a minute; the unreachable host is detected first."""
+    from vitviz.models import factory
+
+    def no_create(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("timm.create_model was called although the weights host is unreachable")
+
+    monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(factory, "_weights_cached", lambda name: False)
+    monkeypatch.setattr(factory.timm, "create_model", no_create)
+    with pytest.raises(VitvizError, match="cannot be reached.*--weights FILE"):
+        load_model(f"timm:{TINY_TIMM}", pretrained=True)

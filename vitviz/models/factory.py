@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import socket
 from collections import OrderedDict
 from functools import partial
 from typing import Any
@@ -116,6 +117,12 @@ def build_timm_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> n
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise VitvizError(f"unknown timm model {name!r}{hint}")
+    if pretrained and not _weights_cached(name) and not weights_host_reachable():
+        # Offline, huggingface_hub retries for about a minute before giving up: say so at once instead.
+        raise VitvizError(
+            f"pretrained weights for timm:{name} could not be downloaded: they need the network and "
+            f"{PRETRAINED_HOST[0]} cannot be reached; download them elsewhere and pass --weights FILE"
+        )
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
@@ -131,6 +138,36 @@ def build_timm_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> n
     if getattr(patch_embed, "grid_size", None) is None:
         raise VitvizError(f"timm model {name!r} is not a Vision Transformer with a fixed patch grid")
     return model
+
+
+PRETRAINED_HOST = ("huggingface.co", 443)  # where timm fetches pretrained weights
+NETWORK_TIMEOUT_S = 3.0
+
+
+def weights_host_reachable(address: tuple[str, int] = PRETRAINED_HOST, timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the weights host opens within `timeout` seconds."""
+    try:
+        with socket.create_connection(address, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _weights_cached(name: str) -> bool:
+    """Whether timm's pretrained weights for `name` are already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except Exception:  # no hub id (other weight hosts) or an old huggingface_hub: let timm try
+        return False
+    if not hub_id:
+        return False
+    hub_id = hub_id.split("@")[0]
+    return any(
+        isinstance(try_to_load_from_cache(hub_id, filename), str)
+        for filename in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")
+    )
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -37,7 +37,6 @@ from vitviz.models import (
     resample_input_size,
 )
 from vitviz.tokens import token_layout
-from vitviz.ui import catalog
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +60,6 @@ def file_digest(path: Path) -> str:
 @st.cache_resource(show_spinner=False, max_entries=MAX_MODELS)
 def shared_model(source: str, content_hash: str, pretrained: bool) -> LoadedModel:
     """The one in-memory copy of a model (eval mode), shared by all sessions."""
-    if pretrained and not catalog.network_reachable():
-        raise VitvizError(
-            "timm's pretrained weights need the network, and huggingface.co cannot be reached from here; "
-            "use the random initialisation, or upload the weights as a vitviz checkpoint"
-        )
     logger.info("loading %s (%s)", source, content_hash[:12])
     return load_model(source, pretrained=pretrained)
 

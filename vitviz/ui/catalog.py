@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,6 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _EPOCH_FILE = re.compile(r"^(epoch-\d+)\.safetensors$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 _MASK_SUFFIXES = ("-mask", "_mask")
-PRETRAINED_HOST = ("huggingface.co", 443)  # where timm fetches pretrained weights
-NETWORK_TIMEOUT_S = 3.0
 
 
 def runs_dir() -> Path:
@@ -154,16 +151,6 @@ def upload_entry(upload_id: str, original_name: str = "") -> ModelEntry | None:
         return None
     shown = original_name or f"{upload_id[:8]}….safetensors"
     return ModelEntry(key=f"{UPLOAD}:{upload_id}", label=f"upload {shown}", kind=UPLOAD, path=path)
-
-
-def network_reachable(address: tuple[str, int] = PRETRAINED_HOST, timeout: float = NETWORK_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the weights host opens within `timeout` (asked before a pretrained load,
-    which otherwise retries for about a minute offline before giving up)."""
-    try:
-        with socket.create_connection(address, timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_key(key: str, entries: list[ModelEntry]) -> ModelEntry | None:
