@@ -31,39 +31,6 @@ from tests.reliability.conftest import (
 CASES = hostile_checkpoints(Path("/nonexistent"))  # names only; the files are written per session below
 NAMES = [case.name for case in CASES]
 
-# Known bugs, reported to the lead; each stays a strict xfail until the code is fixed.
-_BUILDS_BEFORE_CHECKING = (
-    "BUG: vitviz/models/checkpoint.py load_checkpoint builds the model the header describes before comparing it "
-    "with the file's tensors, so a ~130 kB file allocates gigabytes (here: RuntimeError under RLIMIT_AS, a traceback)"
-)
-_APP_NAMES_THE_CACHE_PATH = (
-    "BUG: vitviz/ui/widgets.py _load_or_explain reports a checkpoint upload whose tensors do not load with the "
-    "server's cache path (uploads/<hash>.safetensors) instead of the uploaded file's name"
-)
-API_BUGS: dict[str, str] = {
-    "meta-huge-but-valid-config": _BUILDS_BEFORE_CHECKING,
-    "meta-huge-timm-arch": _BUILDS_BEFORE_CHECKING,
-}
-APP_BUGS: dict[str, str] = {
-    **API_BUGS,
-    **dict.fromkeys(
-        [
-            "shapes-deeper-than-config",
-            "shapes-wider-than-config",
-            "shapes-missing-key",
-            "shapes-unexpected-key",
-            "weights-nan",
-        ],
-        _APP_NAMES_THE_CACHE_PATH,
-    ),
-}
-
-
-def _param(name: str, bugs: dict[str, str]) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=bugs[name])] if name in bugs else []
-    return pytest.param(name, marks=marks, id=name)
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, tuple[HostileFile, Path]], Path]:
     folder = tmp_path_factory.mktemp("hostile-checkpoints")
@@ -104,7 +71,7 @@ def _assert_refused(outcome: dict, where: str) -> None:
     assert "\n" not in outcome["message"], f"{where}: {outcome['message']}"
 
 
-@pytest.mark.parametrize("name", [_param(n, API_BUGS) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_api_and_cli_refuse_with_one_line_and_bounded_memory(name: str, hostile, sandbox: Sandbox, tally: dict) -> None:
     files, markers = hostile
     case, path = files[name]
@@ -119,11 +86,8 @@ def test_api_and_cli_refuse_with_one_line_and_bounded_memory(name: str, hostile,
     counts["calls"] += len(calls) + len(api.result or {})
     counts["crashes"] += len(crashed) + len(crashes)
     counts["markers created"] += int(case.marker is not None and case.marker.exists())
-    if name in API_BUGS:
-        counts["known-bug cases"] += 1
-    else:
-        peak, key = max((c.rss_growth or 0) >> 20 for c in (api, cli)), "peak RSS growth MiB (max, known bugs aside)"
-        counts[key] = max(counts[key], peak)
+    peak, key = max((c.rss_growth or 0) >> 20 for c in (api, cli)), "peak RSS growth MiB (max)"
+    counts[key] = max(counts[key], peak)
     assert not crashed, [c.stderr[-2000:] for c in crashed]
     assert not crashes, (crashes, api.result, cli.result)
     assert not any(markers.iterdir()), f"code ran: {sorted(os.listdir(markers))}"
@@ -183,7 +147,7 @@ def _upload_name(case: HostileFile) -> str:
     return case.filename if case.filename.endswith(".safetensors") else f"{case.filename}.safetensors"
 
 
-@pytest.mark.parametrize("name", [_param(n, APP_BUGS) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_app_upload_refuses_with_one_error_and_keeps_the_model(name: str, hostile, app_uploads, tally: dict) -> None:
     files, markers = hostile
     case, _ = files[name]
@@ -199,11 +163,6 @@ def test_app_upload_refuses_with_one_error_and_keeps_the_model(name: str, hostil
     assert state["selected"] == "bundled:shapes-default", state
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: vitviz/ui/widgets.py keeps an uploaded checkpoint in <cache>/uploads when it passes the header "
-    "check (_on_checkpoint_upload) but then fails to load (_load_or_explain forgets the entry, not the file)",
-)
 def test_app_keeps_no_refused_upload_on_disk(hostile, app_uploads) -> None:
     """A refused checkpoint is not left behind in the cache folder (each could be 400 MB)."""
     kept = {n: s["uploads_kept"] for n, s in app_uploads["by_name"].items() if s["uploads_kept"]}

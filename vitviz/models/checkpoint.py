@@ -182,11 +182,28 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     """Rebuild the model described by a project checkpoint and load its weights strictly (eval mode)."""
     path = _existing_file(path)
     meta = read_checkpoint_meta(path)
+    # Compare the file's tensor shapes with the architecture on the meta device first: a small file whose
+    # header describes a huge model must be refused before gigabytes are allocated for it.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        reference = model_from_meta(meta)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    problem = describe_mismatch(expected, _header_shapes(path))
+    if problem:
+        raise VitvizError(f"weights in {path} do not fit the model its metadata describes: {problem}")
     model = model_from_meta(meta)
     state = read_state_dict(path)
     load_state_dict_checked(model, state, f"{path}")
     model.eval()
     return LoadedModel(model=model, meta=meta, source=str(path), content_hash=file_sha256(path), extra={"path": str(path)})
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading any tensor data."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:
+        raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
 
 
 def model_from_meta(meta: ModelMeta) -> nn.Module:

@@ -125,15 +125,19 @@ def _on_checkpoint_upload() -> None:
     data = upload.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     path = catalog.store_upload(data, digest)
-    try:
-        read_checkpoint_meta(path)  # the header alone: cheap, and catches most bad files at once
-    except VitvizError as exc:
-        path.unlink(missing_ok=True)
-        st.session_state[keys.MODEL_MESSAGE] = ("error", f"{upload.name}: {exc}")
-        return
     entry = catalog.upload_entry(digest[:16], upload.name)
     if entry is None:
+        path.unlink(missing_ok=True)
         st.session_state[keys.MODEL_MESSAGE] = ("error", f"{upload.name} could not be kept on the server")
+        return
+    try:
+        read_checkpoint_meta(path)  # the header alone: cheap, and catches most bad files at once
+        load(entry)  # the full, shared load: a file that does not load is refused now, not kept
+    except VitvizError as exc:
+        path.unlink(missing_ok=True)
+        # The user knows the file by the name they uploaded, not by the server's cache path.
+        message = str(exc).replace(str(path), upload.name)
+        st.session_state[keys.MODEL_MESSAGE] = ("error", f"{upload.name}: {message}")
         return
     _remember(entry)
     st.session_state["vv.model.previous"] = st.session_state.get(keys.MODEL)
