@@ -185,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VitvizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a folder that refuses writes, met while the run was going
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: could not write the run's files: {exc.strerror or exc}{where}; "
+              "the last checkpoint is intact: free space or fix permissions, then --resume", file=sys.stderr)
+        return 1
     except Exception as exc:
         from training.engine import TrainingFailed
 

@@ -636,7 +636,7 @@ class _Run:
             self.folder = None
 
     def execute(self) -> RunResult:
-        ctx, options = self.ctx, self.options
+        ctx = self.ctx
         _apply_determinism(self.cfg)
         world = ctx.world_size
         if self.cfg.batch_size % (world * self.cfg.grad_accum):
@@ -709,6 +709,8 @@ class _Run:
                     self.folder.truncate_logs({"metrics": 0, "summary": 0})
             except VitvizError as exc:
                 error = exc
+            except OSError as exc:
+                error = VitvizError(f"cannot write run folder {self.folder.path if self.folder else self.options.runs_dir}: {exc.strerror or exc}")
         if distributed.broadcast_flag(error is not None, self.ctx):
             raise error or VitvizError("the main process could not set up the run folder")
 
@@ -979,7 +981,13 @@ class _Run:
     def _status(self, status: str, *, reason: str | None = None, step: int = 0, **fields: Any) -> None:
         if self.ctx.is_main and self.folder is not None and hasattr(self, "total_steps"):
             progress = self._progress(step)
-            self.folder.write_status(status, reason=reason, **progress, metrics=self._final_metrics(), **fields)
+            try:
+                self.folder.write_status(status, reason=reason, **progress, metrics=self._final_metrics(), **fields)
+            except OSError as exc:
+                if status != "failed":
+                    raise
+                # Reached while reporting another failure (often the same full disk): keep that one in front.
+                logger.warning("could not update %s: %s", self.folder.path / "status.json", exc.strerror or exc)
 
 
 def _fmt(value: float | None) -> str:

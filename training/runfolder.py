@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -40,6 +41,8 @@ import torch
 
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATE_NAME = re.compile(r"^step-(\d{8,})\.json$")
@@ -94,7 +97,23 @@ class RunFolder:
             raise VitvizError(f"{folder.path} is not a run folder (no config.json)")
         folder.checkpoints_dir.mkdir(exist_ok=True)
         folder.state_dir.mkdir(exist_ok=True)
+        folder.remove_temporary_files()
         return folder
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Delete the hidden temporary files that a process killed inside an atomic write left behind.
+
+        Only the resumed run writes here, so any `.NAME.XXXX.tmp` (vitviz.fileio's pattern) is an orphan.
+        """
+        removed = []
+        for folder in (self.path, self.checkpoints_dir, self.state_dir):
+            for orphan in folder.glob(".*.tmp"):
+                if orphan.is_file() and not orphan.is_symlink():
+                    orphan.unlink(missing_ok=True)
+                    removed.append(orphan)
+        if removed:
+            logger.info("removed %d temporary file(s) left by an interrupted write", len(removed))
+        return removed
 
     @property
     def run_id(self) -> str:

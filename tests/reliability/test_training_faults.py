@@ -51,15 +51,6 @@ WRITE_POINTS = [
 ]
 
 
-# Reported to the lead; strict xfails until fixed.
-WRITE_ERRORS_ARE_TRACEBACKS = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an OSError from the run folder's writers (status.json, state/, metrics.jsonl, config.json: ENOSPC, "
-    "EACCES, EPERM) escapes training/__main__.py main as a traceback, and engine._Run.execute's failure handler "
-    "(_status -> write_status) raises a second one on a full disk; checkpoints and resume are fine",
-)
-
-
 def train_argv(runs: Path, run_id: str, *extra: str) -> list[str]:
     return ["train", "--preset", "tiny", "--runs-dir", str(runs), "--run-id", run_id, "--no-progress",
             "--device", "cpu", *SETTINGS, *extra]  # fmt: skip
@@ -274,12 +265,6 @@ def test_every_killed_run_resumes_to_the_uninterrupted_result(kill_chain: list[d
             assert "Traceback" not in record["resume"]["stderr"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a process killed inside vitviz.fileio.atomic_path leaves its hidden temporary file "
-    "(.NAME.XXXXXXXX.tmp, up to a whole checkpoint or resume state) and --resume (training/runfolder.py "
-    "RunFolder.existing) never removes it, so every kill can leak one file for good",
-)
 def test_resume_clears_the_temporary_files_a_kill_leaves(kill_chain: list[dict], tally: dict) -> None:
     """A kill inside a write leaves a hidden temporary file; the resumed run must not keep it forever."""
     kills = [r for r in _kills(kill_chain) if r["has_config"]]
@@ -454,7 +439,6 @@ def test_write_fault_run_resumes_to_the_uninterrupted_result_once_writable(name:
     assert resume["same_checkpoints"] and resume["same_metrics"], resume
 
 
-@WRITE_ERRORS_ARE_TRACEBACKS
 @pytest.mark.parametrize("name", list(WRITE_FAULTS))
 def test_write_fault_reaches_the_user_as_one_line(name: str, write_faults, tally: dict) -> None:
     outcome = _fault(write_faults, name)
