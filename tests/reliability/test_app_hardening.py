@@ -254,15 +254,6 @@ def _outside(path: Path | None, allowed: list[Path]) -> bool:
     return not any(real.is_relative_to(folder.resolve()) for folder in allowed)
 
 
-SYMLINKS_FOLLOWED = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: vitviz/ui/catalog.py follows symlinks out of the allowed folders: list_run_folders offers a "
-    "symlinked run folder, and discover_models / run_checkpoint / discover_sample_sets offer checkpoints and images "
-    "that are symlinks to files outside (fix: resolve() each candidate and require is_relative_to(the folder))",
-)
-
-
-@SYMLINKS_FOLLOWED
 def test_symlinks_out_of_the_runs_folder_are_not_offered(folders, tally: dict) -> None:
     from vitviz.ui import catalog
 
@@ -275,7 +266,6 @@ def test_symlinks_out_of_the_runs_folder_are_not_offered(folders, tally: dict) -
     assert [e.key for e in offered if _outside(e.path, allowed)] == []
 
 
-@SYMLINKS_FOLLOWED
 def test_symlinked_sample_images_out_of_the_samples_folder_are_not_offered(tmp_path: Path) -> None:
     from vitviz.ui import catalog
 
@@ -289,7 +279,6 @@ def test_symlinked_sample_images_out_of_the_samples_folder_are_not_offered(tmp_p
     assert [f.name for f in files if _outside(f, [samples])] == []
 
 
-@SYMLINKS_FOLLOWED
 def test_app_pickers_offer_nothing_behind_a_symlink(folders) -> None:
     """The sidebar's model picker and /train's runs table and "Follow run" picker, on a runs folder with escapes."""
     _escape_routes(folders["runs"], folders["outside"], DEFAULT.read_bytes())

@@ -106,6 +106,8 @@ def discover_models(
             main = run_checkpoint(run)
         except VitvizError:
             continue  # no checkpoint yet: a run that has just started
+        if not _real_child(main, run):
+            continue  # a link out of the run folder: never offered
         entries.append(
             ModelEntry(key=f"{RUN}:{run.name}", label=f"run {run.name} · {main.stem}", kind=RUN, path=main, run_dir=run)
         )
@@ -179,10 +181,17 @@ def store_upload(data: bytes, digest: str) -> Path:
     return path
 
 
+def _real_child(path: Path, folder: Path) -> bool:
+    """Whether `path` really lies inside `folder`: no symbolic link, nothing that resolves elsewhere."""
+    return not path.is_symlink() and path.resolve().is_relative_to(folder.resolve())
+
+
 def _safetensors_in(folder: Path) -> list[Path]:
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         return []
-    return [p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith(".")]
+    return [
+        p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith(".") and _real_child(p, folder)
+    ]
 
 
 # --- run folders ---------------------------------------------------------------------------------
@@ -217,7 +226,7 @@ def list_run_folders(runs: Path | None = None) -> list[Path]:
     runs = runs_dir() if runs is None else runs
     if not runs.is_dir():
         return []
-    folders = [p for p in runs.iterdir() if p.is_dir() and _RUN_ID.match(p.name)]
+    folders = [p for p in runs.iterdir() if p.is_dir() and _RUN_ID.match(p.name) and _real_child(p, runs)]
     return sorted(folders, key=lambda p: (-_mtime(p), p.name))
 
 
@@ -363,7 +372,9 @@ def discover_sample_sets(samples: Path | None = None) -> list[SampleSet]:
     loose = _images_in(samples)
     if loose:
         sets.append(SampleSet(name="samples", files=tuple(loose)))
-    for folder in sorted(p for p in samples.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in samples.iterdir() if p.is_dir() and not p.name.startswith(".") and _real_child(p, samples)
+    ):
         files = _images_in(folder)
         if files:
             sets.append(SampleSet(name=folder.name, files=tuple(files)))
@@ -375,6 +386,7 @@ def _images_in(folder: Path) -> list[Path]:
         p
         for p in folder.iterdir()
         if p.is_file()
+        and _real_child(p, folder)
         and p.suffix.lower() in IMAGE_SUFFIXES
         and not p.name.startswith(".")
         and not p.stem.lower().endswith(_MASK_SUFFIXES)
