@@ -1,0 +1,130 @@
+"""The user's own images in an ImageFolder tree: one subfolder per class, class names sorted.
+
+Two layouts:
+- root/<class>/<image>: the split of each file is decided by a hash of its path relative to root
+  (80% train, 10% val, 10% test), so it never changes when files are added, renamed elsewhere or listed in
+  another order, and it is the same on every machine.
+- root/train/<class>/..., root/val/<class>/... (and optionally root/test/<class>/...): used as given;
+  the class names come from train/.
+Images are decoded by vitviz's one image loader (`vitviz.images.decode_image`: safe formats, EXIF
+orientation, transparency on grey) and served as RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.data.base import VisionDataset
+from vitviz.errors import VitvizError
+from vitviz.images import ALLOWED_FORMATS, decode_image
+
+log = logging.getLogger(__name__)
+
+HASH_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+_SPLIT_FOLDER_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+_HASH_BUCKETS = 10_000
+
+
+@lru_cache(maxsize=1)
+def _image_extensions() -> tuple[str, ...]:
+    """File extensions of the formats vitviz.images will decode, so no listed file is refused later."""
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in ALLOWED_FORMATS))
+
+
+def _is_image_file(path: str) -> bool:
+    # Hidden files such as macOS "._photo.jpg" resource forks carry image extensions but are not images.
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(_image_extensions())
+
+
+def find_class_folders(directory: Path) -> list[str]:
+    """Sorted names of the visible subfolders of `directory`: the class names."""
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def hash_split(relative_path: str) -> str:
+    """The split ("train", "val" or "test") a file falls in, from a hash of its path relative to the root."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
+    position = int.from_bytes(digest[:8], "big") % _HASH_BUCKETS / _HASH_BUCKETS
+    if position < HASH_SPLIT_FRACTIONS["train"]:
+        return "train"
+    if position < HASH_SPLIT_FRACTIONS["train"] + HASH_SPLIT_FRACTIONS["val"]:
+        return "val"
+    return "test"
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    for alias in _SPLIT_FOLDER_ALIASES[split]:
+        if (root / alias).is_dir():
+            return root / alias
+    return None
+
+
+class ImageFolderDataset(VisionDataset):
+    """One split of an ImageFolder tree of the user's images (see the module docstring for the layouts)."""
+
+    in_chans = 3
+    has_masks = False
+
+    def __init__(self, root: str | Path, *, split: str = "train") -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise VitvizError(f"image folder {root} does not exist or is not a folder")
+        train_folder = _split_folder(root, "train")
+        if train_folder is not None:
+            # Layout with split folders: classes come from train/, the split folder is read as it is.
+            class_names = find_class_folders(train_folder)
+            split_folder = _split_folder(root, split)
+            if split_folder is None:
+                raise VitvizError(
+                    f"{root} has a train/ folder but no {'/ or '.join(_SPLIT_FOLDER_ALIASES[split])}/ folder for the {split} split"
+                )
+            unknown = sorted(set(find_class_folders(split_folder)) - set(class_names))
+            if unknown:
+                raise VitvizError(f"{split_folder} has class folders that train/ lacks: {', '.join(unknown)}")
+            samples = self._list_images(split_folder, class_names)
+            if not samples:
+                raise VitvizError(f"no images in {split_folder} (looked for {', '.join(_image_extensions())} in its class folders)")
+        else:
+            class_names = find_class_folders(root)
+            all_samples = self._list_images(root, class_names)
+            if not all_samples:
+                raise VitvizError(
+                    f"no images in {root}: put them in one subfolder per class (looked for {', '.join(_image_extensions())})"
+                )
+            samples = [(path, label) for path, label in all_samples if hash_split(path.relative_to(root).as_posix()) == split]
+            if not samples:
+                raise VitvizError(
+                    f"the {split} split of {root} is empty: {len(all_samples)} images are split "
+                    f"{'/'.join(f'{f:.0%}' for f in HASH_SPLIT_FRACTIONS.values())} by file-name hash; "
+                    "add images, or make train/ and val/ folders"
+                )
+        self.root = root
+        self.split = split
+        self.class_names = class_names
+        self.paths = [path for path, _ in samples]
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+
+    @staticmethod
+    def _list_images(directory: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+        if not class_names:
+            return []
+        from torchvision.datasets.folder import make_dataset
+
+        class_to_idx = {name: index for index, name in enumerate(class_names)}
+        found = make_dataset(str(directory), class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
+        return [(Path(path), label) for path, label in found]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = self._check_index(index)
+        return decode_image(self.paths[index]), int(self.labels[index])

@@ -1,0 +1,206 @@
+"""Image transforms for training and evaluation, and the dataset wrapper that applies them.
+
+- `eval_transform` is `vitviz.images.preprocess`, DESIGN.md's analysis preprocessing (the model's
+  channels, a direct bicubic resize to the input size, no crop, [0, 1], normalise), so a model is
+  evaluated on exactly the pixels the studio explains.
+- `train_transform` is timm's training pipeline (`timm.data.create_transform(is_training=True)`), which
+  also works for grey (1-channel) models: the augmentations run on an RGB copy, then the image goes back
+  to grey before it becomes a tensor. timm's augmentations draw from Python's and NumPy's global RNGs; the
+  pipeline seeds those from torch's RNG on each call, so `torch.manual_seed` (or a DataLoader's generator)
+  alone makes it repeatable.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from training.data.base import VisionDataset
+from vitviz.errors import VitvizError
+from vitviz.images import preprocess, to_model_channels
+
+log = logging.getLogger(__name__)
+
+# Named augmentation recipes; a dict passed as `augment` is laid over "light".
+AUGMENT_PRESETS: dict[str, dict[str, Any] | None] = {
+    "none": None,  # training sees exactly the evaluation preprocessing
+    "light": {"scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.2, "interpolation": "bicubic"},
+    "randaug": {
+        "scale": (0.35, 1.0),
+        "ratio": (3 / 4, 4 / 3),
+        "hflip": 0.5,
+        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "interpolation": "bicubic",
+        "re_prob": 0.25,
+    },
+}
+# The create_transform options an `augment` dict may set.
+AUGMENT_OPTIONS = frozenset(
+    {
+        "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
+        "gaussian_blur_prob", "auto_augment", "interpolation", "re_prob", "re_mode", "re_count", "train_crop_mode",
+    }
+)
+# Prefixes of timm's auto-augment policy strings, accepted as `augment` on their own (over "light").
+_AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
+
+
+def input_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) from an int, an (H, W) pair or timm's (C, H, W)."""
+    if isinstance(input_size, int):
+        return (input_size, input_size)
+    size = tuple(int(s) for s in input_size)
+    if len(size) not in (2, 3) or min(size[-2:]) <= 0:
+        raise VitvizError(f"input size must be an int, (H, W) or (C, H, W) with positive sides, got {input_size!r}")
+    return size[-2], size[-1]
+
+
+def _check_channels(in_chans: int, mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if in_chans not in (1, 3):
+        raise VitvizError(f"models take 1 (grey) or 3 (RGB) channels, not {in_chans}")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise VitvizError(f"mean and std need {in_chans} value(s) each for a {in_chans}-channel model, got {mean} and {std}")
+    if min(std) <= 0:
+        raise VitvizError(f"std values must be positive, got {std}")
+    return mean, std
+
+
+class AnalysisPreprocess:
+    """`vitviz.images.preprocess` with its options bound: a picklable transform for DataLoader workers."""
+
+    def __init__(self, *, input_size: tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.input_size = input_size
+        self.in_chans = in_chans
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, input_size=self.input_size, mean=self.mean, std=self.std, in_chans=self.in_chans)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(input_size={self.input_size}, in_chans={self.in_chans}, mean={self.mean}, std={self.std})"
+
+
+def eval_transform(
+    *, input_size: int | Sequence[int], in_chans: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform: PIL image -> normalised tensor [in_chans, H, W], exactly as the studio preprocesses."""
+    mean, std = _check_channels(in_chans, mean, std)
+    return AnalysisPreprocess(input_size=input_hw(input_size), in_chans=in_chans, mean=mean, std=std)
+
+
+class TorchSeededTransform:
+    """Runs a transform with Python's and NumPy's global RNGs seeded from torch's RNG, then restores them.
+
+    timm's crops, RandAugment and random erasing draw from `random` and `numpy.random`, which
+    `torch.manual_seed` and DataLoader worker seeding do not fully control; seeding them from torch per
+    call makes the whole pipeline a function of torch's RNG state.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
+
+
+def augment_options(augment: Mapping[str, Any] | str | None) -> dict[str, Any] | None:
+    """The create_transform options for a preset name, an auto-augment policy string or a dict; None = no augmentation."""
+    if augment is None:
+        return None
+    if isinstance(augment, str):
+        key = augment.strip().lower()
+        if key in AUGMENT_PRESETS:
+            preset = AUGMENT_PRESETS[key]
+            return None if preset is None else dict(preset)
+        if key.startswith(_AUTO_AUGMENT_PREFIXES):
+            return {**AUGMENT_PRESETS["light"], "auto_augment": augment.strip()}
+        raise VitvizError(
+            f"unknown augmentation {augment!r}: use {', '.join(AUGMENT_PRESETS)}, a timm auto-augment policy "
+            "such as 'rand-m9-mstd0.5-inc1', or a dict of timm create_transform options"
+        )
+    unknown = sorted(set(augment) - AUGMENT_OPTIONS)
+    if unknown:
+        raise VitvizError(f"unknown augmentation option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(AUGMENT_OPTIONS))}")
+    return {**AUGMENT_PRESETS["light"], **augment}
+
+
+def train_transform(
+    *,
+    input_size: int | Sequence[int],
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: Mapping[str, Any] | str | None,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The training transform: timm's augmentations (crop, flip, jitter, RandAugment, erasing) for 1 or 3 channels.
+
+    `augment` is a preset ("none", "light", "randaug"), a timm auto-augment policy string (over "light"), or
+    a dict of `timm.data.create_transform` options (over "light"). Returns PIL image -> tensor [in_chans, H, W].
+    """
+    from timm.data import create_transform
+
+    height, width = input_hw(input_size)
+    mean, std = _check_channels(in_chans, mean, std)
+    options = augment_options(augment)
+    if options is None:
+        return eval_transform(input_size=(height, width), in_chans=in_chans, mean=mean, std=std)
+    # The augmentations always run on RGB (timm's fill colours and colour ops assume three bands); only the
+    # final tensor conversion, normalisation and erasing run at the model's channel count.
+    rgb_mean, rgb_std = (mean * 3, std * 3) if in_chans == 1 else (mean, std)
+    try:
+        primary, secondary, final = create_transform(
+            input_size=(3, height, width), is_training=True, mean=rgb_mean, std=rgb_std, separate=True, **options
+        )
+        if in_chans == 1:
+            *_, final = create_transform(
+                input_size=(1, height, width), is_training=True, mean=mean, std=std, separate=True, **options
+            )
+    except (AssertionError, ValueError, TypeError, KeyError) as error:
+        raise VitvizError(f"timm cannot build the augmentation {augment!r}: {error}") from error
+    steps: list[Callable] = [partial(to_model_channels, in_chans=3), primary, secondary]
+    if in_chans == 1:
+        steps.append(partial(to_model_channels, in_chans=1))
+    steps.append(final)
+    from torchvision.transforms import Compose
+
+    return TorchSeededTransform(Compose(steps))
+
+
+class TransformedDataset(Dataset):
+    """A VisionDataset seen through a transform: item i is (transform(image), label)."""
+
+    def __init__(self, dataset: VisionDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
