@@ -189,3 +189,16 @@ def test_evaluate_on_a_dataset_without_masks_has_no_pointing_game(
     report = json.loads((tmp_path / "d.json").read_text())
     assert code == 0 and "pointing_game" not in report and report["num_images"] > 0
     assert sum(map(sum, report["confusion_matrix"])) == report["num_images"]
+
+
+def test_presets_command_lists_every_preset_as_json() -> None:
+    """The app reads presets through this command instead of importing the backend."""
+    from training.presets import PRESETS
+
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "presets", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    configs = json.loads(done.stdout)
+    assert list(configs) == list(PRESETS)
+    assert configs["tiny"] == PRESETS["tiny"]().to_dict()

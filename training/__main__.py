@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--layer-decay", type=float, metavar="RATE", help="layer-wise lr decay, e.g. 0.75")
     _run_options(finetune)
 
+    presets = commands.add_parser("presets", help="list the presets (--json: every resolved config)")
+    presets.add_argument("--json", action="store_true", help="print {name: config} as JSON")
+
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
     evaluate.add_argument("source", metavar="CKPT|RUN_DIR")
     evaluate.add_argument("--dataset", required=True)
@@ -84,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     return parser
+
+
+def _presets(args: argparse.Namespace) -> int:
+    """Print the preset names, or every preset's config as JSON (what the app's /train page offers)."""
+    import json
+
+    from training.presets import PRESETS
+
+    if args.json:
+        print(json.dumps({name: make().to_dict() for name, make in PRESETS.items()}))
+    else:
+        for name, make in PRESETS.items():
+            doc = (make.__doc__ or "").strip().splitlines()
+            print(f"{name:24s} {doc[0] if doc else ''}")
+    return 0
 
 
 def _config_for(args: argparse.Namespace):  # -> TrainConfig
@@ -181,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "presets":
+            return _presets(args)
         return _train(args)
     except VitvizError as exc:
         print(f"error: {exc}", file=sys.stderr)

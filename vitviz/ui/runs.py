@@ -8,6 +8,8 @@ created by the training process (which refuses an existing non-empty one).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import re
@@ -153,23 +155,29 @@ def log_tail(runs_dir: Path, run_id: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def available_presets() -> list[str]:
-    """Names of the training backend's presets (read from training.presets; empty if it is missing)."""
+@functools.lru_cache(maxsize=1)
+def _preset_configs() -> dict[str, dict]:
+    """Every preset's config, from `python -m training presets --json` (the app never imports the backend)."""
     try:
-        from training.presets import PRESETS
-    except ImportError:
-        logger.warning("training.presets is not importable; no presets to offer")
-        return []
-    return list(PRESETS)
+        done = subprocess.run(
+            [sys.executable, "-m", "training", "presets", "--json"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )
+        data = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        logger.warning("could not list the training presets: %s", exc)
+        return {}
+    if not isinstance(data, dict):
+        logger.warning("could not list the training presets: %s", done.stderr.strip()[-500:])
+        return {}
+    return data
+
+
+def available_presets() -> list[str]:
+    """Names of the training backend's presets (empty if the backend cannot be run)."""
+    return list(_preset_configs())
 
 
 def preset_config(name: str) -> dict | None:
     """The resolved config of a preset as JSON data, to show what an override changes."""
-    try:
-        from training.presets import get_preset
-    except ImportError:
-        return None
-    try:
-        return get_preset(name).to_dict()
-    except VitvizError:
-        return None
+    return _preset_configs().get(name)
