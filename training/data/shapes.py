@@ -7,8 +7,8 @@ position, size, rotation and background are random, so a model has to learn shap
 of an image is the set of pixels the shape was painted on (for an outlined shape, the outline), which is
 what the pointing game checks the model's attention against.
 
-Generation is numpy and PIL.ImageDraw, no per-pixel Python: about 4,500 images per CPU second at 32 px and
-2,300 at 64 px on one core (``python -m training.data.shapes`` measures it on your machine).
+Generation is numpy and PIL.ImageDraw, no per-pixel Python: about 4,000 images per CPU second at 32 px and
+2,000 at 64 px on one core (``python -m training.data.shapes`` measures it on your machine).
 """
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ DEFAULT_IMG_SIZE = (64, 64)
 DEFAULT_NUM_SAMPLES = {"train": 50_000, "val": 1_000, "test": 1_000}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}  # separate random streams, so splits never share an image
 
-# Geometry ranges, as fractions of the shorter image side unless stated.
-RADIUS_RANGE = (0.24, 0.42)  # radius of the circle that holds the shape
+# Geometry and clutter ranges (fractions of the shorter image side unless stated). Chosen for learnability:
+# with smaller shapes (radius 0.24-0.42), thinner outlines and busier backgrounds, a 4-layer ViT at 32 px
+# reached roughly half the validation accuracy after the same 5 CPU minutes.
+RADIUS_RANGE = (0.30, 0.45)  # radius of the circle that holds the shape
 MAX_OVERHANG = 0.10  # at most this fraction of the radius may leave the image, so shapes stay mostly inside
-OUTLINE_FRACTION = (0.16, 0.26)  # outline width as a fraction of the radius
+OUTLINE_FRACTION = (0.25, 0.35)  # outline width as a fraction of the radius
 MIN_OUTLINE_PX = 2  # thinner outlines vanish in the noise at 32 px
 ELLIPSE_MINOR_RANGE = (0.38, 0.58)  # minor/major axis ratio; far enough from 1 that an ellipse is never a circle
 MIN_LUMINANCE_CONTRAST = 90.0  # shape vs mean background luminance under it, on the 0..255 scale
-TEXTURE_AMPLITUDE = (8.0, 30.0)  # stripes or blobs, +- this on the 0..255 scale
-NOISE_STD = (3.0, 12.0)  # per-pixel Gaussian noise over the whole image, shape included
+TEXTURE_AMPLITUDE = (5.0, 18.0)  # stripes or blobs, +- this on the 0..255 scale
+NOISE_STD = (2.0, 7.0)  # per-pixel Gaussian noise over the whole image, shape included
 SUPERSAMPLING = 4  # sub-pixels per pixel side when rasterising masks up to 128 px (2 above, for speed)
 
 
