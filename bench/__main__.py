@@ -1,0 +1,237 @@
+"""python -m bench: measure the speed and memory figures and write them as JSON.
+
+    python -m bench                       # the full run recorded in docs/benchmarks.md (10-20 min on 2 cores)
+    python -m bench --quick               # CI-sized: smaller models and batches, same code paths
+    python -m bench --tiny --json out.json  # seconds: a tiny model, to keep the benchmark code working
+    python -m bench --only capture,memory # some families only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench.common import CLOCKS, Figure, machine_info, scratch_folder, write_tiny_checkpoint
+
+logger = logging.getLogger("bench")
+
+FAMILIES = ("capture", "memory", "distance", "train", "app")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one benchmark run measures; the three plans differ in sizes only, never in code paths."""
+
+    label: str
+    capture_sources: tuple[str, ...]
+    capture_batches: tuple[int, ...]
+    memory_source: str
+    memory_batch: int
+    distance_source: str
+    distance_images: int
+    distance_batch: int
+    train_preset: str  # a training preset, resized by train_settings
+    train_settings: tuple[str, ...]  # --set overrides for python -m training train
+    train_steps: int  # timed steps per run (after warm-up steps)
+    train_bf16: bool  # also compare bf16 autocast with fp32
+    app_source: str
+    app_uploads: int  # timed uploads (and page switches) after a warm-up one
+    warmup: int  # untimed rounds before timing
+    repeats: int  # timed rounds; the figure is their median
+    clock: str = "wall"  # "wall" or "cpu" (see bench.common.paired_timing)
+
+
+FULL = Plan(
+    label="full",
+    capture_sources=("timm:vit_small_patch16_224", "timm:vit_base_patch16_224"),
+    capture_batches=(1, 8),
+    memory_source="timm:vit_large_patch16_384",
+    memory_batch=1,
+    distance_source="timm:vit_small_patch16_224",
+    distance_images=128,
+    distance_batch=16,
+    train_preset="shapes-default",
+    train_settings=(),
+    train_steps=20,
+    train_bf16=True,
+    app_source="timm:vit_small_patch16_224",
+    app_uploads=5,
+    warmup=2,
+    repeats=7,
+)
+
+QUICK = Plan(
+    label="quick",
+    capture_sources=("timm:vit_tiny_patch16_224",),
+    capture_batches=(1, 4),
+    memory_source="timm:vit_small_patch16_384",
+    memory_batch=1,
+    distance_source="timm:vit_tiny_patch16_224",
+    distance_images=32,
+    distance_batch=16,
+    train_preset="shapes-default",
+    train_settings=("batch_size=32",),
+    train_steps=8,
+    train_bf16=False,
+    app_source="timm:vit_tiny_patch16_224",
+    app_uploads=2,
+    warmup=1,
+    repeats=5,
+)
+
+
+def tiny_plan(checkpoint: Path) -> Plan:
+    """Seconds-long: every figure on a tiny project checkpoint (for tests)."""
+    source = str(checkpoint)
+    return replace(
+        QUICK,
+        label="tiny",
+        capture_sources=(source,),
+        capture_batches=(1, 2),
+        memory_source=source,
+        distance_source=source,
+        distance_images=8,
+        distance_batch=4,
+        train_preset="tiny",
+        train_settings=(),
+        train_steps=3,
+        app_source=source,
+        app_uploads=1,
+        repeats=3,
+    )
+
+
+def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
+    """Every figure of the chosen families, in the issue's order."""
+    figures: list[Figure] = []
+    if "capture" in families:
+        from bench.capture import capture_figure
+
+        for source in plan.capture_sources:
+            for batch in plan.capture_batches:
+                figures.append(
+                    capture_figure(source, batch, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock)
+                )
+                _log(figures[-1])
+    if "memory" in families:
+        from bench.memory import memory_figures
+
+        for figure in memory_figures(plan.memory_source, plan.memory_batch):
+            figures.append(figure)
+            _log(figure)
+    if "distance" in families:
+        from bench.distance import distance_figure
+
+        figures.append(
+            distance_figure(
+                plan.distance_source,
+                plan.distance_images,
+                plan.distance_batch,
+                warmup=min(plan.warmup, 1),
+                repeats=max(3, plan.repeats // 2),
+                clock=plan.clock,
+            )
+        )
+        _log(figures[-1])
+    if "train" in families:
+        from bench.train import train_figures
+
+        for figure in train_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    if "app" in families:
+        from bench.app import app_figures
+
+        for figure in app_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    return figures
+
+
+def _log(figure: Figure) -> None:
+    verdict = {True: "met", False: "MISSED", None: "info"}[figure.met]
+    target = "" if figure.target is None else f" (target {'<=' if figure.better == 'lower' else '>='} {figure.target})"
+    logger.info("%-70s %8.3f %s%s %s", figure.name, figure.value, figure.unit, target, verdict)
+
+
+def table(figures: Sequence[Figure]) -> str:
+    """A Markdown table of the figures, as docs/benchmarks.md shows them."""
+    lines = ["| figure | value | target | result | baseline |", "| --- | --- | --- | --- | --- |"]
+    for f in figures:
+        target = "—" if f.target is None else f"{'≤' if f.better == 'lower' else '≥'} {f.target:g}"
+        verdict = {True: "met", False: "**missed**", None: "info"}[f.met]
+        value = f"{f.value:.3f}" if f.unit == "ratio" else f"{f.value:.3f} {f.unit}"
+        lines.append(f"| {f.name} | {value} | {target} | {verdict} | {f.baseline} |")
+    return "\n".join(lines)
+
+
+def _families(text: str | None) -> list[str]:
+    if text is None:
+        return list(FAMILIES)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names:
+        named = ", ".join(unknown) if unknown else repr(text)
+        raise SystemExit(f"bench: unknown figure family {named}; choose from {','.join(FAMILIES)}")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CI-sized run: small models and batches")
+    size.add_argument("--tiny", action="store_true", help="a tiny model, seconds: keeps the code working")
+    parser.add_argument("--only", help=f"comma-separated families from {','.join(FAMILIES)} (default: all)")
+    parser.add_argument("--json", type=Path, help="write the figures here ('-' for stdout)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch here and in every child process")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall",
+        help="wall (default) or cpu: CPU time of the process, steadier on a shared machine with --threads 1",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    families = _families(args.only)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("bench: --threads must be at least 1")
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the probes, training runs and app inherit it
+
+    machine = machine_info()
+    started = time.perf_counter()
+    with scratch_folder() as folder:
+        scratch = Path(folder)
+        plan = tiny_plan(write_tiny_checkpoint(scratch)) if args.tiny else QUICK if args.quick else FULL
+        plan = replace(plan, clock=args.clock)
+        figures = measure(plan, families, scratch)
+    machine["plan"] = plan.label
+    machine["clock"] = plan.clock
+    machine["torch_threads"] = torch.get_num_threads()
+    try:
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    machine["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine["wall_s"] = round(time.perf_counter() - started, 1)
+    document = {"machine": machine, "figures": [figure.to_json() for figure in figures]}
+    print(table(figures), file=sys.stderr)
+    if args.json is not None:
+        text = json.dumps(document, indent=2)
+        if str(args.json) == "-":
+            print(text)
+        else:
+            args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Figure 5, app: seconds in the real browser from an upload to the rollout overlay on screen, and a page switch.
+
+`streamlit run app.py` is started on a free port (its own runs and cache folders) and driven by Playwright in
+the system Chromium. The model is chosen in the URL (`/rollout?model=timm:<name>`), loaded and used once
+(the first visit computes the sample image and one warm-up upload is explained), so the model is warm.
+
+Upload to overlay: on a freshly opened /rollout (a new session, so the uploader is empty and the sample
+image is shown), a new image (distinct pixels every time, so no cached result can answer) is set on the
+page's file input; the clock stops when the rollout overlay's heatmap in the page differs from the one
+shown before, i.e. the new overlay has been drawn by Plotly in the browser. Median over the uploads.
+
+Cached page switch: a click on the sidebar link to a page already shown with this model (attention distance,
+then back to rollout, alternately); the clock stops when that page's heading and its first chart are on
+screen and the script has finished running. Median over the switches.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from bench.common import LOWER, Figure
+
+if TYPE_CHECKING:
+    from bench.__main__ import Plan
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_TARGET_S = 1.5
+SWITCH_TARGET_S = 0.5
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 180
+STEP_TIMEOUT_MS = 300_000  # one step on a very busy machine; a hang fails instead of waiting forever
+UPLOAD_INPUT = '[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]'
+TINY_RUN_ID = "bench-tiny"
+
+# A short hash of the first chart's heatmap (the rollout overlay's map), or "" while there is none.
+_OVERLAY_FINGERPRINT_JS = """() => {
+  const plot = document.querySelector('[data-testid="stMain"] [data-testid="stPlotlyChart"] .js-plotly-plot');
+  if (!plot || !plot.data) return "";
+  const heat = plot.data.find((trace) => trace.type === "heatmap");
+  if (!heat) return "";
+  const text = JSON.stringify(heat.z);
+  let hash = 0;
+  for (let i = 0; i < text.length; i++) hash = (hash * 31 + text.charCodeAt(i)) | 0;
+  return String(hash) + ":" + text.length;
+}"""
+
+# Whether the page titled `heading` shows a chart and the script has stopped running.
+_PAGE_READY_JS = """(heading) => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  if (!main) return false;
+  const titles = Array.from(main.querySelectorAll("h1")).map((h) => h.textContent.trim());
+  if (!titles.some((t) => t.startsWith(heading))) return false;
+  if (!main.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot .main-svg')) return false;
+  return !document.querySelector('[data-testid="stStatusWidget"]');
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def streamlit_server(folder: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port with runs and cache folders under `folder`; yields its URL."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VITVIZ_RUNS_DIR": str(folder / "runs"),
+        "VITVIZ_CACHE_DIR": str(folder / "cache"),
+    }
+    command = [
+        sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    log_path = folder / "streamlit.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://localhost:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start: {log_path.read_text()[-1000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def upload_image(index: int, size: tuple[int, int] = (640, 480)) -> bytes:
+    """A photo-sized JPEG whose pixels differ for every index (so every upload is new to the app's caches)."""
+    rng = np.random.default_rng(index)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [128 + 100 * np.sin(x / (37 + 7 * c) + rng.uniform(0, 6)) * np.cos(y / (53 + 5 * c)) for c in range(3)], axis=-1
+    )
+    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    base[top : top + height // 3, left : left + width // 3] = rng.integers(0, 256, 3)  # an object
+    pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _model_key(source: str, folder: Path) -> str:
+    """The app's URL key for a bench model: timm names as they are, a checkpoint file as a run folder."""
+    if source.startswith("timm:"):
+        return source
+    run = folder / "runs" / TINY_RUN_ID
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, run / "best.safetensors")
+    return f"run:{TINY_RUN_ID}"
+
+
+def _open_rollout(page: Any, url: str) -> None:
+    """A fresh session of /rollout (empty uploader, the sample explained from the cache), drawn and idle."""
+    page.goto(url)
+    page.wait_for_function(_PAGE_READY_JS, arg="Attention rollout", polling=50, timeout=STEP_TIMEOUT_MS)
+    _wait_idle(page)
+    _check_no_exception(page)
+
+
+def _upload(page: Any, url: str, folder: Path, index: int) -> float:
+    """On a fresh /rollout, upload image `index`; returns the seconds until its rollout overlay is drawn."""
+    _open_rollout(page, url)  # one upload per session: further uploads would join a gallery instead
+    path = folder / f"upload-{index:03d}.jpg"
+    path.write_bytes(upload_image(index))
+    before = page.evaluate(_OVERLAY_FINGERPRINT_JS)
+    start = time.perf_counter()
+    page.locator(UPLOAD_INPUT).first.set_input_files(str(path))
+    page.wait_for_function(
+        f"(before) => ({_OVERLAY_FINGERPRINT_JS})() !== before && ({_OVERLAY_FINGERPRINT_JS})() !== ''",
+        arg=before,
+        polling=10,
+        timeout=STEP_TIMEOUT_MS,
+    )
+    seconds = time.perf_counter() - start
+    page.get_by_text(f"Input: {path.name}").wait_for(timeout=STEP_TIMEOUT_MS)  # the overlay was this image's
+    _wait_idle(page)
+    _check_no_exception(page)
+    return seconds
+
+
+def _switch(page: Any, link_text: str, heading: str) -> float:
+    """Click a sidebar link and return the seconds until that page is drawn and idle."""
+    link = page.locator('[data-testid="stSidebarNav"] a').filter(has_text=link_text).first
+    start = time.perf_counter()
+    link.click()
+    page.wait_for_function(_PAGE_READY_JS, arg=heading, polling=10, timeout=STEP_TIMEOUT_MS)
+    seconds = time.perf_counter() - start
+    _wait_idle(page)
+    _check_no_exception(page)
+    return seconds
+
+
+def _wait_idle(page: Any, quiet_checks: int = 3) -> None:
+    """Until no running indicator has been seen for a few checks in a row."""
+    quiet = 0
+    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+    while quiet < quiet_checks:
+        busy = page.locator('[data-testid="stStatusWidget"], [data-testid="stSkeleton"]').count()
+        quiet = 0 if busy else quiet + 1
+        if time.monotonic() > deadline:
+            raise RuntimeError("the app did not finish running")
+        page.wait_for_timeout(150)
+
+
+def _check_no_exception(page: Any) -> None:
+    errors = page.locator('[data-testid="stException"]')
+    if errors.count():
+        raise RuntimeError(f"the app showed an exception: {errors.first.inner_text()[:300]}")
+
+
+def measure_app(source: str, uploads: int, folder: Path) -> dict[str, Any]:
+    """Upload and page-switch timings (seconds) of the real app in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        raise RuntimeError(f"the app figure needs the system Chromium at {CHROMIUM}")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = _model_key(source, folder)
+    with streamlit_server(folder) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            rollout_url = f"{url}/rollout?model={key}"
+            started = time.perf_counter()
+            _open_rollout(page, rollout_url)
+            first_view_s = time.perf_counter() - started
+            logger.info("app: model %s loaded and the sample explained in %.1f s", key, first_view_s)
+            _upload(page, rollout_url, folder, 0)  # warm-up: the first upload's code paths
+            upload_s = [_upload(page, rollout_url, folder, index) for index in range(1, uploads + 1)]
+            # Both pages once with this model (their results are cached from here on), then timed switches.
+            _switch(page, "Attention distance", "Mean attention distance")
+            _switch(page, "Attention rollout", "Attention rollout")
+            switch_s = []
+            for index in range(uploads):
+                target = ("Attention distance", "Mean attention distance") if index % 2 == 0 else (
+                    "Attention rollout", "Attention rollout"
+                )
+                switch_s.append(_switch(page, *target))
+        finally:
+            browser.close()
+    return {"model": key, "first_view_s": first_view_s, "upload_s": upload_s, "switch_s": switch_s}
+
+
+def app_figures(plan: Plan, scratch: Path) -> list[Figure]:
+    """Upload-to-overlay and cached page-switch seconds."""
+    logger.info("app: %s, %d uploads", plan.app_source, plan.app_uploads)
+    timings = measure_app(plan.app_source, plan.app_uploads, scratch / "app")
+    name = timings["model"].removeprefix("timm:")
+    detail = {"model": timings["model"], "first_view_s": round(timings["first_view_s"], 2)}
+    return [
+        Figure(
+            name=f"app {name}: upload to rollout overlay on screen",
+            value=statistics.median(timings["upload_s"]),
+            target=UPLOAD_TARGET_S,
+            better=LOWER,
+            unit="s",
+            baseline="absolute: seconds in Chromium, model warm, a new image each time",
+            detail={**detail, "runs_s": [round(s, 3) for s in timings["upload_s"]]},
+        ),
+        Figure(
+            name=f"app {name}: cached page switch",
+            value=statistics.median(timings["switch_s"]),
+            target=SWITCH_TARGET_S,
+            better=LOWER,
+            unit="s",
+            baseline="absolute: seconds in Chromium from the click to the page drawn and idle",
+            detail={**detail, "runs_s": [round(s, 3) for s in timings["switch_s"]]},
+        ),
+    ]

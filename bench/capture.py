@@ -1,0 +1,59 @@
+"""Figure 1, capture: forward + every layer's attention + rollout + mean attention distance vs a plain forward.
+
+Measured: `vitviz.pipeline.run_image_analyses` with the analyses "rollout" and "distance" (what
+`python -m vitviz analyze` runs per batch: one streamed forward feeding both accumulators, logits kept for
+the top-5). Baseline: the same timm model called on the same batch under `torch.inference_mode()`, with
+timm's fused attention (`scaled_dot_product_attention`) on, as a user of timm would run it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bench.common import LOWER, Figure, paired_timing, random_images
+from vitviz.capture import attention_modules
+from vitviz.models import LoadedModel, load_model
+from vitviz.pipeline import AnalysisOptions, run_image_analyses
+
+logger = logging.getLogger(__name__)
+
+TARGET = 1.10
+
+
+def fused_attention_on(loaded: LoadedModel) -> bool:
+    """Whether every block runs timm's fused attention, so the baseline is the fast path."""
+    return all(getattr(module, "fused_attn", False) for module in attention_modules(loaded.model))
+
+
+def capture_figure(source: str, batch: int, *, warmup: int, repeats: int, clock: str = "wall") -> Figure:
+    """Ratio of forward + capture + rollout + distance to a plain fused forward, for one model and batch."""
+    loaded = load_model(source)
+    model = loaded.model
+    images = random_images(batch, loaded.meta)
+    options = AnalysisOptions(batch_size=batch)
+    analyses = ("distance", "rollout")
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    def analysed() -> None:
+        results = run_image_analyses(loaded, images, analyses, options)
+        assert results.rollout_maps is not None and results.distance is not None
+
+    logger.info("capture: %s batch %d", source, batch)
+    timing = paired_timing(plain, analysed, warmup=warmup, repeats=repeats, clock=clock)
+    size = "x".join(str(s) for s in loaded.meta.input_size)
+    return Figure(
+        name=f"capture {loaded.meta.arch} {size} batch {batch}",
+        value=timing.ratio,
+        target=TARGET,
+        better=LOWER,
+        unit="ratio",
+        baseline=(
+            f"plain timm forward, fused attention, same batch: {timing.baseline_s * 1000:.1f} ms {timing.clock} time"
+        ),
+        detail={**timing.detail(), "fused_attention": fused_attention_on(loaded), "source": source},
+    )

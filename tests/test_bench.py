@@ -1,0 +1,135 @@
+"""`python -m bench` keeps working: the tiny plan end to end, the JSON schema, and the timing arithmetic.
+
+Timings are never asserted: the figures' values depend on the machine. What is checked is what a reader of
+the JSON relies on: every family is there, each figure has the documented keys and types, targets and
+"better" agree with docs/benchmarks.md, and a ratio is the median of measured / baseline over the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench.common
+from bench.__main__ import FAMILIES, main
+from bench.common import Figure, paired_timing
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURE_KEYS = {"name", "value", "target", "better", "unit", "baseline", "met", "detail"}
+# Targets of the issue: (family, better, target) for every figure that has one.
+TARGETS = {
+    "capture": ("lower", 1.10),
+    "memory": ("lower", 1.25),
+    "distance": ("lower", 1.10),
+    "train": ("higher", 0.95),
+}
+
+
+def _run_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--threads", "1", "--json", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _check_figure(figure: dict) -> None:
+    assert set(figure) == FIGURE_KEYS, figure
+    assert figure["name"].split()[0] in FAMILIES
+    assert isinstance(figure["value"], float) and math.isfinite(figure["value"]) and figure["value"] > 0
+    assert figure["better"] in ("lower", "higher")
+    assert isinstance(figure["unit"], str) and figure["unit"]
+    assert isinstance(figure["baseline"], str) and figure["baseline"]
+    assert isinstance(figure["detail"], dict)
+    if figure["target"] is None:
+        assert figure["met"] is None
+    else:
+        assert figure["target"] > 0
+        value, target = figure["value"], figure["target"]
+        assert figure["met"] is (value <= target if figure["better"] == "lower" else value >= target)
+
+
+def test_tiny_run_writes_every_family_in_the_documented_schema(tmp_path: Path) -> None:
+    document = _run_bench(tmp_path, "--only", "capture,memory,distance,train")
+    assert set(document) == {"machine", "figures"}
+    machine = document["machine"]
+    assert machine["plan"] == "tiny" and machine["cpu_cores"] >= 1 and machine["torch"]
+    assert machine["command"].startswith("python -m bench --tiny") and machine["torch_threads"] == 1
+    figures = document["figures"]
+    for figure in figures:
+        _check_figure(figure)
+    by_family: dict[str, list[dict]] = {}
+    for figure in figures:
+        by_family.setdefault(figure["name"].split()[0], []).append(figure)
+    assert set(by_family) == {"capture", "memory", "distance", "train"}
+    assert len(by_family["capture"]) == 2  # batch 1 and 2 of the tiny plan
+    for family, (better, target) in TARGETS.items():
+        targeted = [f for f in by_family[family] if f["target"] is not None]
+        assert targeted and all((f["better"], f["target"]) == (better, target) for f in targeted), family
+    naive = [f for f in by_family["memory"] if "naive" in f["name"]]
+    assert len(naive) == 1 and naive[0]["target"] is None  # reported beside the streaming figure
+    streaming = next(f for f in by_family["memory"] if "streaming" in f["name"])
+    assert streaming["detail"]["peak_mib"] > 0 and streaming["detail"]["method"]
+    for figure in by_family["capture"] + by_family["distance"]:
+        rounds = figure["detail"]["round_ratios"]
+        assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs the system Chromium at /usr/bin/chromium")
+def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
+    document = _run_bench(tmp_path, "--only", "app")
+    figures = document["figures"]
+    assert [f["name"].split(":")[-1].strip() for f in figures] == [
+        "upload to rollout overlay on screen",
+        "cached page switch",
+    ]
+    for figure, target in zip(figures, (1.5, 0.5), strict=True):
+        _check_figure(figure)
+        assert figure["unit"] == "s" and figure["target"] == target
+        assert len(figure["detail"]["runs_s"]) >= 1
+
+
+def test_ratio_is_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a fake clock, each round's ratio is exact; the figure is their median and the order alternates."""
+    now = [0.0]
+    calls: list[str] = []
+    monkeypatch.setitem(bench.common._CLOCK_FUNCTIONS, "wall", lambda: now[0])
+    costs = iter([1.0, 2.0, 3.0, 2.0, 1.0, 5.0])  # measured, baseline: round 0 b=1 m=2, round 1 m=3 b=2, ...
+
+    def run(name: str) -> None:
+        calls.append(name)
+        if len(calls) > 2:  # the warm-up round is untimed
+            now[0] += next(costs)
+
+    timing = paired_timing(lambda: run("b"), lambda: run("m"), warmup=1, repeats=3)
+    assert calls == ["b", "m", "b", "m", "m", "b", "b", "m"]
+    assert timing.ratios == (2.0, 1.5, 5.0)
+    assert timing.ratio == 2.0 and timing.baseline_s == 1.0 and timing.measured_s == 3.0
+
+
+def test_met_follows_the_direction_of_the_target() -> None:
+    def figure(value: float, target: float | None, better: str) -> Figure:
+        return Figure(name="capture x", value=value, target=target, better=better, unit="ratio", baseline="b")
+
+    assert figure(1.05, 1.10, "lower").met is True
+    assert figure(1.15, 1.10, "lower").met is False
+    assert figure(0.96, 0.95, "higher").met is True
+    assert figure(0.90, 0.95, "higher").met is False
+    assert figure(3.0, None, "lower").met is None
+
+
+def test_unknown_family_is_refused_with_one_line() -> None:
+    with pytest.raises(SystemExit, match="unknown figure family nope"):
+        main(["--tiny", "--only", "nope"])
