@@ -1,9 +1,12 @@
 """Attention capture: the one way vitviz reads post-softmax attention out of a timm ViT.
 
-The model keeps its fused attention (``scaled_dot_product_attention``); nothing on it is flipped or replaced.
-During one forward, a hook on each block's ``attn.qkv`` keeps the qkv projection it already computed, and a
-hook on the attention module turns it into the probabilities timm's non-fused path would produce
-(q_norm/k_norm, scale, attention mask or relative-position bias, softmax), shaped [B, H, N, N].
+The model keeps its fused attention: nothing on it is flipped or replaced. While an attention module runs in
+the capturing thread, a torch function mode (modes are per thread) catches its call to
+``scaled_dot_product_attention`` and computes it explicitly, once, as timm's non-fused path does
+(scale, q @ k^T, attention mask or relative-position bias, softmax, @ v): the probabilities [B, H, N, N] are
+handed over and the module continues with the same output. So the attention is computed once, not fused and
+then again for capture. A module whose ``fused_attn`` is off is read where timm's non-fused path passes its
+probabilities, through ``attn_drop``.
 
 Each layer's attention is handed to the consumers as soon as it exists and then dropped, so the extra memory
 is about one layer's attention whatever the depth. A consumer is any object with
@@ -25,15 +28,13 @@ the thread that installed them, and are removed on every exit path. The model's 
 in training mode dropout makes attention random and BatchNorm in hybrid stems would update its statistics.
 
 Gradients: ``attention_gradients`` enables autograd locally (also under a caller's ``torch.no_grad`` or
-``torch.inference_mode``). The hook on each attention module replaces the module's output with
-``proj(norm(attn @ v))`` recomputed from the captured attention, exactly as timm's non-fused path computes it,
-so every layer's attention sits in the autograd graph; the gradients come from ``torch.autograd.grad`` with
-respect to those tensors only, so no ``.grad`` of any parameter is touched.
+``torch.inference_mode``). The explicit attention above is differentiable, so every layer's probabilities
+sit in the autograd graph and feed the rest of the forward; the gradients come from ``torch.autograd.grad``
+with respect to those tensors only, so no ``.grad`` of any parameter is touched.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +43,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vitviz.errors import VitvizError
 
@@ -61,12 +64,10 @@ __all__ = [
     "capture_attention",
 ]
 
-# Attention forwards whose arithmetic _attention_probabilities reproduces exactly. Subclasses that keep
+# Attention forwards that pass q, k, v, the mask or bias and nothing else to scaled_dot_product_attention (or
+# their probabilities through attn_drop), so _explicit_attention reproduces them exactly. Subclasses that keep
 # the forward are fine; anything else (rope, separate q/k/v projections, pooling attention) is refused.
-_SUPPORTED_FORWARDS: dict[Callable[..., Any], inspect.Signature] = {
-    Attention.forward: inspect.signature(Attention.forward),
-    RelPosAttention.forward: inspect.signature(RelPosAttention.forward),
-}
+_SUPPORTED_FORWARDS = (Attention.forward, RelPosAttention.forward)
 
 # torch's RemovableHandle ids and hook dictionaries are updated without a lock; serialise our own updates.
 _HOOK_LOCK = threading.Lock()
@@ -147,85 +148,80 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
-def _attention_probabilities(
-    module: nn.Module, qkv_output: torch.Tensor, call: dict[str, Any]
+def _explicit_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-softmax attention [B, H, N, N] and values [B, H, N, hd] as timm's non-fused path computes them."""
-    batch, num_tokens, _ = qkv_output.shape
-    qkv = qkv_output.reshape(batch, num_tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
-    q, k = module.q_norm(q), module.k_norm(k)
-    q = q * module.scale
-    scores = q @ k.transpose(-2, -1)  # (B, H, N, N)
-    if isinstance(module, RelPosAttention):
-        shared_rel_pos = call.get("shared_rel_pos")
-        if module.rel_pos is not None:
-            scores = module.rel_pos(scores, shared_rel_pos=shared_rel_pos)
-        elif shared_rel_pos is not None:
-            scores = scores + shared_rel_pos
-    else:
-        bias = resolve_self_attn_mask(num_tokens, scores, call.get("attn_mask"), call.get("is_causal", False))
-        scores = maybe_add_mask(scores, bias)
-    return scores.softmax(dim=-1), v
+    """``scaled_dot_product_attention`` as timm's non-fused path computes it: (probabilities, output)."""
+    if dropout_p != 0.0 or enable_gqa:
+        raise RuntimeError("attention capture needs dropout off and one key/value head per query head")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, N, N)
+    if attn_mask is not None or is_causal:
+        scores = maybe_add_mask(scores, resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal))
+    attn = scores.softmax(dim=-1)
+    return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
 
 
-def _attention_output(module: nn.Module, attn: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The attention module's output recomputed from attn, as timm's non-fused path does (eval mode)."""
-    batch, heads, num_tokens, head_dim = v.shape
-    out = (attn @ v).transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)  # (B, N, H*hd)
-    norm = getattr(module, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    gate = getattr(module, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return module.proj_drop(module.proj(out))
+class _ExplicitAttention(TorchFunctionMode):
+    """Active in the capturing thread during one attention forward: computes the fused attention call
+    explicitly, once, and hands its probabilities over (torch function modes are per thread)."""
+
+    def __init__(self, deliver: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.deliver = deliver
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        attn, output = _explicit_attention(*args, **kwargs)
+        self.deliver(attn)
+        return output
 
 
 class _CaptureSession:
     """Hooks for one capture: they act only in the thread that created the session."""
 
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        on_attention: Callable[[int, torch.Tensor], None],
-        *,
-        replace_output: bool,
-    ) -> None:
+    def __init__(self, modules: Sequence[nn.Module], on_attention: Callable[[int, torch.Tensor], None]) -> None:
         self.modules = list(modules)
         self.on_attention = on_attention
-        self.replace_output = replace_output
         self.owner = threading.get_ident()
-        self.pending_qkv: dict[int, torch.Tensor] = {}
+        self.active_modes: list[_ExplicitAttention] = []
         self.layers_seen: list[int] = []
 
-    def _qkv_hook(self, layer_index: int) -> Callable[..., None]:
+    def _deliver(self, layer_index: int, attn: torch.Tensor) -> None:
+        self.layers_seen.append(layer_index)
+        self.on_attention(layer_index, attn)
+
+    def _enter_hook(self, layer_index: int) -> Callable[..., None]:
         # Variadic: hooks of other threads' sessions may be called with either hook signature while
         # a registration or removal is half-way through in another thread.
-        def hook(module: nn.Module, args: Any, *rest: Any) -> None:
+        def hook(module: nn.Module, *_rest: Any) -> None:
             if threading.get_ident() != self.owner:
                 return None
-            self.pending_qkv[layer_index] = rest[-1]
+            mode = _ExplicitAttention(lambda attn: self._deliver(layer_index, attn))
+            mode.__enter__()
+            self.active_modes.append(mode)
             return None
 
         return hook
 
-    def _attention_hook(self, layer_index: int) -> Callable[..., torch.Tensor | None]:
-        signature = _SUPPORTED_FORWARDS[type(self.modules[layer_index]).forward]
+    def _exit_hook(self, module: nn.Module, *_rest: Any) -> None:
+        if threading.get_ident() == self.owner and self.active_modes:
+            self.active_modes.pop().__exit__(None, None, None)
 
-        def hook(module: nn.Module, args: Any, *rest: Any) -> torch.Tensor | None:
-            if threading.get_ident() != self.owner:
-                return None
-            kwargs, _fused_output = rest  # registered with_kwargs by this thread, so both are there
-            qkv_output = self.pending_qkv.pop(layer_index, None)
-            if qkv_output is None:
-                raise RuntimeError(f"layer {layer_index}: attention ran without its qkv projection")
-            call = signature.bind(module, *args, **kwargs).arguments
-            attn, v = _attention_probabilities(module, qkv_output, call)
-            self.layers_seen.append(layer_index)
-            self.on_attention(layer_index, attn)
-            if self.replace_output:
-                return _attention_output(module, attn, v, call["x"])
+    def _unfused_hook(self, layer_index: int) -> Callable[..., None]:
+        # timm's non-fused path (fused_attn off) passes the probabilities through attn_drop: read them there.
+        def hook(module: nn.Module, args: Any, *rest: Any) -> None:
+            if threading.get_ident() == self.owner:
+                self._deliver(layer_index, rest[-1])
             return None
 
         return hook
@@ -237,16 +233,16 @@ class _CaptureSession:
         try:
             with _HOOK_LOCK:
                 for layer_index, module in enumerate(self.modules):
-                    handles.append(module.qkv.register_forward_hook(self._qkv_hook(layer_index)))
-                    handles.append(
-                        module.register_forward_hook(self._attention_hook(layer_index), with_kwargs=True)
-                    )
+                    handles.append(module.register_forward_pre_hook(self._enter_hook(layer_index)))
+                    handles.append(module.register_forward_hook(self._exit_hook))
+                    handles.append(module.attn_drop.register_forward_hook(self._unfused_hook(layer_index)))
             yield
         finally:
+            while self.active_modes:  # a forward that raised inside an attention module
+                self.active_modes.pop().__exit__(None, None, None)
             with _HOOK_LOCK:
                 for handle in handles:
                     handle.remove()
-            self.pending_qkv.clear()
 
     def check_complete(self) -> None:
         expected = list(range(len(self.modules)))
@@ -291,7 +287,7 @@ def capture_attention(
         for consumer in targets:
             consumer.consume(layer_index, attn)
 
-    session = _CaptureSession(modules, deliver, replace_output=False)
+    session = _CaptureSession(modules, deliver)
     with torch.no_grad(), session.installed():
         output = model(images) if with_logits else model.forward_features(images)
     session.check_complete()
@@ -321,7 +317,7 @@ def attention_gradients(
     if getattr(model, "grad_checkpointing", False):
         raise ValueError("attention gradients need gradient checkpointing off (it re-runs blocks in backward)")
     attentions: list[torch.Tensor] = []
-    session = _CaptureSession(modules, lambda _layer, attn: attentions.append(attn), replace_output=True)
+    session = _CaptureSession(modules, lambda _layer, attn: attentions.append(attn))
     # The input, not the parameters, carries requires_grad, so every attention joins the graph even when
     # the parameters are frozen, and no parameter is touched.
     with torch.inference_mode(False), torch.enable_grad():

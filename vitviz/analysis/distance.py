@@ -50,6 +50,11 @@ def _check_mode(mode: str) -> None:
         raise VitvizError(f"distance mode must be one of {', '.join(DISTANCE_MODES)}, got {mode!r}")
 
 
+# Heads are converted to float64 a few at a time so the float64 copy stays under this size (bytes), in as
+# few operations as that allows (each operation costs a synchronisation of the CPU threads).
+_FLOAT64_CHUNK_BYTES = 2 * 2**20
+
+
 def query_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str = "paper") -> torch.Tensor:
     """Distance in pixels of every patch query, [B, H, num_patches] float64, from one layer's attn [B, H, N, N]."""
     _check_mode(mode)
@@ -57,20 +62,50 @@ def query_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str 
     if attn.shape[-1] != layout.num_tokens or attn.shape[-2] != layout.num_tokens:
         raise ValueError(f"attention over {attn.shape[-1]} tokens does not fit a layout of {layout.num_tokens}")
     distances = layout.patch_distances(torch.float64).to(attn.device)  # (n, n)
-    per_head = []
-    # One head at a time keeps the float64 copy to one [B, n, n] slice instead of the whole layer.
-    for head in range(attn.shape[1]):
-        weights = attn[:, head, prefix:, prefix:].to(torch.float64)  # (B, n, n)
-        if mode == "renormalised":
-            row_sums = weights.sum(dim=-1, keepdim=True)
-            weights = weights / torch.where(row_sums > 0, row_sums, 1.0)
-        per_head.append((weights * distances).sum(dim=-1))  # (B, n)
-    return torch.stack(per_head, dim=1)
+    batch, heads = attn.shape[:2]
+    per_head_bytes = batch * layout.num_patches**2 * 8
+    step = max(1, min(heads, _FLOAT64_CHUNK_BYTES // per_head_bytes))
+    chunks = []
+    for first in range(0, heads, step):
+        weights = attn[:, first : first + step, prefix:, prefix:].to(torch.float64, copy=True)  # (B, h, n, n)
+        row_sums = weights.sum(dim=-1) if mode == "renormalised" else None
+        per_query = weights.mul_(distances).sum(dim=-1)  # (B, h, n)
+        if row_sums is not None:
+            per_query = per_query / torch.where(row_sums > 0, row_sums, 1.0)
+        chunks.append(per_query)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
+def padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
+    """D over all N tokens, [N, N] float64: pixel distances between patch centres, 0 in prefix rows and columns."""
+    prefix = layout.num_prefix_tokens
+    padded = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.float64)
+    padded[prefix:, prefix:] = layout.patch_distances(torch.float64)
+    return padded
+
+
+def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, padded: torch.Tensor) -> torch.Tensor:
+    """[B, H] float64; `padded` is padded_patch_distances(layout) on attn's device."""
+    if mode != "paper":
+        return query_attention_distance(attn, layout, mode).mean(dim=-1)
+    # The mean over queries of sum_k w[q, k] D[q, k] is <w, D> / n over the patch block; with D zero over the
+    # prefix rows and columns, that is one float64 matrix-vector product over the layer's rows (b, h), with
+    # no slicing copy and no loop over heads. Rows are converted to float64 a chunk at a time.
+    batch, heads, num_tokens, _ = attn.shape
+    if num_tokens != layout.num_tokens or attn.shape[-2] != num_tokens:
+        raise ValueError(f"attention over {num_tokens} tokens does not fit a layout of {layout.num_tokens}")
+    rows = attn.reshape(batch * heads, num_tokens * num_tokens)
+    weights = padded.reshape(-1)
+    step = max(1, _FLOAT64_CHUNK_BYTES // (num_tokens * num_tokens * 8))
+    sums = [rows[i : i + step].to(torch.float64) @ weights for i in range(0, rows.shape[0], step)]
+    total = sums[0] if len(sums) == 1 else torch.cat(sums)
+    return (total / layout.num_patches).reshape(batch, heads)
 
 
 def image_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str = "paper") -> torch.Tensor:
     """Mean distance over patch queries of every head, [B, H] float64, from one layer's attn [B, H, N, N]."""
-    return query_attention_distance(attn, layout, mode).mean(dim=-1)
+    _check_mode(mode)
+    return _image_distance(attn, layout, mode, padded_patch_distances(layout).to(attn.device))
 
 
 class DistanceAccumulator:
@@ -81,9 +116,12 @@ class DistanceAccumulator:
         self.layout = layout
         self.mode = mode
         self._per_layer: dict[int, list[torch.Tensor]] = {}
+        self._padded = padded_patch_distances(layout)  # made once: it costs about as much as a layer's sums
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None:
-        values = image_attention_distance(attn, self.layout, self.mode)
+        if self._padded.device != attn.device:
+            self._padded = self._padded.to(attn.device)
+        values = _image_distance(attn, self.layout, self.mode, self._padded)
         self._per_layer.setdefault(layer_index, []).append(values)
 
     def result(self) -> AttentionDistance:

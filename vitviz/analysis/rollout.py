@@ -12,7 +12,8 @@ Abar = mean over heads of max(G * attn, 0); R = I; for each layer in order R = R
 
 Readout, for both: R[0, p:] (the class token's row over patch columns) shaped [gh, gw]. A model without a
 class token has no row that speaks for the image, so the map is the mean of R's patch rows over patch
-columns, R[p:, p:].mean over rows. Maps are raw (not divided by their maximum). Arithmetic is in float64.
+columns, R[p:, p:].mean over rows. Maps are raw (not divided by their maximum). Heads are fused in the
+attention's precision (float32 or float64); everything after that is in float64.
 
 Pointing game: a hit when the patch with the largest map value (first in row-major order on ties) overlaps
 the object mask; patch (i, j) covers pixels [i*sh, (i+1)*sh) x [j*sw, (j+1)*sw). The random baseline is the
@@ -84,17 +85,53 @@ def _discard_count(discard_ratio: float, num_tokens: int) -> int:
 
 
 def _fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """[B, H, N, N] -> [B, N, N] float64."""
+    """[B, H, N, N] -> [B, N, N] in the attention's precision (float32 or float64).
+
+    Fusing first and converting only the fused [B, N, N] to float64 afterwards avoids a float64 copy of the
+    whole layer, which costs more than the rollout itself.
+    """
+    if attn.dtype not in (torch.float32, torch.float64):
+        attn = attn.float()
     if head_fusion == "mean":
-        return attn.mean(dim=1, dtype=torch.float64)
+        return attn.mean(dim=1)
     if head_fusion == "max":
-        return attn.amax(dim=1).to(torch.float64)
-    return attn.amin(dim=1).to(torch.float64)
+        return attn.amax(dim=1)
+    return attn.amin(dim=1)
+
+
+def _rollout_factor(fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    """A = 0.5 F + 0.5 I with rows normalised, float64 [B, N, N], after discarding F's smallest entries."""
+    batch, num_tokens, _ = fused.shape
+    fused = fused.to(torch.float64, copy=True)  # our own copy: the arithmetic below is in place
+    discard = _discard_count(discard_ratio, num_tokens)
+    if discard > 0:
+        flat = fused.reshape(batch, -1)
+        smallest = torch.sort(flat, dim=1, stable=True).indices[:, :discard]
+        drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, smallest, True)
+        drop[:, 0] = False  # entry (0, 0) stays
+        fused = flat.masked_fill(drop, 0.0).reshape(batch, num_tokens, num_tokens)
+    mixed = fused.mul_(0.5)
+    mixed.diagonal(dim1=-2, dim2=-1).add_(0.5)
+    return mixed.div_(mixed.sum(dim=-1, keepdim=True))
+
+
+def _readout_row(layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
+    """u [B, N] float64 such that the map is (u R)[p:]: the class token's row, or the mean of the patch rows."""
+    row = torch.zeros(batch, layout.num_tokens, dtype=torch.float64, device=device)
+    if layout.has_class_token:
+        row[:, 0] = 1.0  # timm puts the class token first
+    else:
+        row[:, layout.num_prefix_tokens :] = 1.0 / layout.num_patches
+    return row
 
 
 class RolloutAccumulator:
-    """Streaming attention rollout: holds one [B, N, N] matrix whatever the depth.
+    """Streaming attention rollout: each layer is reduced to its heads-fused [B, N, N] as it arrives.
 
+    The map only needs one row of R = A_L ... A_1 (the class token's, or the mean of the patch rows), so R is
+    never formed: at the end of a forward that row vector is pulled through the kept factors, L
+    vector-matrix products instead of L [N, N] matrix products. Extra memory is L fused [B, N, N] matrices,
+    (L / H) layers' worth of attention.
     Several forwards in a row (layer indices starting again) give the maps of all their images, concatenated.
     """
 
@@ -116,46 +153,32 @@ class RolloutAccumulator:
         self.head_fusion = head_fusion
         self.discard_ratio = discard_ratio
         self.start_layer = start_layer
-        self._rollout: torch.Tensor | None = None
+        self._fused: list[torch.Tensor] = []  # (B, N, N) per layer from start_layer, in order
         self._last_layer = -1
-        self._layers_used = 0
         self._maps: list[torch.Tensor] = []
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None:
         if layer_index <= self._last_layer:
             self._finish_forward()
         self._last_layer = layer_index
-        batch, _, num_tokens, _ = attn.shape
+        num_tokens = attn.shape[-1]
         if num_tokens != self.layout.num_tokens:
             raise ValueError(f"attention over {num_tokens} tokens does not fit a layout of {self.layout.num_tokens}")
-        if self._rollout is None:
-            self._rollout = torch.eye(num_tokens, dtype=torch.float64, device=attn.device).expand(batch, -1, -1)
-        if layer_index < self.start_layer:
-            return
-        fused = _fuse_heads(attn, self.head_fusion)  # (B, N, N)
-        discard = _discard_count(self.discard_ratio, num_tokens)
-        if discard > 0:
-            flat = fused.reshape(batch, -1)
-            smallest = torch.sort(flat, dim=1, stable=True).indices[:, :discard]
-            drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, smallest, True)
-            drop[:, 0] = False  # entry (0, 0) stays
-            fused = flat.masked_fill(drop, 0.0).reshape(batch, num_tokens, num_tokens)
-        # In place on our own float64 copy: A = 0.5 F + 0.5 I, rows normalised; keeps extra memory to one [B, N, N].
-        mixed = fused.mul_(0.5)
-        mixed.diagonal(dim1=-2, dim2=-1).add_(0.5)
-        mixed.div_(mixed.sum(dim=-1, keepdim=True))
-        self._rollout = mixed if self._layers_used == 0 else mixed @ self._rollout  # R starts as I
-        self._layers_used += 1
+        if layer_index >= self.start_layer:
+            self._fused.append(_fuse_heads(attn, self.head_fusion))
 
     def _finish_forward(self) -> None:
-        if self._rollout is None:
+        if self._last_layer < 0:
             return
-        if self._layers_used == 0:
+        if not self._fused:
             raise VitvizError(f"start layer {self.start_layer} is past the model's last layer ({self._last_layer})")
-        self._maps.append(_readout(self._rollout, self.layout))
-        self._rollout = None
+        first = self._fused[0]
+        row = _readout_row(self.layout, first.shape[0], first.device)  # (B, N)
+        for fused in reversed(self._fused):  # u R = ((u A_L) A_(L-1)) ... A_1
+            row = (row[:, None, :] @ _rollout_factor(fused, self.discard_ratio))[:, 0, :]
+        self._maps.append(patch_grid(row, self.layout))
+        self._fused = []
         self._last_layer = -1
-        self._layers_used = 0
 
     def result(self) -> torch.Tensor:
         """Raw rollout maps [B, gh, gw] float64 for every image consumed so far."""
