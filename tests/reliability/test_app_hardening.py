@@ -35,7 +35,6 @@ except ModuleNotFoundError:  # Python 3.10: the toml package that streamlit depe
     import toml as tomllib
 
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
-OTHER = ROOT / "assets" / "checkpoints" / "shapes-pos-sincos.safetensors"
 APP = ROOT / "app.py"
 UPLOAD_LIMIT_MB = 400  # what the README promises: a ViT-B/16 checkpoint fits
 
