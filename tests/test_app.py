@@ -46,10 +46,16 @@ def app_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pa
     return {"runs": runs, "cache": cache}
 
 
-def _other_bundled() -> Path:
+def _other_bundled(*, same_grid: bool = False) -> Path:
+    """Another bundled checkpoint; with same_grid, one whose patch grid equals the default's (for difference maps)."""
     others = sorted(p for p in DEFAULT.parent.glob("*.safetensors") if p != DEFAULT)
-    if not others:
-        pytest.skip("needs a second bundled checkpoint in assets/checkpoints")
+    if same_grid:
+        def grid(path: Path) -> tuple:
+            config = _meta(path)["config"]
+            return tuple(s // config["patch_size"] for s in config["img_size"])
+
+        others = [p for p in others if grid(p) == grid(DEFAULT)]
+    assert others, "assets/checkpoints needs a second bundled checkpoint"
     return others[0]
 
 
@@ -346,7 +352,7 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
 
 
 def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
-    other = _other_bundled()
+    other = _other_bundled(same_grid=True)
     keys = ["bundled:shapes-default", f"bundled:{other.stem}"]
     at = _open("compare", query={"compare": keys})
     assert _errors(at) == []
