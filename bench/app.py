@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from bench.browser import launch_chromium, streamlit_server, wait_idle
 from bench.common import LOWER, Figure
 
 if TYPE_CHECKING:
@@ -43,17 +37,6 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_TARGET_S = 1.5
 SWITCH_TARGET_S = 0.5
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 180
 STEP_TIMEOUT_MS = 300_000  # one step on a very busy machine; a hang fails instead of waiting forever
 UPLOAD_INPUT = '[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]'
@@ -80,51 +63,6 @@ _PAGE_READY_JS = """(heading) => {
   if (!main.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot .main-svg')) return false;
   return !document.querySelector('[data-testid="stStatusWidget"]');
 }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def streamlit_server(folder: Path) -> Iterator[str]:
-    """`streamlit run app.py` on a free port with runs and cache folders under `folder`; yields its URL."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "VITVIZ_RUNS_DIR": str(folder / "runs"),
-        "VITVIZ_CACHE_DIR": str(folder / "cache"),
-    }
-    command = [
-        sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
-    ]  # fmt: skip
-    log_path = folder / "streamlit.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://localhost:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"streamlit did not start: {log_path.read_text()[-1000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def upload_image(index: int, size: tuple[int, int] = (640, 480)) -> bytes:
@@ -157,7 +95,7 @@ def _open_rollout(page: Any, url: str) -> None:
     """A fresh session of /rollout (empty uploader, the sample explained from the cache), drawn and idle."""
     page.goto(url)
     page.wait_for_function(_PAGE_READY_JS, arg="Attention rollout", polling=50, timeout=STEP_TIMEOUT_MS)
-    _wait_idle(page)
+    wait_idle(page, timeout_s=STEP_TIMEOUT_MS / 1000)
     _check_no_exception(page)
 
 
@@ -177,7 +115,7 @@ def _upload(page: Any, url: str, folder: Path, index: int) -> float:
     )
     seconds = time.perf_counter() - start
     page.get_by_text(f"Input: {path.name}").wait_for(timeout=STEP_TIMEOUT_MS)  # the overlay was this image's
-    _wait_idle(page)
+    wait_idle(page, timeout_s=STEP_TIMEOUT_MS / 1000)
     _check_no_exception(page)
     return seconds
 
@@ -189,21 +127,9 @@ def _switch(page: Any, link_text: str, heading: str) -> float:
     link.click()
     page.wait_for_function(_PAGE_READY_JS, arg=heading, polling=10, timeout=STEP_TIMEOUT_MS)
     seconds = time.perf_counter() - start
-    _wait_idle(page)
+    wait_idle(page, timeout_s=STEP_TIMEOUT_MS / 1000)
     _check_no_exception(page)
     return seconds
-
-
-def _wait_idle(page: Any, quiet_checks: int = 3) -> None:
-    """Until no running indicator has been seen for a few checks in a row."""
-    quiet = 0
-    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
-    while quiet < quiet_checks:
-        busy = page.locator('[data-testid="stStatusWidget"], [data-testid="stSkeleton"]').count()
-        quiet = 0 if busy else quiet + 1
-        if time.monotonic() > deadline:
-            raise RuntimeError("the app did not finish running")
-        page.wait_for_timeout(150)
 
 
 def _check_no_exception(page: Any) -> None:
@@ -216,12 +142,10 @@ def measure_app(source: str, uploads: int, folder: Path) -> dict[str, Any]:
     """Upload and page-switch timings (seconds) of the real app in Chromium."""
     from playwright.sync_api import sync_playwright
 
-    if not CHROMIUM.exists():
-        raise RuntimeError(f"the app figure needs the system Chromium at {CHROMIUM}")
     folder.mkdir(parents=True, exist_ok=True)
     key = _model_key(source, folder)
-    with streamlit_server(folder) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with streamlit_server(folder, startup_timeout_s=STARTUP_TIMEOUT_S) as url, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
             page.set_default_timeout(STEP_TIMEOUT_MS)

@@ -1,8 +1,9 @@
 """Figure 4, train: images/s of `python -m training train` vs a minimal hand-written loop.
 
-Measured: `python -m training train --preset P --set log_every=1 --max-steps W+N` in a fresh process; its
-images/s is the median of the per-step `images_per_s` it writes to metrics.jsonl, over the N steps after W
-warm-up steps (each step's figure covers loading the batch and the step).
+Measured: `python -m training train --preset P --set log_every=1 --max-steps W+N` in a fresh process, with
+the data in memory (`data.in_memory`, as the shapes presets train); its images/s is the median of the
+per-step `images_per_s` it writes to metrics.jsonl, over the N steps after W warm-up steps (each step's
+figure covers getting the batch from memory and the step).
 Baseline: `python -m bench.train loop RUN_DIR ...`, also a fresh process: the run's resolved config
 (config.json) rebuilt with the same factory (same timm model), the same batch size, precision (bf16
 autocast or fp32), optimiser settings, label smoothing and gradient clipping, on batches already in memory:

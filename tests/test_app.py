@@ -174,10 +174,12 @@ def test_every_page_renders_on_the_default_checkpoint_with_downloads(page: str) 
     assert _errors(at) == []
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
     assert _query(at, "model") == ["bundled:shapes-default"]
-    if page in ("filters", "position", "distance", "rollout", "compare"):
+    if page != "train":
         labels = [b.label for b in at.get("download_button")]
-        assert any(label.endswith(".png") or label == "PNG" for label in labels), labels
+        assert any(label.endswith(".png") for label in labels) and any(label.endswith(".svg") for label in labels), labels
         assert any(label.endswith((".csv", ".npz")) for label in labels), labels
+    if page == "overview":  # the bundled default's run log ships beside it, so its curves can be exported
+        assert {"training-curves.png", "training-curves.svg", "metrics.csv"} <= set(labels), labels
 
 
 def test_overview_card_reports_the_checkpoints_architecture() -> None:
@@ -371,6 +373,23 @@ def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
             np.testing.assert_allclose(_tile(mosaic, row_index, col, (gh, gw)), expected[row_index, col], atol=1e-5)
 
 
+def test_bundled_comparisons_pick_their_checkpoints_in_one_click() -> None:
+    from vitviz.ui.compare import READY_MADE
+
+    at = _open("compare")
+    bundled = {path.stem for path in DEFAULT.parent.glob("*.safetensors")}
+    offered = {b.label: b for b in at.button if b.key and b.key.startswith("compare.ready.")}
+    assert set(offered) == {label for label, stems in READY_MADE.items() if set(stems) <= bundled}
+    assert "Position embeddings" in offered and "Early vs late" in offered  # the paper's ablation ships
+    offered["Position embeddings"].click().run()
+    assert _errors(at) == [] and not at.exception
+    wanted = [f"bundled:{stem}" for stem in READY_MADE["Position embeddings"]]
+    assert at.multiselect(key="vv.compare.widget").value == wanted and _query(at, "compare") == wanted
+    summary = at.dataframe[0].value
+    row = summary[summary[""] == "position embedding"]
+    assert list(row[["A", "B", "C", "D"]].iloc[0]) == ["learned", "learned_2d", "sincos", "none"]
+
+
 # --- train ---------------------------------------------------------------------------------------------------
 
 
@@ -404,6 +423,8 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     curves = _charts(at)[0]
     loss = next(trace for trace in curves["data"] if trace["name"] == "loss")
     assert list(_array(loss["y"])) == [2.3, 2.1]  # the half-written last line is skipped
+    labels = [b.label for b in at.get("download_button")]
+    assert {"training-curves.png", "training-curves.svg", "metrics.csv"} <= set(labels), labels
     picker = at.sidebar.selectbox(key="vv.model.widget")
     assert "run demo-run · best" in picker.options and "run demo-run · epoch-001" in picker.options
 

@@ -7,31 +7,23 @@ Screenshots go to test-output/screenshots/.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from bench.browser import (
+    CHROMIUM,
+    ServerDidNotStart,
+    launch_chromium,
+    streamlit_server,
+    wait_idle,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 PAGE_TITLES = {
     "": "vitviz studio",
     "filters": "Patch-embedding filters",
@@ -60,50 +52,15 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """The app served by `streamlit run` on a free port, with its own runs and cache folders."""
     folder = tmp_path_factory.mktemp("studio")
-    runs = folder / "runs"
-    runs.mkdir()
-    port = _free_port()
-    env = {**os.environ, "VITVIZ_RUNS_DIR": str(runs), "VITVIZ_CACHE_DIR": str(folder / "cache")}
-    log = open(folder / "streamlit.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"streamlit did not start: {(folder / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "runs": runs}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        with streamlit_server(folder, startup_timeout_s=STARTUP_TIMEOUT_S) as url:
+            yield {"url": url, "runs": folder / "runs"}
+    except ServerDidNotStart as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +68,7 @@ def browser() -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = launch_chromium(playwright)
         try:
             yield chromium
         finally:
@@ -129,16 +86,9 @@ def page(browser: object) -> Iterator[object]:
         context.close()
 
 
-def _wait_idle(page: object, quiet_checks: int = 4) -> None:
+def _wait_idle(page: object) -> None:
     """Until the script has stopped running: no running indicator and no skeleton for several checks."""
-    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
-    quiet = 0
-    while quiet < quiet_checks:
-        busy = page.locator('[data-testid="stStatusWidget"]').count() + page.locator('[data-testid="stSkeleton"]').count()
-        quiet = 0 if busy else quiet + 1
-        if time.monotonic() > deadline:
-            raise AssertionError("the app did not finish running")
-        page.wait_for_timeout(400)
+    wait_idle(page, timeout_s=PAGE_TIMEOUT_MS / 1000, quiet_checks=4, interval_ms=400)
 
 
 def _assert_no_exception(page: object) -> None:

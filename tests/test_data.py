@@ -461,3 +461,30 @@ def test_importing_training_is_light() -> None:
     code = "import sys, training; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- in-memory data
+
+
+@pytest.mark.parametrize(
+    ("name", "input_size", "in_chans", "mean", "std"),
+    [
+        ("shapes", (32, 32), 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),  # rendered at the input size
+        ("shapes", (24, 40), 1, (0.45,), (0.22,)),  # resized, RGB made grey, non-square
+        ("digits", (16, 16), 1, (0.1307,), (0.3081,)),  # 8x8 grey, upsampled
+    ],
+)
+def test_in_memory_batches_equal_the_eval_transform_bit_for_bit(
+    name: str, input_size: tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    from training.data.memory import InMemoryImages
+
+    dataset = build_dataset(name, split="val", img_size=(32, 32), num_samples=40)
+    memory = InMemoryImages(dataset, input_size=input_size, in_chans=in_chans, mean=mean, std=std, num_workers=0)
+    assert memory.pixels.dtype == torch.uint8 and memory.pixels.shape == (len(dataset), in_chans, *input_size)
+    transform = eval_transform(input_size=input_size, in_chans=in_chans, mean=mean, std=std)
+    indices = [7, 0, 39, 7, 12]
+    images, labels = memory.batch(indices)
+    expected = torch.stack([transform(dataset[i][0]) for i in indices])
+    assert torch.equal(images, expected)  # exact: a run trains on the same numbers with or without the cache
+    assert labels.tolist() == [dataset[i][1] for i in indices]

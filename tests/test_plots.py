@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import matplotlib
@@ -221,6 +223,9 @@ def test_interactive_rollout_normalises_by_max_and_covers_the_image() -> None:
     fig = interactive.rollout_figure(image, relevance, opacity=0.4)
     picture, heat = fig.data
     assert picture.type == "image" and heat.type == "heatmap" and heat.opacity == 0.4
+    assert picture.source.startswith("data:image/png;base64,") and picture.z is None  # pixels as one PNG
+    with Image.open(io.BytesIO(base64.b64decode(picture.source.split(",", 1)[1]))) as png:
+        np.testing.assert_array_equal(np.asarray(png.convert("RGB")), image)
     np.testing.assert_allclose(np.asarray(heat.z), relevance / relevance.max())
     assert (heat.zmin, heat.zmax) == (0.0, 1.0)
     # Cell j spans pixels [16 j, 16 j + 16): its centre is at 16 j + 7.5 in pixel coordinates.
@@ -260,3 +265,43 @@ def test_training_curves_split_loss_and_accuracy() -> None:
     assert set(by_name) == {"train_loss", "val_accuracy"}
     assert list(by_name["train_loss"].x) == [0, 10, 20] and list(by_name["val_accuracy"].y) == [0.4, 0.6]
     assert by_name["train_loss"].xaxis != by_name["val_accuracy"].xaxis  # separate panels
+
+
+def test_paper_training_curves_match_the_interactive_series(tmp_path: Path) -> None:
+    records = [
+        {"kind": "step", "step": 20, "loss": 2.3, "accuracy": 0.1, "lr": 0.001},
+        {"kind": "step", "step": 40, "loss": float("nan"), "accuracy": 0.2},  # NaN loss: skipped, accuracy kept
+        {"kind": "epoch", "step": 40, "train_loss": 1.9, "eval_accuracy": 0.45},
+        {"kind": "step", "step": 60, "loss": 1.7, "accuracy": 0.5},
+    ]
+    fig = paper.training_curves_figure(records, title="run")
+    loss_ax, _ = fig.axes
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.lines}
+    assert set(lines) == {"loss", "accuracy", "train_loss", "eval_accuracy"}  # lr is neither loss nor accuracy
+    assert {line.get_label() for line in loss_ax.lines} == {"loss", "train_loss"}
+    assert list(lines["loss"].get_xdata()) == [20, 60] and list(lines["loss"].get_ydata()) == [2.3, 1.7]
+    assert list(lines["accuracy"].get_ydata()) == pytest.approx([10.0, 20.0, 50.0])  # percent
+    assert list(lines["eval_accuracy"].get_xdata()) == [40]
+    plotly_fig = interactive.training_curves_figure(records)
+    assert {trace.name: list(trace.y) for trace in plotly_fig.data}["accuracy"] == [0.1, 0.2, 0.5]
+    assert saved_png_size(fig, tmp_path / "curves")[0] > 600
+    empty = paper.training_curves_figure([{"step": 1, "lr": 0.1}])
+    assert not any(ax.lines for ax in empty.axes)
+
+
+def test_interactive_figures_avoid_streamlits_placeholder_colours() -> None:
+    """Streamlit's plotly theme swaps #000001-#000040 for theme colours in the browser; Inferno starts at #000004."""
+    import json
+    import re
+
+    attention = RNG.dirichlet(np.ones(4), size=(3, 2)).reshape(3, 2, 2, 2)
+    figures = [
+        interactive.attention_grid_figure(attention, colorscale="Inferno"),
+        interactive.position_figure(RNG.uniform(-1, 1, size=(2, 2, 2, 2)), colorscale="Inferno"),
+        interactive.rollout_figure(np.zeros((8, 8, 3), np.uint8), RNG.uniform(size=(2, 2)), colorscale="Inferno"),
+        interactive.difference_figure(RNG.normal(size=(2, 2))),
+    ]
+    for fig in figures:
+        text = json.dumps(fig.to_plotly_json()["data"], default=str)
+        assert not re.search(r"#0000(?!00)[0-9a-fA-F]{2}\b", text)
+    assert tuple(figures[0].data[0].colorscale[0]) == (0.0, "rgb(0, 0, 4)")  # the same colour, written so the theme leaves it alone

@@ -116,6 +116,12 @@ def test_bad_overrides_are_one_line_errors(assignment: str, fragment: str) -> No
     assert fragment in message and "\n" not in message
 
 
+def test_in_memory_data_refuses_per_image_augmentation() -> None:
+    with pytest.raises(VitvizError, match="in_memory needs data.augment=none"):
+        apply_overrides(tiny(), ["data.in_memory=true", "data.augment=light"])
+    assert apply_overrides(tiny(), ["data.in_memory=true"]).data.in_memory is True
+
+
 def test_config_json_rejects_unknown_keys() -> None:
     doc = presets.tiny().to_dict()
     doc["optim"]["learning_rate"] = 0.1

@@ -92,6 +92,20 @@ def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path: Path, objective:
     assert resumed.metrics == straight.metrics
 
 
+def test_in_memory_data_trains_the_same_run_and_resumes_exactly(tmp_path: Path) -> None:
+    """data.in_memory only skips the per-image work: same weights and metrics as the streamed run, and resumable."""
+    base = replace(_busy_config(), data=replace(presets.tiny().data, num_eval_samples=24))  # augment=none
+    streamed = run(base, _options(tmp_path, "streamed"))
+    cfg = replace(base, data=replace(base.data, in_memory=True))
+    assert run(cfg, _options(tmp_path, "memory", max_steps=5)).step == 5
+    resumed = run(None, _options(tmp_path, "ignored", resume=tmp_path / "memory"))
+    assert resumed.status == "finished" and resumed.step == streamed.step
+    a, b = tmp_path / "streamed", tmp_path / "memory"
+    for name in ("last", "checkpoints/epoch-001", "checkpoints/epoch-002"):
+        _assert_same_weights(a / f"{name}.safetensors", b / f"{name}.safetensors")
+    assert _deterministic_lines(b / "metrics.jsonl") == _deterministic_lines(a / "metrics.jsonl")
+
+
 def test_sigterm_stops_at_a_step_boundary_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _busy_config()
     run(cfg, _options(tmp_path, "straight"))

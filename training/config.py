@@ -51,6 +51,7 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     download: bool = False  # torchvision datasets only; tests and CI never download
     num_workers: int = 0  # DataLoader worker processes
+    in_memory: bool = False  # prepare the training and eval images once into memory (augment=none only)
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "data.dataset must name a dataset")
@@ -65,6 +66,10 @@ class DataConfig:
             _require(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
         _require(bool(self.augment), "data.augment must name a recipe (none, light, randaug) or a timm policy")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(
+            not self.in_memory or self.augment.strip().lower() == "none",
+            f"data.in_memory needs data.augment=none (augmentations are random per image), got {self.augment!r}",
+        )
 
 
 @dataclass(frozen=True)

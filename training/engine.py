@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training import distributed
 from training.config import TrainConfig
+from training.data.memory import InMemoryImages
 from training.distributed import DistContext
 from training.masked import Corruption, MaskedPatchModel, colour_class_names, colour_targets, sample_corruption
 from training.runfolder import RunFolder
@@ -655,6 +656,7 @@ class _Run:
         if cfg.finetune.source is not None and cfg.finetune.freeze_blocks:
             freeze_early_layers(vit, cfg.finetune.freeze_blocks)
 
+        self.memory: dict[str, InMemoryImages] = {}
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise VitvizError(
@@ -766,13 +768,17 @@ class _Run:
         cfg, ctx, spe = self.cfg, self.ctx, self.steps_per_epoch
         randomised = cfg.data.augment != "none"
         samples = EpochSamples(self.data.train, self._train_transform(), cfg.seed, randomised=randomised)
+        memory = self._in_memory("train") if cfg.data.in_memory else None
         per_rank = cfg.batch_size // ctx.world_size
         window_start = self.epoch_start = time.perf_counter()
         while step < stop_at:
             epoch = step // spe
             order = epoch_order(len(self.data.train), cfg.seed, epoch)
             batches = rank_batches(order, cfg.batch_size, ctx, step % spe, min(spe, stop_at - epoch * spe))
-            loader = make_loader(samples, epoch, batches, cfg.data.num_workers, pin=ctx.device.type == "cuda")
+            if memory is not None:
+                loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = map(memory.batch, batches)
+            else:
+                loader = make_loader(samples, epoch, batches, cfg.data.num_workers, pin=ctx.device.type == "cuda")
             for images, labels in loader:
                 outcome = self.trainer.train_step(images, labels, step)
                 step = self.step = step + 1
@@ -790,6 +796,17 @@ class _Run:
                 if distributed.broadcast_flag(stop.signal is not None, ctx):
                     return step, True
         return step, False
+
+    def _in_memory(self, which: str) -> InMemoryImages:
+        """The train or eval split prepared once into memory (kept for the rest of the run)."""
+        cache = self.memory.get(which)
+        if cache is None:
+            dataset = self.data.train if which == "train" else self.data.eval
+            cache = self.memory[which] = InMemoryImages(
+                dataset, input_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
+                mean=self.data.mean, std=self.data.std, num_workers=self.cfg.data.num_workers,
+            )  # fmt: skip
+        return cache
 
     def _train_transform(self) -> Callable[[Any], torch.Tensor]:
         from training.data import train_transform
@@ -850,6 +867,8 @@ class _Run:
         positions = distributed.shard(range(len(self.data.eval)), self.ctx)
         size = max(1, self.cfg.batch_size // self.ctx.world_size)
         batches = [positions[i : i + size] for i in range(0, len(positions), size)]
+        if self.cfg.data.in_memory:
+            return map(self._in_memory("eval").batch, batches)
         return iter(make_loader(samples, 0, batches, self.cfg.data.num_workers, pin=self.ctx.device.type == "cuda"))
 
     def _end_epoch(self, step: int, lr: float) -> None:

@@ -9,10 +9,11 @@ test split, and the script prints every step's wall time and CPU time and a tabl
     python -m training.make_assets --samples-only                   # just assets/samples
 
 Runs are written to runs/assets/<name>/ (``--runs-dir``); an existing finished run is reused unless
-``--retrain`` is given, so a second call only copies and evaluates. The training processes get one
-compute thread (OMP_NUM_THREADS=1) and the shapes presets one DataLoader worker: on a 2-core machine that
-keeps one core on the model and one rendering the next batch, and it avoids the slowdown of two OpenMP
-threads spinning against a busy second core. docs/training.md records the measured times.
+``--retrain`` is given, so a second call only copies and evaluates. Each training process gets every
+core as compute threads (``--threads``; the shapes presets prepare their images in memory first, with two
+DataLoader workers), so the runs should have the machine to themselves: on a 2-core machine that other work
+also uses, two OpenMP threads spin against the busy second core and a step gets several times slower (then
+pass ``--threads 1``). docs/training.md records the measured times.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -32,6 +34,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from vitviz.fileio import atomic_path
 
 logger = logging.getLogger("training.make_assets")
 
@@ -58,7 +62,7 @@ class Bundle:
 
 
 BUNDLES: tuple[Bundle, ...] = (
-    Bundle("shapes-default", ("train", "--preset", "shapes-default"), snapshots=(1, 4, 8)),
+    Bundle("shapes-default", ("train", "--preset", "shapes-default"), snapshots=(1, 2, 4)),
     Bundle("shapes-finetune-hires", ("finetune", "--preset", "shapes-finetune-hires"), finetunes="shapes-default"),
     Bundle("shapes-2d", ("train", "--preset", "shapes-2d")),
     Bundle("shapes-sincos", ("train", "--preset", "shapes-sincos")),
@@ -78,9 +82,9 @@ class StepTimes:
     cpu_s: float  # user + system time of the child processes
 
 
-def _run(args: Sequence[str]) -> StepTimes:
-    """Run `python -m training ARGS` from the repository root with one compute thread; raise if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _run(args: Sequence[str], threads: int) -> StepTimes:
+    """Run `python -m training ARGS` from the repository root with `threads` compute threads; raise if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "training", *args]
     logger.info("$ %s", " ".join(command[1:]))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -102,13 +106,12 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy through a temporary file in the target folder, then rename, so the app never sees half a file."""
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
+    """Copy through a temporary file beside the target, then rename, so the app never sees half a file."""
+    with atomic_path(target) as partial:
+        shutil.copyfile(source, partial)
 
 
-def make_bundle(bundle: Bundle, runs_dir: Path, *, retrain: bool) -> dict[str, object]:
+def make_bundle(bundle: Bundle, runs_dir: Path, *, retrain: bool, threads: int) -> dict[str, object]:
     """Train (or reuse) the bundle's run, copy its checkpoints into assets/ and evaluate it on the test split."""
     run_dir = runs_dir / bundle.name
     times = StepTimes(float("nan"), float("nan"))
@@ -119,19 +122,24 @@ def make_bundle(bundle: Bundle, runs_dir: Path, *, retrain: bool) -> dict[str, o
         if bundle.finetunes is not None:
             args += ["--from", str(runs_dir / bundle.finetunes / "last.safetensors")]
         args += ["--runs-dir", str(runs_dir), "--run-id", bundle.name, "--no-progress"]
-        times = _run(args)
+        times = _run(args, threads)
         logger.info("%s: trained in %.0f s wall, %.0f s CPU", bundle.name, times.wall_s, times.cpu_s)
     else:
         logger.info("%s: reusing the finished run in %s", bundle.name, run_dir)
 
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     _copy(run_dir / "last.safetensors", CHECKPOINTS_DIR / f"{bundle.name}.safetensors")
+    # The studio draws a bundled checkpoint's training curves from <stem>.metrics.jsonl beside it.
+    _copy(run_dir / "metrics.jsonl", CHECKPOINTS_DIR / f"{bundle.name}.metrics.jsonl")
+    wanted = {CHECKPOINTS_DIR / f"{bundle.name}-epoch-{epoch:03d}.safetensors" for epoch in bundle.snapshots}
+    for stale in set(CHECKPOINTS_DIR.glob(f"{bundle.name}-epoch-*.safetensors")) - wanted:
+        stale.unlink()  # snapshots of an earlier recipe, which this run's epochs replace
     for epoch in bundle.snapshots:
         snapshot = run_dir / "checkpoints" / f"epoch-{epoch:03d}.safetensors"
         _copy(snapshot, CHECKPOINTS_DIR / f"{bundle.name}-epoch-{epoch:03d}.safetensors")
 
     report = run_dir / "eval-test.json"
-    _run(["evaluate", str(run_dir / "last.safetensors"), *bundle.eval_args, "--json", str(report)])
+    _run(["evaluate", str(run_dir / "last.safetensors"), *bundle.eval_args, "--json", str(report)], threads)
     result = json.loads(report.read_text())
     game = result.get("pointing_game") or {}
     return {
@@ -162,7 +170,7 @@ def write_samples(folder: Path = SAMPLES_DIR) -> list[Path]:
 
 
 def _fmt(value: object, pattern: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and value != value) else pattern.format(value)
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=[b.name for b in BUNDLES])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/assets"))
     parser.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="compute threads per run (default: every core)"
+    )
     parser.add_argument("--samples-only", action="store_true", help="only write assets/samples")
     args = parser.parse_args(argv)
 
@@ -182,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [b for b in BUNDLES if not args.only or b.name in args.only]
     rows = []
     for bundle in chosen:
-        rows.append(make_bundle(bundle, runs_dir, retrain=args.retrain))
+        rows.append(make_bundle(bundle, runs_dir, retrain=args.retrain, threads=args.threads))
     print(f"{'checkpoint':<24} {'wall':>7} {'cpu':>7} {'accuracy':>9} {'pointing':>9} {'random':>7}")
     for row in rows:
         print(

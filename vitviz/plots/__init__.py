@@ -8,13 +8,23 @@ mosaic picture (so a 24 x 24 grid of maps is one image, not 576 axes) and scalin
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "as_rgb_uint8",
-    "tile_mosaic", "mosaic_positions", "tile_centres", "scale_by_max", "minmax_scale",
+    "curve_series",
+    "is_accuracy",
+    "is_number",
+    "minmax_scale",
+    "mosaic_positions",
+    "scale_by_max",
+    "tile_centres",
+    "tile_mosaic",
     "upsample_bilinear",
 ]
 
@@ -86,3 +96,40 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         image = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     return image[..., :3]
+
+
+def curve_series(
+    records: Sequence[Mapping[str, object]],
+    *,
+    x: str = "step",
+    metrics: Sequence[str] | None = None,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Training-curve series from logged records (e.g. metrics.jsonl rows): {metric: (xs, ys)}.
+
+    Args:
+        records: one mapping per logged point; a record without a finite `x` or metric is skipped for it.
+        metrics: keys to draw; default every key, in first-seen order, whose name contains "loss" or "acc"
+            and that has at least one finite number.
+    """
+    if metrics is None:
+        keys = dict.fromkeys(key for record in records for key in record)
+        metrics = [key for key in keys if key != x and ("loss" in key.lower() or "acc" in key.lower())]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for key in metrics:
+        points = [(record[x], record[key]) for record in records if is_number(record.get(x)) and is_number(record.get(key))]
+        if points:
+            xs, ys = zip(*points)
+            series[key] = (list(xs), list(ys))
+    return series
+
+
+def is_accuracy(metric: str) -> bool:
+    """Whether a curve belongs on the accuracy panel (all others go on the loss panel)."""
+    return "acc" in metric.lower()
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (numpy scalars included), never a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(value)

@@ -8,14 +8,27 @@ the cursor. Colour-scale arguments (`zmin`, `zmax`) let the compare page use one
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
+from PIL import Image
 from plotly.subplots import make_subplots
 
-from vitviz.plots import as_rgb_uint8, minmax_scale, mosaic_positions, scale_by_max, tile_centres, tile_mosaic
+from vitviz.plots import (
+    as_rgb_uint8,
+    curve_series,
+    is_accuracy,
+    minmax_scale,
+    mosaic_positions,
+    scale_by_max,
+    tile_centres,
+    tile_mosaic,
+)
 
 _FONT = {"size": 12}
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
@@ -110,7 +123,7 @@ def position_patch_figure(
     ticks_y, ticks_x = np.arange(gh), np.arange(gw)
     fig = go.Figure(
         go.Heatmap(
-            z=values, x=ticks_x, y=ticks_y, zmin=zmin, zmax=zmax, colorscale=colorscale,
+            z=values, x=ticks_x, y=ticks_y, zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale),
             colorbar={"title": {"text": "Cosine similarity", "side": "right"}},
             customdata=np.stack(np.meshgrid(ticks_y + 1, ticks_x + 1, indexing="ij"), axis=-1),
             hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>similarity %{z:.3f}<extra></extra>",
@@ -215,11 +228,11 @@ def rollout_figure(
     height, width = image.shape[:2]
     gh, gw = relevance.shape
     dy, dx = height / gh, width / gw
-    fig = go.Figure(go.Image(z=image, hoverinfo="skip"))
+    fig = go.Figure(picture_trace(image))
     fig.add_trace(
         go.Heatmap(
             z=scale_by_max(relevance), x0=(dx - 1) / 2, dx=dx, y0=(dy - 1) / 2, dy=dy,
-            zmin=zmin, zmax=zmax, colorscale=colorscale, opacity=opacity, zsmooth="best" if smooth else False,
+            zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale), opacity=opacity, zsmooth="best" if smooth else False,
             colorbar={"title": {"text": "Relevance (÷ max)", "side": "right"}},
             customdata=np.stack(np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij"), axis=-1),
             hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>%{z:.2f} of max<extra></extra>",
@@ -229,6 +242,34 @@ def rollout_figure(
     fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x")
     fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "l": 10})
     return fig
+
+
+def rgb_colorscale(name: str) -> list[list[object]]:
+    """A named plotly colour scale as explicit (position, "rgb(r, g, b)") stops.
+
+    Streamlit's plotly theme uses the colours #000001 to #000040 as placeholders and swaps them for theme
+    colours in the browser; Inferno starts at #000004, so its lowest values were drawn pink. Written as
+    rgb() the same colours pass through untouched.
+    """
+    stops = []
+    for position, colour in plotly.colors.get_colorscale(name):
+        if colour.startswith("#"):
+            red, green, blue = plotly.colors.hex_to_rgb(colour)
+            colour = f"rgb({red}, {green}, {blue})"
+        stops.append([position, colour])
+    return stops
+
+
+def picture_trace(image: np.ndarray) -> go.Image:
+    """An RGB picture as a plotly image trace whose pixels travel as one PNG (a data URI), not as JSON numbers.
+
+    A 224 x 224 photo is 150,528 numbers as `z` (about 0.6 MB of JSON for the browser to parse) but tens of
+    kilobytes as PNG, which the browser decodes natively; pixel (x, y) still covers [x - 0.5, x + 0.5].
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(as_rgb_uint8(image)).save(buffer, format="PNG", compress_level=1)
+    source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return go.Image(source=source, hoverinfo="skip")
 
 
 def attention_grid_figure(
@@ -297,7 +338,7 @@ def difference_figure(
         rows, cols = difference.shape
         fig = go.Figure(
             go.Heatmap(
-                z=difference, zmin=-limit, zmax=limit, colorscale=colorscale,
+                z=difference, zmin=-limit, zmax=limit, colorscale=rgb_colorscale(colorscale),
                 x=np.arange(1, cols + 1), y=np.arange(1, rows + 1),
                 colorbar={"title": {"text": colorbar_title, "side": "right"}},
                 hovertemplate="(%{y}, %{x})<br>difference %{z:.3f}<extra></extra>",
@@ -325,29 +366,14 @@ def training_curves_figure(
         metrics: keys to draw; default every numeric key whose name contains "loss" or "acc".
             Keys containing "acc" go to the right panel, all others to the left.
     """
-    if metrics is None:
-        keys = dict.fromkeys(key for record in records for key in record)
-        metrics = [
-            key for key in keys
-            if key != x and ("loss" in key.lower() or "acc" in key.lower())
-            and any(_is_number(record.get(key)) for record in records)
-        ]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.12)
-    for key in metrics:
-        points = [
-            (record[x], record[key])
-            for record in records
-            if _is_number(record.get(x)) and _is_number(record.get(key))
-        ]
-        if not points:
-            continue
-        xs, ys = zip(*points)
-        column = 2 if "acc" in key.lower() else 1
+    for key, (xs, ys) in curve_series(records, x=x, metrics=metrics).items():
         fig.add_trace(
             go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=key),
-            row=1, col=column,
+            row=1, col=2 if is_accuracy(key) else 1,
         )
     fig.update_xaxes(title=x.capitalize())
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
     fig.update_layout(font=_FONT, margin=_MARGIN, hovermode="x unified")
     return fig
 
@@ -379,7 +405,7 @@ def _mosaic_heatmap(
     ).astype(dtype)  # gaps (index -1) become 0; they are not hoverable anyway
     fig = go.Figure(
         go.Heatmap(
-            z=mosaic, zmin=zmin, zmax=zmax, colorscale=colorscale, customdata=customdata,
+            z=mosaic, zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale), customdata=customdata,
             hovertemplate=hovertemplate, hoverongaps=False,
             colorbar={"title": {"text": colorbar_title, "side": "right"}},
         )
@@ -402,9 +428,3 @@ def _tile_axes(fig: go.Figure, counts: tuple[int, int], tile: tuple[int, int], *
         )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
-
-
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    return math.isfinite(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,16 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from vitviz.plots import as_rgb_uint8, minmax_scale, scale_by_max, tile_centres, tile_mosaic, upsample_bilinear
+from vitviz.plots import (
+    as_rgb_uint8,
+    curve_series,
+    is_accuracy,
+    minmax_scale,
+    scale_by_max,
+    tile_centres,
+    tile_mosaic,
+    upsample_bilinear,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +180,44 @@ def distance_figure(
         loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
         ncols=1 if heads <= 16 else 2, handletextpad=0.2, borderaxespad=0.0,
     )
+    return fig
+
+
+def training_curves_figure(
+    records: Sequence[Mapping[str, object]],
+    *,
+    x: str = "step",
+    metrics: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Loss (left) and accuracy (right) against `x`, from logged records such as a run's metrics.jsonl rows.
+
+    The same series as the app's interactive curves (`vitviz.plots.curve_series`); accuracy is drawn in
+    percent. Curves with 30 points or fewer (per-epoch evaluations) get markers.
+    """
+    series = curve_series(records, x=x, metrics=metrics)
+    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for ax, name in ((loss_ax, "Loss"), (acc_ax, "Accuracy (%)")):
+        ax.set_title(name.split(" ")[0], fontsize=_TITLE_SIZE)
+        ax.set_xlabel(x.capitalize(), fontsize=_LABEL_SIZE)
+        ax.set_ylabel(name, fontsize=_LABEL_SIZE)
+        ax.tick_params(labelsize=_TICK_SIZE)
+        ax.grid(True, linewidth=0.4, alpha=0.4)
+    for key, (xs, ys) in series.items():
+        accuracy = is_accuracy(key)
+        ax = acc_ax if accuracy else loss_ax
+        values = np.asarray(ys, dtype=np.float64) * (100.0 if accuracy else 1.0)
+        ax.plot(xs, values, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=key)
+    for ax in (loss_ax, acc_ax):
+        if ax.lines:
+            ax.legend(fontsize=7, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
+    if acc_ax.lines:
+        acc_ax.set_ylim(0, 100)
+    if title:
+        fig.suptitle(title, fontsize=_TITLE_SIZE)
     return fig
 
 

@@ -27,6 +27,14 @@ from vitviz.ui.catalog import ModelEntry
 
 FILTER_COMPONENTS = 16
 DISTANCE_IMAGES = 16
+# Comparisons of the bundled checkpoints, offered as one click each when all of their checkpoints are there.
+# The ablation runs share the default's data, steps and model except for the one thing named.
+READY_MADE: dict[str, tuple[str, ...]] = {
+    "Early vs late": ("shapes-default-epoch-001", "shapes-default-epoch-002", "shapes-default"),
+    "Position embeddings": ("shapes-default", "shapes-2d", "shapes-sincos", "shapes-nopos"),
+    "ViT vs hybrid": ("shapes-default", "shapes-hybrid"),
+    "Base vs fine-tuned": ("shapes-default", "shapes-finetune-hires"),
+}
 
 
 @dataclass(frozen=True)
@@ -94,11 +102,16 @@ def _choose_models(selected: str) -> list[Compared]:
                 st.session_state.setdefault(keys.EXTRA_MODELS, {})[entry.key] = entry
         if found:
             st.session_state[keys.COMPARE] = [e.key for e in found]
+    offers = _offers(entries)
+    _ready_made(offers)
     default = st.session_state.get(keys.COMPARE)
     if not default:
-        others = [e.key for e in entries if e.key != selected and e.kind == catalog.BUNDLED]
-        others += [e.key for e in entries if e.key != selected and e.key not in others]
-        default = [selected, *others[:1]]
+        # The first bundled comparison the sidebar's model is part of, else that model and one other.
+        default = next((chosen for chosen in offers.values() if selected in chosen), None)
+        if default is None:
+            others = [e.key for e in entries if e.key != selected and e.kind == catalog.BUNDLED]
+            others += [e.key for e in entries if e.key != selected and e.key not in others]
+            default = [selected, *others[:1]]
     chosen = widgets.model_choices(
         "Models", key=keys.COMPARE_WIDGET, default=default,
         help="The first model is the reference: difference maps show each other model minus it.",
@@ -117,6 +130,32 @@ def _choose_models(selected: str) -> list[Compared]:
     if models:
         st.caption("  ·  ".join(f"**{m.name}**: {widgets.plain(m.entry.label)}" for m in models))
     return models
+
+
+def _offers(entries: list[ModelEntry]) -> dict[str, list[str]]:
+    """The ready-made comparisons whose bundled checkpoints are all present, as model keys."""
+    present = {e.key for e in entries if e.kind == catalog.BUNDLED}
+    return {
+        label: [f"{catalog.BUNDLED}:{stem}" for stem in stems]
+        for label, stems in READY_MADE.items()
+        if all(f"{catalog.BUNDLED}:{stem}" in present for stem in stems)
+    }
+
+
+def _ready_made(offers: dict[str, list[str]]) -> None:
+    """One button per ready-made comparison; a click picks its checkpoints."""
+    if not offers:
+        return
+    with st.container(horizontal=True, wrap=True, gap="small", vertical_alignment="center"):
+        st.caption("Bundled comparisons", width="content")
+        for index, (label, chosen) in enumerate(offers.items()):
+            st.button(label, key=f"compare.ready.{index}", on_click=_choose, args=(chosen,), width="content")
+
+
+def _choose(chosen: list[str]) -> None:
+    """Button callback: runs before the page, so the multiselect can still be given its new value."""
+    st.session_state[keys.COMPARE] = list(chosen)
+    st.session_state[keys.COMPARE_WIDGET] = list(chosen)
 
 
 def _header(model: Compared) -> str:

@@ -9,7 +9,7 @@ import streamlit as st
 
 from vitviz.models import count_parameters
 from vitviz.pipeline import model_summary
-from vitviz.plots import interactive
+from vitviz.plots import interactive, paper
 from vitviz.tokens import token_layout
 from vitviz.ui import catalog, exports, widgets
 
@@ -83,9 +83,11 @@ def render() -> None:
             "config": meta.config.to_dict() if meta.config is not None else None,
             "resolution_history": meta.resolution_history, "content_hash": loaded.content_hash}
     numbers = {"model-card.json": lambda: exports.json_bytes(card)}
+    figures = {}
     if records:
         numbers["metrics.csv"] = lambda: exports.records_csv_bytes(records)
-    widgets.downloads(entry.key, numbers=numbers, key="overview")
+        figures["training-curves"] = lambda: paper.training_curves_figure(records, x="step")
+    widgets.downloads(entry.key, figures=figures, numbers=numbers, key="overview")
 
     st.divider()
     st.markdown("##### What each page shows")

@@ -73,7 +73,7 @@ def render() -> None:
         return
     picture = display_picture(loaded, image)
     top5 = top_classes(attention["probs"], class_names)
-    gradient = None
+    target = None
     if class_names:
         predicted = top5[0][0]
         target = class_col.selectbox(
@@ -84,27 +84,15 @@ def render() -> None:
             key=f"rollout.target.{image.digest[:12]}",
             help="Chefer et al.'s rollout weights attention by the gradient of this class's score.",
         )
-        try:
-            with st.spinner("Back-propagating…"):
-                gradient = gradient_map(loaded, image, int(target))
-        except VitvizError as exc:
-            widgets.show_error(exc)
 
+    # The rollout overlay and the predictions go to the browser first; the backward pass of gradient
+    # rollout runs after them, so a new upload shows its overlay without waiting for the gradient.
     overlay_col, gradient_col, top_col = st.columns([4, 4, 3])
     with overlay_col:
         st.markdown("##### Attention rollout")
         widgets.plotly(
             interactive.rollout_figure(picture, attention["rollout"], opacity=opacity), key="rollout.overlay", height=OVERLAY_HEIGHT
         )
-    with gradient_col:
-        st.markdown("##### Gradient rollout")
-        if gradient is not None:
-            widgets.plotly(
-                interactive.rollout_figure(picture, gradient["map"], opacity=opacity), key="rollout.gradient",
-                height=OVERLAY_HEIGHT,
-            )
-        else:
-            st.caption("Not available: the model has no classifier head.")
     with top_col:
         st.markdown("##### Top-5 predictions")
         widgets.table(
@@ -112,6 +100,22 @@ def render() -> None:
             column_config={"probability": st.column_config.NumberColumn("probability", format="percent")},
         )
         st.caption(f"Input: {widgets.plain(image.name)}")
+    gradient = None
+    with gradient_col:
+        st.markdown("##### Gradient rollout")
+        if target is None:
+            st.caption("Not available: the model has no classifier head.")
+        else:
+            try:
+                with st.spinner("Back-propagating…"):
+                    gradient = gradient_map(loaded, image, int(target))
+            except VitvizError as exc:
+                widgets.show_error(exc)
+        if gradient is not None:
+            widgets.plotly(
+                interactive.rollout_figure(picture, gradient["map"], opacity=opacity), key="rollout.gradient",
+                height=OVERLAY_HEIGHT,
+            )
 
     if from_uploads and len(images) > 1:
         _gallery(loaded, images, head_fusion, discard_ratio, start_layer)

@@ -8,7 +8,7 @@ import time
 import streamlit as st
 
 from vitviz.errors import VitvizError
-from vitviz.plots import interactive
+from vitviz.plots import interactive, paper
 from vitviz.ui import catalog, exports, keys, runs, widgets
 
 REFRESH_SECONDS = 2.0
@@ -201,7 +201,12 @@ def _live_view(run_id: str, was_active: bool) -> None:
         with st.expander("Log", expanded=code not in (None, 0)):
             st.code(log, language=None)
     if records:
-        widgets.downloads(run_id, numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)}, key="train")
+        widgets.downloads(
+            run_id,
+            figures={"training-curves": lambda: paper.training_curves_figure(records, x="step", title=f"Run {run_id}")},
+            numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)},
+            key="train",
+        )
 
 
 if __name__ == "__main__":
