@@ -124,8 +124,13 @@ def _cosine_similarity_tiles(path: Path) -> np.ndarray:
     meta = _meta(path)
     config = meta["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
-    table = _tensors(path)["pos_embed"].reshape(-1, config["embed_dim"]).astype(np.float64)
-    table = table[table.shape[0] - gh * gw :]  # drop the class token's entry when the table has one
+    tensors = _tensors(path)
+    if "pos_embed" in tensors:
+        table = tensors["pos_embed"].reshape(-1, config["embed_dim"]).astype(np.float64)
+        table = table[table.shape[0] - gh * gw :]  # drop the class token's entry when the table has one
+    else:  # factorised 2D: patch (r, c) is column c's X half followed by row r's Y half
+        xs, ys = tensors["pos_embed_x"][0].astype(np.float64), tensors["pos_embed_y"][0].astype(np.float64)
+        table = np.array([np.concatenate([xs[c], ys[r]]) for r in range(gh) for c in range(gw)])
     out = np.zeros((gh, gw, gh, gw))
     for i in range(gh * gw):
         for j in range(gh * gw):
@@ -421,7 +426,7 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     assert list(runs_table["run"]) == ["demo-run"] and list(runs_table["status"]) == ["finished"]
     assert any("demo-run" in _text(m) and "finished" in _text(m) for m in at.markdown)
     curves = _charts(at)[0]
-    loss = next(trace for trace in curves["data"] if trace["name"] == "loss")
+    loss = next(trace for trace in curves["data"] if trace["name"] == "train loss (steps)")
     assert list(_array(loss["y"])) == [2.3, 2.1]  # the half-written last line is skipped
     labels = [b.label for b in at.get("download_button")]
     assert {"training-curves.png", "training-curves.svg", "metrics.csv"} <= set(labels), labels

@@ -424,7 +424,7 @@ def test_eval_transform_converts_channels() -> None:
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
-@pytest.mark.parametrize("augment", ["light", "randaug", {"auto_augment": "rand-m9-mstd0.5", "re_prob": 0.5, "re_mode": "pixel"}])
+@pytest.mark.parametrize("augment", ["light", "digits", "randaug", {"auto_augment": "rand-m9-mstd0.5", "re_prob": 0.5, "re_mode": "pixel"}])
 def test_train_transform_is_repeatable_under_a_torch_seed(in_chans: int, augment) -> None:
     dataset = build_dataset("digits" if in_chans == 1 else "shapes", split="val[:16]", img_size=(32, 32))
     stats = (0.5,) * in_chans
@@ -441,6 +441,22 @@ def test_train_transform_is_repeatable_under_a_torch_seed(in_chans: int, augment
     assert random.getstate() == python_state  # the caller's Python RNG is left as it was
     plain = eval_transform(input_size=(24, 32), in_chans=in_chans, mean=stats, std=stats)
     assert not torch.equal(first, torch.stack([plain(dataset[i][0]) for i in range(len(dataset))]))
+
+
+def test_digits_augmentation_shifts_and_zooms_but_never_mirrors() -> None:
+    """A handwritten 7 mirrored is not a 7: the digits recipe crops and rescales, it never flips or recolours."""
+    canvas = np.zeros((28, 28), np.uint8)
+    canvas[4:8, 6:22] = 255  # a 7: top bar
+    canvas[8:24, 16:20] = 255  # and its stem on the right
+    picture = Image.fromarray(canvas)
+    transform = train_transform(input_size=28, in_chans=1, mean=(0.0,), std=(1.0,), augment="digits")
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = transform(picture)[0].numpy()
+        columns = out.sum(axis=0)
+        ink = np.flatnonzero(columns > 0.5 * columns.max())
+        assert ink.mean() > 13.5  # the stem stays on the right half: never mirrored
+        assert out.max() <= 1.0 + 1e-6 and out.min() >= 0.0  # intensities only resampled, no colour jitter
 
 
 def test_train_transform_rejects_unknown_augmentations() -> None:

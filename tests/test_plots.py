@@ -262,9 +262,9 @@ def test_training_curves_split_loss_and_accuracy() -> None:
     ]
     fig = interactive.training_curves_figure(records)
     by_name = {trace.name: trace for trace in fig.data}
-    assert set(by_name) == {"train_loss", "val_accuracy"}
-    assert list(by_name["train_loss"].x) == [0, 10, 20] and list(by_name["val_accuracy"].y) == [0.4, 0.6]
-    assert by_name["train_loss"].xaxis != by_name["val_accuracy"].xaxis  # separate panels
+    assert set(by_name) == {"train loss (epoch)", "val accuracy"}  # the backend's keys spelled out, others as written
+    assert list(by_name["train loss (epoch)"].x) == [0, 10, 20] and list(by_name["val accuracy"].y) == [0.4, 0.6]
+    assert by_name["train loss (epoch)"].xaxis != by_name["val accuracy"].xaxis  # separate panels
 
 
 def test_paper_training_curves_match_the_interactive_series(tmp_path: Path) -> None:
@@ -277,13 +277,14 @@ def test_paper_training_curves_match_the_interactive_series(tmp_path: Path) -> N
     fig = paper.training_curves_figure(records, title="run")
     loss_ax, _ = fig.axes
     lines = {line.get_label(): line for ax in fig.axes for line in ax.lines}
-    assert set(lines) == {"loss", "accuracy", "train_loss", "eval_accuracy"}  # lr is neither loss nor accuracy
-    assert {line.get_label() for line in loss_ax.lines} == {"loss", "train_loss"}
-    assert list(lines["loss"].get_xdata()) == [20, 60] and list(lines["loss"].get_ydata()) == [2.3, 1.7]
-    assert list(lines["accuracy"].get_ydata()) == pytest.approx([10.0, 20.0, 50.0])  # percent
-    assert list(lines["eval_accuracy"].get_xdata()) == [40]
+    steps_loss, steps_acc = "train loss (steps)", "train accuracy (steps)"
+    assert set(lines) == {steps_loss, steps_acc, "train loss (epoch)", "eval accuracy (epoch)"}  # lr: neither
+    assert {line.get_label() for line in loss_ax.lines} == {steps_loss, "train loss (epoch)"}
+    assert list(lines[steps_loss].get_xdata()) == [20, 60] and list(lines[steps_loss].get_ydata()) == [2.3, 1.7]
+    assert list(lines[steps_acc].get_ydata()) == pytest.approx([10.0, 20.0, 50.0])  # percent
+    assert list(lines["eval accuracy (epoch)"].get_xdata()) == [40]
     plotly_fig = interactive.training_curves_figure(records)
-    assert {trace.name: list(trace.y) for trace in plotly_fig.data}["accuracy"] == [0.1, 0.2, 0.5]
+    assert {trace.name: list(trace.y) for trace in plotly_fig.data}[steps_acc] == [0.1, 0.2, 0.5]
     assert saved_png_size(fig, tmp_path / "curves")[0] > 600
     empty = paper.training_curves_figure([{"step": 1, "lr": 0.1}])
     assert not any(ax.lines for ax in empty.axes)

@@ -46,7 +46,7 @@ class DataConfig:
     eval_split: str | None = "test"  # None: no evaluation during training
     num_train_samples: int | None = None  # procedural datasets: images to generate; None: the dataset's default
     num_eval_samples: int | None = None
-    augment: str = "none"  # training.data.train_transform recipe: none | light | randaug | a timm auto-augment policy
+    augment: str = "none"  # training.data.train_transform recipe: none | light | digits | randaug | a timm policy
     mean: tuple[float, ...] | None = None  # normalisation; None: 0.5 for every channel
     std: tuple[float, ...] | None = None
     download: bool = False  # torchvision datasets only; tests and CI never download
@@ -64,7 +64,7 @@ class DataConfig:
         if self.mean is not None and self.std is not None:
             _require(len(self.mean) == len(self.std), "data.mean and data.std must have one value per channel")
             _require(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
-        _require(bool(self.augment), "data.augment must name a recipe (none, light, randaug) or a timm policy")
+        _require(bool(self.augment), "data.augment must name a recipe (none, light, digits, randaug) or a timm policy")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(
             not self.in_memory or self.augment.strip().lower() == "none",

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 AUGMENT_PRESETS: dict[str, dict[str, Any] | None] = {
     "none": None,  # training sees exactly the evaluation preprocessing
     "light": {"scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.2, "interpolation": "bicubic"},
+    # Handwriting: small shifts and zooms from crops of 70-100% of the image; never mirrored (a flipped 2, 3,
+    # 4, 5, 7 or 9 is not that digit) and no colour changes.
+    "digits": {"scale": (0.7, 1.0), "ratio": (0.85, 1.18), "hflip": 0.0, "color_jitter": None, "interpolation": "bilinear"},
     "randaug": {
         "scale": (0.35, 1.0),
         "ratio": (3 / 4, 4 / 3),

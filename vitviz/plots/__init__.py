@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "as_rgb_uint8",
+    "curve_label",
     "curve_series",
     "is_accuracy",
     "is_number",
@@ -121,6 +122,23 @@ def curve_series(
             xs, ys = zip(*points)
             series[key] = (list(xs), list(ys))
     return series
+
+
+# What the training backend's metrics.jsonl keys mean, for legends: step records hold running means over
+# the last `log_every` steps, epoch records the whole epoch and the evaluation after it.
+_CURVE_LABELS = {
+    "loss": "train loss (steps)",
+    "accuracy": "train accuracy (steps)",
+    "train_loss": "train loss (epoch)",
+    "train_accuracy": "train accuracy (epoch)",
+    "eval_loss": "eval loss (epoch)",
+    "eval_accuracy": "eval accuracy (epoch)",
+}
+
+
+def curve_label(metric: str) -> str:
+    """The legend text of a logged metric: the backend's own keys spelled out, any other key as written."""
+    return _CURVE_LABELS.get(metric, metric.replace("_", " "))
 
 
 def is_accuracy(metric: str) -> bool:

@@ -21,6 +21,7 @@ from plotly.subplots import make_subplots
 
 from vitviz.plots import (
     as_rgb_uint8,
+    curve_label,
     curve_series,
     is_accuracy,
     minmax_scale,
@@ -369,7 +370,7 @@ def training_curves_figure(
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.12)
     for key, (xs, ys) in curve_series(records, x=x, metrics=metrics).items():
         fig.add_trace(
-            go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=key),
+            go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=curve_label(key)),
             row=1, col=2 if is_accuracy(key) else 1,
         )
     fig.update_xaxes(title=x.capitalize())

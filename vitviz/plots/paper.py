@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from vitviz.plots import (
     as_rgb_uint8,
+    curve_label,
     curve_series,
     is_accuracy,
     minmax_scale,
@@ -208,7 +209,7 @@ def training_curves_figure(
         accuracy = is_accuracy(key)
         ax = acc_ax if accuracy else loss_ax
         values = np.asarray(ys, dtype=np.float64) * (100.0 if accuracy else 1.0)
-        ax.plot(xs, values, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=key)
+        ax.plot(xs, values, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=curve_label(key))
     for ax in (loss_ax, acc_ax):
         if ax.lines:
             ax.legend(fontsize=7, frameon=False)

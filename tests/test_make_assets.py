@@ -1,0 +1,67 @@
+"""training.make_assets: a finished run is copied into the bundle (checkpoint, curves, snapshots), snapshots of
+an earlier recipe are removed, and the training processes get the asked-for compute threads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from training import make_assets
+from training.make_assets import Bundle, make_bundle
+
+
+def _finished_run(folder: Path, epochs: int) -> Path:
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"status": "finished"}))
+    (folder / "last.safetensors").write_bytes(b"last")
+    (folder / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 2.3}\n')
+    for epoch in range(1, epochs + 1):
+        (folder / "checkpoints" / f"epoch-{epoch:03d}.safetensors").write_bytes(f"epoch {epoch}".encode())
+    return folder
+
+
+def test_a_finished_run_becomes_the_bundle_and_old_snapshots_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = tmp_path / "assets"
+    bundled.mkdir()
+    (bundled / "demo-epoch-008.safetensors").write_bytes(b"from an 8-epoch recipe")
+    (bundled / "other-epoch-008.safetensors").write_bytes(b"another bundle's")
+    monkeypatch.setattr(make_assets, "CHECKPOINTS_DIR", bundled)
+    calls: list[tuple[list[str], int]] = []
+
+    def evaluate(args: list[str], threads: int) -> make_assets.StepTimes:
+        calls.append((list(args), threads))
+        Path(args[args.index("--json") + 1]).write_text(
+            json.dumps({"accuracy": 0.9, "num_images": 1000, "pointing_game": {"rollout": 0.95, "random": 0.3}})
+        )
+        return make_assets.StepTimes(1.0, 1.0)
+
+    monkeypatch.setattr(make_assets, "_run", evaluate)
+    runs = tmp_path / "runs"
+    _finished_run(runs / "demo", epochs=4)
+    row = make_bundle(Bundle("demo", ("train", "--preset", "tiny"), snapshots=(1, 2, 4)), runs, retrain=False, threads=2)
+
+    assert [c[0][0] for c in calls] == ["evaluate"] and calls[0][1] == 2  # reused: no training, only evaluation
+    assert (bundled / "demo.safetensors").read_bytes() == b"last"
+    assert (bundled / "demo.metrics.jsonl").read_text().startswith('{"kind": "step"')
+    assert sorted(p.name for p in bundled.glob("demo-epoch-*")) == [
+        "demo-epoch-001.safetensors", "demo-epoch-002.safetensors", "demo-epoch-004.safetensors",
+    ]  # fmt: skip
+    assert (bundled / "demo-epoch-002.safetensors").read_bytes() == b"epoch 2"
+    assert (bundled / "other-epoch-008.safetensors").exists()  # another bundle's snapshots stay
+    assert not list(bundled.glob(".*"))  # no temporary files left behind
+    assert (row["accuracy"], row["pointing"], row["random"]) == (0.9, 0.95, 0.3)
+
+
+def test_training_processes_get_the_asked_for_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, str] = {}
+
+    def fake_run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+        seen.update(env)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(make_assets.subprocess, "run", fake_run)
+    make_assets._run(["presets"], 3)
+    assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3"
