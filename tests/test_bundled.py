@@ -151,3 +151,19 @@ def test_sample_images_are_held_out_test_images_named_by_class(name: str) -> Non
 def test_assets_fit_the_size_budget() -> None:
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     assert total <= 20 * 1024 * 1024
+
+
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_DOCUMENTED = 0.979  # 1,958 of the last 2,000 MNIST test images (docs/training.md)
+MNIST_REFERENCE_TRAIN_ACCURACY = 0.946  # what the small from-scratch reference reached on its training data
+
+
+def test_mnist_small_beats_the_reference_on_held_out_digits() -> None:
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"the real MNIST test set is not at {MNIST_DIR}")
+    checkpoint = CHECKPOINTS / "mnist-small.safetensors"
+    assert read_checkpoint_meta(checkpoint).training["train_split"] == "test[:8000]"  # never saw the last 2,000
+    result = evaluate_checkpoint(str(checkpoint), dataset="mnist", root=str(MNIST_DIR), split="test[8000:]", device="cpu")
+    assert result["num_images"] == 2000
+    assert result["accuracy"] == pytest.approx(MNIST_DOCUMENTED, abs=3 / 2000)
+    assert result["accuracy"] > MNIST_REFERENCE_TRAIN_ACCURACY
