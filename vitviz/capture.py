@@ -165,7 +165,12 @@ def _explicit_attention(
     scores = (query * scale) @ key.transpose(-2, -1)  # (B, H, N, N)
     if attn_mask is not None or is_causal:
         scores = maybe_add_mask(scores, resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal))
-    attn = scores.softmax(dim=-1)
+    if torch.is_grad_enabled() and (scores.requires_grad or query.requires_grad):
+        attn = scores.softmax(dim=-1)  # gradient rollout: the graph keeps its own tensors
+    else:
+        # In place: the scores are ours alone, and a second [B, H, N, N] allocation per layer (fresh pages
+        # from the OS at this size) is a measurable share of what capture costs over the fused kernel.
+        attn = torch.softmax(scores, dim=-1, out=scores)
     return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
 
 
