@@ -55,13 +55,7 @@ ABLATION = ("shapes-2d", "shapes-sincos", "shapes-nopos", "shapes-hybrid")
 SNAPSHOT_PREFIX = "shapes-default-epoch-"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread; several threads on a busy 2-core machine spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bundled() -> list[Path]:

@@ -30,12 +30,7 @@ SEEDS = [case.data for case in odd_images() if len(case.data) < 200_000]
 IMAGE_PIXEL_LIMIT = 2_000_000  # keeps every example fast; the default limit is tested in test_hostile_images.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _forge_png_size(data: bytearray, width: int, height: int) -> bytearray:

@@ -62,6 +62,24 @@ class VisionDataset(Dataset):
         return position
 
 
+class GreyDigitsDataset(VisionDataset):
+    """Ten digit classes held in memory: `images` uint8 [N, H, W] and `labels` int64 [N], set by the subclass."""
+
+    in_chans = 1
+    images: np.ndarray
+    labels: np.ndarray
+    @property  # type: ignore[override]
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = self._check_index(index)
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
 class IndexedView(VisionDataset):
     """A subset of another dataset, in the order of `indices` (what split slices and sample caps produce)."""
 

@@ -7,9 +7,8 @@ accuracy always refers to the same images.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
-from training.data.base import VisionDataset
+from training.data.base import GreyDigitsDataset
 
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 _PARTITION_SEED = 0  # fixed forever: changing it changes every reported digits number
@@ -33,10 +32,9 @@ def _partition(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-class DigitsDataset(VisionDataset):
+class DigitsDataset(GreyDigitsDataset):
     """One split of `sklearn.datasets.load_digits`, as 8x8 grey images scaled from 0..16 to 0..255."""
 
-    in_chans = 1
     has_masks = False
 
     def __init__(self, *, split: str = "train") -> None:
@@ -47,12 +45,4 @@ class DigitsDataset(VisionDataset):
         # 0..16 -> 0..255 exactly at both ends.
         self.images = np.round(digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8]
         self.labels = digits.target[chosen].astype(np.int64)
-        self.class_names = [str(d) for d in range(10)]
         self.split = split
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        index = self._check_index(index)
-        return Image.fromarray(self.images[index]), int(self.labels[index])

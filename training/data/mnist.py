@@ -13,9 +13,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from training.data.base import VisionDataset
+from training.data.base import GreyDigitsDataset
 from vitviz.errors import VitvizError
 
 log = logging.getLogger(__name__)
@@ -66,10 +65,9 @@ def find_idx_file(root: Path, name: str) -> Path | None:
     return None
 
 
-class MnistDataset(VisionDataset):
+class MnistDataset(GreyDigitsDataset):
     """One split of MNIST from IDX files in `root`; 28x28 grey images, labels 0..9."""
 
-    in_chans = 1
     has_masks = False
 
     def __init__(self, root: str | Path, *, split: str = "train") -> None:
@@ -100,12 +98,4 @@ class MnistDataset(VisionDataset):
         log.debug("read %d MNIST %s images from %s", len(images), split, root)
         self.images = images  # [N, 28, 28] uint8, read-only view of the file's bytes
         self.labels = labels.astype(np.int64)
-        self.class_names = [str(d) for d in range(10)]
         self.split = split
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        index = self._check_index(index)
-        return Image.fromarray(self.images[index]), int(self.labels[index])
