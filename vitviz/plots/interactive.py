@@ -262,10 +262,10 @@ def rgb_colorscale(name: str) -> list[list[object]]:
 
 
 def picture_trace(image: np.ndarray) -> go.Image:
-    """An RGB picture as a plotly image trace whose pixels travel as one PNG (a data URI), not as JSON numbers.
+    """An RGB picture as a plotly image trace whose pixels travel as one PNG (a data URI), not as a `z` array.
 
-    A 224 x 224 photo is 150,528 numbers as `z` (about 0.6 MB of JSON for the browser to parse) but tens of
-    kilobytes as PNG, which the browser decodes natively; pixel (x, y) still covers [x - 0.5, x + 0.5].
+    For a 224 x 224 photo-like picture `z` is 0.22 MB of base64 pixel data that Plotly paints pixel by pixel;
+    the PNG is 0.11 MB and the browser decodes it natively. Pixel (x, y) still covers [x - 0.5, x + 0.5].
     """
     buffer = io.BytesIO()
     Image.fromarray(as_rgb_uint8(image)).save(buffer, format="PNG", compress_level=1)
