@@ -2,6 +2,10 @@
 
 import streamlit as st
 
+from vitviz.allocator import tune_malloc
+
+tune_malloc()  # once per process: freed tensor memory stays for the next analysis (vitviz/allocator.py)
+
 st.set_page_config(page_title="vitviz studio", page_icon=":material/visibility:", layout="wide")
 
 PAGES = [

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import CLOCKS, Figure, machine_info, scratch_folder, write_tiny_checkpoint
+from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
@@ -47,6 +48,7 @@ class Plan:
     app_uploads: int  # timed uploads (and page switches) after a warm-up one
     warmup: int  # untimed rounds before timing
     repeats: int  # timed rounds; the figure is their median
+    round_s: float = 0.3  # capture: each round times enough consecutive calls to last this long (baseline)
     clock: str = "wall"  # "wall" or "cpu" (see bench.common.paired_timing)
 
 
@@ -109,6 +111,7 @@ def tiny_plan(checkpoint: Path) -> Plan:
         app_source=source,
         app_uploads=1,
         repeats=3,
+        round_s=0.01,
     )
 
 
@@ -121,7 +124,9 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
         for source in plan.capture_sources:
             for batch in plan.capture_batches:
                 figures.append(
-                    capture_figure(source, batch, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock)
+                    capture_figure(
+                        source, batch, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock, round_s=plan.round_s
+                    )
                 )
                 _log(figures[-1])
     if "memory" in families:
@@ -208,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the probes, training runs and app inherit it
 
+    # As python -m vitviz and the app do: the same allocator for the baselines and the measured runs here and
+    # in the memory probes (which call it too); VITVIZ_MALLOC=default measures with glibc's own thresholds.
+    malloc_tuned = tune_malloc()
     machine = machine_info()
+    machine["malloc"] = "glibc thresholds fixed by vitviz.allocator" if malloc_tuned else "allocator defaults"
     started = time.perf_counter()
     with scratch_folder() as folder:
         scratch = Path(folder)

@@ -27,7 +27,9 @@ def fused_attention_on(loaded: LoadedModel) -> bool:
     return all(getattr(module, "fused_attn", False) for module in attention_modules(loaded.model))
 
 
-def capture_figure(source: str, batch: int, *, warmup: int, repeats: int, clock: str = "wall") -> Figure:
+def capture_figure(
+    source: str, batch: int, *, warmup: int, repeats: int, clock: str = "wall", round_s: float = 0.0
+) -> Figure:
     """Ratio of forward + capture + rollout + distance to a plain fused forward, for one model and batch."""
     loaded = load_model(source)
     model = loaded.model
@@ -44,7 +46,7 @@ def capture_figure(source: str, batch: int, *, warmup: int, repeats: int, clock:
         assert results.rollout_maps is not None and results.distance is not None
 
     logger.info("capture: %s batch %d", source, batch)
-    timing = paired_timing(plain, analysed, warmup=warmup, repeats=repeats, clock=clock)
+    timing = paired_timing(plain, analysed, warmup=warmup, repeats=repeats, clock=clock, min_round_s=round_s)
     size = "x".join(str(s) for s in loaded.meta.input_size)
     return Figure(
         name=f"capture {loaded.meta.arch} {size} batch {batch}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import platform
 import statistics
@@ -71,26 +72,30 @@ class PairedTiming:
     """Seconds of a baseline and a measured run, interleaved in one process."""
 
     clock: str  # "wall": elapsed time; "cpu": CPU time of this process, all threads
-    baseline_s: float  # median
-    measured_s: float  # median
+    baseline_s: float  # median over rounds, seconds per call
+    measured_s: float  # median over rounds, seconds per call
     ratio: float  # median over rounds of measured / baseline
     ratios: tuple[float, ...]  # every round, for the spread
+    calls_per_round: int = 1  # consecutive calls of each side timed together in a round
 
     def detail(self) -> dict[str, Any]:
         return {
             "clock": self.clock,
+            "calls_per_round": self.calls_per_round,
             "baseline_s": round(self.baseline_s, 5),
             "measured_s": round(self.measured_s, 5),
             "round_ratios": [round(r, 4) for r in self.ratios],
         }
 
 
-def _timed(fn: Callable[[], object], clock: str) -> float:
+def _timed(fn: Callable[[], object], clock: str, calls: int = 1) -> float:
+    """Seconds per call of `calls` consecutive calls."""
     gc.collect()  # a collection triggered by the previous run must not land in this one
     now = _CLOCK_FUNCTIONS[clock]
     start = now()
-    fn()
-    return now() - start
+    for _ in range(calls):
+        fn()
+    return (now() - start) / calls
 
 
 def paired_timing(
@@ -100,8 +105,14 @@ def paired_timing(
     warmup: int,
     repeats: int,
     clock: str = "wall",
+    min_round_s: float = 0.0,
 ) -> PairedTiming:
     """Time `measured` against `baseline`: `warmup` untimed rounds, then `repeats` interleaved rounds.
+
+    A round times each side over the same number of consecutive calls, enough for the baseline to take at least
+    `min_round_s` (one call when 0): a call of a few tens of milliseconds varies by +-30% from one call to the
+    next on a small virtual machine (timer ticks, page reclaim, the other core's work), so single calls would
+    give a median of noisy ratios. Both sides get the same count, so neither gains warm caches the other lacks.
 
     The "cpu" clock counts the CPU time of this process, so time the scheduler gives other processes does not
     count; it suits a shared machine when the bench runs single-threaded (idle OpenMP threads spin and would
@@ -112,14 +123,17 @@ def paired_timing(
     for _ in range(warmup):
         baseline()
         measured()
+    calls = 1
+    if min_round_s > 0:
+        calls = max(1, math.ceil(min_round_s / max(_timed(baseline, clock), 1e-6)))
     baseline_times, measured_times = [], []
     for round_index in range(repeats):
         if round_index % 2 == 0:  # alternate the order so neither side always runs on a warmer cache
-            baseline_times.append(_timed(baseline, clock))
-            measured_times.append(_timed(measured, clock))
+            baseline_times.append(_timed(baseline, clock, calls))
+            measured_times.append(_timed(measured, clock, calls))
         else:
-            measured_times.append(_timed(measured, clock))
-            baseline_times.append(_timed(baseline, clock))
+            measured_times.append(_timed(measured, clock, calls))
+            baseline_times.append(_timed(baseline, clock, calls))
     ratios = tuple(m / b for m, b in zip(measured_times, baseline_times, strict=True))
     return PairedTiming(
         clock=clock,
@@ -127,6 +141,7 @@ def paired_timing(
         measured_s=statistics.median(measured_times),
         ratio=statistics.median(ratios),
         ratios=ratios,
+        calls_per_round=calls,
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bench.common import LOWER, Figure, random_images
+from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source")
     parser.add_argument("batch", type=int)
     args = parser.parse_args(argv)
+    tune_malloc()  # as python -m bench (and python -m vitviz) run, for every way alike
     print(json.dumps(probe(args.way, args.source, args.batch)))
     return 0
 

@@ -119,6 +119,25 @@ def test_ratio_is_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPat
     assert timing.ratio == 2.0 and timing.baseline_s == 1.0 and timing.measured_s == 3.0
 
 
+def test_a_round_times_as_many_calls_as_fill_min_round_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each side gets the same number of consecutive calls per round; times are per call."""
+    now = [0.0]
+    calls: list[str] = []
+    monkeypatch.setitem(bench.common._CLOCK_FUNCTIONS, "wall", lambda: now[0])
+
+    def run(name: str, cost: float) -> None:
+        calls.append(name)
+        now[0] += cost
+
+    timing = paired_timing(lambda: run("b", 0.1), lambda: run("m", 0.15), warmup=1, repeats=2, min_round_s=0.35)
+    assert timing.calls_per_round == 4  # ceil(0.35 / 0.1)
+    # warm-up, the call that sizes the rounds, then 4 + 4 calls per round, the order alternating
+    assert calls == ["b", "m", "b"] + ["b"] * 4 + ["m"] * 4 + ["m"] * 4 + ["b"] * 4
+    assert timing.ratios == pytest.approx((1.5, 1.5))
+    assert timing.baseline_s == pytest.approx(0.1) and timing.measured_s == pytest.approx(0.15)
+    assert timing.detail()["calls_per_round"] == 4
+
+
 def test_met_follows_the_direction_of_the_target() -> None:
     def figure(value: float, target: float | None, better: str) -> Figure:
         return Figure(name="capture x", value=value, target=target, better=better, unit="ratio", baseline="b")

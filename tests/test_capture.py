@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from timm.utils import AttentionExtract
+from torch.overrides import _get_current_function_mode_stack
 
 from vitviz.analysis.rollout import RolloutAccumulator
 from vitviz.capture import (
@@ -183,6 +184,24 @@ def test_hooks_removed_when_a_consumer_raises() -> None:
     _assert_unchanged(model, before)
     # the model works normally afterwards and a new capture is complete
     assert len(attention_maps(model, _images(model, batch=1))) == 12
+
+
+def test_function_mode_spans_only_the_attention_call() -> None:
+    """qkv and proj run as in a plain forward (no torch function mode); the attention call is caught."""
+    model = _model("relpos_shared")
+    seen: list[tuple[str, int]] = []
+    attn = model.blocks[0].attn
+    handles = [
+        attn.qkv.register_forward_hook(lambda *_: seen.append(("qkv", len(_get_current_function_mode_stack())))),
+        attn.proj.register_forward_hook(lambda *_: seen.append(("proj", len(_get_current_function_mode_stack())))),
+    ]
+    try:
+        maps = attention_maps(model, _images(model, batch=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == [("qkv", 0), ("proj", 0)]
+    assert len(maps) == len(model.blocks) and len(_get_current_function_mode_stack()) == 0
 
 
 def test_refuses_training_mode_and_unsupported_models() -> None:

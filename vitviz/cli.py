@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from vitviz.allocator import tune_malloc
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_text
 
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn a user's mistake into one line and status 2."""
     _configure_logging()
     args = build_parser().parse_args(argv)
+    tune_malloc()  # freed tensor memory stays for the next batch (vitviz/allocator.py)
     try:
         if args.command == "info":
             return cmd_info(args)

@@ -5,11 +5,14 @@ distance in pixels between the centres of patches q and k (per-axis stride). Que
 sum_k w[q, k] * D[q, k]; a head's value is the mean over queries, then over images.
 Mode "paper" uses w as it is (prefix columns dropped, rows not renormalised, as the authors do);
 mode "renormalised" divides each row of w by its sum first (a row summing to 0 gives distance 0).
-The spread over images is the population standard deviation (0 for one image). Sums run in float64.
+The spread over images is the population standard deviation (0 for one image). Sums over queries and images
+run in float64; in mode "paper" the products and the sums over keys run in the attention's precision (float32
+attention: relative error near 1e-8, see _image_distance).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,34 +81,60 @@ def query_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str 
 
 def padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
     """D over all N tokens, [N, N] float64: pixel distances between patch centres, 0 in prefix rows and columns."""
+    return _padded_patch_distances(layout).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
+    """padded_patch_distances, made once per layout (it costs about as much as a layer's sums); never written."""
     prefix = layout.num_prefix_tokens
     padded = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.float64)
     padded[prefix:, prefix:] = layout.patch_distances(torch.float64)
     return padded
 
 
-def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, padded: torch.Tensor) -> torch.Tensor:
-    """[B, H] float64; `padded` is padded_patch_distances(layout) on attn's device."""
+def _product_dtype(attn: torch.Tensor) -> torch.dtype:
+    """The precision of the paper-mode products: the attention's own if float32 or float64, else float32."""
+    return attn.dtype if attn.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _paper_weights(padded: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """`padded` (padded_patch_distances) in the precision and on the device of attn's paper-mode products."""
+    return padded.to(device=attn.device, dtype=_product_dtype(attn))
+
+
+def _image_distance(
+    attn: torch.Tensor,
+    layout: TokenLayout,
+    mode: str,
+    weights: torch.Tensor,
+    product: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, H] float64. `weights` is _paper_weights(padded_patch_distances(layout), attn); `product`, if given,
+    is a [B, H, N, N] tensor of the weights' dtype to write the products into (it is overwritten)."""
     if mode != "paper":
         return query_attention_distance(attn, layout, mode).mean(dim=-1)
-    # The mean over queries of sum_k w[q, k] D[q, k] is <w, D> / n over the patch block; with D zero over the
-    # prefix rows and columns, that is one float64 matrix-vector product over the layer's rows (b, h), with
-    # no slicing copy and no loop over heads. Rows are converted to float64 a chunk at a time.
+    # The mean over patch queries q of sum_k w[q, k] D[q, k]. With D zero over the prefix rows and columns this
+    # runs over all N x N entries with no slicing copy and no loop over heads: one product and one sum over the
+    # keys in the weights' precision, then the sum over the queries in float64. Each product of two float32
+    # numbers is exact in float64; the float32 rounding of it and torch's cascaded sum over at most a few
+    # thousand keys leave a relative error near 1e-8 (float32 attention); float64 attention stays in float64.
+    # Converting the layer to float64 first would write and read a float64 copy twice the layer's size, which
+    # costs more than the sums themselves.
     batch, heads, num_tokens, _ = attn.shape
     if num_tokens != layout.num_tokens or attn.shape[-2] != num_tokens:
         raise ValueError(f"attention over {num_tokens} tokens does not fit a layout of {layout.num_tokens}")
-    rows = attn.reshape(batch * heads, num_tokens * num_tokens)
-    weights = padded.reshape(-1)
-    step = max(1, _FLOAT64_CHUNK_BYTES // (num_tokens * num_tokens * 8))
-    sums = [rows[i : i + step].to(torch.float64) @ weights for i in range(0, rows.shape[0], step)]
-    total = sums[0] if len(sums) == 1 else torch.cat(sums)
-    return (total / layout.num_patches).reshape(batch, heads)
+    if attn.dtype != weights.dtype:
+        attn = attn.to(weights.dtype)
+    products = torch.mul(attn, weights, out=product) if product is not None else attn * weights
+    per_query = products.sum(dim=-1)  # (B, H, N); zero for prefix queries
+    return per_query.sum(dim=-1, dtype=torch.float64) / layout.num_patches
 
 
 def image_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str = "paper") -> torch.Tensor:
     """Mean distance over patch queries of every head, [B, H] float64, from one layer's attn [B, H, N, N]."""
     _check_mode(mode)
-    return _image_distance(attn, layout, mode, padded_patch_distances(layout).to(attn.device))
+    return _image_distance(attn, layout, mode, _paper_weights(_padded_patch_distances(layout), attn))
 
 
 class DistanceAccumulator:
@@ -116,12 +145,21 @@ class DistanceAccumulator:
         self.layout = layout
         self.mode = mode
         self._per_layer: dict[int, list[torch.Tensor]] = {}
-        self._padded = padded_patch_distances(layout)  # made once: it costs about as much as a layer's sums
+        self._padded = _padded_patch_distances(layout)  # shared, read only
+        self._weights: torch.Tensor | None = None  # _padded in the precision and on the device of the attention
+        self._product: torch.Tensor | None = None  # reused for every layer: no fresh [B, H, N, N] per layer
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None:
-        if self._padded.device != attn.device:
-            self._padded = self._padded.to(attn.device)
-        values = _image_distance(attn, self.layout, self.mode, self._padded)
+        dtype = _product_dtype(attn)
+        weights = self._weights
+        if weights is None or weights.device != attn.device or weights.dtype != dtype:
+            weights = self._weights = _paper_weights(self._padded, attn)
+        product = None
+        if self.mode == "paper":
+            product = self._product
+            if product is None or product.shape != attn.shape or product.dtype != dtype or product.device != attn.device:
+                product = self._product = torch.empty(attn.shape, dtype=dtype, device=attn.device)
+        values = _image_distance(attn, self.layout, self.mode, weights, product)
         self._per_layer.setdefault(layer_index, []).append(values)
 
     def result(self) -> AttentionDistance:

@@ -115,6 +115,21 @@ def _rollout_factor(fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
     return mixed.div_(mixed.sum(dim=-1, keepdim=True))
 
 
+def _pull_through(row: torch.Tensor, fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    """u A for a row vector u [B, N] float64 and the rollout factor A of one layer's fused heads F [B, N, N].
+
+    Without discarding, A is never formed: row i of A is (0.5 F_i + 0.5 e_i) / s_i with s_i = 0.5 sum(F_i) + 0.5,
+    so u A = 0.5 (v F) + 0.5 v for v = u / s, which reads F twice (its row sums and one vector-matrix product)
+    instead of writing and reading A.
+    """
+    if _discard_count(discard_ratio, fused.shape[-1]) > 0:
+        return (row[:, None, :] @ _rollout_factor(fused, discard_ratio))[:, 0, :]
+    fused = fused.to(torch.float64)
+    row_sums = fused.sum(dim=-1).mul_(0.5).add_(0.5)  # (B, N): the row sums of 0.5 F + 0.5 I
+    v = row / row_sums
+    return (v[:, None, :] @ fused)[:, 0, :].mul_(0.5).add_(v, alpha=0.5)
+
+
 def _readout_row(layout: TokenLayout, batch: int, device: torch.device) -> torch.Tensor:
     """u [B, N] float64 such that the map is (u R)[p:]: the class token's row, or the mean of the patch rows."""
     row = torch.zeros(batch, layout.num_tokens, dtype=torch.float64, device=device)
@@ -175,7 +190,7 @@ class RolloutAccumulator:
         first = self._fused[0]
         row = _readout_row(self.layout, first.shape[0], first.device)  # (B, N)
         for fused in reversed(self._fused):  # u R = ((u A_L) A_(L-1)) ... A_1
-            row = (row[:, None, :] @ _rollout_factor(fused, self.discard_ratio))[:, 0, :]
+            row = _pull_through(row, fused, self.discard_ratio)
         self._maps.append(patch_grid(row, self.layout))
         self._fused = []
         self._last_layer = -1

@@ -1,0 +1,49 @@
+"""vitviz.allocator: glibc's malloc thresholds are fixed by vitviz's programs, never on import, and can be left alone."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vitviz.allocator
+from vitviz.allocator import tune_malloc
+
+ROOT = Path(__file__).resolve().parents[1]
+GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _fresh(monkeypatch: pytest.MonkeyPatch, value: str | None) -> bool:
+    if value is None:
+        monkeypatch.delenv("VITVIZ_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("VITVIZ_MALLOC", value)
+    return vitviz.allocator.tune_malloc.__wrapped__()
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="glibc's mallopt only")
+def test_thresholds_are_set_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _fresh(monkeypatch, None) is True
+
+
+def test_vitviz_malloc_default_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _fresh(monkeypatch, "default") is False
+
+
+def test_importing_vitviz_does_not_touch_the_allocator() -> None:
+    """Only the programs call it: a library user's process keeps its own malloc settings."""
+    code = (
+        "import vitviz.allocator, vitviz.pipeline, vitviz.capture, vitviz.cli;"
+        "print(vitviz.allocator.tune_malloc.cache_info().currsize)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"
+
+
+def test_once_per_process() -> None:
+    first = tune_malloc()
+    assert tune_malloc() is first and tune_malloc.cache_info().currsize == 1
