@@ -208,13 +208,13 @@ def test_mean_attention_distance_matches_reference(key: str, mode: str) -> None:
     per_image = reference_mean_distance(
         _numpy_layers(attentions), arch.num_prefix_tokens, arch.grid, arch.stride, mode
     )
-    np.testing.assert_allclose(result.per_image.numpy(), per_image, rtol=1e-7)  # the precision _image_distance states
+    np.testing.assert_allclose(result.per_image.numpy(), per_image, rtol=1e-5)  # _image_distance: about 2e-6
     np.testing.assert_allclose(result.pixels.numpy(), per_image.mean(axis=1), rtol=1e-5)
     # The spread is a difference of per-image values, so it carries their absolute error: float32 attention is
-    # summed in its own precision over the keys (relative error near 1e-8), and the attention itself is only
-    # known to float32's 6e-8. Hold the spread to 1e-7 of the largest distance, well below a displayed digit.
+    # summed in its own precision (relative error about 2e-6, see _image_distance). Hold the spread to 1e-5 of
+    # the largest distance, a ten-thousandth of a pixel at ViT scale.
     np.testing.assert_allclose(
-        result.std.numpy(), per_image.std(axis=1), rtol=1e-5, atol=1e-7 * float(np.abs(per_image).max())
+        result.std.numpy(), per_image.std(axis=1), rtol=1e-5, atol=1e-5 * float(np.abs(per_image).max())
     )
     np.testing.assert_allclose(result.fraction.numpy(), per_image.mean(axis=1) / arch.img_size[1], rtol=1e-5)
     assert result.num_images == 2 and result.mode == mode
@@ -232,11 +232,12 @@ def test_distance_streams_over_batches_and_through_capture(mode: str) -> None:
     streamed = accumulator.result()
     assert streamed.num_images == 2
     torch.testing.assert_close(streamed.pixels, whole.pixels, rtol=1e-5, atol=0)
-    torch.testing.assert_close(streamed.std, whole.std, rtol=1e-4, atol=1e-6)
+    # the spread carries the per-image values' absolute error (see the reference test above)
+    torch.testing.assert_close(streamed.std, whole.std, rtol=1e-4, atol=1e-5 * float(whole.pixels.max()))
 
 
 def test_distance_accumulator_takes_batches_of_any_size_and_precision() -> None:
-    """Its reused product buffer follows the batch size and dtype of what arrives (2 images, then 1, then bf16)."""
+    """Batches of different sizes and precisions add up (2 images, then 1, then bf16 attention in float32)."""
     key = "registers_gap"
     arch = ARCHS[key]
     layout, attentions = _captured(key)
@@ -252,9 +253,9 @@ def test_distance_accumulator_takes_batches_of_any_size_and_precision() -> None:
     half = reference_mean_distance(
         _numpy_layers([attn.float() for attn in halves]), arch.num_prefix_tokens, arch.grid, arch.stride, "paper"
     )
-    np.testing.assert_allclose(got[:, :2], full, rtol=1e-7)
-    np.testing.assert_allclose(got[:, 2:3], full[:, :1], rtol=1e-7)
-    np.testing.assert_allclose(got[:, 3:], half[:, 1:], rtol=1e-7)  # bf16 values, summed in float32 or better
+    np.testing.assert_allclose(got[:, :2], full, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 2:3], full[:, :1], rtol=1e-5)
+    np.testing.assert_allclose(got[:, 3:], half[:, 1:], rtol=1e-5)  # bf16 values, summed in float32
 
 
 def _layout(grid: tuple[int, int], stride: tuple[int, int], prefix: int, has_class_token: bool) -> TokenLayout:

@@ -121,6 +121,21 @@ def test_capture_equals_timm_non_fused_attention(key: str) -> None:
         torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-6)  # capture leaves outputs alone
 
 
+@pytest.mark.parametrize("key", ["relpos_shared", "deit_distilled"])
+def test_capture_of_a_model_with_fused_attention_off(key: str) -> None:
+    """Blocks with fused_attn off (some on, some off here) are read where timm passes their probabilities."""
+    model = copy.deepcopy(_model(key))
+    for block in model.blocks[::2]:
+        block.attn.fused_attn = False
+    images = _images(model, batch=2)
+    expected = _timm_non_fused_attention(model, images)
+    ours = attention_maps(model, images)
+    assert len(ours) == len(expected) == len(model.blocks)
+    for layer, (got, want) in enumerate(zip(ours, expected)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
+    assert _hook_count(model) == 0
+
+
 def test_attention_maps_rows_are_probabilities_and_batch_independent() -> None:
     model = _model("deit_distilled")
     images = _images(model, batch=3)
