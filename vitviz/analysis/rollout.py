@@ -86,8 +86,8 @@ def _discard_count(discard_ratio: float, num_tokens: int) -> int:
 
 def _fuse_heads(attn: torch.Tensor, head_fusion: str) -> tuple[torch.Tensor, float]:
     """[B, H, N, N] -> (S [B, N, N], c) with the fused heads F = S / c, S in the attention's precision (float32
-    or float64): for "mean" S is the sum over heads and c = H (torch's sum over the head axis runs at twice the
-    speed of its mean, and the division folds into the rollout factor), else c = 1.
+    or float64): for "mean" S is the sum over heads and c = H (inside a forward torch's sum over the head axis ran
+    1.4 - 1.9 times as fast as its mean, and the division folds into the rollout factor), else c = 1.
 
     Fusing first and converting only the fused [B, N, N] to float64 afterwards avoids a float64 copy of the
     whole layer, which costs more than the rollout itself.
