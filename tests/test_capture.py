@@ -17,6 +17,7 @@ import torch
 from timm.utils import AttentionExtract
 from torch.overrides import _get_current_function_mode_stack
 
+import vitviz.capture
 from vitviz.analysis.rollout import RolloutAccumulator
 from vitviz.capture import (
     KeepAllAttention,
@@ -199,6 +200,19 @@ def test_hooks_removed_when_a_consumer_raises() -> None:
     _assert_unchanged(model, before)
     # the model works normally afterwards and a new capture is complete
     assert len(attention_maps(model, _images(model, batch=1))) == 12
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_softmax_in_place_or_into_a_new_tensor_gives_the_same_attention(
+    tuned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-place softmax (glibc's own thresholds) and the allocating one (vitviz.allocator's) agree."""
+    model = _model("vit_tiny")
+    images = _images(model, batch=2)
+    expected = _timm_non_fused_attention(model, images)
+    monkeypatch.setattr(vitviz.capture, "malloc_tuned", lambda: tuned)
+    for got, want in zip(attention_maps(model, images), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_function_mode_spans_only_the_attention_call() -> None:

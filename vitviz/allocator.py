@@ -28,7 +28,7 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_tuned", "tune_malloc"]
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -36,6 +36,13 @@ _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 256 * 2**20
+
+_tuned = False
+
+
+def malloc_tuned() -> bool:
+    """Whether tune_malloc has fixed the thresholds in this process (code may then allocate freely)."""
+    return _tuned
 
 
 @functools.cache
@@ -57,4 +64,6 @@ def tune_malloc() -> bool:
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not done:
         logger.warning("glibc refused the malloc thresholds; analyses run with its defaults")
+    global _tuned
+    _tuned = done
     return done
