@@ -1,4 +1,4 @@
-"""vitviz.allocator: vitviz's programs fix glibc's malloc thresholds; importing never does; they can be left alone."""
+"""vitviz.allocator: vitviz's programs fix glibc's malloc thresholds, never an import; it can be turned off."""
 
 from __future__ import annotations
 
