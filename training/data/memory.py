@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from training.data.base import VisionDataset
+from training.data.transforms import TransformedDataset
 from vitviz.images import to_model_channels
 
 log = logging.getLogger(__name__)
@@ -27,25 +29,14 @@ log = logging.getLogger(__name__)
 _FILL_BATCH = 256
 
 
-class _Pixels(Dataset):
-    """Item i: the uint8 [C, H, W] pixels that eval_transform would normalise, and the label."""
-
-    def __init__(self, dataset: VisionDataset, input_size: tuple[int, int], in_chans: int) -> None:
-        self.dataset = dataset
-        self.input_size = input_size
-        self.in_chans = in_chans
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        height, width = self.input_size
-        image = to_model_channels(image, self.in_chans)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BICUBIC)  # as vitviz.images.preprocess
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
-        return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous(), int(label)
+def _pixels(image: Image.Image, *, input_size: tuple[int, int], in_chans: int) -> torch.Tensor:
+    """The uint8 [C, H, W] pixels that eval_transform would normalise."""
+    height, width = input_size
+    image = to_model_channels(image, in_chans)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)  # as vitviz.images.preprocess
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+    return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
 
 
 class InMemoryImages:
@@ -76,7 +67,8 @@ class InMemoryImages:
         started = time.perf_counter()
         self.pixels = torch.empty((count, in_chans, height, width), dtype=torch.uint8)
         self.labels = torch.empty(count, dtype=torch.int64)
-        loader = DataLoader(_Pixels(dataset, (height, width), in_chans), batch_size=_FILL_BATCH, num_workers=num_workers)
+        images = TransformedDataset(dataset, partial(_pixels, input_size=(height, width), in_chans=in_chans))
+        loader = DataLoader(images, batch_size=_FILL_BATCH, num_workers=num_workers)
         position = 0
         for pixels, labels in loader:
             self.pixels[position : position + len(labels)] = pixels
