@@ -93,14 +93,14 @@ def _padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
     return padded
 
 
-def _product_dtype(attn: torch.Tensor) -> torch.dtype:
-    """The precision of the paper-mode products: the attention's own if float32 or float64, else float32."""
+def _sum_dtype(attn: torch.Tensor) -> torch.dtype:
+    """The precision paper mode sums in: the attention's own if float32 or float64, else float32."""
     return attn.dtype if attn.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _paper_weights(padded: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """`padded` (padded_patch_distances) in the precision and on the device of attn's paper-mode products."""
-    return padded.to(device=attn.device, dtype=_product_dtype(attn))
+    """`padded` (padded_patch_distances) in the precision and on the device paper mode sums attn in."""
+    return padded.to(device=attn.device, dtype=_sum_dtype(attn))
 
 
 def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, weights: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class DistanceAccumulator:
         self._weights: torch.Tensor | None = None  # _padded in the precision and on the device of the attention
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None:
-        dtype = _product_dtype(attn)
+        dtype = _sum_dtype(attn)
         weights = self._weights
         if weights is None or weights.device != attn.device or weights.dtype != dtype:
             weights = self._weights = _paper_weights(self._padded, attn)
