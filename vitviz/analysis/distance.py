@@ -111,10 +111,10 @@ def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, weights:
     # the prefix rows and columns, that is one matrix-vector product over the layer's rows (b, h): one read of
     # the attention, no copy, no loop over heads. It runs in the attention's precision. For float32 attention
     # the product accumulates N*N terms in float32: relative error about 2e-6 on ViT-S/16 and ViT-B/16
-    # (measured against float64; the tests hold it to 1e-5), a ten-thousandth of a pixel, below the attention's
-    # own float32 uncertainty times the sum's length. Exact alternatives cost a ViT-S/16 forward at batch 1 over
-    # 1% each (measured in the forward): a float64 copy of the layer (2x its size, written and read), or a
-    # float32 product tensor summed over the keys (relative error 1e-8, one extra layer-sized write and read).
+    # (measured against float64; the tests hold it to 1e-5), a ten-thousandth of a pixel. Exact alternatives cost
+    # a ViT-S/16 forward at batch 1 0.5 - 0.9 ms more each (up to 1.6%, measured in the forward): a float64 copy of the layer (2x its size,
+    # written and read), or a float32 product tensor summed over the keys (relative error 1e-8, one extra
+    # layer-sized write and read).
     batch, heads, num_tokens, _ = attn.shape
     if num_tokens != layout.num_tokens or attn.shape[-2] != num_tokens:
         raise ValueError(f"attention over {num_tokens} tokens does not fit a layout of {layout.num_tokens}")
