@@ -1,14 +1,15 @@
 """python -m bench: measure the speed and memory figures and write them as JSON.
 
-    python -m bench                       # the full run recorded in docs/benchmarks.md (10-20 min on 2 cores)
-    python -m bench --quick               # CI-sized: smaller models and batches, same code paths
-    python -m bench --tiny --json out.json  # seconds: a tiny model, to keep the benchmark code working
-    python -m bench --only capture,memory # some families only
+python -m bench                       # the full run recorded in docs/benchmarks.md (10-20 min on 2 cores)
+python -m bench --quick               # CI-sized: smaller models and batches, same code paths
+python -m bench --tiny --json out.json  # seconds: a tiny model, to keep the benchmark code working
+python -m bench --only capture,memory # some families only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -227,10 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine["plan"] = plan.label
     machine["clock"] = plan.clock
     machine["torch_threads"] = torch.get_num_threads()
-    try:
+    with contextlib.suppress(OSError):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     machine["command"] = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     machine["wall_s"] = round(time.perf_counter() - started, 1)
     document = {"machine": machine, "figures": [figure.to_json() for figure in figures]}

@@ -161,8 +161,10 @@ def measure_app(source: str, uploads: int, folder: Path) -> dict[str, Any]:
             _switch(page, "Attention rollout", "Attention rollout")
             switch_s = []
             for index in range(uploads):
-                target = ("Attention distance", "Mean attention distance") if index % 2 == 0 else (
-                    "Attention rollout", "Attention rollout"
+                target = (
+                    ("Attention distance", "Mean attention distance")
+                    if index % 2 == 0
+                    else ("Attention rollout", "Attention rollout")
                 )
                 switch_s.append(_switch(page, *target))
         finally:

@@ -47,15 +47,23 @@ class Arch:
 
 ARCHS = {
     "vit_tiny": Arch("vit_tiny_patch16_224", dict(depth=4), 1, True, (14, 14), (16, 16), (224, 224)),
-    "deit_distilled": Arch(
-        "deit_tiny_distilled_patch16_224", dict(depth=4), 2, True, (14, 14), (16, 16), (224, 224)
-    ),
+    "deit_distilled": Arch("deit_tiny_distilled_patch16_224", dict(depth=4), 2, True, (14, 14), (16, 16), (224, 224)),
     "registers_gap": Arch(
-        "vit_base_patch16_reg4_gap_256", dict(embed_dim=64, depth=2, num_heads=2), 4, False, (16, 16), (16, 16),
+        "vit_base_patch16_reg4_gap_256",
+        dict(embed_dim=64, depth=2, num_heads=2),
+        4,
+        False,
+        (16, 16),
+        (16, 16),
         (256, 256),
     ),
     "relpos": Arch(
-        "vit_relpos_small_patch16_224", dict(embed_dim=64, depth=2, num_heads=2), 0, False, (14, 14), (16, 16),
+        "vit_relpos_small_patch16_224",
+        dict(embed_dim=64, depth=2, num_heads=2),
+        0,
+        False,
+        (14, 14),
+        (16, 16),
         (224, 224),
     ),
     "hybrid": Arch("vit_tiny_r_s16_p8_224", {}, 1, True, (7, 7), (32, 32), (224, 224)),
@@ -65,7 +73,7 @@ ARCHS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(key: str) -> torch.nn.Module:
     arch = ARCHS[key]
     torch.manual_seed(0)
@@ -82,13 +90,16 @@ def _images(key: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, *ARCHS[key].img_size, generator=generator)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _captured(key: str) -> tuple[TokenLayout, list[torch.Tensor]]:
     model = _model(key)
     layout = token_layout(model)
     arch = ARCHS[key]
     assert (layout.num_prefix_tokens, layout.has_class_token, layout.grid, layout.stride) == (
-        arch.num_prefix_tokens, arch.has_class_token, arch.grid, arch.stride,
+        arch.num_prefix_tokens,
+        arch.has_class_token,
+        arch.grid,
+        arch.stride,
     )
     keep = KeepAllAttention()
     capture_attention(model, _images(key), keep, with_logits=False)
@@ -153,10 +164,7 @@ def reference_rollout(
             for row in range(num_tokens):
                 mixed[row] = mixed[row] / mixed[row].sum()
             rollout = mixed @ rollout
-        if has_class_token:
-            values = rollout[0, prefix:]
-        else:
-            values = rollout[prefix:, prefix:].mean(axis=0)
+        values = rollout[0, prefix:] if has_class_token else rollout[prefix:, prefix:].mean(axis=0)
         maps.append(values.reshape(grid))
     return np.stack(maps)
 
@@ -186,7 +194,7 @@ def reference_pointing_game(maps: np.ndarray, masks: np.ndarray, stride: tuple[i
                 if maps[image, i, j] > best_value:  # strict: first maximum in row-major order
                     best, best_value = (i, j), maps[image, i, j]
 
-        def overlaps(i: int, j: int) -> bool:
+        def overlaps(i: int, j: int, image: int = image) -> bool:
             rows = range(i * stride[0], (i + 1) * stride[0])
             cols = range(j * stride[1], (j + 1) * stride[1])
             return any(masks[image, y, x] for y in rows for x in cols)
@@ -205,9 +213,7 @@ def test_mean_attention_distance_matches_reference(key: str, mode: str) -> None:
     layout, attentions = _captured(key)
     arch = ARCHS[key]
     result = mean_attention_distance(attentions, layout, mode)
-    per_image = reference_mean_distance(
-        _numpy_layers(attentions), arch.num_prefix_tokens, arch.grid, arch.stride, mode
-    )
+    per_image = reference_mean_distance(_numpy_layers(attentions), arch.num_prefix_tokens, arch.grid, arch.stride, mode)
     np.testing.assert_allclose(result.per_image.numpy(), per_image, rtol=1e-5)  # _image_distance: about 2e-6
     np.testing.assert_allclose(result.pixels.numpy(), per_image.mean(axis=1), rtol=1e-5)
     # The spread is a difference of per-image values, so it carries their absolute error: float32 attention is
@@ -333,8 +339,13 @@ def test_rollout_matches_reference(key: str, head_fusion: str, discard_ratio: fl
     num_tokens = layout.num_tokens
     discard_count = math.floor(discard_ratio * num_tokens * num_tokens + 1e-9)
     want = reference_rollout(
-        _numpy_layers(attentions), arch.num_prefix_tokens, arch.has_class_token, arch.grid, head_fusion,
-        discard_count, start_layer,
+        _numpy_layers(attentions),
+        arch.num_prefix_tokens,
+        arch.has_class_token,
+        arch.grid,
+        head_fusion,
+        discard_count,
+        start_layer,
     )
     assert got.shape == (2, *arch.grid)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-12)
@@ -423,8 +434,11 @@ def test_gradient_rollout_matches_reference(key: str) -> None:
     layout = token_layout(model)
     got = gradient_rollout(captured.attentions, captured.gradients, layout)
     want = reference_gradient_rollout(
-        _numpy_layers(captured.attentions), _numpy_layers(captured.gradients), arch.num_prefix_tokens,
-        arch.has_class_token, arch.grid,
+        _numpy_layers(captured.attentions),
+        _numpy_layers(captured.gradients),
+        arch.num_prefix_tokens,
+        arch.has_class_token,
+        arch.grid,
     )
     assert got.shape == (2, *arch.grid)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-12)

@@ -30,7 +30,7 @@ MODELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(key: str) -> torch.nn.Module:
     name, overrides = MODELS[key]
     torch.manual_seed(0)
@@ -144,8 +144,15 @@ def test_position_similarity_of_a_learned_looking_table_peaks_at_its_own_positio
     frequencies = torch.linspace(0.2, 1.5, dim // 4, dtype=torch.float64)
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     y, x = rows.reshape(-1, 1).double(), cols.reshape(-1, 1).double()
-    table = torch.cat([torch.sin(y * frequencies), torch.cos(y * frequencies),
-                       torch.sin(x * frequencies), torch.cos(x * frequencies)], dim=1)
+    table = torch.cat(
+        [
+            torch.sin(y * frequencies),
+            torch.cos(y * frequencies),
+            torch.sin(x * frequencies),
+            torch.cos(x * frequencies),
+        ],
+        dim=1,
+    )
     similarity = position_similarity(table, (gh, gw))
     for r in range(gh):
         for c in range(gw):

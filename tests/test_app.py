@@ -50,6 +50,7 @@ def _other_bundled(*, same_grid: bool = False) -> Path:
     """Another bundled checkpoint; with same_grid, one whose patch grid equals the default's (for difference maps)."""
     others = sorted(p for p in DEFAULT.parent.glob("*.safetensors") if p != DEFAULT)
     if same_grid:
+
         def grid(path: Path) -> tuple:
             config = _meta(path)["config"]
             return tuple(s // config["patch_size"] for s in config["img_size"])
@@ -162,7 +163,9 @@ def _reference_probabilities(path: Path, picture: Image.Image) -> np.ndarray:
     loaded = load_model(str(path))
     meta = _meta(path)
     height, width = meta["input_size"]
-    pixels = np.asarray(picture.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    pixels = (
+        np.asarray(picture.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    )
     pixels = (pixels - np.array(meta["mean"], dtype=np.float32)) / np.array(meta["std"], dtype=np.float32)
     with torch.no_grad():
         logits = loaded.model(torch.from_numpy(pixels).permute(2, 0, 1)[None])
@@ -371,7 +374,11 @@ def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
     assert list(row[["A", "B"]].iloc[0]) == [_meta(DEFAULT)["config"]["pos_embed"], _meta(other)["config"]["pos_embed"]]
     expected = _cosine_similarity_tiles(other) - _cosine_similarity_tiles(DEFAULT)
     gh, gw = expected.shape[:2]
-    differences = [c for c in _charts(at) if c["data"][0].get("colorscale") and "difference" in c["data"][0].get("hovertemplate", "")]
+    differences = [
+        c
+        for c in _charts(at)
+        if c["data"][0].get("colorscale") and "difference" in c["data"][0].get("hovertemplate", "")
+    ]
     assert differences, "no difference map drawn"
     mosaic = _array(differences[0]["data"][0]["z"])
     for row_index in range(gh):
@@ -410,9 +417,14 @@ def _fake_run(runs: Path, run_id: str) -> Path:
         {"kind": "epoch", "epoch": 1, "step": 2, "train_loss": 2.2, "eval_accuracy": 0.25},
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')
-    status = {"status": "finished", "reason": None, "pid": 1, "run_id": run_id,
-              "progress": {"step": 2, "total_steps": 2, "epoch": 1, "epochs": 1},
-              "metrics": {"eval_accuracy": 0.25}}
+    status = {
+        "status": "finished",
+        "reason": None,
+        "pid": 1,
+        "run_id": run_id,
+        "progress": {"step": 2, "total_steps": 2, "epoch": 1, "epochs": 1},
+        "metrics": {"eval_accuracy": 0.25},
+    }
     (folder / "status.json").write_text(json.dumps(status))
     (folder / "best.safetensors").write_bytes(DEFAULT.read_bytes())
     (folder / "checkpoints" / "epoch-001.safetensors").write_bytes(DEFAULT.read_bytes())
@@ -471,8 +483,12 @@ def test_a_run_started_from_the_train_page_can_be_stopped(app_folders: dict[str,
     process = runs.started_here("stop-me")
     assert process is not None
     try:
-        _rerun_until(at, lambda a: _run_heading(a, "stop-me").endswith(": running") and any(
-            b.label == "Stop" for b in a.button), 180, "the run to start")
+        _rerun_until(
+            at,
+            lambda a: _run_heading(a, "stop-me").endswith(": running") and any(b.label == "Stop" for b in a.button),
+            180,
+            "the run to start",
+        )
         next(b for b in at.button if b.label == "Stop").click().run()
         _assert_clean(at)
         process.wait(timeout=120)
@@ -533,13 +549,39 @@ def test_training_command_line_follows_the_training_cli(tmp_path: Path) -> None:
     from vitviz.ui import runs
 
     overrides = runs.parse_overrides("# comment\nepochs=1\n\noptim.lr=1e-3\n")
-    request = runs.RunRequest(command="finetune", preset="finetune", run_id="ft-1", runs_dir=tmp_path,
-                              overrides=overrides, source="a.safetensors", img_size=(96, 96), freeze_blocks=2)
+    request = runs.RunRequest(
+        command="finetune",
+        preset="finetune",
+        run_id="ft-1",
+        runs_dir=tmp_path,
+        overrides=overrides,
+        source="a.safetensors",
+        img_size=(96, 96),
+        freeze_blocks=2,
+    )
     args = runs.command_line(request)
     assert args[1:] == [
-        "-m", "training", "finetune", "--preset", "finetune", "--from", "a.safetensors", "--img-size", "96", "96",
-        "--freeze-blocks", "2", "--runs-dir", str(tmp_path), "--run-id", "ft-1", "--no-progress",
-        "--set", "epochs=1", "--set", "optim.lr=1e-3",
+        "-m",
+        "training",
+        "finetune",
+        "--preset",
+        "finetune",
+        "--from",
+        "a.safetensors",
+        "--img-size",
+        "96",
+        "96",
+        "--freeze-blocks",
+        "2",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-id",
+        "ft-1",
+        "--no-progress",
+        "--set",
+        "epochs=1",
+        "--set",
+        "optim.lr=1e-3",
     ]
     with pytest.raises(VitvizError):
         runs.command_line(runs.RunRequest(command="train", preset="tiny", run_id="../escape", runs_dir=tmp_path))

@@ -43,5 +43,5 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     marker = "<!-- test-command -->"
     assert marker in readme, "README must mark its test command"
     block = readme.split(marker, 1)[1].split("```", 2)[1]
-    command = [line for line in block.splitlines() if line.strip() and not line.startswith("bash")][0].strip()
+    command = next(line for line in block.splitlines() if line.strip() and not line.startswith("bash")).strip()
     assert command in ci

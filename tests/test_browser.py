@@ -48,7 +48,9 @@ TRAINING_TIMEOUT_MS = 300_000  # a tiny run is seconds of training, plus startin
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the system Chromium at /usr/bin/chromium (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs the system Chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
 ]
 
 
@@ -142,7 +144,9 @@ def test_rollout_explains_an_uploaded_image(server: dict, page: object, tmp_path
 
 
 def test_compare_two_checkpoints(server: dict, page: object) -> None:
-    others = sorted(p.stem for p in (ROOT / "assets" / "checkpoints").glob("*.safetensors") if p.stem != "shapes-default")
+    others = sorted(
+        p.stem for p in (ROOT / "assets" / "checkpoints").glob("*.safetensors") if p.stem != "shapes-default"
+    )
     if not others:
         pytest.skip("needs a second bundled checkpoint")
     query = f"compare=bundled:shapes-default&compare=bundled:{others[0]}"
@@ -164,7 +168,9 @@ def test_train_a_tiny_run_and_watch_its_curve(server: dict, page: object) -> Non
     page.get_by_label("Run id (optional)").fill("browser-tiny")
     page.get_by_role("button", name="Start").click()
     page.get_by_text("Started run browser-tiny.").wait_for()
-    ended = page.get_by_role("heading", name=re.compile(r"^Run browser-tiny: (finished|failed|stopped|interrupted|exited)"))
+    ended = page.get_by_role(
+        "heading", name=re.compile(r"^Run browser-tiny: (finished|failed|stopped|interrupted|exited)")
+    )
     ended.wait_for(timeout=TRAINING_TIMEOUT_MS)
     _wait_idle(page)
     log = page.locator('[data-testid="stExpander"]').filter(has_text="Log")
@@ -176,7 +182,9 @@ def test_train_a_tiny_run_and_watch_its_curve(server: dict, page: object) -> Non
     _shot(page, "train-finished")
     assert (server["runs"] / "browser-tiny" / "best.safetensors").is_file()
     # The finished run's checkpoint is offered by the model picker and goes into the URL when chosen.
-    _choose(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "run browser-tiny · best")
+    _choose(
+        page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "run browser-tiny · best"
+    )
     _wait_idle(page)
     assert "model=run%3Abrowser-tiny" in page.url or "model=run:browser-tiny" in page.url
     _assert_no_exception(page)

@@ -38,16 +38,36 @@ TARGET = 0.90  # issue 3: at least 90% accuracy and 90% pointing game on 1,000 f
 # stem -> what the app shows it as: position embedding, stem, input size, grid
 SHAPES = list(SHAPE_CLASSES)
 EXPECTED = {
-    "shapes-default": {"pos_embed": "learned", "stem": "patch", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
+    "shapes-default": {
+        "pos_embed": "learned",
+        "stem": "patch",
+        "img_size": (32, 32),
+        "grid": (8, 8),
+        "classes": SHAPES,
+    },
     "shapes-2d": {"pos_embed": "learned_2d", "stem": "patch", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
     "shapes-sincos": {"pos_embed": "sincos", "stem": "patch", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
     "shapes-nopos": {"pos_embed": "none", "stem": "patch", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
-    "shapes-hybrid": {"pos_embed": "learned", "stem": "hybrid", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
+    "shapes-hybrid": {
+        "pos_embed": "learned",
+        "stem": "hybrid",
+        "img_size": (32, 32),
+        "grid": (8, 8),
+        "classes": SHAPES,
+    },
     "shapes-finetune-hires": {
-        "pos_embed": "learned", "stem": "patch", "img_size": (48, 48), "grid": (12, 12), "classes": SHAPES,
+        "pos_embed": "learned",
+        "stem": "patch",
+        "img_size": (48, 48),
+        "grid": (12, 12),
+        "classes": SHAPES,
     },
     "mnist-small": {
-        "pos_embed": "learned", "stem": "patch", "img_size": (28, 28), "grid": (4, 4), "classes": [str(d) for d in range(10)],
+        "pos_embed": "learned",
+        "stem": "patch",
+        "img_size": (28, 28),
+        "grid": (4, 4),
+        "classes": [str(d) for d in range(10)],
     },
 }
 # The position-embedding variants and the hybrid are the paper's ablation: the default's recipe with one change.
@@ -120,7 +140,9 @@ def test_snapshots_are_one_run_in_training_order() -> None:
 
 
 def test_default_reproduces_its_documented_accuracy_on_held_out_images() -> None:
-    result = evaluate_checkpoint(str(DEFAULT), dataset="shapes", split="test", num_samples=DOCUMENTED_SUBSET, device="cpu")
+    result = evaluate_checkpoint(
+        str(DEFAULT), dataset="shapes", split="test", num_samples=DOCUMENTED_SUBSET, device="cpu"
+    )
     assert result["num_images"] == DOCUMENTED_SUBSET
     assert result["accuracy"] == pytest.approx(DOCUMENTED_ACCURACY, abs=TOLERANCE)
     assert result["pointing_game"]["rollout"] == pytest.approx(DOCUMENTED_POINTING, abs=TOLERANCE)
@@ -157,7 +179,9 @@ def test_mnist_small_beats_the_reference_on_held_out_digits() -> None:
         pytest.skip(f"the real MNIST test set is not at {MNIST_DIR}")
     checkpoint = CHECKPOINTS / "mnist-small.safetensors"
     assert read_checkpoint_meta(checkpoint).training["train_split"] == "test[:8000]"  # never saw the last 2,000
-    result = evaluate_checkpoint(str(checkpoint), dataset="mnist", root=str(MNIST_DIR), split="test[8000:]", device="cpu")
+    result = evaluate_checkpoint(
+        str(checkpoint), dataset="mnist", root=str(MNIST_DIR), split="test[8000:]", device="cpu"
+    )
     assert result["num_images"] == 2000
     assert result["accuracy"] == pytest.approx(MNIST_DOCUMENTED, abs=3 / 2000)
     assert result["accuracy"] > MNIST_REFERENCE_TRAIN_ACCURACY

@@ -43,7 +43,7 @@ ARCHITECTURES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(key: str) -> torch.nn.Module:
     name, overrides = ARCHITECTURES[key]
     torch.manual_seed(0)
@@ -265,8 +265,14 @@ class _LiveAttentionTracker:
 def _deep_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=96, patch_size=4, embed_dim=32, depth=24,
-        num_heads=2, num_classes=10,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=96,
+        patch_size=4,
+        embed_dim=32,
+        depth=24,
+        num_heads=2,
+        num_classes=10,
     ).eval()  # 577 tokens: attention dominates memory
 
 
@@ -314,10 +320,20 @@ def test_gradients_equal_timm_non_fused_autograd(key: str) -> None:
 
 def test_gradients_match_finite_differences_in_float64() -> None:
     torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2,
-        num_heads=2, num_classes=5,
-    ).eval().double()
+    model = (
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            num_classes=5,
+        )
+        .eval()
+        .double()
+    )
     torch.nn.init.normal_(model.head.weight)  # a non-zero head so that gradients are far from 0
     images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     result = attention_gradients(model, images)
@@ -333,7 +349,7 @@ def test_gradients_match_finite_differences_in_float64() -> None:
         for _ in range(4):
             index = tuple(int(torch.randint(0, size, (1,), generator=generator)) for size in (1, 2, 17, 17))
 
-            def logit_with(delta: float) -> float:
+            def logit_with(delta: float, layer: int = layer, index: tuple[int, ...] = index) -> float:
                 def perturb(_module, _inputs, out):
                     out = out.clone()
                     out[index] += delta

@@ -49,7 +49,9 @@ def meta_for(cfg: ViTConfig, **overrides: object) -> ModelMeta:
     return ModelMeta(**fields)  # type: ignore[arg-type]
 
 
-def saved(tmp_path: Path, cfg: ViTConfig | None = None, name: str = "model.safetensors") -> tuple[Path, torch.nn.Module]:
+def saved(
+    tmp_path: Path, cfg: ViTConfig | None = None, name: str = "model.safetensors"
+) -> tuple[Path, torch.nn.Module]:
     cfg = cfg or tiny()
     model = build_model(cfg)
     path = tmp_path / name

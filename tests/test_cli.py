@@ -79,16 +79,40 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 def test_analyze_json_matches_the_analysis_functions(workdir: Path, checkpoint: Path, capsys) -> None:
     out_json = workdir / "out.json"
     code, _, err = run_cli(
-        capsys, "analyze", str(checkpoint), "--images", str(workdir / "images"), "--json", str(out_json),
-        "--components", "5", "--head-fusion", "max", "--discard-ratio", "0.5", "--start-layer", "1",
-        "--distance-mode", "renormalised", "--target-class", "2",
+        capsys,
+        "analyze",
+        str(checkpoint),
+        "--images",
+        str(workdir / "images"),
+        "--json",
+        str(out_json),
+        "--components",
+        "5",
+        "--head-fusion",
+        "max",
+        "--discard-ratio",
+        "0.5",
+        "--start-layer",
+        "1",
+        "--distance-mode",
+        "renormalised",
+        "--target-class",
+        "2",
     )
     assert code == 0, err
     doc = json.loads(out_json.read_text())
     assert set(doc) == {"model", "filters", "position", "distance", "rollout", "gradient_rollout"}
     assert doc["model"] == {
-        "source": str(checkpoint), "arch": "vitviz", "img_size": [32, 48], "grid": [4, 6], "stride": [8, 8],
-        "num_prefix_tokens": 1, "depth": 3, "num_heads": 2, "embed_dim": 32, "num_classes": 4,
+        "source": str(checkpoint),
+        "arch": "vitviz",
+        "img_size": [32, 48],
+        "grid": [4, 6],
+        "stride": [8, 8],
+        "num_prefix_tokens": 1,
+        "depth": 3,
+        "num_heads": 2,
+        "embed_dim": 32,
+        "num_classes": 4,
     }
     loaded = load_model(str(checkpoint))
     model, meta, layout = loaded.model, loaded.meta, token_layout(loaded.model)
@@ -175,9 +199,7 @@ def test_timm_source_with_local_weights(workdir: Path, capsys) -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=3)
     weights = workdir / "weights.pth"
     torch.save(model.state_dict(), weights)
-    code, out, err = run_cli(
-        capsys, "info", "timm:vit_tiny_patch16_224", "--weights", str(weights), "--json"
-    )
+    code, _out, err = run_cli(capsys, "info", "timm:vit_tiny_patch16_224", "--weights", str(weights), "--json")
     assert code == 2 and "vitviz: error:" in err and len(err.strip().splitlines()) == 1  # depth 12 != 2
 
 
@@ -245,12 +267,18 @@ def test_real_entry_point_runs_as_a_module(checkpoint: Path, tmp_path: Path) -> 
     out = tmp_path / "o.json"
     done = subprocess.run(
         [sys.executable, "-m", "vitviz", "analyze", str(checkpoint), "--analyses", "position", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["position"]["similarity"]
     done = subprocess.run(
         [sys.executable, "-m", "vitviz", "info", str(tmp_path / "missing.safetensors")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

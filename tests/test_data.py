@@ -136,7 +136,9 @@ def test_outlined_masks_are_a_band_along_the_edge_of_the_shape() -> None:
         # on a canvas with room around the image.
         pad = 2 * scene.outline_width
         moved = dataclasses.replace(scene, center=(scene.center[0] + pad, scene.center[1] + pad))
-        depth = ndimage.distance_transform_edt(_reference_region(moved, (64 + 2 * pad, 64 + 2 * pad)))[pad:-pad, pad:-pad]
+        depth = ndimage.distance_transform_edt(_reference_region(moved, (64 + 2 * pad, 64 + 2 * pad)))[
+            pad:-pad, pad:-pad
+        ]
         near_edge = reference & (depth <= scene.outline_width)
         assert _iou(mask, near_edge) > 0.7, (SHAPE_CLASSES[scene.label], index)
         assert not (mask & ~ndimage.binary_dilation(reference, structure=np.ones((3, 3)))).any()
@@ -192,7 +194,9 @@ def test_digits_splits_are_fixed_disjoint_stratified_and_scaled() -> None:
     splits = {name: build_dataset("digits", split=name, seed=123) for name in ("train", "val", "test")}
     assert sum(len(s) for s in splits.values()) == len(digits.target)
     # Every image of every split is one of sklearn's, scaled 0..16 -> 0..255, with its label, used once.
-    reference = Counter((np.round(img * 255 / 16).astype(np.uint8).tobytes(), int(t)) for img, t in zip(digits.images, digits.target))
+    reference = Counter(
+        (np.round(img * 255 / 16).astype(np.uint8).tobytes(), int(t)) for img, t in zip(digits.images, digits.target)
+    )
     seen = []
     for dataset in splits.values():
         assert dataset.in_chans == 1
@@ -235,13 +239,20 @@ def test_mnist_reads_the_real_test_set(mnist_dir: Path) -> None:
     assert len(dataset) == 10_000 and dataset.in_chans == 1 and dataset.class_names == [str(d) for d in range(10)]
     assert [dataset[i][1] for i in range(10)] == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     # A plain read of the IDX bytes: 16-byte header for images, 8 for labels.
-    raw_images = np.frombuffer(gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()), np.uint8, offset=16)
-    raw_labels = np.frombuffer(gzip.decompress((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
+    raw_images = np.frombuffer(
+        gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()), np.uint8, offset=16
+    )
+    raw_labels = np.frombuffer(
+        gzip.decompress((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8
+    )
     for i in (0, 1234, 9999):
         image, label = dataset[i]
         assert image.mode == "L" and image.size == (28, 28)
         assert np.array_equal(np.asarray(image), raw_images.reshape(-1, 28, 28)[i]) and label == raw_labels[i]
-    head, tail = build_dataset("mnist", split="test[:8000]", root=mnist_dir), build_dataset("mnist", split="test[8000:]", root=mnist_dir)
+    head, tail = (
+        build_dataset("mnist", split="test[:8000]", root=mnist_dir),
+        build_dataset("mnist", split="test[8000:]", root=mnist_dir),
+    )
     assert (len(head), len(tail)) == (8000, 2000)
     assert _image_bytes(tail, 0) == _image_bytes(dataset, 8000) and tail[0][1] == dataset[8000][1]
 
@@ -340,7 +351,10 @@ def test_folder_hash_split_is_deterministic_disjoint_and_complete(tmp_path: Path
     all_paths = [p for ps in paths.values() for p in ps]
     assert sorted(all_paths) == sorted(f"{c}/{i:03d}.png" for c in ("zebra", "ant", "cat") for i in range(40))
     assert len(paths["train"]) > len(paths["val"]) > 0 and len(paths["test"]) > 0
-    assert paths == {name: [p.relative_to(tmp_path).as_posix() for p in build_dataset("folder", split=name, root=tmp_path).paths] for name in splits}
+    assert paths == {
+        name: [p.relative_to(tmp_path).as_posix() for p in build_dataset("folder", split=name, root=tmp_path).paths]
+        for name in splits
+    }
     dataset = splits["train"]
     assert dataset.class_names == ["ant", "cat", "zebra"] and dataset.in_chans == 3
     image, label = dataset[0]
@@ -408,9 +422,13 @@ def test_eval_transform_is_the_analysis_preprocessing() -> None:
     # Left half black, right half white stays split in the middle: the whole image is kept.
     halves = np.zeros((48, 80), dtype=np.uint8)
     halves[:, 40:] = 255
-    grey = eval_transform(input_size=(24, 40), in_chans=1, mean=(0.5,), std=(0.5,))(Image.fromarray(halves).convert("RGB"))
+    grey = eval_transform(input_size=(24, 40), in_chans=1, mean=(0.5,), std=(0.5,))(
+        Image.fromarray(halves).convert("RGB")
+    )
     assert grey.shape == (1, 24, 40)
-    assert np.allclose(grey[0, :, :18].numpy(), -1.0, atol=1e-3) and np.allclose(grey[0, :, 22:].numpy(), 1.0, atol=1e-3)
+    assert np.allclose(grey[0, :, :18].numpy(), -1.0, atol=1e-3) and np.allclose(
+        grey[0, :, 22:].numpy(), 1.0, atol=1e-3
+    )
 
 
 def test_eval_transform_converts_channels() -> None:
@@ -424,7 +442,9 @@ def test_eval_transform_converts_channels() -> None:
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])
-@pytest.mark.parametrize("augment", ["light", "digits", "randaug", {"auto_augment": "rand-m9-mstd0.5", "re_prob": 0.5, "re_mode": "pixel"}])
+@pytest.mark.parametrize(
+    "augment", ["light", "digits", "randaug", {"auto_augment": "rand-m9-mstd0.5", "re_prob": 0.5, "re_mode": "pixel"}]
+)
 def test_train_transform_is_repeatable_under_a_torch_seed(in_chans: int, augment) -> None:
     dataset = build_dataset("digits" if in_chans == 1 else "shapes", split="val[:16]", img_size=(32, 32))
     stats = (0.5,) * in_chans

@@ -23,7 +23,9 @@ def _finished_run(folder: Path, epochs: int) -> Path:
     return folder
 
 
-def test_a_finished_run_becomes_the_bundle_and_old_snapshots_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_finished_run_becomes_the_bundle_and_old_snapshots_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bundled = tmp_path / "assets"
     bundled.mkdir()
     (bundled / "demo-epoch-008.safetensors").write_bytes(b"from an 8-epoch recipe")
@@ -41,7 +43,9 @@ def test_a_finished_run_becomes_the_bundle_and_old_snapshots_go(tmp_path: Path, 
     monkeypatch.setattr(make_assets, "_run", evaluate)
     runs = tmp_path / "runs"
     _finished_run(runs / "demo", epochs=4)
-    row = make_bundle(Bundle("demo", ("train", "--preset", "tiny"), snapshots=(1, 2, 4)), runs, retrain=False, threads=2)
+    row = make_bundle(
+        Bundle("demo", ("train", "--preset", "tiny"), snapshots=(1, 2, 4)), runs, retrain=False, threads=2
+    )
 
     assert [c[0][0] for c in calls] == ["evaluate"] and calls[0][1] == 2  # reused: no training, only evaluation
     assert (bundled / "demo.safetensors").read_bytes() == b"last"

@@ -100,7 +100,9 @@ def _hand_count(cfg: ViTConfig) -> int:
     "cfg",
     [
         tiny(),
-        tiny(pos_embed="learned_2d", class_token=False, global_pool="avg", head="pretrain", qkv_bias=False, mlp_ratio=2.0),
+        tiny(
+            pos_embed="learned_2d", class_token=False, global_pool="avg", head="pretrain", qkv_bias=False, mlp_ratio=2.0
+        ),
         tiny(pos_embed="relative", depth=3, num_heads=4),
         tiny(pos_embed="sincos", reg_tokens=3, in_chans=1),
     ],

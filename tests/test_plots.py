@@ -117,9 +117,7 @@ def test_paper_distance_scatter_has_one_series_per_head_and_the_mean(tmp_path: P
 def test_overlay_divides_the_map_by_its_max() -> None:
     image = RNG.integers(0, 256, size=(12, 18, 3), dtype=np.uint8)
     relevance = RNG.uniform(0, 0.01, size=(2, 3))
-    np.testing.assert_array_equal(
-        paper.overlay_image(image, relevance), paper.overlay_image(image, relevance * 700.0)
-    )
+    np.testing.assert_array_equal(paper.overlay_image(image, relevance), paper.overlay_image(image, relevance * 700.0))
     # Fully opaque grey colour map over a 1 x 2 map at the map's own size: pixels are map / max.
     black = np.zeros((1, 2, 3), np.uint8)
     shown = paper.overlay_image(black, np.array([[0.0, 0.004]]), cmap="gray", alpha=1.0)
@@ -305,4 +303,7 @@ def test_interactive_figures_avoid_streamlits_placeholder_colours() -> None:
     for fig in figures:
         text = json.dumps(fig.to_plotly_json()["data"], default=str)
         assert not re.search(r"#0000(?!00)[0-9a-fA-F]{2}\b", text)
-    assert tuple(figures[0].data[0].colorscale[0]) == (0.0, "rgb(0, 0, 4)")  # the same colour, written so the theme leaves it alone
+    assert tuple(figures[0].data[0].colorscale[0]) == (
+        0.0,
+        "rgb(0, 0, 4)",
+    )  # the same colour, written so the theme leaves it alone

@@ -86,7 +86,9 @@ def test_timm_random_init_is_repeatable_with_timm_normalisation_and_imagenet_nam
     assert first.meta.class_names[0].startswith("tench") and first.meta.class_names[1].startswith("goldfish")
     assert not first.model.training
     deit = load_model("timm:deit_tiny_patch16_224")
-    assert deit.meta.mean == pytest.approx((0.485, 0.456, 0.406)) and deit.meta.std == pytest.approx((0.229, 0.224, 0.225))
+    assert deit.meta.mean == pytest.approx((0.485, 0.456, 0.406)) and deit.meta.std == pytest.approx(
+        (0.229, 0.224, 0.225)
+    )
 
 
 def _timm_state(num_classes: int = 1000) -> dict[str, torch.Tensor]:

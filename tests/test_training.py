@@ -57,7 +57,10 @@ def test_mnist_small_is_the_requested_architecture() -> None:
     assert layout.grid == (4, 4) and layout.num_patches == 16 and layout.has_class_token
     assert (cfg.model.depth, cfg.model.num_heads, cfg.model.embed_dim, cfg.model.pos_embed) == (3, 4, 32, "learned")
     assert (cfg.data.train_split, cfg.data.eval_split) == ("test[:8000]", "test[8000:]")
-    assert (cfg.optim.name, cfg.optim.weight_decay) == ("adamw", 0.0)  # AdamW without decay = Adam (lr: docs/training.md)
+    assert (cfg.optim.name, cfg.optim.weight_decay) == (
+        "adamw",
+        0.0,
+    )  # AdamW without decay = Adam (lr: docs/training.md)
     assert cfg.data.augment == "digits"  # handwriting is never mirrored
 
 

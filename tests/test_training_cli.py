@@ -179,7 +179,7 @@ def test_evaluate_on_a_dataset_without_masks_has_no_pointing_game(
     )
     run(digits, RunOptions(runs_dir=tmp_path, run_id="digits", device="cpu", max_steps=3))
     args = ["evaluate", str(tmp_path / "digits"), "--dataset", "digits", "--json", str(tmp_path / "d.json")]
-    code, out, _ = _main(args, capsys)
+    code, _out, _ = _main(args, capsys)
     report = json.loads((tmp_path / "d.json").read_text())
     assert code == 0 and "pointing_game" not in report and report["num_images"] > 0
     assert sum(map(sum, report["confusion_matrix"])) == report["num_images"]

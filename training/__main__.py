@@ -27,9 +27,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from vitviz.errors import VitvizError
 
@@ -44,8 +44,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted key, e.g. optim.lr=1e-3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key, e.g. optim.lr=1e-3 (repeatable)",
+    )
     parser.add_argument("--dataset", help="dataset name (shortcut for --set data.dataset=NAME)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder that holds run folders")
     parser.add_argument("--run-id", help="name of the run folder (default: <preset>-<date>-<time>)")
@@ -207,8 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a full disk or a folder that refuses writes, met while the run was going
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: could not write the run's files: {exc.strerror or exc}{where}; "
-              "the last checkpoint is intact: free space or fix permissions, then --resume", file=sys.stderr)
+        print(
+            f"error: could not write the run's files: {exc.strerror or exc}{where}; "
+            "the last checkpoint is intact: free space or fix permissions, then --resume",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:
         from training.engine import TrainingFailed

@@ -14,8 +14,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from vitviz.errors import VitvizError
 from vitviz.models import ViTConfig
@@ -130,7 +131,8 @@ class MaskedConfig:
     def __post_init__(self) -> None:
         _require(0 < self.mask_ratio < 1, f"masked.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         _require(
-            self.replace_with_mask >= 0 and self.replace_with_random >= 0
+            self.replace_with_mask >= 0
+            and self.replace_with_random >= 0
             and self.replace_with_mask + self.replace_with_random <= 1,
             "masked.replace_with_mask and masked.replace_with_random must be >= 0 and sum to at most 1",
         )
@@ -302,9 +304,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this process's GPU when there is one, else CPU; "cuda" without a GPU is a user error."""
+    """ "auto" -> this process's GPU when there is one, else CPU; "cuda" without a GPU is a user error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

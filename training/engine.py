@@ -20,10 +20,11 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,10 +156,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min
     if decay == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        shape = 1.0 - progress
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
     return min_ratio + (1.0 - min_ratio) * shape
 
 
@@ -379,7 +377,7 @@ class Trainer:
         return tensors, {"optimizer": optim_info, "rng": rng_info}
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.module.load_state_dict(model_state, strict=True)
         self.optimizer.load_state_dict(_optimizer_state_dict(tensors, info["optimizer"]))
         _set_rng_state(tensors, info["rng"])
@@ -550,10 +548,8 @@ class _StopRequest:
 
     def __enter__(self) -> _StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
@@ -712,7 +708,9 @@ class _Run:
             except VitvizError as exc:
                 error = exc
             except OSError as exc:
-                error = VitvizError(f"cannot write run folder {self.folder.path if self.folder else self.options.runs_dir}: {exc.strerror or exc}")
+                error = VitvizError(
+                    f"cannot write run folder {self.folder.path if self.folder else self.options.runs_dir}: {exc.strerror or exc}"
+                )
         if distributed.broadcast_flag(error is not None, self.ctx):
             raise error or VitvizError("the main process could not set up the run folder")
 
@@ -909,8 +907,12 @@ class _Run:
             self._save_model(self.folder.last_path, step)
             logger.info(
                 "epoch %d/%d: train loss %s acc %s; eval loss %s acc %s",
-                epoch, cfg.epochs, _fmt(record["train_loss"]), _fmt(record["train_accuracy"]),
-                _fmt(record["eval_loss"]), _fmt(record["eval_accuracy"]),
+                epoch,
+                cfg.epochs,
+                _fmt(record["train_loss"]),
+                _fmt(record["train_accuracy"]),
+                _fmt(record["eval_loss"]),
+                _fmt(record["eval_accuracy"]),
             )
         self._save_state(step)
 

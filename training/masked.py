@@ -43,9 +43,7 @@ class Corruption:
         )
 
 
-def sample_corruption(
-    batch_size: int, num_patches: int, cfg: MaskedConfig, generator: torch.Generator
-) -> Corruption:
+def sample_corruption(batch_size: int, num_patches: int, cfg: MaskedConfig, generator: torch.Generator) -> Corruption:
     """Draw a corruption on CPU: exactly round(mask_ratio * N) corrupted patches per image, then 80/10/10."""
     num_corrupted = max(1, round(cfg.mask_ratio * num_patches))
     order = torch.rand(batch_size, num_patches, generator=generator).argsort(dim=1)  # (B, N) random permutation

@@ -6,8 +6,8 @@ in a line or two. `tiny` is for tests: it trains in seconds on one CPU core.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from training.config import DataConfig, FinetuneConfig, OptimConfig, ScheduleConfig, TrainConfig
 from vitviz.errors import VitvizError
@@ -65,8 +65,12 @@ def shapes_default() -> TrainConfig:
             pos_embed="learned",
         ),
         data=DataConfig(
-            dataset="shapes", eval_split="val", num_train_samples=144_000, num_eval_samples=1_000,
-            num_workers=2, in_memory=True,
+            dataset="shapes",
+            eval_split="val",
+            num_train_samples=144_000,
+            num_eval_samples=1_000,
+            num_workers=2,
+            in_memory=True,
         ),
         optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.05),
         schedule=ScheduleConfig(warmup_steps=500, decay="cosine"),

@@ -32,9 +32,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -232,11 +233,11 @@ class RunFolder:
         candidates = sorted(
             (int(m.group(1)), p) for p in self.state_dir.glob("step-*.json") if (m := STATE_NAME.match(p.name))
         )
-        for step, json_path in reversed(candidates):
+        for _step, json_path in reversed(candidates):
             try:
                 info = json.loads(json_path.read_text(encoding="utf-8"))
                 tensors = safetensors.torch.load_file(str(self.state_dir / info["tensors"]))
-            except Exception:  # noqa: BLE001 - safetensors has its own error types for damaged files
+            except Exception:
                 continue  # a state whose files are damaged does not count; try the one before
             info.pop("tensors")
             return ResumeState(step=int(info.pop("step")), tensors=tensors, info=info)

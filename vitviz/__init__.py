@@ -3,5 +3,5 @@
 from vitviz.errors import VitvizError
 from vitviz.tokens import TokenLayout, token_layout
 
-__all__ = ["VitvizError", "TokenLayout", "token_layout"]
+__all__ = ["TokenLayout", "VitvizError", "token_layout"]
 __version__ = "0.1.0"

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="run the paper's analyses and write JSON and figures")
     add_model(analyze)
     analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
-    analyze.add_argument("--analyses", help="comma-separated subset of filters,position,distance,rollout,gradient-rollout")
+    analyze.add_argument(
+        "--analyses", help="comma-separated subset of filters,position,distance,rollout,gradient-rollout"
+    )
     analyze.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
     analyze.add_argument("--figures", metavar="DIR", help="write the paper-style figures as PNG and SVG")
     analyze.add_argument("--components", type=int, default=28, help="principal components of the filters (28)")
@@ -133,7 +135,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"training    {summary}")
         metrics = meta.training.get("final_metrics") or meta.training.get("metrics")
         if isinstance(metrics, dict):
-            lines.append("metrics     " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            lines.append(
+                "metrics     "
+                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            )
     for entry in meta.resolution_history:
         lines.append(f"resampled   {entry.get('old_grid')} -> {entry.get('new_grid')} ({entry.get('method')})")
     print("\n".join(lines))
@@ -190,7 +195,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = loaded.model
     layout = token_layout(model)
     if options.target_class is not None and not 0 <= options.target_class < model.num_classes:
-        raise VitvizError(f"--target-class {options.target_class} is out of range: the model has {model.num_classes} classes")
+        raise VitvizError(
+            f"--target-class {options.target_class} is out of range: the model has {model.num_classes} classes"
+        )
     result: dict[str, Any] = {"model": model_summary(loaded)}
     pca = similarity = None
     if "filters" in analyses:

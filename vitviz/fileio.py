@@ -51,10 +51,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file, never a mix."""
-    with atomic_path(path) as tmp_path:
-        with open(tmp_path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

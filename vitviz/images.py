@@ -102,7 +102,7 @@ def decode_image(
             ) from None
         except UnidentifiedImageError:
             raise VitvizError(f"could not read image '{label}': {_describe_unreadable(head)}") from None
-        except Exception as exc:  # noqa: BLE001 - hostile bytes reach many PIL code paths and error types
+        except Exception as exc:
             logger.debug("decoding %s failed", label, exc_info=True)
             raise VitvizError(
                 f"could not read image '{label}': the file is damaged or truncated ({_one_line(exc)})"

@@ -114,7 +114,10 @@ def _top5(logits: torch.Tensor, class_names: Sequence[str]) -> list[list[list[An
     k = min(5, probs.shape[-1])
     values, indices = probs.topk(k, dim=-1)
     return [
-        [[class_names[i] if i < len(class_names) else str(i), round(float(p), 6)] for p, i in zip(v.tolist(), ix.tolist())]
+        [
+            [class_names[i] if i < len(class_names) else str(i), round(float(p), 6)]
+            for p, i in zip(v.tolist(), ix.tolist())
+        ]
         for v, ix in zip(values, indices)
     ]
 
@@ -184,9 +187,7 @@ def run_image_analyses(
     )
 
 
-def image_sections(
-    results: ImageResults, image_names: Sequence[str], options: AnalysisOptions
-) -> dict[str, Any]:
+def image_sections(results: ImageResults, image_names: Sequence[str], options: AnalysisOptions) -> dict[str, Any]:
     """The "distance", "rollout" and "gradient_rollout" sections of the JSON."""
     sections: dict[str, Any] = {}
     if results.distance is not None:

@@ -31,7 +31,7 @@ def _outcome(action: Callable[[], Any]) -> dict[str, Any]:
         value = action()
     except VitvizError as exc:
         return {"outcome": "refused", "message": str(exc)}
-    except BaseException as exc:  # noqa: BLE001 - a crash is what we are looking for
+    except BaseException as exc:
         return {
             "outcome": "crash",
             "type": type(exc).__name__,
@@ -60,7 +60,7 @@ def _capture(main: Callable[[list[str]], int], argv: list[str]) -> dict[str, Any
             code = main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:  # noqa: BLE001 - the interpreter would print this traceback and exit 1
+        except BaseException:
             traceback.print_exc()
             code = 1
     return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
@@ -117,7 +117,7 @@ def unsafe_load(path: str, how: str) -> dict[str, Any]:
     def load() -> Any:
         if how == "pickle":
             with open(path, "rb") as handle:
-                return pickle.load(handle)  # noqa: S301 - the point of the control
+                return pickle.load(handle)
         return torch.load(path, weights_only=False)
 
     return _outcome(load)
@@ -159,7 +159,7 @@ def app_checkpoint_uploads(files: list[list[str]], cache_dir: str, runs_dir: str
         try:
             at.file_uploader(key="vv.add.upload").set_value((name, data, "application/octet-stream")).run()
             state = _page_state(at)
-        except BaseException as exc:  # noqa: BLE001 - AppTest itself failing is a crash of the app
+        except BaseException as exc:
             state = {"errors": [], "exceptions": [f"{type(exc).__name__}: {exc}"], "selected": None, "titles": []}
         after = set(os.listdir(uploads)) if uploads.is_dir() else set()
         state["uploads_kept"] = sorted(after - before)

@@ -44,18 +44,18 @@ def _preload() -> None:
     import safetensors.torch  # noqa: F401
     import timm  # noqa: F401
 
-    import training.__main__  # noqa: F401
+    import training.__main__
     import training.engine  # noqa: F401
-    import vitviz.cli  # noqa: F401
-    import vitviz.images  # noqa: F401
-    import vitviz.models  # noqa: F401
+    import vitviz.cli
+    import vitviz.images
+    import vitviz.models
 
     try:  # the app's modules, for jobs that drive it through AppTest
         import plotly.graph_objects  # noqa: F401
         import streamlit.testing.v1  # noqa: F401
 
-        import vitviz.plots.interactive  # noqa: F401
-        import vitviz.plots.paper  # noqa: F401
+        import vitviz.plots.interactive
+        import vitviz.plots.paper
         import vitviz.ui.widgets  # noqa: F401
     except ImportError:
         pass
@@ -107,7 +107,7 @@ def _child(request: dict) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         (out / "memory.json").write_text(json.dumps({"rss_start": resident, "rss_peak": peak}))
         (out / "result.json").write_text(json.dumps(result))
-    except BaseException:  # noqa: BLE001 - whatever happens, report it and leave with a status
+    except BaseException:
         traceback.print_exc()
         code = 99
     finally:

@@ -31,6 +31,7 @@ from tests.reliability.conftest import (
 CASES = hostile_checkpoints(Path("/nonexistent"))  # names only; the files are written per session below
 NAMES = [case.name for case in CASES]
 
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, tuple[HostileFile, Path]], Path]:
     folder = tmp_path_factory.mktemp("hostile-checkpoints")

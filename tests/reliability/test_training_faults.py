@@ -95,7 +95,7 @@ def latest_state_step(run_dir: Path) -> int | None:
         try:
             info = json.loads(path.read_text())
             safetensors.torch.load_file(str(run_dir / "state" / info["tensors"]))
-        except Exception:  # noqa: BLE001 - a damaged state does not count
+        except Exception:
             continue
         steps.append(int(info["step"]))
     return max(steps) if steps else None
@@ -151,7 +151,7 @@ def inspect_after_kill(run_dir: Path, reference: dict[str, Any], seen: set[str])
         try:
             load_model(str(path))
             found = weights(path)
-        except (VitvizError, Exception) as exc:  # noqa: BLE001 - any failure to load is the finding
+        except (VitvizError, Exception) as exc:
             foreign.append(f"{rel}: {exc}")
             continue
         if rel.startswith("checkpoints/"):
@@ -208,7 +208,7 @@ def kill_chain(sandbox: Sandbox, reference: dict[str, Any], tmp_path_factory: py
                 [{"kind": "kill", "where": where, "match": match, "nth": nth}],
                 None,
             )
-        pid, out = sandbox.start("train", argv=argv, faults=faults, kill_after=kill_after)
+        _pid, out = sandbox.start("train", argv=argv, faults=faults, kill_after=kill_after)
         child = sandbox.finish(out)
         killed = child.signal == signal.SIGKILL
         record = {"launch": argv[1], "how": how, "killed": killed, "exit": child.exit_code}

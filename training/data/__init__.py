@@ -24,7 +24,12 @@ from training.data.transforms import TransformedDataset, eval_transform, input_h
 from vitviz.errors import VitvizError
 
 DATASET_NAMES: tuple[str, ...] = ("shapes", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
-DEFAULT_ROOTS = {"mnist": Path("data/mnist"), "fashion-mnist": Path("data"), "cifar10": Path("data"), "cifar100": Path("data")}
+DEFAULT_ROOTS = {
+    "mnist": Path("data/mnist"),
+    "fashion-mnist": Path("data"),
+    "cifar10": Path("data"),
+    "cifar100": Path("data"),
+}
 
 __all__ = [
     "DATASET_NAMES",
@@ -41,7 +46,9 @@ __all__ = [
 def normalize_dataset_name(name: str) -> str:
     """The canonical dataset name ("Fashion_MNIST" -> "fashion-mnist"); unknown names are a user error."""
     canonical = str(name).strip().lower().replace("_", "-")
-    canonical = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(canonical, canonical)
+    canonical = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(
+        canonical, canonical
+    )
     if canonical not in DATASET_NAMES:
         raise VitvizError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
     return canonical
@@ -89,7 +96,9 @@ def build_dataset(
     elif name in ("fashion-mnist", "cifar10", "cifar100"):
         from training.data.torchvision_sets import TorchvisionDataset
 
-        base = TorchvisionDataset(name, DEFAULT_ROOTS[name] if root is None else root, split=spec.name, download=download)
+        base = TorchvisionDataset(
+            name, DEFAULT_ROOTS[name] if root is None else root, split=spec.name, download=download
+        )
     else:
         from training.data.folder import ImageFolderDataset
 
@@ -97,4 +106,3 @@ def build_dataset(
             raise VitvizError("the folder dataset needs a root: the folder holding one subfolder of images per class")
         base = ImageFolderDataset(root, split=spec.name)
     return cap_samples(select_split(base, spec, dataset_name=name), num_samples, seed=seed)
-

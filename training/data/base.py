@@ -68,6 +68,7 @@ class GreyDigitsDataset(VisionDataset):
     in_chans = 1
     images: np.ndarray
     labels: np.ndarray
+
     @property  # type: ignore[override]
     def class_names(self) -> list[str]:
         return [str(digit) for digit in range(10)]

@@ -91,7 +91,9 @@ class ImageFolderDataset(VisionDataset):
                 raise VitvizError(f"{split_folder} has class folders that train/ lacks: {', '.join(unknown)}")
             samples = self._list_images(split_folder, class_names)
             if not samples:
-                raise VitvizError(f"no images in {split_folder} (looked for {', '.join(_image_extensions())} in its class folders)")
+                raise VitvizError(
+                    f"no images in {split_folder} (looked for {', '.join(_image_extensions())} in its class folders)"
+                )
         else:
             class_names = find_class_folders(root)
             all_samples = self._list_images(root, class_names)
@@ -99,7 +101,9 @@ class ImageFolderDataset(VisionDataset):
                 raise VitvizError(
                     f"no images in {root}: put them in one subfolder per class (looked for {', '.join(_image_extensions())})"
                 )
-            samples = [(path, label) for path, label in all_samples if hash_split(path.relative_to(root).as_posix()) == split]
+            samples = [
+                (path, label) for path, label in all_samples if hash_split(path.relative_to(root).as_posix()) == split
+            ]
             if not samples:
                 raise VitvizError(
                     f"the {split} split of {root} is empty: {len(all_samples)} images are split "

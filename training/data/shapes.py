@@ -113,8 +113,20 @@ _UNIT_SHAPES: dict[str, list[tuple[np.ndarray, bool]]] = {
     "cross": [
         (
             _unit_outline(
-                [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3),
-                 (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]
+                [
+                    (-0.3, -1),
+                    (0.3, -1),
+                    (0.3, -0.3),
+                    (1, -0.3),
+                    (1, 0.3),
+                    (0.3, 0.3),
+                    (0.3, 1),
+                    (-0.3, 1),
+                    (-0.3, 0.3),
+                    (-1, 0.3),
+                    (-1, -0.3),
+                    (-0.3, -0.3),
+                ]
             ),
             True,
         )
@@ -123,7 +135,10 @@ _UNIT_SHAPES: dict[str, list[tuple[np.ndarray, bool]]] = {
     "ellipse": [(_CIRCLE, True)],  # squashed by the scene's minor_ratio
     "heart": [(_heart(), True)],
     "arrow": [
-        (_unit_outline([(-1, -0.22), (0.15, -0.22), (0.15, -0.62), (1, 0), (0.15, 0.62), (0.15, 0.22), (-1, 0.22)]), True)
+        (
+            _unit_outline([(-1, -0.22), (0.15, -0.22), (0.15, -0.62), (1, 0), (0.15, 0.62), (0.15, 0.22), (-1, 0.22)]),
+            True,
+        )
     ],
     # A disc with an offset, smaller disc cut away.
     "crescent": [(_CIRCLE, True), (0.8 * _CIRCLE + np.array([0.42, -0.12]), False)],
@@ -171,7 +186,9 @@ def shape_mask(scene: ShapeScene, img_size: tuple[int, int]) -> np.ndarray:
     # outside pixels around it) keeps the distance transform cheap.
     height, width = img_size
     pad = scene.outline_width + 1
-    padded = _rasterise([(polygon + pad, adds) for polygon, adds in shape_polygons(scene)], (height + 2 * pad, width + 2 * pad))
+    padded = _rasterise(
+        [(polygon + pad, adds) for polygon, adds in shape_polygons(scene)], (height + 2 * pad, width + 2 * pad)
+    )
     if not padded.any():
         return padded[pad:-pad, pad:-pad]
     rows = np.flatnonzero(padded.any(axis=1))
@@ -257,7 +274,9 @@ def sample_scene(rng: np.random.Generator, label: int, img_size: tuple[int, int]
     )
 
 
-def paint(background: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], noise: np.ndarray | None) -> np.ndarray:
+def paint(
+    background: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], noise: np.ndarray | None
+) -> np.ndarray:
     """Paints `colour` on `background` where `mask` is set, adds pixel noise to everything, returns uint8 RGB."""
     image = np.where(mask[:, :, None], np.asarray(colour, dtype=np.float32), background)
     if noise is not None:

@@ -32,10 +32,22 @@ log = logging.getLogger(__name__)
 # Named augmentation recipes; a dict passed as `augment` is laid over "light".
 AUGMENT_PRESETS: dict[str, dict[str, Any] | None] = {
     "none": None,  # training sees exactly the evaluation preprocessing
-    "light": {"scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "hflip": 0.5, "color_jitter": 0.2, "interpolation": "bicubic"},
+    "light": {
+        "scale": (0.6, 1.0),
+        "ratio": (3 / 4, 4 / 3),
+        "hflip": 0.5,
+        "color_jitter": 0.2,
+        "interpolation": "bicubic",
+    },
     # Handwriting: small shifts and zooms from crops of 70-100% of the image; never mirrored (a flipped 2, 3,
     # 4, 5, 7 or 9 is not that digit) and no colour changes.
-    "digits": {"scale": (0.7, 1.0), "ratio": (0.85, 1.18), "hflip": 0.0, "color_jitter": None, "interpolation": "bilinear"},
+    "digits": {
+        "scale": (0.7, 1.0),
+        "ratio": (0.85, 1.18),
+        "hflip": 0.0,
+        "color_jitter": None,
+        "interpolation": "bilinear",
+    },
     "randaug": {
         "scale": (0.35, 1.0),
         "ratio": (3 / 4, 4 / 3),
@@ -48,8 +60,20 @@ AUGMENT_PRESETS: dict[str, dict[str, Any] | None] = {
 # The create_transform options an `augment` dict may set.
 AUGMENT_OPTIONS = frozenset(
     {
-        "scale", "ratio", "hflip", "vflip", "color_jitter", "color_jitter_prob", "grayscale_prob",
-        "gaussian_blur_prob", "auto_augment", "interpolation", "re_prob", "re_mode", "re_count", "train_crop_mode",
+        "scale",
+        "ratio",
+        "hflip",
+        "vflip",
+        "color_jitter",
+        "color_jitter_prob",
+        "grayscale_prob",
+        "gaussian_blur_prob",
+        "auto_augment",
+        "interpolation",
+        "re_prob",
+        "re_mode",
+        "re_count",
+        "train_crop_mode",
     }
 )
 # Prefixes of timm's auto-augment policy strings, accepted as `augment` on their own (over "light").
@@ -66,12 +90,16 @@ def input_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
     return size[-2], size[-1]
 
 
-def _check_channels(in_chans: int, mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _check_channels(
+    in_chans: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans not in (1, 3):
         raise VitvizError(f"models take 1 (grey) or 3 (RGB) channels, not {in_chans}")
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != in_chans or len(std) != in_chans:
-        raise VitvizError(f"mean and std need {in_chans} value(s) each for a {in_chans}-channel model, got {mean} and {std}")
+        raise VitvizError(
+            f"mean and std need {in_chans} value(s) each for a {in_chans}-channel model, got {mean} and {std}"
+        )
     if min(std) <= 0:
         raise VitvizError(f"std values must be positive, got {std}")
     return mean, std
@@ -80,7 +108,9 @@ def _check_channels(in_chans: int, mean: Sequence[float], std: Sequence[float]) 
 class AnalysisPreprocess:
     """`vitviz.images.preprocess` with its options bound: a picklable transform for DataLoader workers."""
 
-    def __init__(self, *, input_size: tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self, *, input_size: tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
         self.input_size = input_size
         self.in_chans = in_chans
         self.mean = mean
@@ -144,7 +174,9 @@ def augment_options(augment: Mapping[str, Any] | str | None) -> dict[str, Any] |
         )
     unknown = sorted(set(augment) - AUGMENT_OPTIONS)
     if unknown:
-        raise VitvizError(f"unknown augmentation option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(AUGMENT_OPTIONS))}")
+        raise VitvizError(
+            f"unknown augmentation option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(AUGMENT_OPTIONS))}"
+        )
     return {**AUGMENT_PRESETS["light"], **augment}
 
 

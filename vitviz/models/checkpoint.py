@@ -194,14 +194,16 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     state = read_state_dict(path)
     load_state_dict_checked(model, state, f"{path}")
     model.eval()
-    return LoadedModel(model=model, meta=meta, source=str(path), content_hash=file_sha256(path), extra={"path": str(path)})
+    return LoadedModel(
+        model=model, meta=meta, source=str(path), content_hash=file_sha256(path), extra={"path": str(path)}
+    )
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header, without reading any tensor data."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:
         raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
 
@@ -298,9 +300,8 @@ def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def _first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
     for key, tensor in state.items():
-        if tensor.is_floating_point() or tensor.is_complex():
-            if not bool(torch.isfinite(tensor.detach()).all()):
-                return key
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor.detach()).all()):
+            return key
     return None
 
 
@@ -332,9 +333,11 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
         raise VitvizError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     not_tensors = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise VitvizError(f"{path} is not a plain state dict: {', '.join(not_tensors[:MAX_MESSAGE_KEYS])} are not tensors")
+        raise VitvizError(
+            f"{path} is not a plain state dict: {', '.join(not_tensors[:MAX_MESSAGE_KEYS])} are not tensors"
+        )
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 

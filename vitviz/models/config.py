@@ -58,14 +58,18 @@ class ViTConfig:
     attn_drop_rate: float = 0.0  # dropout on the attention probabilities
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
     class_token: bool = True  # prepend a learned [class] token (the paper's default)
-    global_pool: str = "token"  # "token": classify from the class token (needs class_token); "avg": mean of patch tokens
+    global_pool: str = (
+        "token"  # "token": classify from the class token (needs class_token); "avg": mean of patch tokens
+    )
     reg_tokens: int = 0  # register tokens (Darcet et al. 2024), placed after the class token
     # "learned": one learned 1D table (the paper's default) | "learned_2d": factorised X and Y tables of width D/2,
     # concatenated | "sincos": fixed 2D sin-cos | "none" | "relative": timm's learned relative-position bias
     pos_embed: str = "learned"
     stem: str = "patch"  # "patch": linear patch projection | "hybrid": ResNetV2 whose feature-map cells are the tokens
     hybrid_layers: tuple[int, ...] = (2, 2)  # ResNetV2 blocks per stage; stride 4 * 2**(stages-1) must equal patch_size
-    head: str = "linear"  # "linear" classifier | "pretrain": the paper's pre-training head (tanh hidden layer of width D)
+    head: str = (
+        "linear"  # "linear" classifier | "pretrain": the paper's pre-training head (tanh hidden layer of width D)
+    )
 
     def __post_init__(self) -> None:
         # Normalise JSON-ish input (lists, ints for floats) so equal configs compare and hash equal.
@@ -108,7 +112,9 @@ class ViTConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise VitvizError(f"config field {name} must be in [0, 1); got {getattr(self, name)}")
         if len(self.hybrid_layers) == 0 or len(self.hybrid_layers) > HYBRID_MAX_STAGES:
-            raise VitvizError(f"config field hybrid_layers needs 1 to {HYBRID_MAX_STAGES} stages; got {self.hybrid_layers}")
+            raise VitvizError(
+                f"config field hybrid_layers needs 1 to {HYBRID_MAX_STAGES} stages; got {self.hybrid_layers}"
+            )
         for blocks in self.hybrid_layers:
             _check_range("hybrid_layers", blocks, 1, 64)
 

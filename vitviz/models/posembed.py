@@ -68,7 +68,7 @@ class FactorisedPosEmbedViT(VisionTransformer):
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
         if prefix:
-            x = torch.cat(prefix + [x], dim=1)  # (B, prefix + gh*gw, D)
+            x = torch.cat([*prefix, x], dim=1)  # (B, prefix + gh*gw, D)
         return self.pos_drop(x)
 
     @torch.jit.ignore

@@ -39,9 +39,11 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
     """
     source = str(source)
     if source.startswith(TIMM_PREFIX):
-        return _load_timm(source, source[len(TIMM_PREFIX):].strip(), weights=weights, pretrained=pretrained)
+        return _load_timm(source, source[len(TIMM_PREFIX) :].strip(), weights=weights, pretrained=pretrained)
     if weights is not None or pretrained:
-        raise VitvizError("--weights and pretrained apply only to timm:<name> sources; a checkpoint has its own weights")
+        raise VitvizError(
+            "--weights and pretrained apply only to timm:<name> sources; a checkpoint has its own weights"
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         loaded = load_checkpoint(run_checkpoint(path))

@@ -117,7 +117,9 @@ def curve_series(
         metrics = [key for key in keys if key != x and ("loss" in key.lower() or "acc" in key.lower())]
     series: dict[str, tuple[list[float], list[float]]] = {}
     for key in metrics:
-        points = [(record[x], record[key]) for record in records if is_number(record.get(x)) and is_number(record.get(key))]
+        points = [
+            (record[x], record[key]) for record in records if is_number(record.get(x)) and is_number(record.get(key))
+        ]
         if points:
             xs, ys = zip(*points)
             series[key] = (list(xs), list(ys))

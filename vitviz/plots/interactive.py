@@ -66,8 +66,12 @@ def filters_figure(
     for index in range(count):
         row, col = divmod(index, ncols)
         fig.add_annotation(
-            x=col * (pw + gap) + (pw - 1) / 2, y=row * (ph + gap) - 0.5, yanchor="bottom",
-            text=f"{index + 1}: {100 * ratios[index]:.1f}%", showarrow=False, font={"size": 11},
+            x=col * (pw + gap) + (pw - 1) / 2,
+            y=row * (ph + gap) - 0.5,
+            yanchor="bottom",
+            text=f"{index + 1}: {100 * ratios[index]:.1f}%",
+            showarrow=False,
+            font={"size": 11},
         )
     if title is None:
         kind = "RGB" if channels == 3 else ("Grey" if channels == 1 else f"{channels}-channel (mean)")
@@ -97,7 +101,10 @@ def position_figure(
     gh, gw = similarity.shape[:2]
     fig = _mosaic_heatmap(
         similarity,
-        zmin=zmin, zmax=zmax, colorscale=colorscale, colorbar_title="Cosine similarity",
+        zmin=zmin,
+        zmax=zmax,
+        colorscale=colorscale,
+        colorbar_title="Cosine similarity",
         hovertemplate=(
             "query patch (%{customdata[0]}, %{customdata[1]})<br>"
             "key patch (%{customdata[2]}, %{customdata[3]})<br>similarity %{z:.3f}<extra></extra>"
@@ -124,7 +131,12 @@ def position_patch_figure(
     ticks_y, ticks_x = np.arange(gh), np.arange(gw)
     fig = go.Figure(
         go.Heatmap(
-            z=values, x=ticks_x, y=ticks_y, zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale),
+            z=values,
+            x=ticks_x,
+            y=ticks_y,
+            zmin=zmin,
+            zmax=zmax,
+            colorscale=rgb_colorscale(colorscale),
             colorbar={"title": {"text": "Cosine similarity", "side": "right"}},
             customdata=np.stack(np.meshgrid(ticks_y + 1, ticks_x + 1, indexing="ij"), axis=-1),
             hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>similarity %{z:.3f}<extra></extra>",
@@ -132,7 +144,11 @@ def position_patch_figure(
     )
     fig.add_trace(
         go.Scatter(
-            x=[col], y=[row], mode="markers", hoverinfo="skip", showlegend=False,
+            x=[col],
+            y=[row],
+            mode="markers",
+            hoverinfo="skip",
+            showlegend=False,
             marker={"symbol": "square-open", "size": 14, "color": "red", "line": {"width": 2}},
         )
     )
@@ -140,8 +156,12 @@ def position_patch_figure(
         title="Input patch column", tickvals=ticks_x, ticktext=[str(i + 1) for i in ticks_x], showgrid=False
     )
     fig.update_yaxes(
-        title="Input patch row", tickvals=ticks_y, ticktext=[str(i + 1) for i in ticks_y],
-        autorange="reversed", scaleanchor="x", showgrid=False,
+        title="Input patch row",
+        tickvals=ticks_y,
+        ticktext=[str(i + 1) for i in ticks_y],
+        autorange="reversed",
+        scaleanchor="x",
+        showgrid=False,
     )
     fig.update_layout(
         title=f"Similarity with patch ({row + 1}, {col + 1})", font=_FONT, margin=_MARGIN, plot_bgcolor="white"
@@ -168,14 +188,23 @@ def distance_figure(
         error = None if std is None else {"type": "data", "array": np.asarray(std)[:, head], "thickness": 1, "width": 0}
         fig.add_trace(
             go.Scatter(
-                x=layers, y=pixels[:, head], mode="markers", name=f"Head {head + 1}", error_y=error,
-                marker={"size": 7}, hovertemplate=f"layer %{{x}}, head {head + 1}<br>%{{y:.1f}} px<extra></extra>",
+                x=layers,
+                y=pixels[:, head],
+                mode="markers",
+                name=f"Head {head + 1}",
+                error_y=error,
+                marker={"size": 7},
+                hovertemplate=f"layer %{{x}}, head {head + 1}<br>%{{y:.1f}} px<extra></extra>",
             )
         )
     if show_mean:
         fig.add_trace(
             go.Scatter(
-                x=layers, y=pixels.mean(axis=1), mode="lines", name="Mean", line={"color": "black", "width": 2},
+                x=layers,
+                y=pixels.mean(axis=1),
+                mode="lines",
+                name="Mean",
+                line={"color": "black", "width": 2},
                 hovertemplate="layer %{x}<br>mean %{y:.1f} px<extra></extra>",
             )
         )
@@ -195,7 +224,10 @@ def explained_variance_figure(explained_variance_ratio: np.ndarray) -> go.Figure
         [
             go.Bar(x=components, y=ratios, name="Per component", hovertemplate="PC %{x}: %{y:.1%}<extra></extra>"),
             go.Scatter(
-                x=components, y=np.cumsum(ratios), mode="lines+markers", name="Cumulative",
+                x=components,
+                y=np.cumsum(ratios),
+                mode="lines+markers",
+                name="Cumulative",
                 hovertemplate="first %{x}: %{y:.1%}<extra></extra>",
             ),
         ]
@@ -232,8 +264,16 @@ def rollout_figure(
     fig = go.Figure(picture_trace(image))
     fig.add_trace(
         go.Heatmap(
-            z=scale_by_max(relevance), x0=(dx - 1) / 2, dx=dx, y0=(dy - 1) / 2, dy=dy,
-            zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale), opacity=opacity, zsmooth="best" if smooth else False,
+            z=scale_by_max(relevance),
+            x0=(dx - 1) / 2,
+            dx=dx,
+            y0=(dy - 1) / 2,
+            dy=dy,
+            zmin=zmin,
+            zmax=zmax,
+            colorscale=rgb_colorscale(colorscale),
+            opacity=opacity,
+            zsmooth="best" if smooth else False,
             colorbar={"title": {"text": "Relevance (÷ max)", "side": "right"}},
             customdata=np.stack(np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij"), axis=-1),
             hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>%{z:.2f} of max<extra></extra>",
@@ -296,7 +336,9 @@ def attention_grid_figure(
     top = 1.0 if per_tile else (zmax if zmax is not None else max(float(np.nanmax(values)), 1e-12))
     fig = _mosaic_heatmap(
         values,
-        zmin=zmin, zmax=top, colorscale=colorscale,
+        zmin=zmin,
+        zmax=top,
+        colorscale=colorscale,
         colorbar_title="Attention (÷ tile max)" if per_tile else "Attention probability",
         hovertemplate=(
             "layer %{customdata[0]}, head %{customdata[1]}<br>"
@@ -327,7 +369,11 @@ def difference_figure(
     if difference.ndim == 4:
         gh, gw = difference.shape[:2]
         fig = _mosaic_heatmap(
-            difference, zmin=-limit, zmax=limit, colorscale=colorscale, colorbar_title=colorbar_title,
+            difference,
+            zmin=-limit,
+            zmax=limit,
+            colorscale=colorscale,
+            colorbar_title=colorbar_title,
             hovertemplate=(
                 "query patch (%{customdata[0]}, %{customdata[1]})<br>"
                 "key patch (%{customdata[2]}, %{customdata[3]})<br>difference %{z:.3f}<extra></extra>"
@@ -339,8 +385,12 @@ def difference_figure(
         rows, cols = difference.shape
         fig = go.Figure(
             go.Heatmap(
-                z=difference, zmin=-limit, zmax=limit, colorscale=rgb_colorscale(colorscale),
-                x=np.arange(1, cols + 1), y=np.arange(1, rows + 1),
+                z=difference,
+                zmin=-limit,
+                zmax=limit,
+                colorscale=rgb_colorscale(colorscale),
+                x=np.arange(1, cols + 1),
+                y=np.arange(1, rows + 1),
                 colorbar={"title": {"text": colorbar_title, "side": "right"}},
                 hovertemplate="(%{y}, %{x})<br>difference %{z:.3f}<extra></extra>",
             )
@@ -371,7 +421,8 @@ def training_curves_figure(
     for key, (xs, ys) in curve_series(records, x=x, metrics=metrics).items():
         fig.add_trace(
             go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=curve_label(key)),
-            row=1, col=2 if is_accuracy(key) else 1,
+            row=1,
+            col=2 if is_accuracy(key) else 1,
         )
     fig.update_xaxes(title=x.capitalize())
     fig.update_yaxes(tickformat=".0%", row=1, col=2)
@@ -406,8 +457,13 @@ def _mosaic_heatmap(
     ).astype(dtype)  # gaps (index -1) become 0; they are not hoverable anyway
     fig = go.Figure(
         go.Heatmap(
-            z=mosaic, zmin=zmin, zmax=zmax, colorscale=rgb_colorscale(colorscale), customdata=customdata,
-            hovertemplate=hovertemplate, hoverongaps=False,
+            z=mosaic,
+            zmin=zmin,
+            zmax=zmax,
+            colorscale=rgb_colorscale(colorscale),
+            customdata=customdata,
+            hovertemplate=hovertemplate,
+            hoverongaps=False,
             colorbar={"title": {"text": colorbar_title, "side": "right"}},
         )
     )
@@ -424,8 +480,12 @@ def _tile_axes(fig: go.Figure, counts: tuple[int, int], tile: tuple[int, int], *
         step = 1 if count <= 16 else math.ceil(count / 12)
         picked = np.arange(0, count, step)
         update(
-            title=axis_title, tickvals=tile_centres(count, tile_len)[picked], ticktext=[str(i + 1) for i in picked],
-            showgrid=False, zeroline=False, ticks="",
+            title=axis_title,
+            tickvals=tile_centres(count, tile_len)[picked],
+            ticktext=[str(i + 1) for i in picked],
+            showgrid=False,
+            zeroline=False,
+            ticks="",
         )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")

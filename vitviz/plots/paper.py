@@ -163,8 +163,14 @@ def distance_figure(
         ax.scatter(x, pixels[:, head], s=16, color=colours[head], label=f"Head {head + 1}", zorder=3)
         if std is not None:
             ax.errorbar(
-                x, pixels[:, head], yerr=np.asarray(std)[:, head],
-                fmt="none", ecolor=colours[head], elinewidth=0.7, alpha=0.6, zorder=2,
+                x,
+                pixels[:, head],
+                yerr=np.asarray(std)[:, head],
+                fmt="none",
+                ecolor=colours[head],
+                elinewidth=0.7,
+                alpha=0.6,
+                zorder=2,
             )
     if show_mean:
         ax.plot(layers, pixels.mean(axis=1), color="black", linewidth=1.3, label="Mean", zorder=4)
@@ -178,8 +184,13 @@ def distance_figure(
     if title:
         ax.set_title(title, fontsize=_TITLE_SIZE)
     ax.legend(
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
-        ncols=1 if heads <= 16 else 2, handletextpad=0.2, borderaxespad=0.0,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        frameon=False,
+        ncols=1 if heads <= 16 else 2,
+        handletextpad=0.2,
+        borderaxespad=0.0,
     )
     return fig
 
@@ -293,7 +304,10 @@ def attention_grid_figure(
     fig = Figure(figsize=(width * scale + 1.6, height * scale + 1.0), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(
-        mosaic, cmap=_with_gap_colour(cmap), vmin=0.0, vmax=top,
+        mosaic,
+        cmap=_with_gap_colour(cmap),
+        vmin=0.0,
+        vmax=top,
         interpolation=_mosaic_interpolation(scale * max(height, width), mosaic),
     )
     _tile_ticks(ax, (depth, heads), (gh, gw))

@@ -83,9 +83,7 @@ def attention_distance(
 
     `progress(done, total)` is called after every batch (and once at the end when the result was cached).
     """
-    key = cache_key(
-        "distance", model=loaded.content_hash, images=[image.digest for image in images], mode=mode
-    )
+    key = cache_key("distance", model=loaded.content_hash, images=[image.digest for image in images], mode=mode)
 
     def compute() -> dict[str, np.ndarray]:
         layout = token_layout(loaded.model)

@@ -90,9 +90,7 @@ class ModelEntry:
         return self.path is not None
 
 
-def discover_models(
-    checkpoints: Path | None = None, runs: Path | None = None
-) -> list[ModelEntry]:
+def discover_models(checkpoints: Path | None = None, runs: Path | None = None) -> list[ModelEntry]:
     """Bundled checkpoints (the default first, then by name), then every run's checkpoints, newest run first."""
     checkpoints = CHECKPOINTS_DIR if checkpoints is None else checkpoints
     runs = runs_dir() if runs is None else runs
@@ -100,7 +98,9 @@ def discover_models(
     bundled = sorted(p for p in _safetensors_in(checkpoints))
     bundled.sort(key=lambda p: p.name != DEFAULT_CHECKPOINT.name)  # stable: default first, rest by name
     for path in bundled:
-        entries.append(ModelEntry(key=f"{BUNDLED}:{path.stem}", label=f"{path.stem} (bundled)", kind=BUNDLED, path=path))
+        entries.append(
+            ModelEntry(key=f"{BUNDLED}:{path.stem}", label=f"{path.stem} (bundled)", kind=BUNDLED, path=path)
+        )
     for run in list_run_folders(runs):
         try:
             main = run_checkpoint(run)
@@ -138,7 +138,9 @@ def timm_entry(name: str, *, pretrained: bool = False) -> ModelEntry:
     """A timm architecture by name; only the spelling is checked here (loading checks the rest)."""
     name = name.strip()
     if not _TIMM_NAME.match(name):
-        raise VitvizError(f"{name!r} is not a timm model name (letters, digits, '_', '.', '-'), e.g. vit_tiny_patch16_224")
+        raise VitvizError(
+            f"{name!r} is not a timm model name (letters, digits, '_', '.', '-'), e.g. vit_tiny_patch16_224"
+        )
     kind = TIMM_PRETRAINED if pretrained else TIMM
     what = "pretrained" if pretrained else "random init"
     return ModelEntry(key=f"{kind}:{name}", label=f"timm {name} ({what})", kind=kind, timm_name=name)

@@ -74,8 +74,10 @@ def render() -> None:
         _rollout(models, rows, figures, arrays)
     with summary_tab:
         widgets.table(_transposed(rows))
-        st.caption("Accuracy is what the checkpoint's training recorded; the rest is measured here on the inputs "
-                   "chosen in the other tabs.")
+        st.caption(
+            "Accuracy is what the checkpoint's training recorded; the rest is measured here on the inputs "
+            "chosen in the other tabs."
+        )
 
     table = list(rows.values())
     columns = list(dict.fromkeys(k for row in table for k in row))
@@ -113,7 +115,9 @@ def _choose_models(selected: str) -> list[Compared]:
             others += [e.key for e in entries if e.key != selected and e.key not in others]
             default = [selected, *others[:1]]
     chosen = widgets.model_choices(
-        "Models", key=keys.COMPARE_WIDGET, default=default,
+        "Models",
+        key=keys.COMPARE_WIDGET,
+        default=default,
         help="The first model is the reference: difference maps show each other model minus it.",
     )
     st.session_state[keys.COMPARE] = [e.key for e in chosen]
@@ -218,7 +222,9 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
             {name: np.pad(v, (0, length - len(v)), constant_values=np.nan) for name, v in cumulative.items()},
             index=pd.RangeIndex(1, length + 1, name="component"),
         )
-        st.line_chart(frame.iloc[: min(length, 64)], x_label="principal component", y_label="cumulative share", height=320)
+        st.line_chart(
+            frame.iloc[: min(length, 64)], x_label="principal component", y_label="cumulative share", height=320
+        )
 
 
 def _position(models: list[Compared], figures: dict, arrays: dict) -> None:
@@ -242,7 +248,11 @@ def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: 
     if len(maps) < 2:
         return
     reference_name, reference = next(iter(maps.items()))
-    pairs = {name: values - reference for name, values in maps.items() if name != reference_name and values.shape == reference.shape}
+    pairs = {
+        name: values - reference
+        for name, values in maps.items()
+        if name != reference_name and values.shape == reference.shape
+    }
     skipped = [name for name, values in maps.items() if name != reference_name and values.shape != reference.shape]
     st.markdown(f"##### Differences in {what}: each model − {reference_name}")
     if skipped:
@@ -261,12 +271,18 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
     images = widgets.dataset_picker(key="compare.distance", default_count=DISTANCE_IMAGES)
     if not images:
         return
-    mode = st.segmented_control("Mode", ("paper", "renormalised"), default="paper", key="compare.distance.mode") or "paper"
+    mode = (
+        st.segmented_control("Mode", ("paper", "renormalised"), default="paper", key="compare.distance.mode") or "paper"
+    )
     bar = st.progress(0.0, text="Measuring attention distance…")
     results = {}
     for index, model in enumerate(models):
+
         def report(done: int, total: int, index: int = index) -> None:
-            bar.progress((index + done / total) / len(models), text=f"model {index + 1} of {len(models)}: {done} / {total} images")
+            bar.progress(
+                (index + done / total) / len(models),
+                text=f"model {index + 1} of {len(models)}: {done} / {total} images",
+            )
 
         try:
             results[model.name] = attention_distance(model.loaded, images, mode, progress=report)
@@ -285,12 +301,17 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
             widgets.plotly(interactive.distance_figure(pixels, std=std, ymax=top), key=f"compare.distance.{model.name}")
         rows[model.name]["distance layer 1 (px)"] = round(float(pixels[0].mean()), 1)
         rows[model.name]["distance last layer (px)"] = round(float(pixels[-1].mean()), 1)
-        rows[model.name]["distance last layer (% width)"] = round(100 * float(results[model.name]["fraction"][-1].mean()), 1)
+        rows[model.name]["distance last layer (% width)"] = round(
+            100 * float(results[model.name]["fraction"][-1].mean()), 1
+        )
         figures[f"{model.name} attention distance"] = _bind(paper.distance_figure, pixels, std=std, ymax=top)
         arrays[f"{model.name}_distance_pixels"] = pixels
         arrays[f"{model.name}_distance_std"] = std
     st.markdown("##### Mean over heads, per layer")
-    unit = st.segmented_control("Unit", ("pixels", "% of image width"), default="pixels", key="compare.distance.unit") or "pixels"
+    unit = (
+        st.segmented_control("Unit", ("pixels", "% of image width"), default="pixels", key="compare.distance.unit")
+        or "pixels"
+    )
     field = "pixels" if unit == "pixels" else "fraction"
     scale = 1.0 if unit == "pixels" else 100.0
     depth = max(r[field].shape[0] for r in results.values())
@@ -318,7 +339,9 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
         with column:
             st.markdown(_header(model))
             try:
-                result = image_attention(model.loaded, image, head_fusion="mean", discard_ratio=0.0, start_layer=0, query_index=0)
+                result = image_attention(
+                    model.loaded, image, head_fusion="mean", discard_ratio=0.0, start_layer=0, query_index=0
+                )
                 gradient = gradient_map(model.loaded, image, None) if model.loaded.meta.class_names else None
             except VitvizError as exc:
                 widgets.show_error(exc)
@@ -329,8 +352,10 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
                 st.caption(f"Predicts {widgets.plain(top[0][1])} ({100 * top[0][2]:.1f} %)")
                 rows[model.name]["prediction"] = top[0][1]
                 rows[model.name]["probability"] = round(top[0][2], 4)
-            widgets.plotly(interactive.rollout_figure(picture, result["rollout"], title="Attention rollout"),
-                           key=f"compare.rollout.{model.name}")
+            widgets.plotly(
+                interactive.rollout_figure(picture, result["rollout"], title="Attention rollout"),
+                key=f"compare.rollout.{model.name}",
+            )
             rollouts[model.name] = scale_by_max(result["rollout"])
             figures[f"{model.name} rollout"] = _bind(paper.rollout_overlay_figure, picture, result["rollout"])
             arrays[f"{model.name}_rollout"] = result["rollout"]
@@ -351,10 +376,7 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
 def _transposed(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """One row per property, one column per model, every value as text ("—" where missing)."""
     properties = list(dict.fromkeys(k for row in rows.values() for k in row if k != "model"))
-    return [
-        {"": prop, **{name: _text(row.get(prop)) for name, row in rows.items()}}
-        for prop in properties
-    ]
+    return [{"": prop, **{name: _text(row.get(prop)) for name, row in rows.items()}} for prop in properties]
 
 
 def _text(value: Any) -> str:

@@ -33,7 +33,10 @@ def render() -> None:
     bar = st.progress(0.0, text=f"Analysing {len(images)} images…")
     try:
         result = attention_distance(
-            loaded, images, mode, progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} images")
+            loaded,
+            images,
+            mode,
+            progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} images"),
         )
     except VitvizError as exc:
         bar.empty()

@@ -66,7 +66,9 @@ def render() -> None:
 def _raw_mosaic(weight: np.ndarray) -> np.ndarray:
     """Filters [n, C, P, P] as one picture, each min-max scaled on its own (grey for non-RGB inputs)."""
     scaled = components_for_display(torch.from_numpy(weight)).numpy()
-    pictures = scaled.transpose(0, 2, 3, 1) if scaled.shape[1] == 3 else scaled.mean(axis=1)[..., None].repeat(3, axis=3)
+    pictures = (
+        scaled.transpose(0, 2, 3, 1) if scaled.shape[1] == 3 else scaled.mean(axis=1)[..., None].repeat(3, axis=3)
+    )
     count, ph, pw, _ = pictures.shape
     columns = min(RAW_COLUMNS, count)
     rows = math.ceil(count / columns)

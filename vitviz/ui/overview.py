@@ -15,9 +15,17 @@ from vitviz.ui import catalog, exports, widgets
 
 GUIDE = [
     ("vitviz/ui/filters.py", "Patch filters", "the learned patch-embedding filters and their principal components."),
-    ("vitviz/ui/position.py", "Position embeddings", "how similar each position's embedding is to every other, and after resampling."),
+    (
+        "vitviz/ui/position.py",
+        "Position embeddings",
+        "how similar each position's embedding is to every other, and after resampling.",
+    ),
     ("vitviz/ui/distance.py", "Attention distance", "how far each head looks, layer by layer, over many images."),
-    ("vitviz/ui/rollout.py", "Attention rollout", "which patches explain a prediction, and where one patch attends in every head."),
+    (
+        "vitviz/ui/rollout.py",
+        "Attention rollout",
+        "which patches explain a prediction, and where one patch attends in every head.",
+    ),
     ("vitviz/ui/compare.py", "Compare models", "two or more checkpoints side by side on the same inputs."),
     ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
 ]
@@ -79,9 +87,15 @@ def render() -> None:
     else:
         st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
 
-    card = {**summary, "parameters": parameters, "class_names": meta.class_names, "training": meta.training,
-            "config": meta.config.to_dict() if meta.config is not None else None,
-            "resolution_history": meta.resolution_history, "content_hash": loaded.content_hash}
+    card = {
+        **summary,
+        "parameters": parameters,
+        "class_names": meta.class_names,
+        "training": meta.training,
+        "config": meta.config.to_dict() if meta.config is not None else None,
+        "resolution_history": meta.resolution_history,
+        "content_hash": loaded.content_hash,
+    }
     numbers = {"model-card.json": lambda: exports.json_bytes(card)}
     figures = {}
     if records:
@@ -128,8 +142,16 @@ def _architecture_rows(loaded: Any, layout: Any) -> list[dict[str, str]]:
         ("pixels per token", _grid(layout.stride)),
         ("prefix tokens", ", ".join(prefix) or "none"),
         ("input channels", str(meta.in_chans)),
-        ("classes", f"{len(meta.class_names)}: " + ", ".join(meta.class_names[:8]) + (" …" if len(meta.class_names) > 8 else "")),
-        ("normalisation", f"mean {', '.join(f'{m:.3g}' for m in meta.mean)}; std {', '.join(f'{s:.3g}' for s in meta.std)}"),
+        (
+            "classes",
+            f"{len(meta.class_names)}: "
+            + ", ".join(meta.class_names[:8])
+            + (" …" if len(meta.class_names) > 8 else ""),
+        ),
+        (
+            "normalisation",
+            f"mean {', '.join(f'{m:.3g}' for m in meta.mean)}; std {', '.join(f'{s:.3g}' for s in meta.std)}",
+        ),
     ]
     if meta.config is not None:
         cfg = meta.config

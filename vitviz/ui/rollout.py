@@ -52,7 +52,12 @@ def render() -> None:
     fusion_col, discard_col, start_col, class_col, opacity_col = st.columns([2, 2, 2, 3, 2])
     head_fusion = fusion_col.selectbox("Head fusion", HEAD_FUSIONS, key="rollout.fusion")
     discard_ratio = discard_col.slider(
-        "Discard ratio", 0.0, 0.95, 0.0, 0.05, key="rollout.discard",
+        "Discard ratio",
+        0.0,
+        0.95,
+        0.0,
+        0.05,
+        key="rollout.discard",
         help="Share of the weakest attention links set to zero in each layer before rolling out.",
     )
     start_layer = (
@@ -65,8 +70,12 @@ def render() -> None:
     try:
         with st.spinner("Running the model…"):
             attention = image_attention(
-                loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                start_layer=start_layer, query_index=0,
+                loaded,
+                image,
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+                start_layer=start_layer,
+                query_index=0,
             )
     except VitvizError as exc:
         widgets.show_error(exc)
@@ -91,7 +100,9 @@ def render() -> None:
     with overlay_col:
         st.markdown("##### Attention rollout")
         widgets.plotly(
-            interactive.rollout_figure(picture, attention["rollout"], opacity=opacity), key="rollout.overlay", height=OVERLAY_HEIGHT
+            interactive.rollout_figure(picture, attention["rollout"], opacity=opacity),
+            key="rollout.overlay",
+            height=OVERLAY_HEIGHT,
         )
     with top_col:
         st.markdown("##### Top-5 predictions")
@@ -113,7 +124,8 @@ def render() -> None:
                 widgets.show_error(exc)
         if gradient is not None:
             widgets.plotly(
-                interactive.rollout_figure(picture, gradient["map"], opacity=opacity), key="rollout.gradient",
+                interactive.rollout_figure(picture, gradient["map"], opacity=opacity),
+                key="rollout.gradient",
                 height=OVERLAY_HEIGHT,
             )
 
@@ -138,16 +150,22 @@ def render() -> None:
             query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
             query_label = f"patch ({row}, {col})"
         per_tile = st.toggle(
-            "Scale each tile to its own maximum", value=True, key="rollout.query.per_tile",
+            "Scale each tile to its own maximum",
+            value=True,
+            key="rollout.query.per_tile",
             help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
-                 "heads can be told apart.",
+            "heads can be told apart.",
         )
     query_attention = attention["query"]
     if query_index != 0:
         try:
             query_attention = image_attention(
-                loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                start_layer=start_layer, query_index=query_index,
+                loaded,
+                image,
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+                start_layer=start_layer,
+                query_index=query_index,
             )["query"]
         except VitvizError as exc:
             widgets.show_error(exc)
@@ -161,8 +179,9 @@ def render() -> None:
 
     figures = {
         "rollout": lambda: paper.rollout_overlay_figure(picture, attention["rollout"], alpha=opacity),
-        "attention-grid": lambda: paper.attention_grid_figure(grid, query=query_patch, per_tile=per_tile,
-                                                              title=f"Attention of the {query_label}"),
+        "attention-grid": lambda: paper.attention_grid_figure(
+            grid, query=query_patch, per_tile=per_tile, title=f"Attention of the {query_label}"
+        ),
     }
     arrays = {
         "rollout": attention["rollout"],
@@ -198,8 +217,12 @@ def _gallery(
         with columns[index % len(columns)]:
             try:
                 result = image_attention(
-                    loaded, image, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                    start_layer=start_layer, query_index=0,
+                    loaded,
+                    image,
+                    head_fusion=head_fusion,
+                    discard_ratio=discard_ratio,
+                    start_layer=start_layer,
+                    query_index=0,
                 )
             except VitvizError as exc:
                 widgets.show_error(exc)

@@ -161,7 +161,11 @@ def _preset_configs() -> dict[str, dict]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "training", "presets", "--json"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         data = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:

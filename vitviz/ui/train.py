@@ -72,34 +72,58 @@ def _start_form() -> None:
         st.warning("The training backend (training/) is not available in this installation.")
         return
     entries = [e for e in catalog.discover_models() if e.is_project_checkpoint]
-    command = st.segmented_control(
-        "Kind", ("train", "finetune"), default="train", key="train.command",
-        format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a checkpoint"}[c],
-    ) or "train"
+    command = (
+        st.segmented_control(
+            "Kind",
+            ("train", "finetune"),
+            default="train",
+            key="train.command",
+            format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a checkpoint"}[c],
+        )
+        or "train"
+    )
     default_preset = "finetune" if command == "finetune" else "shapes-default"
     source, img_side, freeze = None, 0, 0
     with st.form(f"train.form.{command}", border=True):
         preset = st.selectbox(
-            "Preset", presets, index=presets.index(default_preset) if default_preset in presets else 0,
+            "Preset",
+            presets,
+            index=presets.index(default_preset) if default_preset in presets else 0,
             key=f"train.preset.{command}",
         )
         if command == "finetune":
             if not entries:
                 st.warning("There is no checkpoint to fine-tune yet.")
-            source = st.selectbox(
-                "Start from", [e.key for e in entries], key="train.source",
-                format_func=lambda k: next((e.label for e in entries if e.key == k), k),
-            ) if entries else None
+            source = (
+                st.selectbox(
+                    "Start from",
+                    [e.key for e in entries],
+                    key="train.source",
+                    format_func=lambda k: next((e.label for e in entries if e.key == k), k),
+                )
+                if entries
+                else None
+            )
             size_col, freeze_col = st.columns(2)
-            img_side = size_col.number_input("New input size in px (0 keeps it)", 0, 1024, 0, 8, key="train.img",
-                                             help="A multiple of the patch size; the position embeddings are resampled.")
-            freeze = freeze_col.number_input("Frozen blocks", 0, 64, 0, key="train.freeze",
-                                             help="Freeze the patch embedding and the first K blocks.")
+            img_side = size_col.number_input(
+                "New input size in px (0 keeps it)",
+                0,
+                1024,
+                0,
+                8,
+                key="train.img",
+                help="A multiple of the patch size; the position embeddings are resampled.",
+            )
+            freeze = freeze_col.number_input(
+                "Frozen blocks", 0, 64, 0, key="train.freeze", help="Freeze the patch embedding and the first K blocks."
+            )
         overrides = st.text_area(
-            "Overrides, one KEY=VALUE per line", key="train.overrides", height=90,
+            "Overrides, one KEY=VALUE per line",
+            key="train.overrides",
+            height=90,
             placeholder="e.g. epochs=3 (one per line)",
             help="Any field of the preset's config by its dotted name, e.g. optim.lr=1e-3 or model.depth=4. "
-                 "See the preset's defaults below.",
+            "See the preset's defaults below.",
         )
         id_col, steps_col = st.columns(2)
         run_id = id_col.text_input("Run id (optional)", key="train.run_id", placeholder=f"{preset}-<date>-<time>")
@@ -186,14 +210,19 @@ def _live_view(run_id: str, was_active: bool) -> None:
         ours = runs.started_here(run_id) is not None
         if ours and active and st.button("Stop", key=f"train.stop.{run_id}", icon=":material/stop:", width="stretch"):
             runs.stop_run(run_id)
-            st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Asked run {run_id} to stop; it saves a resume state first.")
+            st.session_state[keys.TRAIN_MESSAGE] = (
+                "success",
+                f"Asked run {run_id} to stop; it saves a resume state first.",
+            )
             st.rerun(scope="app")
     records = catalog.read_metrics(folder)
     if records:
         widgets.plotly(interactive.training_curves_figure(records, x="step"), key=f"train.curves.{run_id}")
         accuracy = info.metrics.get("eval_accuracy")
         if isinstance(accuracy, (int, float)):
-            st.caption(f"Eval accuracy {100 * accuracy:.1f} %; checkpoints of finished epochs are in every model picker.")
+            st.caption(
+                f"Eval accuracy {100 * accuracy:.1f} %; checkpoints of finished epochs are in every model picker."
+            )
     else:
         st.caption("Waiting for the first logged step…")
     log = runs.log_tail(catalog.runs_dir(), run_id)

@@ -261,9 +261,12 @@ def model_choices(label: str, *, key: str, default: Sequence[str], help: str | N
 
 def uploaded_images(label: str, *, key: str, help: str | None = None) -> list[InputImage]:
     """An uploader for one or more images; unreadable files are reported one by one and left out."""
-    files = st.file_uploader(
-        label, type=IMAGE_TYPES, accept_multiple_files=True, key=key, help=help, max_upload_size=MAX_IMAGE_UPLOAD_MB
-    ) or []
+    files = (
+        st.file_uploader(
+            label, type=IMAGE_TYPES, accept_multiple_files=True, key=key, help=help, max_upload_size=MAX_IMAGE_UPLOAD_MB
+        )
+        or []
+    )
     images = []
     for upload in files:
         try:
