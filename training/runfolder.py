@@ -1,21 +1,8 @@
-"""The run folder: what a run leaves on disk, and how every file in it is written safely.
+"""Writing a run folder: every file of `vitviz.runs`'s layout, written so that a kill never leaves it torn.
 
-```
-runs/<run-id>/
-  config.json                    resolved TrainConfig
-  metrics.jsonl                  one JSON object per logged step ("kind": "step") and per epoch ("kind": "epoch")
-  summary.csv                    one row per epoch
-  status.json                    see below
-  checkpoints/epoch-NNN.safetensors
-  best.safetensors  last.safetensors
-  state/step-NNNNNNNN.safetensors + .json   resume state: tensors, and JSON for everything else
-```
-
-status.json, for the app to follow a run: {"status": "running" | "finished" | "failed", "reason": null or one
-line, "pid", "run_id", "updated" (unix time), "progress": {"step", "total_steps", "epoch", "epochs",
-"fraction"}, "last": the latest step record (while running), "metrics": final metrics (when it ends),
-"resumable": true when the run was stopped on purpose (--max-steps, SIGTERM/SIGINT) and --resume continues
-it}. A run killed with SIGKILL stays "running" with a pid that no longer exists.
+The layout, the run id rule, the status.json and config.json schemas and the readers live in
+`vitviz.runs` (the app reads run folders through it); this module is the only writer, and the names it
+used to define are re-exported from there.
 
 JSON files and resume state are written to a temporary file, fsynced and renamed, so a process killed at
 any moment leaves either the old or the new version. A resume state counts only once its .json is
@@ -29,9 +16,6 @@ import csv
 import io
 import json
 import logging
-import os
-import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,22 +26,29 @@ import torch
 
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes, atomic_write_json
+from vitviz.runs import (
+    RUN_ID_PATTERN,
+    SUMMARY_COLUMNS,
+    RunLayout,
+    RunStatus,
+    check_run_id,
+    load_config,
+    read_status,
+    status_document,
+)
+from vitviz.runs import STATE_PATTERN as STATE_NAME
+from vitviz.runs import new_run_id as default_run_id
+
+__all__ = [
+    "RUN_ID_PATTERN",
+    "STATE_NAME",
+    "SUMMARY_COLUMNS",
+    "ResumeState",
+    "RunFolder",
+    "default_run_id",
+]
 
 logger = logging.getLogger(__name__)
-
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-STATE_NAME = re.compile(r"^step-(\d{8,})\.json$")
-SUMMARY_COLUMNS = (
-    "epoch",
-    "step",
-    "train_loss",
-    "train_accuracy",
-    "eval_loss",
-    "eval_accuracy",
-    "lr",
-    "skipped_steps",
-    "seconds",
-)
 
 
 @dataclass(frozen=True)
@@ -69,18 +60,13 @@ class ResumeState:
     info: dict[str, Any]
 
 
-class RunFolder:
-    """Paths and writers for one run folder; only the main process writes."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+class RunFolder(RunLayout):
+    """The writers of one run folder (its paths come from `vitviz.runs.RunLayout`); only the main process writes."""
 
     @classmethod
     def create(cls, runs_dir: str | Path, run_id: str) -> RunFolder:
         """Make a fresh run folder; an existing non-empty one is refused (use --resume to continue it)."""
-        if not RUN_ID_PATTERN.match(run_id):
-            raise VitvizError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
-        folder = cls(Path(runs_dir) / run_id)
+        folder = cls(Path(runs_dir) / check_run_id(run_id))
         if folder.path.exists() and any(folder.path.iterdir()):
             raise VitvizError(f"run folder {folder.path} already exists; pick another --run-id or --resume it")
         try:
@@ -116,58 +102,14 @@ class RunFolder:
             logger.info("removed %d temporary file(s) left by an interrupted write", len(removed))
         return removed
 
-    @property
-    def run_id(self) -> str:
-        return self.path.name
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.csv"
-
-    @property
-    def status_path(self) -> Path:
-        return self.path / "status.json"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.path / "state"
-
-    @property
-    def best_path(self) -> Path:
-        return self.path / "best.safetensors"
-
-    @property
-    def last_path(self) -> Path:
-        return self.path / "last.safetensors"
-
-    def epoch_checkpoint_path(self, epoch: int) -> Path:
-        return self.checkpoints_dir / f"epoch-{epoch:03d}.safetensors"
-
     # --- config, logs, status -----------------------------------------------------------------------
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.config_path, config)
 
     def read_config(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise VitvizError(f"cannot read {self.config_path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise VitvizError(f"{self.config_path} does not hold a JSON object")
-        return data
+        """config.json; VitvizError when it is missing or garbled (a run cannot resume without it)."""
+        return load_config(self.path)
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -199,33 +141,22 @@ class RunFolder:
                     handle.truncate(size)
 
     def write_status(self, status: str, *, reason: str | None = None, **fields: Any) -> None:
-        """Replace status.json: {"status", "reason", "pid", "run_id", "updated", ...fields}."""
-        doc = {
-            "status": status,
-            "reason": reason,
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "updated": time.time(),
-            **fields,
-        }
-        atomic_write_json(self.status_path, doc)
+        """Replace status.json with `vitviz.runs.status_document(status, reason, **fields)`."""
+        atomic_write_json(self.status_path, status_document(status, run_id=self.run_id, reason=reason, **fields))
 
-    def read_status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.status_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+    def read_status(self) -> RunStatus | None:
+        """status.json as `vitviz.runs.RunStatus`, or None when it is missing or half-written."""
+        return read_status(self.path)
 
     # --- resume state -------------------------------------------------------------------------------
 
     def save_state(self, step: int, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
         """Save a resume state for `step`, then delete the older ones."""
-        stem = f"step-{step:08d}"
-        tensor_path = self.state_dir / f"{stem}.safetensors"
+        tensor_path, info_path = self.state_tensors_path(step), self.state_info_path(step)
         atomic_write_bytes(tensor_path, safetensors.torch.save(dict(tensors)))
-        atomic_write_json(self.state_dir / f"{stem}.json", {"step": step, "tensors": tensor_path.name, **info})
+        atomic_write_json(info_path, {"step": step, "tensors": tensor_path.name, **info})
         for old in self.state_dir.iterdir():
-            if old.stem != stem and old.suffix in (".json", ".safetensors"):
+            if old.stem != info_path.stem and old.suffix in (".json", ".safetensors"):
                 old.unlink(missing_ok=True)
 
     def latest_state(self) -> ResumeState | None:
