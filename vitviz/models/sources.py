@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -21,21 +20,22 @@ from vitviz.models.checkpoint import (
     read_state_dict,
 )
 from vitviz.models.factory import build_timm_model
+from vitviz.runs import run_checkpoint
 from vitviz.tokens import token_layout
 
 logger = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always means the same weights
-_EPOCH_CHECKPOINT = re.compile(r"^epoch-(\d+)\.safetensors$")
 
 
 def load_model(source: str, *, weights: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
     """Load a model from any supported source, in eval mode, with its metadata.
 
-    Sources: a project .safetensors checkpoint; a run folder (best.safetensors, else last.safetensors,
-    else the newest checkpoints/epoch-*.safetensors); "timm:<name>" with random weights, timm's pretrained
-    weights (`pretrained=True`, needs the network) or a local state dict (`weights=FILE`).
+    Sources: a project .safetensors checkpoint; a run folder (the checkpoint `vitviz.runs.run_checkpoint`
+    picks: best.safetensors, else last.safetensors, else the newest epoch); "timm:<name>" with random
+    weights, timm's pretrained weights (`pretrained=True`, needs the network) or a local state dict
+    (`weights=FILE`).
     """
     source = str(source)
     if source.startswith(TIMM_PREFIX):
@@ -60,25 +60,6 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
         )
     loaded.source = source
     return loaded
-
-
-def run_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint a run folder stands for: best, else last, else the newest epoch checkpoint."""
-    run_dir = Path(run_dir)
-    for name in ("best.safetensors", "last.safetensors"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    epochs = []
-    for candidate in (run_dir / "checkpoints").glob("epoch-*.safetensors"):
-        match = _EPOCH_CHECKPOINT.match(candidate.name)
-        if match and candidate.is_file():
-            epochs.append((int(match.group(1)), candidate))
-    if not epochs:
-        raise VitvizError(
-            f"run folder {run_dir} has no checkpoint yet (best.safetensors, last.safetensors or "
-            "checkpoints/epoch-NNN.safetensors)"
-        )
-    return max(epochs)[1]
 
 
 def _load_timm(source: str, name: str, *, weights: str | Path | None, pretrained: bool) -> LoadedModel:

@@ -16,19 +16,19 @@ Keys:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vitviz import runs as run_folders
 from vitviz.cli import IMAGE_SUFFIXES
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes
-from vitviz.models import run_checkpoint
+from vitviz.runs import read_jsonl as read_jsonl  # re-exported: pages read training logs through the catalog
+from vitviz.runs import read_metrics as read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ LOGS_FOLDER = ".logs"  # under the runs folder: stdout/stderr of runs started fr
 
 BUNDLED, RUN, TIMM, TIMM_PRETRAINED, UPLOAD = "bundled", "run", "timm", "timm-pretrained", "upload"
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_EPOCH_FILE = re.compile(r"^(epoch-\d+)\.safetensors$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 _MASK_SUFFIXES = ("-mask", "_mask")
 
@@ -101,23 +99,22 @@ def discover_models(checkpoints: Path | None = None, runs: Path | None = None) -
         entries.append(
             ModelEntry(key=f"{BUNDLED}:{path.stem}", label=f"{path.stem} (bundled)", kind=BUNDLED, path=path)
         )
-    for run in list_run_folders(runs):
-        try:
-            main = run_checkpoint(run)
-        except VitvizError:
+    for run in run_folders.list_run_folders(runs):
+        main = run_folders.find_checkpoint(run)
+        if main is None:
             continue  # no checkpoint yet: a run that has just started
         if not _real_child(main, run):
             continue  # a link out of the run folder: never offered
         entries.append(
             ModelEntry(key=f"{RUN}:{run.name}", label=f"run {run.name} · {main.stem}", kind=RUN, path=main, run_dir=run)
         )
-        for path in sorted(_safetensors_in(run / "checkpoints")):
-            match = _EPOCH_FILE.match(path.name)
-            if match:
+        checkpoints = run_folders.RunLayout(run).checkpoints_dir
+        for _epoch, path in run_folders.epoch_checkpoints(run):
+            if _real_child(checkpoints, run) and _real_child(path, checkpoints):
                 entries.append(
                     ModelEntry(
-                        key=f"{RUN}:{run.name}/{match.group(1)}",
-                        label=f"run {run.name} · {match.group(1)}",
+                        key=f"{RUN}:{run.name}/{path.stem}",
+                        label=f"run {run.name} · {path.stem}",
                         kind=RUN,
                         path=path,
                         run_dir=run,
@@ -196,108 +193,7 @@ def _safetensors_in(folder: Path) -> list[Path]:
     ]
 
 
-# --- run folders ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What the app shows about one run folder."""
-
-    run_id: str
-    path: Path
-    status: str  # running, finished, failed, stopped, starting, interrupted or unknown
-    reason: str | None
-    step: int | None
-    total_steps: int | None
-    epoch: int | None
-    epochs: int | None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    updated: float | None = None
-    preset: str | None = None
-    pid: int | None = None
-
-    @property
-    def fraction(self) -> float:
-        if self.step is None or not self.total_steps:
-            return 0.0
-        return min(1.0, self.step / self.total_steps)
-
-
-def list_run_folders(runs: Path | None = None) -> list[Path]:
-    """Run folders (sub-folders with a valid run id) under the runs folder, most recently changed first."""
-    runs = runs_dir() if runs is None else runs
-    if not runs.is_dir():
-        return []
-    folders = [p for p in runs.iterdir() if p.is_dir() and _RUN_ID.match(p.name) and _real_child(p, runs)]
-    return sorted(folders, key=lambda p: (-_mtime(p), p.name))
-
-
-def read_status(run: Path) -> dict[str, Any] | None:
-    """status.json of a run, or None when it is missing or half-written."""
-    try:
-        data = json.loads((run / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_config(run: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """Every complete record of a run's metrics.jsonl (a line being written right now is skipped)."""
-    return read_jsonl(run / "metrics.jsonl")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file, skipping lines that do not parse (e.g. one still being written)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def run_info(run: Path) -> RunInfo:
-    """Summarise a run folder from status.json and config.json."""
-    status = read_status(run) or {}
-    progress = status.get("progress") if isinstance(status.get("progress"), dict) else {}
-    metrics = status.get("metrics") if isinstance(status.get("metrics"), dict) else {}
-    state = str(status.get("status") or ("starting" if (run / "config.json").exists() else "unknown"))
-    reason = status.get("reason")
-    if state == "failed" and status.get("resumable"):
-        state = "stopped"
-    pid = status.get("pid") if isinstance(status.get("pid"), int) else None
-    if state == "running" and pid is not None and not _pid_alive(pid):
-        state, reason = "interrupted", "the training process is gone; resume it with python -m training train --resume"
-    config = read_config(run) or {}
-    return RunInfo(
-        run_id=run.name,
-        path=run,
-        status=state,
-        reason=None if reason is None else str(reason),
-        step=_int_or_none(progress.get("step")),
-        total_steps=_int_or_none(progress.get("total_steps")),
-        epoch=_int_or_none(progress.get("epoch")),
-        epochs=_int_or_none(progress.get("epochs")),
-        metrics=dict(metrics),
-        updated=status.get("updated") if isinstance(status.get("updated"), (int, float)) else _mtime(run),
-        preset=config.get("preset") if isinstance(config.get("preset"), str) else None,
-        pid=pid,
-    )
+# --- run folders (read through vitviz.runs) ------------------------------------------------------
 
 
 def run_dir_for(entry: ModelEntry, training: dict[str, Any], runs: Path | None = None) -> Path | None:
@@ -305,10 +201,10 @@ def run_dir_for(entry: ModelEntry, training: dict[str, Any], runs: Path | None =
     if entry.run_dir is not None:
         return entry.run_dir
     run_id = training.get("run_id")
-    if isinstance(run_id, str) and _RUN_ID.match(run_id):
-        candidate = (runs_dir() if runs is None else runs) / run_id
-        if (candidate / "metrics.jsonl").is_file():
-            return candidate
+    if run_folders.valid_run_id(run_id):
+        candidate = run_folders.RunLayout((runs_dir() if runs is None else runs) / run_id)
+        if candidate.metrics_path.is_file():
+            return candidate.path
     return None
 
 
@@ -318,37 +214,6 @@ def metrics_beside(entry: ModelEntry) -> Path | None:
         return None
     candidate = entry.path.with_name(entry.path.stem + ".metrics.jsonl")
     return candidate if candidate.is_file() else None
-
-
-def new_run_id(preset: str) -> str:
-    """A fresh run id in the training backend's style: <preset>-<date>-<time>."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "-", preset) or "run"
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def valid_run_id(run_id: str) -> bool:
-    return bool(_RUN_ID.match(run_id))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # --- sample images -------------------------------------------------------------------------------

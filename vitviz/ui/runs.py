@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitviz.errors import VitvizError
-from vitviz.ui.catalog import LOGS_FOLDER, REPO_ROOT, valid_run_id
+from vitviz.runs import check_run_id
+from vitviz.ui.catalog import LOGS_FOLDER, REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def command_line(request: RunRequest) -> list[str]:
     """The argument list of the training process (no shell: every value is one argument)."""
     if request.command not in ("train", "finetune"):
         raise VitvizError(f"unknown training command {request.command!r}")
-    if not valid_run_id(request.run_id):
-        raise VitvizError(f"run id {request.run_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
+    check_run_id(request.run_id)
     args = [sys.executable, "-m", "training", request.command, "--preset", request.preset]
     if request.command == "finetune":
         if not request.source:

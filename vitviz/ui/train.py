@@ -7,6 +7,7 @@ import time
 
 import streamlit as st
 
+from vitviz import runs as run_folders
 from vitviz.errors import VitvizError
 from vitviz.plots import interactive, paper
 from vitviz.ui import catalog, exports, keys, runs, widgets
@@ -33,7 +34,7 @@ def render() -> None:
     with runs_col:
         _runs_table()
     follow = st.session_state.get(keys.FOLLOW_RUN)
-    run_ids = [p.name for p in catalog.list_run_folders()]
+    run_ids = [p.name for p in run_folders.list_run_folders(catalog.runs_dir())]
     run_ids += [run_id for run_id in runs.started_ids() if run_id not in run_ids]  # folders not created yet
     if follow not in run_ids and run_ids:
         follow = run_ids[0]
@@ -53,9 +54,9 @@ def _on_follow() -> None:
     st.session_state[keys.FOLLOW_RUN] = st.session_state["train.follow.widget"]
 
 
-def _status(run_id: str, info: catalog.RunInfo | None = None) -> str:
+def _status(run_id: str, info: run_folders.RunInfo | None = None) -> str:
     """The run's status, completed by what this app knows about the processes it started."""
-    info = info or catalog.run_info(catalog.runs_dir() / run_id)
+    info = info or run_folders.run_info(catalog.runs_dir() / run_id)
     process = runs.started_here(run_id)
     if process is None or info.status not in ("running", "starting", "unknown"):
         return info.status
@@ -140,7 +141,7 @@ def _start_form() -> None:
         request = runs.RunRequest(
             command=command,
             preset=preset,
-            run_id=run_id.strip() or catalog.new_run_id(preset),
+            run_id=run_id.strip() or run_folders.new_run_id(preset, catalog.runs_dir()),
             runs_dir=catalog.runs_dir(),
             overrides=runs.parse_overrides(overrides),
             source=str(entry.path) if command == "finetune" and entry is not None else None,
@@ -161,13 +162,13 @@ def _start_form() -> None:
 
 def _runs_table() -> None:
     st.markdown("##### Runs")
-    folders = catalog.list_run_folders()
+    folders = run_folders.list_run_folders(catalog.runs_dir())
     if not folders:
         st.caption("No runs in the runs folder yet.")
         return
     rows = []
     for folder in folders:
-        info = catalog.run_info(folder)
+        info = run_folders.run_info(folder)
         rows.append(
             {
                 "run": info.run_id,
@@ -193,7 +194,7 @@ def _runs_table() -> None:
 def _live_view(run_id: str, was_active: bool) -> None:
     """Status, curves, stop button and log of one run; re-drawn every few seconds while it runs."""
     folder = catalog.runs_dir() / run_id
-    info = catalog.run_info(folder)
+    info = run_folders.run_info(folder)
     status = _status(run_id, info)
     active = status in ACTIVE
     if was_active and not active:
@@ -215,7 +216,7 @@ def _live_view(run_id: str, was_active: bool) -> None:
                 f"Asked run {run_id} to stop; it saves a resume state first.",
             )
             st.rerun(scope="app")
-    records = catalog.read_metrics(folder)
+    records = run_folders.read_metrics(folder)
     if records:
         widgets.plotly(interactive.training_curves_figure(records, x="step"), key=f"train.curves.{run_id}")
         accuracy = info.metrics.get("eval_accuracy")
