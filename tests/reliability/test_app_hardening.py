@@ -254,12 +254,13 @@ def _outside(path: Path | None, allowed: list[Path]) -> bool:
 
 
 def test_symlinks_out_of_the_runs_folder_are_not_offered(folders, tally: dict) -> None:
+    from vitviz import runs as run_folders
     from vitviz.ui import catalog
 
     _escape_routes(folders["runs"], folders["outside"], DEFAULT.read_bytes())
     tally["app hardening"]["symlink escapes tried"] += 4
     allowed = [catalog.CHECKPOINTS_DIR, folders["runs"]]
-    runs = catalog.list_run_folders(folders["runs"])
+    runs = run_folders.list_run_folders(folders["runs"])
     assert [r.name for r in runs if _outside(r, [folders["runs"]])] == []
     offered = catalog.discover_models(runs=folders["runs"])
     assert [e.key for e in offered if _outside(e.path, allowed)] == []
