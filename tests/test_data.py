@@ -1,7 +1,7 @@
 """The training backend's built-in datasets and transforms, checked against independent references.
 
 References: shape masks against matplotlib's point-in-polygon test and the analytic disc; MNIST against the
-published md5 sums and a plain numpy read of the IDX bytes; the evaluation transform against DESIGN.md's
+published md5 sums and a plain numpy read of the IDX bytes; the evaluation transform against docs/design.md's
 preprocessing written out by hand.
 """
 
@@ -28,10 +28,11 @@ from scipy import ndimage
 
 from training.data import DATASET_NAMES, TransformedDataset, build_dataset, eval_transform, train_transform
 from training.data.shapes import SHAPE_CLASSES, ShapesDataset, shape_polygons
+from training.presets import get_preset
 from vitviz.errors import VitvizError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
+MNIST_DIR = REPO_ROOT / "assets" / "data" / "mnist"  # the bundled test set, written out independently of the loader
 MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
@@ -227,8 +228,6 @@ def test_num_samples_keeps_a_seeded_subset() -> None:
 
 @pytest.fixture(scope="module")
 def mnist_dir() -> Path:
-    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"the real MNIST test set is not at {MNIST_DIR}")
     return MNIST_DIR
 
 
@@ -284,6 +283,20 @@ def test_mnist_missing_files_name_the_folder_and_the_files(tmp_path: Path, mnist
     assert str(tmp_path) in message and "t10k-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
     with pytest.raises(VitvizError, match=r"train-images-idx3-ubyte.*test\[:8000\]"):
         build_dataset("mnist", split="train", root=mnist_dir)
+
+
+def test_mnist_small_preset_reads_the_bundled_test_set_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = get_preset("mnist-small").data
+    monkeypatch.chdir(tmp_path)  # nothing MNIST-like here or beside it
+    train = build_dataset(data.dataset, split=data.train_split, root=data.root)
+    held_out = build_dataset(data.dataset, split=data.eval_split, root=data.root)
+    assert (len(train), len(held_out)) == (8000, 2000)
+    raw_labels = np.frombuffer(
+        gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8
+    )
+    assert [held_out[i][1] for i in range(5)] == raw_labels[8000:8005].tolist()
 
 
 # ---------------------------------------------------------------- torchvision sets

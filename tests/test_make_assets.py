@@ -69,3 +69,12 @@ def test_training_processes_get_the_asked_for_threads(monkeypatch: pytest.Monkey
     monkeypatch.setattr(make_assets.subprocess, "run", fake_run)
     make_assets._run(["presets"], 3)
     assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3"
+
+
+def test_the_mnist_bundle_is_evaluated_on_the_bundled_test_set_whatever_the_working_directory() -> None:
+    bundle = next(b for b in make_assets.BUNDLES if b.name == "mnist-small")
+    args = list(bundle.eval_args)
+    root = Path(args[args.index("--root") + 1])
+    assert root.is_absolute() and root == make_assets.REPO_ROOT / "assets" / "data" / "mnist"
+    assert sorted(p.name for p in root.glob("t10k-*")) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert args[args.index("--split") + 1] == "test[8000:]"  # the 2,000 images mnist-small never trains on

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.data.mnist import BUNDLED_ROOT as BUNDLED_MNIST_ROOT
 from vitviz.fileio import atomic_path
 
 logger = logging.getLogger("training.make_assets")
@@ -42,7 +43,6 @@ logger = logging.getLogger("training.make_assets")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS_DIR = REPO_ROOT / "assets" / "checkpoints"
 SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
-MNIST_ROOT = "../shared/data/mnist"  # relative to the repository root, as in the mnist-small preset
 
 # Sample images: test-split image i of every class (labels cycle, so image i has class i), at the
 # default model's input size, with the object mask beside it as <class>-mask.png.
@@ -71,7 +71,7 @@ BUNDLES: tuple[Bundle, ...] = (
     Bundle(
         "mnist-small",
         ("train", "--preset", "mnist-small"),
-        eval_args=("--dataset", "mnist", "--root", MNIST_ROOT, "--split", "test[8000:]"),
+        eval_args=("--dataset", "mnist", "--root", str(BUNDLED_MNIST_ROOT), "--split", "test[8000:]"),
     ),
 )
 

@@ -1,7 +1,8 @@
 """MNIST read from its original IDX files (gzip-compressed or raw) in a folder the user names.
 
 Split "train" is the first 55,000 images of train-images-idx3-ubyte, "val" its last 5,000 (so the two never
-overlap), "test" is t10k-images-idx3-ubyte. When only the test files are at hand, slice the test split
+overlap), "test" is t10k-images-idx3-ubyte. The repository ships the test files in `BUNDLED_ROOT`
+(assets/data/mnist, with their source and licence); with only those at hand, slice the test split
 ("test[:8000]" to train, "test[8000:]" to evaluate) and say so wherever a number is reported.
 """
 
@@ -18,6 +19,9 @@ from training.data.base import GreyDigitsDataset
 from vitviz.errors import VitvizError
 
 log = logging.getLogger(__name__)
+
+# The MNIST test set that ships with the repository, found from this file so that any working directory works.
+BUNDLED_ROOT = Path(__file__).resolve().parents[2] / "assets" / "data" / "mnist"
 
 IDX_UBYTE_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_UBYTE_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
