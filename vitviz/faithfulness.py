@@ -1,0 +1,654 @@
+"""Faithfulness of explanation maps: deletion and insertion curves, and the cascading-randomisation sanity check.
+
+Methods (each gives a raw [gh, gw] map per image, larger = more relevant):
+    rollout               attention rollout (vitviz.analysis.rollout, default options: mean fusion, no discard)
+    gradient-rollout      Chefer et al.'s generic rule for the target class
+    attention-last        the last layer's attention, mean over heads: the class token's row over patch columns,
+                          or for a model without a class token the mean of the patch rows over patch columns
+    integrated-gradients  Captum's IntegratedGradients of the target logit, baseline the all-zero normalised image;
+                          |attribution| summed over channels and over each token's stride x stride pixel block
+    occlusion             Captum's Occlusion of the target logit, one window per token (its stride x stride block,
+                          all channels) set to 0; the map is the logit drop of each token's block
+    random                uniform [0, 1) draws from a torch.Generator seeded by the image's index
+
+Protocol (Petsiuk et al. 2018, written down exactly so that anyone can reproduce it):
+    n = gh*gw patch tokens; patch (i, j) covers pixels [i*sh, (i+1)*sh) x [j*sw, (j+1)*sw) (``layout.stride``:
+    for a hybrid the stem's stride). Patches are ordered by map value, descending, ties to the lower row-major
+    index (a stable sort of -map). Step i = 0..S uses k_i = floor(i*n / S) patches. Deletion: the preprocessed
+    image with the first k_i patches set to 0 in normalised space (the model's mean colour). Insertion: an all-0
+    normalised image with the first k_i patches restored. Pixels outside the grid, if any, are never deleted
+    and never restored. The curve is the softmax probability (float64, from the logits) of the target class,
+    by default the class predicted on the clean image. AUC = sum_{i<S} (p_i + p_{i+1}) / (2S). Default
+    S = min(n, 50). The 2(S+1) masked inputs of one image are plain forwards under torch.inference_mode, in
+    batches of ``batch_size``.
+
+Sanity check (Adebayo et al. 2018, cascading randomisation): on a deep copy of the model, the classifier head
+(``get_classifier()``) is randomised, then the blocks from the last to the first, cumulatively. Every parameter
+tensor of a randomised module is replaced by normal draws with that tensor's own mean and standard deviation
+(sample std; 0 for one element), from one CPU torch.Generator seeded 0, drawn in stage order and, within a stage,
+in ``named_parameters`` order. The patch embedding, position embeddings, prefix tokens and final norms are never
+randomised. After each stage every method's map is recomputed (target classes fixed to the original ones) and
+compared with the original map by Spearman's rank correlation (average ranks for ties), mean over images.
+Rollout never reads the head, so its first entry is exactly 1; so is every entry of ``random``.
+
+Public API:
+    METHODS, DEFAULT_METHODS, parse_methods(text) -> list of method names
+    FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps)
+    run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section))
+    explanation_maps(model, images, method, targets, ...) -> [B, gh, gw] float64
+    deletion_insertion_curves(model, image, relevance, target, steps, stride) -> (deletion, insertion) [S+1]
+    patch_order, step_counts, masked_inputs, curve_auc, spearman, randomise_tensor, cascading_randomisation
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitviz.analysis.rollout import RolloutAccumulator, gradient_rollout, patch_grid
+from vitviz.capture import attention_gradients, attention_modules, capture_attention
+from vitviz.errors import VitvizError
+from vitviz.tokens import TokenLayout, token_layout
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BASELINE",
+    "DEFAULT_METHODS",
+    "METHODS",
+    "FaithfulnessOptions",
+    "FaithfulnessResult",
+    "ImageCurves",
+    "LastLayerAttention",
+    "MethodResult",
+    "SanityResult",
+    "cascading_randomisation",
+    "curve_auc",
+    "default_steps",
+    "deletion_insertion_curves",
+    "explanation_maps",
+    "masked_inputs",
+    "parse_methods",
+    "patch_order",
+    "randomise_tensor",
+    "run_faithfulness",
+    "spearman",
+    "step_counts",
+]
+
+METHODS = ("rollout", "gradient-rollout", "attention-last", "integrated-gradients", "occlusion", "random")
+DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "integrated-gradients", "random")
+BASELINE = "normalised-zero"  # what deleted patches become and insertion starts from: 0 after normalisation
+MAX_DEFAULT_STEPS = 50
+SANITY_SEED = 0
+
+
+def parse_methods(text: str | Sequence[str] | None) -> list[str]:
+    """A comma-separated method list (or a sequence of names), checked; None gives DEFAULT_METHODS."""
+    if text is None:
+        return list(DEFAULT_METHODS)
+    raw = text.split(",") if isinstance(text, str) else list(text)
+    names = [name.strip() for name in raw if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise VitvizError(f"unknown method {', '.join(unknown) or repr(text)}: choose from {','.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class FaithfulnessOptions:
+    """What to compute; the defaults are the protocol's."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    steps: int | None = None  # S; None = min(n, 50)
+    target_class: int | None = None  # None = each image's predicted class
+    batch_size: int = 64  # masked inputs per forward; images per map forward; Captum's internal batch
+    ig_steps: int = 50  # integrated gradients: Captum's n_steps (Gauss-Legendre)
+    sanity: bool = False  # run the cascading randomisation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(parse_methods(self.methods)))
+        if self.steps is not None and self.steps < 1:
+            raise VitvizError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise VitvizError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.ig_steps < 1:
+            raise VitvizError(f"integrated-gradients steps must be at least 1, got {self.ig_steps}")
+        if self.target_class is not None and self.target_class < 0:
+            raise VitvizError(f"--target-class must be 0 or more, got {self.target_class}")
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def default_steps(num_patches: int) -> int:
+    """S = min(n, 50)."""
+    return min(num_patches, MAX_DEFAULT_STEPS)
+
+
+def step_counts(num_patches: int, steps: int) -> torch.Tensor:
+    """k_i = floor(i*n / S) for i = 0..S: [S+1] long, from 0 to n."""
+    if steps < 1:
+        raise VitvizError(f"--steps must be at least 1, got {steps}")
+    return torch.div(torch.arange(steps + 1, dtype=torch.long) * num_patches, steps, rounding_mode="floor")
+
+
+def patch_order(relevance: torch.Tensor) -> torch.Tensor:
+    """Row-major patch indices [n] by map value, descending, ties to the lower index (stable sort of -map)."""
+    flat = relevance.reshape(-1).to(torch.float64)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("the map has non-finite values; patches cannot be ordered")
+    return torch.sort(-flat, stable=True).indices
+
+
+def _rank_pixels(relevance: torch.Tensor, stride: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """[H, W] long: the position in patch_order of the patch covering each pixel; n outside the grid."""
+    gh, gw = relevance.shape
+    sh, sw = stride
+    num_patches = gh * gw
+    if size[0] < gh * sh or size[1] < gw * sw:
+        raise ValueError(f"an image of {size} is smaller than the {gh}x{gw} grid at stride {stride}")
+    order = patch_order(relevance)
+    rank = torch.empty(num_patches, dtype=torch.long)
+    rank[order] = torch.arange(num_patches)
+    pixels = torch.full(size, num_patches, dtype=torch.long)
+    pixels[: gh * sh, : gw * sw] = rank.reshape(gh, gw).repeat_interleave(sh, 0).repeat_interleave(sw, 1)
+    return pixels
+
+
+def masked_inputs(
+    image: torch.Tensor, relevance: torch.Tensor, counts: torch.Tensor, stride: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deletion and insertion inputs of one image [C, H, W]: two [len(counts), C, H, W] tensors.
+
+    Row i of deletion is the image with its first counts[i] patches (patch_order of ``relevance`` [gh, gw]) set to
+    0; row i of insertion is 0 except those patches.
+    """
+    pixels = _rank_pixels(relevance.detach().cpu(), stride, tuple(image.shape[-2:])).to(image.device)
+    chosen = (pixels[None] < counts.to(image.device)[:, None, None])[:, None]  # (S+1, 1, H, W)
+    zero = image.new_zeros(())
+    return torch.where(chosen, zero, image), torch.where(chosen, image, zero)
+
+
+def _target_probabilities(model: nn.Module, inputs: torch.Tensor, target: int, batch_size: int) -> torch.Tensor:
+    """Softmax probability (float64) of ``target`` for every input, plain forwards in batches."""
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            logits = model(inputs[start : start + batch_size])
+            probs.append(logits.to(torch.float64).softmax(dim=-1)[:, target].cpu())
+    return torch.cat(probs)
+
+
+def deletion_insertion_curves(
+    model: nn.Module,
+    image: torch.Tensor,
+    relevance: torch.Tensor,
+    target: int,
+    steps: int,
+    stride: tuple[int, int],
+    *,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion and insertion curves [S+1] float64 of one preprocessed image [C, H, W] under a map [gh, gw].
+
+    The 2(S+1) masked inputs are evaluated together, ``batch_size`` per forward.
+    """
+    counts = step_counts(relevance.numel(), steps)
+    deletion, insertion = masked_inputs(image, relevance, counts, stride)
+    probs = _target_probabilities(model, torch.cat([deletion, insertion]), target, batch_size)
+    return probs[: steps + 1], probs[steps + 1 :]
+
+
+def curve_auc(curve: torch.Tensor | Sequence[float]) -> float:
+    """Trapezoidal area on [0, 1] of a curve of S+1 equally spaced points: sum_{i<S} (p_i + p_{i+1}) / (2S)."""
+    values = torch.as_tensor(curve, dtype=torch.float64).reshape(-1)
+    steps = values.numel() - 1
+    if steps < 1:
+        raise ValueError("a curve needs at least two points")
+    return float((values[:-1] + values[1:]).sum() / (2 * steps))
+
+
+# ---------------------------------------------------------------- maps
+
+
+class LastLayerAttention:
+    """Consumer for vitviz.capture: the last layer's attention, mean over heads, read out over the patch grid.
+
+    Class-token models: row 0 over patch columns; others: the mean of the patch rows over patch columns.
+    Several forwards concatenate over images.
+    """
+
+    def __init__(self, layout: TokenLayout, last_layer: int) -> None:
+        self.layout = layout
+        self.last_layer = last_layer
+        self._maps: list[torch.Tensor] = []
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        if layer_index != self.last_layer:
+            return
+        prefix = self.layout.num_prefix_tokens
+        if self.layout.has_class_token:
+            rows = attn[:, :, 0, :].to(torch.float64).mean(dim=1)  # (B, N)
+            self._maps.append(patch_grid(rows, self.layout))
+        else:
+            patches = attn[:, :, prefix:, prefix:].to(torch.float64).mean(dim=1).mean(dim=1)  # (B, n)
+            self._maps.append(patches.reshape(attn.shape[0], *self.layout.grid))
+
+    def result(self) -> torch.Tensor:
+        """[B, gh, gw] float64 for every image consumed so far."""
+        if not self._maps:
+            raise ValueError("no attention of the last layer was consumed")
+        return torch.cat(self._maps)
+
+
+def _block_sum(pixels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """[B, H, W] -> [B, gh, gw]: the sum over each token's stride x stride block (pixels off the grid dropped)."""
+    gh, gw = layout.grid
+    sh, sw = layout.stride
+    inside = pixels[:, : gh * sh, : gw * sw]
+    return inside.reshape(pixels.shape[0], gh, sh, gw, sw).sum(dim=(2, 4))
+
+
+def _integrated_gradients(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layout: TokenLayout, n_steps: int, batch: int
+) -> torch.Tensor:
+    from captum.attr import IntegratedGradients
+
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = images.detach().clone()  # a normal tensor even if the caller's came from inference mode
+        attributions = IntegratedGradients(model).attribute(
+            inputs,
+            baselines=torch.zeros_like(inputs),
+            target=targets.tolist(),
+            n_steps=n_steps,
+            internal_batch_size=batch,
+        )
+    return _block_sum(attributions.detach().abs().sum(dim=1).to(torch.float64), layout)
+
+
+def _occlusion(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layout: TokenLayout, batch: int
+) -> torch.Tensor:
+    from captum.attr import Occlusion
+
+    channels = images.shape[1]
+    sh, sw = layout.stride
+    gh, gw = layout.grid
+    with torch.inference_mode(False), torch.no_grad():
+        attributions = Occlusion(model).attribute(
+            images.detach().clone(),
+            sliding_window_shapes=(channels, sh, sw),
+            strides=(channels, sh, sw),
+            baselines=0.0,
+            target=targets.tolist(),
+            perturbations_per_eval=batch,
+        )
+    # Each window covers one token's block in every channel, so all its pixels hold the same drop.
+    return attributions[:, 0, : gh * sh : sh, : gw * sw : sw].to(torch.float64)
+
+
+def _random_maps(layout: TokenLayout, indices: Sequence[int]) -> torch.Tensor:
+    maps = [
+        torch.rand(layout.grid, generator=torch.Generator().manual_seed(int(index)), dtype=torch.float64)
+        for index in indices
+    ]
+    return torch.stack(maps)
+
+
+def explanation_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str,
+    targets: torch.Tensor,
+    *,
+    image_indices: Sequence[int] | None = None,
+    batch_size: int = 64,
+    ig_steps: int = 50,
+) -> torch.Tensor:
+    """Raw maps [B, gh, gw] float64 (on the CPU) of one method for preprocessed images [B, C, H, W].
+
+    Args:
+        targets: [B] long, the class each image is explained for (unused by rollout, attention-last, random).
+        image_indices: the seeds of ``random``, one per image; default 0..B-1.
+    """
+    (method,) = parse_methods([method])
+    layout = token_layout(model)
+    indices = list(range(images.shape[0])) if image_indices is None else list(image_indices)
+    if len(indices) != images.shape[0] or targets.shape[0] != images.shape[0]:
+        raise ValueError(f"need one index and one target per image: {images.shape[0]} images")
+    if method == "random":
+        return _random_maps(layout, indices)
+    maps = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        chosen = targets[start : start + batch_size].to(batch.device)
+        if method == "rollout":
+            rollout = RolloutAccumulator(layout)
+            capture_attention(model, batch, rollout, with_logits=False)
+            maps.append(rollout.result())
+        elif method == "attention-last":
+            last = LastLayerAttention(layout, len(attention_modules(model)) - 1)
+            capture_attention(model, batch, last, with_logits=False)
+            maps.append(last.result())
+        elif method == "gradient-rollout":
+            grads = attention_gradients(model, batch, chosen)
+            maps.append(gradient_rollout(grads.attentions, grads.gradients, layout))
+        elif method == "integrated-gradients":
+            maps.append(_integrated_gradients(model, batch, chosen, layout, ig_steps, batch_size))
+        else:  # occlusion
+            maps.append(_occlusion(model, batch, chosen, layout, batch_size))
+    return torch.cat(maps).to(torch.float64).cpu()
+
+
+# ---------------------------------------------------------------- sanity check
+
+
+def randomise_tensor(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Normal draws shaped like ``tensor`` with its mean and (sample) standard deviation; 0 spread for one element.
+
+    Drawn on the CPU from ``generator`` (so the draws do not depend on the device), returned on tensor's device.
+    """
+    source = tensor.detach().to(torch.float64)
+    mean = float(source.mean())
+    std = float(source.std()) if source.numel() > 1 else 0.0
+    draws = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std + mean
+    return draws.to(dtype=tensor.dtype, device=tensor.device)
+
+
+def _classifier_modules(model: nn.Module) -> list[nn.Module]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    heads = list(head) if isinstance(head, (tuple, list)) else [head]
+    heads = [module for module in heads if isinstance(module, nn.Module)]
+    if not any(True for module in heads for _ in module.parameters()):
+        raise VitvizError(f"{type(model).__name__} has no classifier head with parameters to randomise")
+    return heads
+
+
+def cascading_randomisation(model: nn.Module, *, seed: int = SANITY_SEED) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ("head", copy), ("block L-1", copy), ..., ("block 0", copy): one deep copy of ``model``, randomised
+    cumulatively a stage at a time (the same copy each time, changed in place; ``model`` is never touched)."""
+    work = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    blocks = list(work.blocks)
+    stages: list[tuple[str, list[nn.Module]]] = [("head", _classifier_modules(work))]
+    stages += [(f"block {index}", [blocks[index]]) for index in reversed(range(len(blocks)))]
+    for name, modules in stages:
+        with torch.no_grad():
+            for module in modules:
+                for parameter in module.parameters():
+                    parameter.copy_(randomise_tensor(parameter, generator))
+        yield name, work
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n (float64) of a 1D tensor, ties given the mean of the ranks they span."""
+    ordered, order = torch.sort(values.to(torch.float64), stable=True)
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    average = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(ordered)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two maps (flattened), average ranks for ties; NaN if either is constant.
+
+    Identical inputs give exactly 1.0 (the ranks are multiples of 1/2, so the sums below are exact).
+    """
+    ra = _average_ranks(a.reshape(-1))
+    rb = _average_ranks(b.reshape(-1))
+    if ra.numel() != rb.numel():
+        raise ValueError(f"maps of {ra.numel()} and {rb.numel()} values cannot be compared")
+    da, db = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
+    return float((da * db).sum()) / denominator if denominator > 0 else math.nan
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ImageCurves:
+    """One image under one method."""
+
+    image: str
+    target_class: int
+    map: torch.Tensor  # [gh, gw] float64, raw
+    deletion: torch.Tensor  # [S+1] float64
+    insertion: torch.Tensor  # [S+1] float64
+    deletion_auc: float
+    insertion_auc: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "target_class": self.target_class,
+            "map": self.map.tolist(),
+            "deletion": self.deletion.tolist(),
+            "insertion": self.insertion.tolist(),
+            "deletion_auc": self.deletion_auc,
+            "insertion_auc": self.insertion_auc,
+        }
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method over all images: mean AUCs (lower deletion and higher insertion are better)."""
+
+    method: str
+    deletion_auc: float
+    insertion_auc: float
+    seconds_per_image: float  # wall time of the map and both curves, per image
+    per_image: tuple[ImageCurves, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deletion_auc": self.deletion_auc,
+            "insertion_auc": self.insertion_auc,
+            "seconds_per_image": self.seconds_per_image,
+            "per_image": [curves.to_json() for curves in self.per_image],
+        }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class SanityResult:
+    """One method under cascading randomisation."""
+
+    method: str
+    randomised: tuple[str, ...]  # ("head", "block L-1", ..., "block 0")
+    spearman: tuple[float, ...]  # mean over images after each stage; NaN where a map was constant
+    maps: torch.Tensor = field(repr=False)  # [stages, B, gh, gw] float64: the maps after each stage
+
+    def to_json(self) -> dict[str, Any]:
+        return {"randomised": list(self.randomised), "spearman": [_finite_or_none(v) for v in self.spearman]}
+
+
+@dataclass(frozen=True)
+class FaithfulnessResult:
+    """Everything run_faithfulness computed."""
+
+    steps: int
+    baseline: str
+    target_class: int | None  # None: each image's prediction
+    methods: Mapping[str, MethodResult]
+    sanity: Mapping[str, SanityResult] | None = None
+
+    def to_json(self, model_section: Mapping[str, Any]) -> dict[str, Any]:
+        """The JSON document; ``model_section`` is the "model" section as `analyze` writes it."""
+        document: dict[str, Any] = {
+            "model": dict(model_section),
+            "protocol": {
+                "steps": self.steps,
+                "baseline": self.baseline,
+                "target": "predicted" if self.target_class is None else self.target_class,
+            },
+            "methods": {name: result.to_json() for name, result in self.methods.items()},
+        }
+        if self.sanity is not None:
+            document["sanity"] = {name: result.to_json() for name, result in self.sanity.items()}
+        return document
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _targets(model: nn.Module, images: torch.Tensor, target_class: int | None, batch_size: int) -> torch.Tensor:
+    """[B] long on the CPU: ``target_class`` for every image, or each image's predicted class."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if target_class is not None:
+        if not 0 <= target_class < num_classes:
+            raise VitvizError(f"--target-class {target_class} is out of range: the model has {num_classes} classes")
+        return torch.full((images.shape[0],), target_class, dtype=torch.long)
+    predicted = []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            predicted.append(model(images[start : start + batch_size]).argmax(dim=-1).cpu())
+    return torch.cat(predicted)
+
+
+def run_faithfulness(
+    model: nn.Module,
+    images: torch.Tensor,
+    names: Sequence[str],
+    options: FaithfulnessOptions | None = None,
+    *,
+    image_indices: Sequence[int] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> FaithfulnessResult:
+    """Maps, deletion and insertion curves of every method on every image, and optionally the sanity check.
+
+    Args:
+        model: a timm VisionTransformer-family classifier in eval mode; it is not changed.
+        images: [B, C, H, W] preprocessed images on the model's device.
+        names: one label per image for the JSON (e.g. its path).
+        image_indices: seeds of the random map, one per image; default 0..B-1.
+        progress: called as progress(method, images finished) after each image's curves.
+    """
+    options = options or FaithfulnessOptions()
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise VitvizError("faithfulness needs at least one image")
+    if len(names) != images.shape[0]:
+        raise ValueError(f"{len(names)} names for {images.shape[0]} images")
+    if _any_training(model):
+        raise ValueError("faithfulness needs model.eval()")
+    layout = token_layout(model)
+    num_patches = layout.num_patches
+    steps = default_steps(num_patches) if options.steps is None else options.steps
+    indices = list(range(images.shape[0])) if image_indices is None else list(image_indices)
+    targets = _targets(model, images, options.target_class, options.batch_size)
+
+    methods: dict[str, MethodResult] = {}
+    originals: dict[str, torch.Tensor] = {}
+    for method in options.methods:
+        started = time.perf_counter()
+        maps = explanation_maps(
+            model,
+            images,
+            method,
+            targets,
+            image_indices=indices,
+            batch_size=options.batch_size,
+            ig_steps=options.ig_steps,
+        )
+        per_image = []
+        for index in range(images.shape[0]):
+            deletion, insertion = deletion_insertion_curves(
+                model,
+                images[index],
+                maps[index],
+                int(targets[index]),
+                steps,
+                layout.stride,
+                batch_size=options.batch_size,
+            )
+            per_image.append(
+                ImageCurves(
+                    image=str(names[index]),
+                    target_class=int(targets[index]),
+                    map=maps[index],
+                    deletion=deletion,
+                    insertion=insertion,
+                    deletion_auc=curve_auc(deletion),
+                    insertion_auc=curve_auc(insertion),
+                )
+            )
+            if progress is not None:
+                progress(method, index + 1)
+        elapsed = time.perf_counter() - started
+        originals[method] = maps
+        methods[method] = MethodResult(
+            method=method,
+            deletion_auc=sum(c.deletion_auc for c in per_image) / len(per_image),
+            insertion_auc=sum(c.insertion_auc for c in per_image) / len(per_image),
+            seconds_per_image=elapsed / len(per_image),
+            per_image=tuple(per_image),
+        )
+        logger.info(
+            "%s: deletion AUC %.4f, insertion AUC %.4f",
+            method,
+            methods[method].deletion_auc,
+            methods[method].insertion_auc,
+        )
+
+    sanity = None
+    if options.sanity:
+        sanity = sanity_check(model, images, originals, targets, options, image_indices=indices)
+    return FaithfulnessResult(
+        steps=steps, baseline=BASELINE, target_class=options.target_class, methods=methods, sanity=sanity
+    )
+
+
+def sanity_check(
+    model: nn.Module,
+    images: torch.Tensor,
+    original_maps: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    options: FaithfulnessOptions,
+    *,
+    image_indices: Sequence[int] | None = None,
+) -> dict[str, SanityResult]:
+    """Cascading randomisation: each method's Spearman correlation with its original map after each stage."""
+    stages: list[str] = []
+    after: dict[str, list[torch.Tensor]] = {method: [] for method in original_maps}
+    for stage, randomised in cascading_randomisation(model):
+        stages.append(stage)
+        for method in original_maps:
+            after[method].append(
+                explanation_maps(
+                    randomised,
+                    images,
+                    method,
+                    targets,
+                    image_indices=image_indices,
+                    batch_size=options.batch_size,
+                    ig_steps=options.ig_steps,
+                )
+            )
+    results = {}
+    for method, original in original_maps.items():
+        correlations = []
+        for maps in after[method]:
+            values = [spearman(original[i], maps[i]) for i in range(original.shape[0])]
+            correlations.append(sum(values) / len(values))
+        results[method] = SanityResult(
+            method=method, randomised=tuple(stages), spearman=tuple(correlations), maps=torch.stack(after[method])
+        )
+    return results
+
+
+def _any_training(model: nn.Module) -> bool:
+    return any(module.training for module in model.modules())
