@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -42,6 +41,8 @@ from training.config import TrainConfig
 from training.data.memory import InMemoryImages
 from training.distributed import DistContext
 from training.masked import Corruption, MaskedPatchModel, colour_class_names, colour_targets, sample_corruption
+from training.metrics import MetricsLog, StepOutcome
+from training.resume import ResumeState, rng_states, set_rng_states
 from training.runfolder import RunFolder
 from vitviz.errors import VitvizError
 from vitviz.models import (
@@ -207,17 +208,6 @@ def build_optimizer(module: nn.Module, vit: nn.Module, cfg: TrainConfig) -> torc
 # One step, evaluation, state
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    """What one optimiser step did, summed over this rank's images."""
-
-    loss_sum: float  # sum over predictions of the loss (mean loss * count)
-    correct: int
-    count: int  # predictions: images (classify) or corrupted patches (masked)
-    skipped: bool  # loss or gradient not finite: the update was not applied
-    lr: float
-
-
 class Trainer:
     """Model, optimiser and objective of a run; one `train_step` per global batch."""
 
@@ -367,81 +357,17 @@ class Trainer:
 
     # --- resume state -----------------------------------------------------------------------------------
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Model, optimiser and RNG states as tensors plus JSON-able info (no pickles)."""
-        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.module.state_dict().items()}
-        optim_tensors, optim_info = _optimizer_state(self.optimizer)
-        tensors.update(optim_tensors)
-        rng_tensors, rng_info = _rng_state()
-        tensors.update(rng_tensors)
-        return tensors, {"optimizer": optim_info, "rng": rng_info}
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The trained module's state_dict (the masked-prediction wrapper's, for that objective)."""
+        return dict(self.module.state_dict())
 
-    def load_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.module.load_state_dict(model_state, strict=True)
-        self.optimizer.load_state_dict(_optimizer_state_dict(tensors, info["optimizer"]))
-        _set_rng_state(tensors, info["rng"])
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
 
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state_dict = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for param_id, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{param_id}.{key}"] = value.detach().cpu().contiguous().clone()
-            else:
-                scalars.setdefault(str(param_id), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _optimizer_state_dict(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, param_id, name = key.split(".", 2)
-            state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in info["scalars"].items():
-        state.setdefault(int(param_id), {}).update(values)
-    groups = [dict(g) for g in info["param_groups"]]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = state
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    info = {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "kind": kind,
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    return tensors, info
-
-
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, internal, gauss = info["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy = info["numpy"]
-    keys = np.array(numpy["keys"], dtype=np.uint32)
-    np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    def load_state(self, model: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any]) -> None:
+        """Continue from saved model and optimiser states (before the first forward pass under DDP)."""
+        self.module.load_state_dict(dict(model), strict=True)
+        self.optimizer.load_state_dict(dict(optimizer))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,41 +486,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-class _Sums:
-    """Running sums of loss, correct and count (and images, skipped steps) over a window of steps."""
-
-    def __init__(self, values: Mapping[str, float] | None = None) -> None:
-        self.values = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "images": 0.0, "skipped": 0.0, "steps": 0.0}
-        if values:
-            self.values.update(values)
-
-    def add(self, outcome: StepOutcome, images: int) -> None:
-        if not outcome.skipped:
-            self.values["loss_sum"] += outcome.loss_sum
-            self.values["correct"] += outcome.correct
-            self.values["count"] += outcome.count
-        self.values["images"] += images
-        self.values["skipped"] += int(outcome.skipped)
-        self.values["steps"] += 1
-
-    def reduced(self, ctx: DistContext) -> dict[str, float]:
-        keys = ("loss_sum", "correct", "count", "images")
-        totals = torch.tensor([self.values[k] for k in keys], dtype=torch.float64, device=ctx.device)
-        totals = distributed.all_reduce_sum(totals, ctx)
-        out = dict(zip(keys, (float(t) for t in totals)))
-        count = out["count"]
-        return {
-            "loss": out["loss_sum"] / count if count else None,
-            "accuracy": out["correct"] / count if count else None,
-            "images": out["images"],
-            "skipped": self.values["skipped"],
-        }
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def default_run_id(preset: str, runs_dir: Path) -> str:
     """<preset>-<date>-<time>, with a counter when that folder exists already."""
     base = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -609,78 +500,134 @@ def run(cfg: TrainConfig | None, options: RunOptions) -> RunResult:
     """Train (or fine-tune, or resume with `options.resume`) and write the run folder; see module docstring."""
     ctx = distributed.setup(options.device)
     try:
-        return _Run(cfg, options, ctx).execute()
+        return _Run.start(cfg, options, ctx).execute()
     finally:
         distributed.teardown(ctx)
 
 
-class _Run:
-    """One run from start-up to the final status; only rank 0 touches the run folder."""
+def _datasets_for_resolved(cfg: TrainConfig) -> DataSetup:
+    """The datasets of a config resolved when its run started (a resumed run)."""
+    train, evaluation = _build_datasets(cfg, cfg.model.img_size)
+    names = colour_class_names(cfg.masked.colour_bits) if cfg.objective == "masked" else list(train.class_names)
+    assert cfg.data.mean is not None and cfg.data.std is not None
+    return DataSetup(train, evaluation, names, tuple(cfg.data.mean), tuple(cfg.data.std))
 
-    def __init__(self, cfg: TrainConfig | None, options: RunOptions, ctx: DistContext) -> None:
+
+def _open_folder(
+    cfg: TrainConfig, options: RunOptions, ctx: DistContext, folder: RunFolder | None, *, fresh: bool
+) -> RunFolder | None:
+    """Rank 0 creates the run folder (or reopens `folder`); every rank learns whether that worked.
+
+    Returns the folder (None on the other ranks of a fresh run). A fresh run starts with empty logs.
+    """
+    error: VitvizError | None = None
+    if ctx.is_main:
+        try:
+            if folder is None:
+                run_id = options.run_id or default_run_id(cfg.preset, options.runs_dir)
+                folder = RunFolder.create(options.runs_dir, run_id)
+            folder.write_config(cfg.to_dict())
+            if fresh:
+                folder.truncate_logs({"metrics": 0, "summary": 0})
+        except VitvizError as exc:
+            error = exc
+        except OSError as exc:
+            where = folder.path if folder is not None else options.runs_dir
+            error = VitvizError(f"cannot write run folder {where}: {exc.strerror or exc}")
+    if distributed.broadcast_flag(error is not None, ctx):
+        raise error or VitvizError("the main process could not set up the run folder")
+    return folder
+
+
+class _Run:
+    """The step loop of one run, from a set-up run (`_Run.start`) to the final status; only rank 0 writes."""
+
+    def __init__(
+        self,
+        *,
+        cfg: TrainConfig,
+        options: RunOptions,
+        ctx: DistContext,
+        data: DataSetup,
+        history: list[dict[str, Any]],
+        folder: RunFolder | None,
+        trainer: Trainer,
+        log: MetricsLog,
+        steps_per_epoch: int,
+    ) -> None:
+        self.cfg = cfg  # resolved
         self.options = options
         self.ctx = ctx
-        self.state = None
+        self.data = data
+        self.history = history  # the model's resolution history (checkpoint metadata)
+        self.folder = folder  # None on the other ranks of a fresh run
+        self.trainer = trainer
+        self.log = log
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.memory: dict[str, InMemoryImages] = {}  # splits prepared in memory, made on first use
+        self.step = 0  # optimiser steps done
+
+    @classmethod
+    def start(cls, cfg: TrainConfig | None, options: RunOptions, ctx: DistContext) -> _Run:
+        """Set a run up (config, data, model, optimiser, run folder), continued from its resume state when
+        `options.resume` names a run folder that has one."""
+        folder: RunFolder | None = None
+        state: ResumeState | None = None
         if options.resume is not None:
             folder = RunFolder.existing(options.resume)
-            self.cfg = TrainConfig.from_dict(folder.read_config())
-            self.folder: RunFolder | None = folder
-            self.state = folder.latest_state()
-        else:
-            if cfg is None:
-                raise ValueError("a config is needed unless resuming")
-            self.cfg = cfg
-            self.folder = None
-
-    def execute(self) -> RunResult:
-        ctx = self.ctx
-        _apply_determinism(self.cfg)
-        world = ctx.world_size
-        if self.cfg.batch_size % (world * self.cfg.grad_accum):
+            cfg = TrainConfig.from_dict(folder.read_config())
+            state = ResumeState.from_files(folder)
+        elif cfg is None:
+            raise ValueError("a config is needed unless resuming")
+        _apply_determinism(cfg)
+        if cfg.batch_size % (ctx.world_size * cfg.grad_accum):
             raise VitvizError(
-                f"batch_size {self.cfg.batch_size} must be divisible by processes x grad_accum "
-                f"({world} x {self.cfg.grad_accum})"
+                f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                f"({ctx.world_size} x {cfg.grad_accum})"
             )
-        if self.state is not None:
-            cfg = self.cfg  # already resolved when the run started
-            self.data = self._datasets_for_resolved(cfg)
+        if state is not None:  # the config was resolved when the run started
+            data = _datasets_for_resolved(cfg)
             vit = build_model(cfg.model)
-            history = list(self.state.info["resolution_history"])
+            history = list(state.resolution_history)
         else:
-            cfg, vit, self.data, history = _resolve(self.cfg)
-        self.cfg, self.history = cfg, history
+            cfg, vit, data, history = _resolve(cfg)
         if cfg.finetune.source is not None and cfg.finetune.freeze_blocks:
             freeze_early_layers(vit, cfg.finetune.freeze_blocks)
 
-        self.memory: dict[str, InMemoryImages] = {}
-        self.steps_per_epoch = len(self.data.train) // cfg.batch_size
-        if self.steps_per_epoch == 0:
+        steps_per_epoch = len(data.train) // cfg.batch_size
+        if steps_per_epoch == 0:
             raise VitvizError(
-                f"the training split has {len(self.data.train)} images, fewer than one batch of {cfg.batch_size}"
+                f"the training split has {len(data.train)} images, fewer than one batch of {cfg.batch_size}"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        warmup = cfg.schedule.warmup_steps or round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        self.trainer = Trainer(
-            cfg, vit, ctx, mean=self.data.mean, std=self.data.std, total_steps=self.total_steps, warmup_steps=warmup
+        warmup = cfg.schedule.warmup_steps or round(cfg.schedule.warmup_epochs * steps_per_epoch)
+        trainer = Trainer(
+            cfg, vit, ctx, mean=data.mean, std=data.std, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=warmup
         )
+        folder = _open_folder(cfg, options, ctx, folder, fresh=state is None)
+        run = cls(
+            cfg=cfg,
+            options=options,
+            ctx=ctx,
+            data=data,
+            history=history,
+            folder=folder,
+            trainer=trainer,
+            log=MetricsLog(ctx, folder, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+        )
+        if state is not None:
+            run._restore(state)
+        return run
 
-        self._open_folder()
-        step = 0
-        self.epoch_sums, self.window = _Sums(), _Sums()
-        self.best: float | None = None
-        self.consecutive_bad = 0
-        self.skipped_total = 0
-        self.last_eval: dict[str, Any] = {}
-        self.last_train: dict[str, Any] = {}
-        if self.state is not None:
-            step = self._restore(self.state)
-        self.step = step
-        if ctx.is_main:
+    def execute(self) -> RunResult:
+        """Train to the end (or to --max-steps, or to a stop signal); a failure is recorded in status.json."""
+        if self.ctx.is_main:
             assert self.folder is not None
-            self.folder.write_status("running", **self._progress(step))
+            self.folder.write_status("running", **self._progress(self.step))
         try:
             with _StopRequest() as stop:
-                return self._loop(step, stop)
+                return self._loop(stop)
         except TrainingFailed as exc:
             self._status("failed", reason=str(exc), step=self.step)
             raise
@@ -688,68 +635,86 @@ class _Run:
             self._status("failed", reason=f"{type(exc).__name__}: {exc}".splitlines()[0], step=self.step)
             raise
 
-    def _datasets_for_resolved(self, cfg: TrainConfig) -> DataSetup:
-        train, evaluation = _build_datasets(cfg, cfg.model.img_size)
-        names = colour_class_names(cfg.masked.colour_bits) if cfg.objective == "masked" else list(train.class_names)
-        assert cfg.data.mean is not None and cfg.data.std is not None
-        return DataSetup(train, evaluation, names, tuple(cfg.data.mean), tuple(cfg.data.std))
+    # --- resume state ------------------------------------------------------------------------------------
 
-    def _open_folder(self) -> None:
-        """Rank 0 creates the run folder (or reopens it); every rank learns whether that worked."""
-        error: VitvizError | None = None
-        if self.ctx.is_main:
-            try:
-                if self.folder is None:
-                    run_id = self.options.run_id or default_run_id(self.cfg.preset, self.options.runs_dir)
-                    self.folder = RunFolder.create(self.options.runs_dir, run_id)
-                self.folder.write_config(self.cfg.to_dict())
-                if self.state is None:
-                    self.folder.truncate_logs({"metrics": 0, "summary": 0})
-            except VitvizError as exc:
-                error = exc
-            except OSError as exc:
-                error = VitvizError(
-                    f"cannot write run folder {self.folder.path if self.folder else self.options.runs_dir}: {exc.strerror or exc}"
-                )
-        if distributed.broadcast_flag(error is not None, self.ctx):
-            raise error or VitvizError("the main process could not set up the run folder")
+    def _capture(self, step: int) -> ResumeState:
+        """The resume state at `step` (main process). Its tensors may be the live ones: write it before
+        the next step."""
+        assert self.folder is not None
+        rng_torch, rng_cuda, rng_python, rng_numpy = rng_states()
+        log = self.log
+        return ResumeState(
+            step=step,
+            model=self.trainer.model_state(),
+            optimizer=self.trainer.optimizer_state(),
+            rng_torch=rng_torch,
+            rng_cuda=rng_cuda,
+            rng_python=rng_python,
+            rng_numpy=rng_numpy,
+            total_steps=self.total_steps,
+            warmup_steps=self.trainer.warmup_steps,
+            steps_per_epoch=self.steps_per_epoch,
+            epoch_sums=dict(log.epoch_sums.values),
+            window_sums=dict(log.window.values),
+            best=log.best,
+            consecutive_bad=log.consecutive_bad,
+            skipped_total=log.skipped_total,
+            last_eval=dict(log.last_eval),
+            last_train=dict(log.last_train),
+            resolution_history=list(self.history),
+            log_sizes=self.folder.log_sizes(),
+        )
 
-    def _restore(self, state: Any) -> int:
-        info = state.info
-        if info["data"]["steps_per_epoch"] != self.steps_per_epoch:
+    def _restore(self, state: ResumeState) -> None:
+        """Continue from `state` (its resolution history was taken at set-up): checks that the data and the
+        schedule are the ones it was saved with, then model, optimiser, RNGs, metrics, logs and step."""
+        if state.steps_per_epoch != self.steps_per_epoch:
             raise VitvizError(
                 f"cannot resume exactly: the training split now gives {self.steps_per_epoch} steps per epoch, "
-                f"but the run started with {info['data']['steps_per_epoch']} (did the dataset files change?)"
+                f"but the run started with {state.steps_per_epoch} (did the dataset files change?)"
             )
-        self.trainer.load_state(state.tensors, info)
-        self.epoch_sums = _Sums(info["epoch_sums"])
-        self.window = _Sums(info["window_sums"])
-        self.best = info["best"]
-        self.consecutive_bad = info["consecutive_bad"]
-        self.skipped_total = info["skipped_total"]
-        self.last_eval = info["last_eval"]
-        self.last_train = info["last_train"]
+        if (state.total_steps, state.warmup_steps) != (self.total_steps, self.trainer.warmup_steps):
+            raise VitvizError(
+                f"cannot resume exactly: the schedule now has {self.total_steps} steps ({self.trainer.warmup_steps} "
+                f"of warm-up), but the run started with {state.total_steps} ({state.warmup_steps})"
+            )
+        self.trainer.load_state(state.model, state.optimizer)
+        set_rng_states(state)
+        self.log.restore(
+            epoch_sums=state.epoch_sums,
+            window_sums=state.window_sums,
+            best=state.best,
+            consecutive_bad=state.consecutive_bad,
+            skipped_total=state.skipped_total,
+            last_eval=state.last_eval,
+            last_train=state.last_train,
+        )
         if self.ctx.is_main and self.folder is not None:
-            self.folder.truncate_logs(info["log_sizes"])
+            self.folder.truncate_logs(state.log_sizes)
+        self.step = state.step
         logger.info("resuming %s at step %d", self.folder.path if self.folder else "", state.step)
-        return state.step
+
+    def _save_state(self, step: int) -> None:
+        if self.ctx.is_main and self.folder is not None:
+            self._capture(step).to_files(self.folder)
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def _loop(self, step: int, stop: _StopRequest) -> RunResult:
-        """Train from `step` to the end (or to --max-steps, or to a stop signal), then write the final status."""
+    def _loop(self, stop: _StopRequest) -> RunResult:
+        """Train from `self.step` to the end (or to --max-steps, or to a stop signal), then write the final status."""
         stop_at = self.total_steps if self.options.max_steps is None else min(self.total_steps, self.options.max_steps)
         bar = tqdm(
-            total=self.total_steps, initial=step, file=sys.stderr, dynamic_ncols=True, unit="step",
+            total=self.total_steps, initial=self.step, file=sys.stderr, dynamic_ncols=True, unit="step",
             disable=not (self.options.progress and self.ctx.is_main),
         )  # fmt: skip
         # While the bar is shown, log lines go through tqdm so that they do not break it.
         with bar, logging_redirect_tqdm() if not bar.disable else nullcontext():
-            step, signalled = self._train_until(step, stop_at, stop, bar)
+            signalled = self._train_until(stop_at, stop, bar)
+        step = self.step
         run_dir = self.folder.path if self.folder else None
         if step >= self.total_steps:
             self._status("finished", step=step)
-            return RunResult(run_dir, "finished", step, self._final_metrics())
+            return RunResult(run_dir, "finished", step, self.log.final_metrics())
         if step % self.steps_per_epoch and step % self.cfg.resume_every:  # otherwise saved at this step already
             self._save_state(step)
         self._save_model(self._last_path(), step)
@@ -759,41 +724,40 @@ class _Run:
             f"continue with: python -m training train --resume {run_dir}"
         )
         self._status("failed", reason=reason, step=step, resumable=True)
-        return RunResult(run_dir, "stopped", step, self._final_metrics())
+        return RunResult(run_dir, "stopped", step, self.log.final_metrics())
 
-    def _train_until(self, step: int, stop_at: int, stop: _StopRequest, bar: tqdm) -> tuple[int, bool]:
-        """The step loop; returns the step reached and whether a stop signal ended it."""
+    def _train_until(self, stop_at: int, stop: _StopRequest, bar: tqdm) -> bool:
+        """The step loop, advancing `self.step`; returns whether a stop signal ended it."""
         cfg, ctx, spe = self.cfg, self.ctx, self.steps_per_epoch
         randomised = cfg.data.augment != "none"
         samples = EpochSamples(self.data.train, self._train_transform(), cfg.seed, randomised=randomised)
         memory = self._in_memory("train") if cfg.data.in_memory else None
         per_rank = cfg.batch_size // ctx.world_size
-        window_start = self.epoch_start = time.perf_counter()
-        while step < stop_at:
-            epoch = step // spe
+        self.log.start_clocks()
+        while self.step < stop_at:
+            epoch = self.step // spe
             order = epoch_order(len(self.data.train), cfg.seed, epoch)
-            batches = rank_batches(order, cfg.batch_size, ctx, step % spe, min(spe, stop_at - epoch * spe))
+            batches = rank_batches(order, cfg.batch_size, ctx, self.step % spe, min(spe, stop_at - epoch * spe))
             if memory is not None:
                 loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = map(memory.batch, batches)
             else:
                 loader = make_loader(samples, epoch, batches, cfg.data.num_workers, pin=ctx.device.type == "cuda")
             for images, labels in loader:
-                outcome = self.trainer.train_step(images, labels, step)
-                step = self.step = step + 1
+                outcome = self.trainer.train_step(images, labels, self.step)
+                self.step += 1
+                step = self.step
+                self.log.add(outcome, per_rank)
                 self._guard(outcome, step)
-                self.epoch_sums.add(outcome, per_rank)
-                self.window.add(outcome, per_rank)
                 bar.update(1)
                 if step % cfg.log_every == 0:
-                    self._log_step(step, outcome.lr, time.perf_counter() - window_start, bar)
-                    window_start = time.perf_counter()
+                    self._log_step(step, outcome.lr, bar)
                 if step % spe == 0:
                     self._end_epoch(step, outcome.lr)
                 elif step % cfg.resume_every == 0:
                     self._save_state(step)
                 if distributed.broadcast_flag(stop.signal is not None, ctx):
-                    return step, True
-        return step, False
+                    return True
+        return False
 
     def _in_memory(self, which: str) -> InMemoryImages:
         """The train or eval split prepared once into memory (kept for the rest of the run)."""
@@ -818,41 +782,26 @@ class _Run:
         )
 
     def _guard(self, outcome: StepOutcome, step: int) -> None:
-        """Count skipped (non-finite) steps; stop the run after max_bad_steps in a row."""
+        """Warn about a skipped (non-finite) step; stop the run after max_bad_steps in a row."""
         if not outcome.skipped:
-            self.consecutive_bad = 0
             return
-        self.consecutive_bad += 1
-        self.skipped_total += 1
-        logger.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, self.consecutive_bad)
-        if self.consecutive_bad >= self.cfg.max_bad_steps:
+        in_a_row = self.log.consecutive_bad
+        logger.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, in_a_row)
+        if in_a_row >= self.cfg.max_bad_steps:
             raise TrainingFailed(
-                f"loss or gradient was not finite for {self.consecutive_bad} steps in a row (last at step {step}); "
+                f"loss or gradient was not finite for {in_a_row} steps in a row (last at step {step}); "
                 "lower optim.lr, set grad_clip, or check the data"
             )
 
-    def _log_step(self, step: int, lr: float, elapsed: float, bar: tqdm) -> None:
-        reduced = self.window.reduced(self.ctx)
-        self.window = _Sums()
-        images_per_s = reduced["images"] / elapsed if elapsed > 0 else None
-        record = {
-            "kind": "step",
-            "step": step,
-            "epoch": step / self.steps_per_epoch,
-            "loss": _finite_or_none(reduced["loss"]),
-            "accuracy": reduced["accuracy"],
-            "lr": lr,
-            "images_per_s": images_per_s,
-            "skipped_steps": self.skipped_total,
-        }
+    def _log_step(self, step: int, lr: float, bar: tqdm) -> None:
+        record = self.log.step_record(step, lr)
         if self.ctx.is_main and self.folder is not None:
-            self.folder.append_metrics(record)
             self.folder.write_status("running", **self._progress(step), last=record)
             postfix = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan"}
             if record["accuracy"] is not None:
                 postfix["acc"] = f"{record['accuracy']:.3f}"
-            if images_per_s is not None:
-                postfix["img/s"] = f"{images_per_s:.0f}"
+            if record["images_per_s"] is not None:
+                postfix["img/s"] = f"{record['images_per_s']:.0f}"
             bar.set_postfix(postfix, refresh=False)
 
     def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -870,36 +819,15 @@ class _Run:
         return iter(make_loader(samples, 0, batches, self.cfg.data.num_workers, pin=self.ctx.device.type == "cuda"))
 
     def _end_epoch(self, step: int, lr: float) -> None:
+        """Evaluate when due, record the epoch, write the checkpoints it calls for and a resume state."""
         cfg = self.cfg
         epoch = step // self.steps_per_epoch  # 1-based count of completed epochs
-        train = self.epoch_sums.reduced(self.ctx)
-        self.epoch_sums = _Sums()
         last_epoch = epoch == cfg.epochs
-        evaluation: dict[str, Any] = {}
+        evaluation = None
         if self.data.eval is not None and (epoch % cfg.eval_every == 0 or last_epoch):
             evaluation = self.trainer.evaluate(self._eval_batches())
-            self.last_eval = {"epoch": epoch, **evaluation}
-        record = {
-            "kind": "epoch",
-            "epoch": epoch,
-            "step": step,
-            "train_loss": _finite_or_none(train["loss"]),
-            "train_accuracy": train["accuracy"],
-            "eval_loss": evaluation.get("loss"),
-            "eval_accuracy": evaluation.get("accuracy"),
-            "lr": lr,
-            "skipped_steps": self.skipped_total,
-            "seconds": round(time.perf_counter() - self.epoch_start, 3),  # wall time of the epoch (this process)
-        }
-        self.epoch_start = time.perf_counter()
-        self.last_train = record
-        score = evaluation.get("accuracy") if self.data.eval is not None else train["accuracy"]
-        improved = score is not None and (self.best is None or score > self.best)
-        if improved:
-            self.best = score
+        record, improved = self.log.epoch_record(step, lr, evaluation, has_eval_split=self.data.eval is not None)
         if self.ctx.is_main and self.folder is not None:
-            self.folder.append_metrics(record)
-            self.folder.append_summary(record)
             if epoch % cfg.checkpoint_every == 0 or last_epoch:
                 self._save_model(self.folder.epoch_checkpoint_path(epoch), step)
             if improved:
@@ -915,6 +843,8 @@ class _Run:
                 _fmt(record["eval_accuracy"]),
             )
         self._save_state(step)
+
+    # --- checkpoints and status ------------------------------------------------------------------------
 
     def _last_path(self) -> Path | None:
         return self.folder.last_path if self.folder is not None else None
@@ -939,7 +869,7 @@ class _Run:
             "epochs_planned": cfg.epochs,
             "steps": step,
             "finetuned_from": cfg.finetune.source,
-            "metrics": self._final_metrics(),
+            "metrics": self.log.final_metrics(),
         }
         return ModelMeta(
             arch=PROJECT_ARCH,
@@ -953,41 +883,6 @@ class _Run:
             resolution_history=list(self.history),
         )
 
-    def _final_metrics(self) -> dict[str, float | None]:
-        last = self.last_train
-        return {
-            "train_loss": last.get("train_loss"),
-            "train_accuracy": last.get("train_accuracy"),
-            "eval_loss": self.last_eval.get("loss"),
-            "eval_accuracy": self.last_eval.get("accuracy"),
-            "best_accuracy": self.best,
-            "skipped_steps": self.skipped_total,
-        }
-
-    def _save_state(self, step: int) -> None:
-        if not self.ctx.is_main or self.folder is None:
-            return
-        tensors, info = self.trainer.state_tensors()
-        info.update(
-            epoch_sums=self.epoch_sums.values,
-            window_sums=self.window.values,
-            best=self.best,
-            consecutive_bad=self.consecutive_bad,
-            skipped_total=self.skipped_total,
-            last_eval=self.last_eval,
-            last_train=self.last_train,
-            resolution_history=self.history,
-            log_sizes=self.folder.log_sizes(),
-            # The schedule and the data position are functions of the step; recorded to check the resume.
-            scheduler={"step": step, "total_steps": self.total_steps, "warmup_steps": self.trainer.warmup_steps},
-            data={
-                "epoch": step // self.steps_per_epoch,
-                "batch": step % self.steps_per_epoch,
-                "steps_per_epoch": self.steps_per_epoch,
-            },
-        )
-        self.folder.save_state(step, tensors, info)
-
     def _progress(self, step: int) -> dict[str, Any]:
         return {
             "progress": {
@@ -1000,15 +895,16 @@ class _Run:
         }
 
     def _status(self, status: str, *, reason: str | None = None, step: int = 0, **fields: Any) -> None:
-        if self.ctx.is_main and self.folder is not None and hasattr(self, "total_steps"):
+        if not self.ctx.is_main or self.folder is None:
+            return
+        try:
             progress = self._progress(step)
-            try:
-                self.folder.write_status(status, reason=reason, **progress, metrics=self._final_metrics(), **fields)
-            except OSError as exc:
-                if status != "failed":
-                    raise
-                # Reached while reporting another failure (often the same full disk): keep that one in front.
-                logger.warning("could not update %s: %s", self.folder.path / "status.json", exc.strerror or exc)
+            self.folder.write_status(status, reason=reason, **progress, metrics=self.log.final_metrics(), **fields)
+        except OSError as exc:
+            if status != "failed":
+                raise
+            # Reached while reporting another failure (often the same full disk): keep that one in front.
+            logger.warning("could not update %s: %s", self.folder.path / "status.json", exc.strerror or exc)
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,183 @@
+"""A run's metrics: running sums over steps, the step and epoch records, and their lines in the run folder.
+
+Every rank keeps its own sums and takes part in the reductions; only the main process writes
+metrics.jsonl and summary.csv (through `RunFolder`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from training import distributed
+from training.distributed import DistContext
+from training.runfolder import RunFolder
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimiser step did, summed over this rank's images."""
+
+    loss_sum: float  # sum over predictions of the loss (mean loss * count)
+    correct: int
+    count: int  # predictions: images (classify) or corrupted patches (masked)
+    skipped: bool  # loss or gradient not finite: the update was not applied
+    lr: float
+
+
+class Sums:
+    """Running sums of loss, correct and count (and images, skipped steps) over a window of steps."""
+
+    def __init__(self, values: Mapping[str, float] | None = None) -> None:
+        self.values = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "images": 0.0, "skipped": 0.0, "steps": 0.0}
+        if values:
+            self.values.update(values)
+
+    def add(self, outcome: StepOutcome, images: int) -> None:
+        if not outcome.skipped:
+            self.values["loss_sum"] += outcome.loss_sum
+            self.values["correct"] += outcome.correct
+            self.values["count"] += outcome.count
+        self.values["images"] += images
+        self.values["skipped"] += int(outcome.skipped)
+        self.values["steps"] += 1
+
+    def reduced(self, ctx: DistContext) -> dict[str, float | None]:
+        """Mean loss and accuracy over all ranks (None before any counted prediction), images, skipped steps."""
+        keys = ("loss_sum", "correct", "count", "images")
+        totals = torch.tensor([self.values[k] for k in keys], dtype=torch.float64, device=ctx.device)
+        totals = distributed.all_reduce_sum(totals, ctx)
+        out = dict(zip(keys, (float(t) for t in totals)))
+        count = out["count"]
+        return {
+            "loss": out["loss_sum"] / count if count else None,
+            "accuracy": out["correct"] / count if count else None,
+            "images": out["images"],
+            "skipped": self.values["skipped"],
+        }
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+class MetricsLog:
+    """Sums since the last step record and over the epoch, skipped-step counts, the best score, and the
+    records written to metrics.jsonl and summary.csv."""
+
+    def __init__(self, ctx: DistContext, folder: RunFolder | None, steps_per_epoch: int) -> None:
+        self.ctx = ctx
+        self.writer = folder if ctx.is_main else None  # only the main process writes
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch_sums = Sums()
+        self.window = Sums()
+        self.best: float | None = None
+        self.consecutive_bad = 0
+        self.skipped_total = 0
+        self.last_eval: dict[str, Any] = {}
+        self.last_train: dict[str, Any] = {}
+        self._window_start = self._epoch_start = time.perf_counter()
+
+    def restore(
+        self,
+        *,
+        epoch_sums: Mapping[str, float],
+        window_sums: Mapping[str, float],
+        best: float | None,
+        consecutive_bad: int,
+        skipped_total: int,
+        last_eval: Mapping[str, Any],
+        last_train: Mapping[str, Any],
+    ) -> None:
+        """Continue from a resume state's values."""
+        self.epoch_sums = Sums(epoch_sums)
+        self.window = Sums(window_sums)
+        self.best = best
+        self.consecutive_bad = consecutive_bad
+        self.skipped_total = skipped_total
+        self.last_eval = dict(last_eval)
+        self.last_train = dict(last_train)
+
+    def start_clocks(self) -> None:
+        """Start timing the first window and epoch (wall-clock fields only)."""
+        self._window_start = self._epoch_start = time.perf_counter()
+
+    def add(self, outcome: StepOutcome, images: int) -> None:
+        """Count one step of this rank (`images` of its images) into the window, the epoch and the skip counts."""
+        if outcome.skipped:
+            self.consecutive_bad += 1
+            self.skipped_total += 1
+        else:
+            self.consecutive_bad = 0
+        self.epoch_sums.add(outcome, images)
+        self.window.add(outcome, images)
+
+    def step_record(self, step: int, lr: float) -> dict[str, Any]:
+        """Close the window: its record (reduced over all ranks, so every rank calls this), logged by rank 0."""
+        reduced = self.window.reduced(self.ctx)
+        elapsed = time.perf_counter() - self._window_start
+        self.window = Sums()
+        record = {
+            "kind": "step",
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "loss": finite_or_none(reduced["loss"]),
+            "accuracy": reduced["accuracy"],
+            "lr": lr,
+            "images_per_s": reduced["images"] / elapsed if elapsed > 0 else None,  # type: ignore[operator]
+            "skipped_steps": self.skipped_total,
+        }
+        if self.writer is not None:
+            self.writer.append_metrics(record)
+        self._window_start = time.perf_counter()
+        return record
+
+    def epoch_record(
+        self, step: int, lr: float, evaluation: Mapping[str, Any] | None, has_eval_split: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Close the epoch (every rank calls this): its record, logged by rank 0, and whether its score
+        (eval accuracy, or train accuracy without an eval split) is the best so far."""
+        epoch = step // self.steps_per_epoch  # 1-based count of completed epochs
+        train = self.epoch_sums.reduced(self.ctx)
+        self.epoch_sums = Sums()
+        if evaluation is not None:
+            self.last_eval = {"epoch": epoch, **evaluation}
+        evaluated = evaluation or {}
+        record = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": step,
+            "train_loss": finite_or_none(train["loss"]),
+            "train_accuracy": train["accuracy"],
+            "eval_loss": evaluated.get("loss"),
+            "eval_accuracy": evaluated.get("accuracy"),
+            "lr": lr,
+            "skipped_steps": self.skipped_total,
+            "seconds": round(time.perf_counter() - self._epoch_start, 3),  # wall time of the epoch (this process)
+        }
+        self._epoch_start = time.perf_counter()
+        self.last_train = record
+        score = evaluated.get("accuracy") if has_eval_split else train["accuracy"]
+        improved = score is not None and (self.best is None or score > self.best)
+        if improved:
+            self.best = score
+        if self.writer is not None:
+            self.writer.append_metrics(record)
+            self.writer.append_summary(record)
+        return record, improved
+
+    def final_metrics(self) -> dict[str, float | None]:
+        """The run's headline numbers (status.json, checkpoint metadata, RunResult)."""
+        return {
+            "train_loss": self.last_train.get("train_loss"),
+            "train_accuracy": self.last_train.get("train_accuracy"),
+            "eval_loss": self.last_eval.get("loss"),
+            "eval_accuracy": self.last_eval.get("accuracy"),
+            "best_accuracy": self.best,
+            "skipped_steps": self.skipped_total,
+        }
