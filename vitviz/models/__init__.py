@@ -1,9 +1,7 @@
-"""Model layer: config -> timm ViT, position-embedding variants, checkpoint format and loading sources."""
+"""Model layer: config -> timm ViT, position-embedding variants, checkpoint meta and format, loading sources."""
 
 from vitviz.models.checkpoint import (
-    FORMAT_VERSION,
     LoadedModel,
-    ModelMeta,
     file_sha256,
     load_checkpoint,
     load_state_dict_checked,
@@ -14,6 +12,7 @@ from vitviz.models.checkpoint import (
 )
 from vitviz.models.config import ViTConfig
 from vitviz.models.factory import build_model, build_timm_model, count_parameters, pretrain_head
+from vitviz.models.meta import FORMAT_VERSION, ModelMeta
 from vitviz.models.posembed import patch_position_embeddings, resample_input_size, sincos_pos_embed
 from vitviz.models.sources import load_model, run_checkpoint, timm_meta
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,8 @@ from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 from torch import nn
 
 from vitviz.errors import VitvizError
+from vitviz.models.meta import ModelMeta
 from vitviz.tokens import token_layout
-
-if TYPE_CHECKING:
-    from vitviz.models.checkpoint import ModelMeta
 
 logger = logging.getLogger(__name__)
 
