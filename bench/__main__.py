@@ -16,41 +16,17 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.common import CLOCKS, Figure, machine_info, scratch_folder, write_tiny_checkpoint
+from bench.common import CLOCKS, Figure, Plan, machine_info, scratch_folder, write_tiny_checkpoint
 from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
 FAMILIES = ("capture", "memory", "distance", "train", "app")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one benchmark run measures; the three plans differ in sizes only, never in code paths."""
-
-    label: str
-    capture_sources: tuple[str, ...]
-    capture_batches: tuple[int, ...]
-    memory_source: str
-    memory_batch: int
-    distance_source: str
-    distance_images: int
-    distance_batch: int
-    train_preset: str  # a training preset, resized by train_settings
-    train_settings: tuple[str, ...]  # --set overrides for python -m training train
-    train_steps: int  # timed steps per run (after warm-up steps)
-    train_bf16: bool  # also compare bf16 autocast with fp32
-    app_source: str
-    app_uploads: int  # timed uploads (and page switches) after a warm-up one
-    warmup: int  # untimed rounds before timing
-    repeats: int  # timed rounds; the figure is their median
-    round_s: float = 0.3  # capture: each round times enough consecutive calls to last this long (baseline)
-    clock: str = "wall"  # "wall" or "cpu" (see bench.common.paired_timing)
 
 
 FULL = Plan(

@@ -22,16 +22,13 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from bench.browser import launch_chromium, streamlit_server, wait_idle
-from bench.common import LOWER, Figure
-
-if TYPE_CHECKING:
-    from bench.__main__ import Plan
+from bench.common import LOWER, Figure, Plan
 
 logger = logging.getLogger(__name__)
 

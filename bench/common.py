@@ -1,4 +1,4 @@
-"""What every figure shares: the result record, paired timing in one process, the machine, bench models.
+"""What every figure shares: the plan, the result record, paired timing in one process, the machine, bench models.
 
 A figure is a ratio against a baseline measured in the same process (or, for the app, seconds on screen).
 Timings interleave the baseline and the measured run, alternating which goes first, after warm-up runs of
@@ -60,6 +60,30 @@ class Figure:
             "met": self.met,
             "detail": self.detail,
         }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one benchmark run measures; the three plans differ in sizes only, never in code paths."""
+
+    label: str
+    capture_sources: tuple[str, ...]
+    capture_batches: tuple[int, ...]
+    memory_source: str
+    memory_batch: int
+    distance_source: str
+    distance_images: int
+    distance_batch: int
+    train_preset: str  # a training preset, resized by train_settings
+    train_settings: tuple[str, ...]  # --set overrides for python -m training train
+    train_steps: int  # timed steps per run (after warm-up steps)
+    train_bf16: bool  # also compare bf16 autocast with fp32
+    app_source: str
+    app_uploads: int  # timed uploads (and page switches) after a warm-up one
+    warmup: int  # untimed rounds before timing
+    repeats: int  # timed rounds; the figure is their median
+    round_s: float = 0.3  # capture: each round times enough consecutive calls to last this long (baseline)
+    clock: str = "wall"  # "wall" or "cpu" (see bench.common.paired_timing)
 
 
 # "wall": elapsed time; "cpu": CPU time of this process, all its threads.

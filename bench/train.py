@@ -25,15 +25,12 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import HIGHER, Figure, paired_timing
-
-if TYPE_CHECKING:
-    from bench.__main__ import Plan
+from bench.common import HIGHER, Figure, Plan, paired_timing
 
 logger = logging.getLogger(__name__)
 
