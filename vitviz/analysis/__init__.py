@@ -8,7 +8,6 @@ from vitviz.analysis.distance import (
     DISTANCE_MODES,
     AttentionDistance,
     DistanceAccumulator,
-    image_attention_distance,
     mean_attention_distance,
     query_attention_distance,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "filter_pca",
     "filters_applicable",
     "gradient_rollout",
-    "image_attention_distance",
     "mean_attention_distance",
     "patch_embedding_filters",
     "patch_grid",

@@ -28,7 +28,6 @@ __all__ = [
     "DISTANCE_MODES",
     "AttentionDistance",
     "DistanceAccumulator",
-    "image_attention_distance",
     "mean_attention_distance",
     "query_attention_distance",
 ]
@@ -79,14 +78,12 @@ def query_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str 
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
-def padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
-    """D over all N tokens, [N, N] float64: pixel distances between patch centres, 0 in prefix rows and columns."""
-    return _padded_patch_distances(layout).clone()
-
-
 @functools.lru_cache(maxsize=16)
 def _padded_patch_distances(layout: TokenLayout) -> torch.Tensor:
-    """padded_patch_distances, made once per layout (it costs about as much as a layer's sums); never written."""
+    """D over all N tokens, [N, N] float64: pixel distances between patch centres, 0 in prefix rows and columns.
+
+    Made once per layout (it costs about as much as a layer's sums); shared, so never written.
+    """
     prefix = layout.num_prefix_tokens
     padded = torch.zeros(layout.num_tokens, layout.num_tokens, dtype=torch.float64)
     padded[prefix:, prefix:] = layout.patch_distances(torch.float64)
@@ -99,12 +96,12 @@ def _sum_dtype(attn: torch.Tensor) -> torch.dtype:
 
 
 def _paper_weights(padded: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """`padded` (padded_patch_distances) in the precision and on the device paper mode sums attn in."""
+    """`padded` (_padded_patch_distances) in the precision and on the device paper mode sums attn in."""
     return padded.to(device=attn.device, dtype=_sum_dtype(attn))
 
 
 def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, weights: torch.Tensor) -> torch.Tensor:
-    """[B, H] float64. `weights` is _paper_weights(padded_patch_distances(layout), attn)."""
+    """[B, H] float64. `weights` is _paper_weights(_padded_patch_distances(layout), attn)."""
     if mode != "paper":
         return query_attention_distance(attn, layout, mode).mean(dim=-1)
     # The mean over patch queries q of sum_k w[q, k] D[q, k] is <w, D> / n over the patch block; with D zero over
@@ -122,12 +119,6 @@ def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, weights:
         attn = attn.to(weights.dtype)
     sums = attn.reshape(batch * heads, num_tokens * num_tokens) @ weights.reshape(-1)
     return (sums.to(torch.float64) / layout.num_patches).reshape(batch, heads)
-
-
-def image_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str = "paper") -> torch.Tensor:
-    """Mean distance over patch queries of every head, [B, H] float64, from one layer's attn [B, H, N, N]."""
-    _check_mode(mode)
-    return _image_distance(attn, layout, mode, _paper_weights(_padded_patch_distances(layout), attn))
 
 
 class DistanceAccumulator:
