@@ -1,0 +1,481 @@
+"""Deletion and insertion curves, the map methods and the cascading-randomisation sanity check.
+
+The curves are checked against a slow re-computation written here from the protocol (each masked image built
+one at a time with Python loops, its own patch ordering by sorted((-value, index)), one forward per image), on
+tiny timm ViTs (class token, global average pooling without class token, registers, a non-square grid) and the
+bundled checkpoints (8x8 tokens of 4 px, and the hybrid whose stem has stride 4). Geometry in the references is
+written down per model, not read from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from captum.attr import IntegratedGradients
+from scipy.stats import spearmanr
+
+from vitviz.analysis.rollout import attention_rollout, gradient_rollout
+from vitviz.capture import KeepAllAttention, attention_gradients, capture_attention
+from vitviz.errors import VitvizError
+from vitviz.faithfulness import (
+    METHODS,
+    FaithfulnessOptions,
+    cascading_randomisation,
+    curve_auc,
+    deletion_insertion_curves,
+    explanation_maps,
+    masked_inputs,
+    parse_methods,
+    patch_order,
+    randomise_tensor,
+    run_faithfulness,
+    spearman,
+    step_counts,
+)
+from vitviz.images import load_for_model
+from vitviz.models import load_model
+from vitviz.tokens import token_layout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "assets" / "checkpoints"
+SAMPLES = ROOT / "assets" / "samples"
+
+# key: (timm overrides, prefix tokens, has class token, grid, stride, img_size), all written down by hand
+TIMM = {
+    "cls": (dict(), 1, True, (4, 4), (8, 8), (32, 32)),
+    "gap": (dict(class_token=False, global_pool="avg"), 0, False, (4, 4), (8, 8), (32, 32)),
+    "registers": (dict(reg_tokens=2, class_token=False, global_pool="avg"), 2, False, (4, 4), (8, 8), (32, 32)),
+    "cls_registers": (dict(reg_tokens=3), 4, True, (4, 4), (8, 8), (32, 32)),
+    "non_square": (dict(img_size=(32, 24)), 1, True, (4, 3), (8, 8), (32, 24)),
+}
+BUNDLED = {"shapes-default": ((8, 8), (4, 4)), "shapes-hybrid": ((8, 8), (4, 4))}
+NUM_CLASSES = 5
+
+
+@functools.cache
+def _timm(key: str) -> torch.nn.Module:
+    overrides = {"img_size": 32, **TIMM[key][0]}
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, patch_size=8, depth=2, num_classes=NUM_CLASSES, **overrides
+    ).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(3.0)  # sharper than random init, so maps are not near-uniform
+        torch.nn.init.normal_(model.head.weight, std=0.5)  # a head that separates classes
+    return model
+
+
+def _noise(img_size: tuple[int, int], batch: int = 2, seed: int = 7) -> torch.Tensor:
+    return torch.randn(batch, 3, *img_size, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def _bundled(stem: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    loaded = load_model(str(CHECKPOINTS / f"{stem}.safetensors"))
+    meta = loaded.meta
+    images = [
+        load_for_model(
+            SAMPLES / name, input_size=tuple(meta.input_size), mean=meta.mean, std=meta.std, in_chans=meta.in_chans
+        )
+        for name in ("circle.png", "cross.png")
+    ]
+    return loaded.model, torch.stack(images)
+
+
+# ---------------------------------------------------------------- the slow reference
+
+
+def reference_curves(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    relevance: list[list[float]],
+    target: int,
+    steps: int,
+    stride: tuple[int, int],
+) -> tuple[list[float], list[float]]:
+    """Deletion and insertion curves from the protocol, one masked image and one forward at a time."""
+    gh, gw = len(relevance), len(relevance[0])
+    n = gh * gw
+    values = [relevance[r][c] for r in range(gh) for c in range(gw)]
+    order = [index for _, index in sorted((-value, index) for index, value in enumerate(values))]
+    sh, sw = stride
+
+    def probability(x: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = model(x[None]).to(torch.float64)[0]
+        return float(torch.exp(logits[target] - torch.logsumexp(logits, dim=0)))
+
+    deletion, insertion = [], []
+    for i in range(steps + 1):
+        k = (i * n) // steps
+        deleted = image.clone()
+        inserted = torch.zeros_like(image)
+        for patch in order[:k]:
+            r, c = divmod(patch, gw)
+            block = (slice(None), slice(r * sh, (r + 1) * sh), slice(c * sw, (c + 1) * sw))
+            deleted[block] = 0.0
+            inserted[block] = image[block]
+        deletion.append(probability(deleted))
+        insertion.append(probability(inserted))
+    return deletion, insertion
+
+
+def _tied_map(grid: tuple[int, int], seed: int) -> torch.Tensor:
+    """A map with many ties (values from {0, 1, 2}) so that the tie rule decides most of the order."""
+    return torch.randint(0, 3, grid, generator=torch.Generator().manual_seed(seed)).to(torch.float64)
+
+
+# ---------------------------------------------------------------- the protocol's pieces
+
+
+def test_step_counts_floor_i_n_over_s() -> None:
+    assert step_counts(10, 4).tolist() == [0, 2, 5, 7, 10]
+    assert step_counts(64, 50).tolist()[:6] == [0, 1, 2, 3, 5, 6]  # 64/50 = 1.28 per step
+    assert step_counts(64, 50).tolist()[-3:] == [61, 62, 64]  # 3072/50, 3136/50, 64
+    assert step_counts(3, 5).tolist() == [0, 0, 1, 1, 2, 3]  # more steps than patches repeat counts
+    assert step_counts(16, 1).tolist() == [0, 16]
+    assert step_counts(7, 7).tolist() == list(range(8))
+
+
+def test_patch_order_descending_ties_to_lower_index() -> None:
+    assert patch_order(torch.tensor([[1.0, 3.0], [3.0, 0.0]])).tolist() == [1, 2, 0, 3]
+    assert patch_order(torch.zeros(2, 3)).tolist() == [0, 1, 2, 3, 4, 5]
+    assert patch_order(torch.tensor([[2.0, 5.0, 2.0], [5.0, 2.0, -1.0]])).tolist() == [1, 3, 0, 2, 4, 5]
+    with pytest.raises(ValueError, match="non-finite"):
+        patch_order(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_auc_is_the_trapezoid_on_unit_spacing() -> None:
+    assert curve_auc([1.0, 0.5, 0.0]) == pytest.approx(0.5, abs=1e-15)
+    assert curve_auc([0.2, 0.4, 0.9, 1.0]) == pytest.approx((0.6 + 1.3 + 1.9) / 6, abs=1e-15)
+    assert curve_auc(torch.tensor([0.3, 0.3], dtype=torch.float64)) == pytest.approx(0.3, abs=1e-15)
+    with pytest.raises(ValueError):
+        curve_auc([0.5])
+
+
+def test_masked_inputs_by_hand() -> None:
+    image = torch.arange(1.0, 1.0 + 1 * 4 * 6).reshape(1, 4, 6)  # grid 2x3 at stride 2
+    relevance = torch.tensor([[0.0, 5.0, 1.0], [5.0, 2.0, 2.0]])  # order 1, 3, 4, 5, 2, 0
+    deletion, insertion = masked_inputs(image, relevance, torch.tensor([0, 2, 6]), (2, 2))
+    assert torch.equal(deletion[0], image) and torch.equal(insertion[2], image)
+    assert not insertion[0].any() and not deletion[2].any()
+    removed = torch.zeros(4, 6, dtype=torch.bool)
+    removed[0:2, 2:4] = True  # patch 1
+    removed[2:4, 0:2] = True  # patch 3
+    assert torch.equal(deletion[1][0], torch.where(removed, 0.0, image[0]))
+    assert torch.equal(insertion[1][0], torch.where(removed, image[0], 0.0))
+
+
+def test_pixels_outside_the_grid_are_never_masked() -> None:
+    image = torch.ones(1, 5, 4)  # a 2x2 grid at stride 2 leaves row 4 off the grid
+    deletion, insertion = masked_inputs(image, torch.ones(2, 2), torch.tensor([4]), (2, 2))
+    assert deletion[0, 0, :4].abs().sum() == 0 and torch.equal(deletion[0, 0, 4], torch.ones(4))
+    assert torch.equal(insertion[0, 0, :4], torch.ones(4, 4)) and insertion[0, 0, 4].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- curves against the slow reference
+
+
+@pytest.mark.parametrize("key", list(TIMM))
+def test_curves_match_slow_reference_on_timm_models(key: str) -> None:
+    model = _timm(key)
+    _, _, _, grid, stride, img_size = TIMM[key]
+    images = _noise(img_size)
+    for index, steps in enumerate((grid[0] * grid[1], 5)):  # S = n, and S not dividing n
+        relevance = _tied_map(grid, seed=index)
+        target = index % NUM_CLASSES
+        deletion, insertion = deletion_insertion_curves(
+            model, images[index], relevance, target, steps, stride, batch_size=4
+        )
+        want_deletion, want_insertion = reference_curves(
+            model, images[index], relevance.tolist(), target, steps, stride
+        )
+        assert deletion.dtype == torch.float64 and deletion.shape == (steps + 1,)
+        np.testing.assert_allclose(deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", list(BUNDLED))
+def test_run_faithfulness_matches_slow_reference_on_bundled_checkpoints(stem: str) -> None:
+    model, images = _bundled(stem)
+    grid, stride = BUNDLED[stem]
+    result = run_faithfulness(model, images, ["circle", "cross"], FaithfulnessOptions(methods=("rollout", "random")))
+    assert result.steps == 50  # min(64, 50); 64 is not a multiple of 50
+    with torch.no_grad():
+        predicted = [int(model(image[None]).argmax()) for image in images]
+    for method in ("rollout", "random"):
+        outcome = result.methods[method]
+        for index, curves in enumerate(outcome.per_image):
+            assert curves.target_class == predicted[index]
+            assert curves.map.shape == grid
+            want_deletion, want_insertion = reference_curves(
+                model, images[index], curves.map.tolist(), predicted[index], 50, stride
+            )
+            np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+            assert curves.deletion_auc == pytest.approx(
+                sum(want_deletion[i] + want_deletion[i + 1] for i in range(50)) / 100, abs=1e-6
+            )
+            assert curves.insertion_auc == pytest.approx(
+                sum(want_insertion[i] + want_insertion[i + 1] for i in range(50)) / 100, abs=1e-6
+            )
+        assert outcome.deletion_auc == pytest.approx(sum(c.deletion_auc for c in outcome.per_image) / 2, abs=1e-15)
+        assert outcome.seconds_per_image > 0
+
+
+def test_fixed_target_class_and_custom_steps() -> None:
+    model = _timm("gap")
+    images = _noise((32, 32))
+    result = run_faithfulness(
+        model, images, ["a", "b"], FaithfulnessOptions(methods=("attention-last",), steps=3, target_class=4)
+    )
+    for index, curves in enumerate(result.methods["attention-last"].per_image):
+        assert curves.target_class == 4
+        want_deletion, want_insertion = reference_curves(model, images[index], curves.map.tolist(), 4, 3, (8, 8))
+        np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the methods
+
+
+def _block_sum_by_loops(pixels: torch.Tensor, grid: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+    out = torch.zeros(pixels.shape[0], *grid, dtype=torch.float64)
+    for b in range(pixels.shape[0]):
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                total = 0.0
+                for y in range(r * stride[0], (r + 1) * stride[0]):
+                    for x in range(c * stride[1], (c + 1) * stride[1]):
+                        total += float(pixels[b, y, x])
+                out[b, r, c] = total
+    return out
+
+
+@pytest.mark.parametrize("key", ["cls", "non_square"])
+def test_integrated_gradients_is_captum_summed_over_channels_and_blocks(key: str) -> None:
+    model = _timm(key)
+    _, _, _, grid, stride, img_size = TIMM[key]
+    images = _noise(img_size)
+    targets = torch.tensor([1, 3])
+    got = explanation_maps(model, images, "integrated-gradients", targets, ig_steps=8, batch_size=5)
+    attribution = IntegratedGradients(model).attribute(
+        images, baselines=torch.zeros_like(images), target=[1, 3], n_steps=8
+    )
+    want = _block_sum_by_loops(attribution.detach().abs().sum(dim=1), grid, stride)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_random_map_reproducible_by_image_index() -> None:
+    model = _timm("cls")
+    images = _noise((32, 32), batch=3)
+    targets = torch.zeros(3, dtype=torch.long)
+    maps = explanation_maps(model, images, "random", targets, image_indices=[5, 9, 5])
+    want = torch.rand(4, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert torch.equal(maps[1], want)
+    assert torch.equal(maps[0], maps[2]) and not torch.equal(maps[0], maps[1])
+    again = explanation_maps(model, images[:1], "random", targets[:1], image_indices=[5])
+    assert torch.equal(again[0], maps[0])
+
+
+@pytest.mark.parametrize("key", list(TIMM))
+def test_attention_last_from_the_definition(key: str) -> None:
+    model = _timm(key)
+    _, prefix, has_class_token, grid, _, img_size = TIMM[key]
+    images = _noise(img_size)
+    keep = KeepAllAttention()
+    capture_attention(model, images, keep, with_logits=False)
+    last = keep.result()[-1].to(torch.float64).numpy()  # (B, H, N, N)
+    got = explanation_maps(model, images, "attention-last", torch.zeros(2, dtype=torch.long))
+    for b in range(2):
+        for p in range(grid[0] * grid[1]):
+            heads = last.shape[1]
+            if has_class_token:
+                want = sum(last[b, h, 0, prefix + p] for h in range(heads)) / heads
+            else:
+                rows = range(prefix, last.shape[2])
+                want = sum(last[b, h, q, prefix + p] for h in range(heads) for q in rows) / (heads * len(rows))
+            assert float(got[b].reshape(-1)[p]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("key", ["cls", "registers"])
+def test_rollout_and_gradient_rollout_maps_are_the_analysis_functions(key: str) -> None:
+    model = _timm(key)
+    images = _noise(TIMM[key][5])
+    targets = torch.tensor([2, 0])
+    keep = KeepAllAttention()
+    capture_attention(model, images, keep, with_logits=False)
+    layout = token_layout(model)
+    rollout = explanation_maps(model, images, "rollout", targets, batch_size=1)
+    torch.testing.assert_close(rollout, attention_rollout(keep.result(), layout), rtol=1e-12, atol=0)
+    grads = attention_gradients(model, images, targets)
+    want = gradient_rollout(grads.attentions, grads.gradients, layout)
+    torch.testing.assert_close(explanation_maps(model, images, "gradient-rollout", targets), want)
+
+
+def test_occlusion_is_the_target_logit_drop_of_each_patch() -> None:
+    model = _timm("non_square")
+    image = _noise((32, 24), batch=1)
+    got = explanation_maps(model, image, "occlusion", torch.tensor([2]))
+    with torch.no_grad():
+        clean = float(model(image)[0, 2])
+        for r in range(4):
+            for c in range(3):
+                occluded = image.clone()
+                occluded[:, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = 0.0
+                assert float(got[0, r, c]) == pytest.approx(clean - float(model(occluded)[0, 2]), abs=1e-5)
+
+
+def test_every_method_runs_on_models_without_class_token_and_with_registers() -> None:
+    for key in ("gap", "registers", "cls_registers"):
+        model = _timm(key)
+        result = run_faithfulness(
+            model, _noise((32, 32)), ["a", "b"], FaithfulnessOptions(methods=METHODS, steps=4, ig_steps=4)
+        )
+        for method in METHODS:
+            outcome = result.methods[method]
+            assert [c.map.shape for c in outcome.per_image] == [(4, 4), (4, 4)]
+            for curves in outcome.per_image:
+                assert torch.isfinite(curves.map).all() and curves.deletion.shape == (5,)
+                assert 0.0 <= curves.deletion_auc <= 1.0 and 0.0 <= curves.insertion_auc <= 1.0
+
+
+def test_model_is_not_changed() -> None:
+    model = _timm("cls")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    run_faithfulness(model, _noise((32, 32)), ["a", "b"], FaithfulnessOptions(steps=2, ig_steps=2, sanity=True))
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+        assert parameter.grad is None and parameter.requires_grad
+    assert not model.training
+
+
+# ---------------------------------------------------------------- sanity check
+
+
+def test_spearman_against_scipy_with_ties() -> None:
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        a = torch.randint(0, 4, (5, 5), generator=generator).to(torch.float64)
+        b = torch.randn(5, 5, generator=generator, dtype=torch.float64)
+        assert spearman(a, b) == pytest.approx(spearmanr(a.reshape(-1), b.reshape(-1)).statistic, abs=1e-12)
+    x = torch.randn(16, generator=generator, dtype=torch.float64)
+    assert spearman(x, x) == 1.0  # exactly
+    assert spearman(x, -x) == pytest.approx(-1.0, abs=1e-15)
+    assert math.isnan(spearman(torch.ones(4), x[:4]))
+
+
+def test_randomise_tensor_keeps_mean_and_std() -> None:
+    generator = torch.Generator().manual_seed(11)
+    tensor = torch.randn(200, 100, generator=generator) * 2.0 + 3.0
+    new = randomise_tensor(tensor, torch.Generator().manual_seed(0))
+    assert new.shape == tensor.shape and new.dtype == tensor.dtype
+    assert float(new.mean()) == pytest.approx(float(tensor.mean()), abs=0.05)
+    assert float(new.std()) == pytest.approx(float(tensor.std()), rel=0.02)
+    assert not torch.allclose(new, tensor)
+    assert torch.equal(new, randomise_tensor(tensor, torch.Generator().manual_seed(0)))
+    assert torch.equal(randomise_tensor(torch.tensor([1.5]), torch.Generator()), torch.tensor([1.5]))
+
+
+def test_cascading_randomisation_stages() -> None:
+    model = _timm("cls")
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen: list[str] = []
+    for stage, randomised in cascading_randomisation(model):
+        seen.append(stage)
+        params = {name: p.detach() for name, p in randomised.named_parameters()}
+        done = {"head"} | {f"blocks.{s.split()[1]}." for s in seen if s.startswith("block")}
+        for name, parameter in params.items():
+            was = original[name]
+            touched = name.startswith("head.") or any(name.startswith(prefix) for prefix in done)
+            if not touched or was.numel() == 1 or float(was.std()) == 0.0:
+                assert torch.equal(parameter, was), (stage, name)
+                continue
+            assert not torch.equal(parameter, was), (stage, name)
+            if was.numel() >= 1000:
+                assert float(parameter.mean()) == pytest.approx(float(was.mean()), abs=0.1 * float(was.std()))
+                assert float(parameter.std()) == pytest.approx(float(was.std()), rel=0.1)
+    assert seen == ["head", "block 1", "block 0"]
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, original[name])
+
+
+def test_sanity_check_rollout_ignores_the_head() -> None:
+    model, images = _bundled("shapes-default")
+    options = FaithfulnessOptions(methods=("rollout", "gradient-rollout", "random"), steps=2, sanity=True)
+    result = run_faithfulness(model, images, ["circle", "cross"], options)
+    depth = len(model.blocks)
+    sanity = result.sanity
+    assert sanity is not None
+    want_stages = ["head"] + [f"block {i}" for i in reversed(range(depth))]
+    assert list(sanity["rollout"].randomised) == want_stages
+    assert sanity["rollout"].spearman[0] == 1.0  # exactly: rollout never reads the head
+    assert sanity["rollout"].spearman[-1] < 0.9
+    assert sanity["gradient-rollout"].spearman[0] < 0.99  # the gradients do read the head
+    assert list(sanity["random"].spearman) == [1.0] * len(want_stages)
+    assert sanity["rollout"].maps.shape == (len(want_stages), 2, 8, 8)
+    for stage, maps in enumerate(sanity["gradient-rollout"].maps):
+        original = result.methods["gradient-rollout"].per_image
+        mean = sum(spearman(original[i].map, maps[i]) for i in range(2)) / 2
+        assert sanity["gradient-rollout"].spearman[stage] == pytest.approx(mean, abs=1e-15)
+
+
+# ---------------------------------------------------------------- the JSON and bad input
+
+
+def test_json_document() -> None:
+    model = _timm("cls")
+    options = FaithfulnessOptions(methods=("rollout", "random"), steps=4)
+    result = run_faithfulness(model, _noise((32, 32)), ["x.png", "y.png"], options)
+    document = json.loads(json.dumps(result.to_json({"source": "timm:test"}), allow_nan=False))
+    assert list(document) == ["model", "protocol", "methods"]
+    assert document["model"] == {"source": "timm:test"}
+    assert document["protocol"] == {"steps": 4, "baseline": "normalised-zero", "target": "predicted"}
+    assert list(document["methods"]) == ["rollout", "random"]
+    rollout = document["methods"]["rollout"]
+    assert set(rollout) == {"deletion_auc", "insertion_auc", "seconds_per_image", "per_image"}
+    first = rollout["per_image"][0]
+    assert set(first) == {"image", "target_class", "map", "deletion", "insertion", "deletion_auc", "insertion_auc"}
+    assert first["image"] == "x.png" and len(first["deletion"]) == 5 and len(first["map"]) == 4
+    assert first["deletion_auc"] == pytest.approx(curve_auc(first["deletion"]), abs=1e-15)
+
+    fixed = run_faithfulness(
+        model, _noise((32, 32)), ["x", "y"], FaithfulnessOptions(methods=("random",), steps=1, target_class=2)
+    )
+    with_sanity = run_faithfulness(
+        model, _noise((32, 32)), ["x", "y"], FaithfulnessOptions(methods=("random",), steps=1, sanity=True)
+    )
+    assert fixed.to_json({})["protocol"]["target"] == 2
+    assert with_sanity.to_json({})["sanity"] == {
+        "random": {"randomised": ["head", "block 1", "block 0"], "spearman": [1.0, 1.0, 1.0]}
+    }
+
+
+def test_bad_input_is_one_line() -> None:
+    model = _timm("cls")
+    cases = [
+        (lambda: parse_methods("rollout,grad-cam"), "unknown method grad-cam: choose from"),
+        (lambda: FaithfulnessOptions(methods=("saliency",)), "unknown method saliency"),
+        (lambda: parse_methods(""), "unknown method"),
+        (lambda: FaithfulnessOptions(steps=0), "--steps must be at least 1, got 0"),
+        (lambda: FaithfulnessOptions(target_class=-1), "--target-class must be 0 or more"),
+        (
+            lambda: run_faithfulness(model, _noise((32, 32)), ["a", "b"], FaithfulnessOptions(target_class=5)),
+            "--target-class 5 is out of range: the model has 5 classes",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(VitvizError, match=message) as caught:
+            call()
+        assert "\n" not in str(caught.value)
