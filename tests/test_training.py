@@ -3,6 +3,7 @@ masked patch prediction and fine-tuning (head, resolution, frozen blocks, layer 
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 from dataclasses import replace
@@ -322,6 +323,48 @@ def test_consecutive_non_finite_steps_fail_the_run_without_a_checkpoint(
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "failed" and "not finite" in status["reason"] and status["progress"]["step"] == 4
     assert not list(folder.glob("*.safetensors")) and not list((folder / "checkpoints").iterdir())
+
+
+def _attributes_set(function: ast.FunctionDef) -> set[str]:
+    """Names X of every `self.X = ...`, `self.X += ...` and `self.X: T = ...` in a method."""
+    names = set()
+    for node in ast.walk(function):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        while targets:
+            target = targets.pop()
+            if isinstance(target, ast.Tuple | ast.List):
+                targets.extend(target.elts)
+            elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                names.add(target.attr)
+    return names
+
+
+@pytest.mark.parametrize("module", ["engine", "metrics", "resume"])
+def test_training_classes_set_every_attribute_first_in_init(module: str) -> None:
+    """Every attribute a training class ever sets is set in its __init__, so an instance's fields are
+    all visible there (and a resume state cannot miss one that appears mid-run)."""
+    source = Path(__file__).resolve().parents[1] / "training" / f"{module}.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert classes
+    for cls in classes:
+        methods = [node for node in cls.body if isinstance(node, ast.FunctionDef)]
+        in_init = set().union(*(_attributes_set(m) for m in methods if m.name == "__init__"))
+        for method in methods:
+            if method.name != "__init__":
+                assert _attributes_set(method) <= in_init, f"{cls.name}.{method.name}"
+
+
+def test_the_attribute_check_sees_a_late_attribute() -> None:
+    tree = ast.parse(
+        "class A:\n    def __init__(self):\n        self.a = 1\n    def go(self):\n        self.a, self.b = 2, 3\n"
+    )
+    init, go = tree.body[0].body  # type: ignore[attr-defined]
+    assert _attributes_set(init) == {"a"} and _attributes_set(go) == {"a", "b"}
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------------
