@@ -1,9 +1,9 @@
 """Attention rollout, gradient-weighted rollout and the pointing game.
 
 Attention rollout (Abnar & Zuidema 2020), for each layer from ``start_layer`` to the last:
-fuse heads (mean, max or min) into F [N, N]; if ``discard_ratio`` r > 0, set the floor(r*N*N) smallest
-entries of F to zero, per image, except entry (0, 0), which is kept if it is among them (as vit-explain
-does); A = 0.5 F + 0.5 I; divide each row of A by its sum; R = A @ R, R starting as I.
+fuse heads (mean, max or min) into F [N, N]; if ``discard_ratio`` r (0 <= r < 1) is above 0, set the
+floor(r*N*N) smallest entries of F to zero, per image, except entry (0, 0), which is kept if it is among them
+(as vit-explain does); A = 0.5 F + 0.5 I; divide each row of A by its sum; R = A @ R, R starting as I.
 floor(r*N*N) is taken exactly from r's decimal value (0.29 * 100 is 29 here, 28 in float arithmetic), and
 ties among the smallest entries go to the lower flat index.
 
@@ -40,6 +40,7 @@ __all__ = [
     "PointingGame",
     "RolloutAccumulator",
     "attention_rollout",
+    "check_discard_ratio",
     "gradient_rollout",
     "patch_grid",
     "pointing_game",
@@ -78,6 +79,12 @@ def _readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return patch_grid(rollout[:, 0, :], layout)  # timm puts the class token first
     patch_rows_mean = rollout[:, prefix:, prefix:].mean(dim=1)  # (B, num_patches)
     return patch_rows_mean.reshape(rollout.shape[0], *layout.grid)
+
+
+def check_discard_ratio(discard_ratio: float) -> None:
+    """Refuse a discard ratio outside [0, 1): discarding every entry would leave nothing to roll out."""
+    if not 0.0 <= discard_ratio < 1.0:
+        raise VitvizError(f"discard ratio must be in [0, 1), got {discard_ratio}")
 
 
 def _discard_count(discard_ratio: float, num_tokens: int) -> int:
@@ -163,8 +170,7 @@ class RolloutAccumulator:
     ) -> None:
         if head_fusion not in HEAD_FUSIONS:
             raise VitvizError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
-        if not 0.0 <= discard_ratio <= 1.0:
-            raise VitvizError(f"discard ratio must be between 0 and 1, got {discard_ratio}")
+        check_discard_ratio(discard_ratio)
         if start_layer < 0:
             raise VitvizError(f"start layer must be 0 or more, got {start_layer}")
         self.layout = layout
