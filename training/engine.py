@@ -9,6 +9,9 @@ any step and resumed continues exactly as if it had never stopped (bitwise on CP
 - dropout and stochastic depth at step t run under torch's RNG seeded by (seed, t, rank);
 and the resume state holds the model, the optimiser, the step (the schedule is a pure function of it),
 the running metric sums, and every global RNG state as well.
+
+The resume state's fields and file layout are declared once in `training.resume`; the step and epoch
+records, and the sums behind them, are `training.metrics`; this module sets a run up and runs its loop.
 """
 
 from __future__ import annotations
