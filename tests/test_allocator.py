@@ -1,4 +1,5 @@
-"""vitviz.allocator: vitviz's programs fix glibc's malloc thresholds, never an import; it can be turned off."""
+"""vitviz.allocator: vitviz's programs fix glibc's malloc thresholds, never an import and never the library's
+code; it can be turned off."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import vitviz.allocator
+from tests.test_imports import import_graph, project_modules
 from vitviz.allocator import tune_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,13 @@ def test_importing_vitviz_does_not_touch_the_allocator() -> None:
 def test_once_per_process() -> None:
     first = tune_malloc()
     assert tune_malloc() is first and tune_malloc.cache_info().currsize == 1
+
+
+def test_only_the_programs_import_the_allocator() -> None:
+    """The setting belongs to the entry points; no library module (capture, pipeline, analyses) reads it, so a
+    library call behaves the same whatever the process's malloc settings."""
+    graph = import_graph(project_modules())
+    importers = {module for module, targets in graph.items() if "vitviz.allocator" in targets}
+    assert importers <= {"vitviz.cli", "bench.__main__", "bench.memory"}, importers
+    assert "vitviz.cli" in importers and "bench.__main__" in importers  # the programs do call it
+    assert "from vitviz.allocator import tune_malloc" in (ROOT / "app.py").read_text()

@@ -11,7 +11,8 @@ or less from one call to the next depending on where the heap's top happens to b
 ``tune_malloc()`` fixes the two thresholds (`mallopt`): allocations below 32 MB come from the heap, and the heap
 is trimmed only when 256 MB lie free at its top. Memory a forward freed is reused by the next one; the process
 keeps up to that much freed memory instead of returning it at once. It is process-wide, so the library never
-calls it on import: vitviz's own programs do (``python -m vitviz``, the app, the bench). PyTorch's CPU
+calls it on import and no library code reads it: vitviz's own programs call it at start (``python -m vitviz``,
+the app, the bench), and the results are the same with or without it, only the time differs. PyTorch's CPU
 performance guide gives the same advice in the form of a caching allocator (jemalloc or tcmalloc).
 
 Set ``VITVIZ_MALLOC=default`` to leave glibc's own behaviour alone. Elsewhere (macOS, Windows, musl) this does
@@ -28,7 +29,7 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_tuned", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -36,13 +37,6 @@ _M_MMAP_THRESHOLD = -3
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 256 * 2**20
-
-_tuned = False
-
-
-def malloc_tuned() -> bool:
-    """Whether tune_malloc has fixed the thresholds in this process (code may then allocate freely)."""
-    return _tuned
 
 
 @functools.cache
@@ -64,6 +58,4 @@ def tune_malloc() -> bool:
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if not done:
         logger.warning("glibc refused the malloc thresholds; analyses run with its defaults")
-    global _tuned
-    _tuned = done
     return done

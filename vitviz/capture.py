@@ -50,7 +50,6 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vitviz.allocator import malloc_tuned
 from vitviz.errors import VitvizError
 
 logger = logging.getLogger(__name__)
@@ -182,13 +181,12 @@ def _explicit_attention(
         )
     if attn_mask is not None or is_causal:
         scores = maybe_add_mask(scores, resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal))
-    if differentiable or scores.requires_grad or malloc_tuned():
-        # torch's softmax into a new tensor runs 10 - 30% faster than into its own input (measured at ViT-S
-        # sizes, batch 1 and 8), and with vitviz.allocator's thresholds the new tensor reuses freed memory.
-        attn = scores.softmax(dim=-1)
+    if differentiable or scores.requires_grad:
+        attn = scores.softmax(dim=-1)  # autograd needs the scores and the probabilities as separate tensors
     else:
-        # In place: with glibc's own thresholds a second [B, H, N, N] tensor per layer comes as fresh pages
-        # from the kernel, which cost 7x the softmax at batch 8 (measured).
+        # In place: no second [B, H, N, N] tensor per layer. Measured inside the analysed forward (see
+        # docs/benchmarks.md), it is as fast as a softmax into a new tensor when freed memory is kept for
+        # reuse and faster when the allocator hands the new tensor out as fresh pages.
         attn = torch.softmax(scores, dim=-1, out=scores)
     return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
 
