@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
@@ -46,7 +45,7 @@ from training.distributed import DistContext
 from training.masked import Corruption, MaskedPatchModel, colour_class_names, colour_targets, sample_corruption
 from training.metrics import MetricsLog, StepOutcome
 from training.resume import ResumeState, rng_states, set_rng_states
-from training.runfolder import RunFolder
+from training.runfolder import RunFolder, default_run_id
 from vitviz.errors import VitvizError
 from vitviz.models import (
     ModelMeta,
@@ -487,16 +486,6 @@ class _StopRequest:
     def __exit__(self, *_exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def default_run_id(preset: str, runs_dir: Path) -> str:
-    """<preset>-<date>-<time>, with a counter when that folder exists already."""
-    base = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    candidate, counter = base, 1
-    while (Path(runs_dir) / candidate).exists():
-        counter += 1
-        candidate = f"{base}-{counter}"
-    return candidate
 
 
 def run(cfg: TrainConfig | None, options: RunOptions) -> RunResult:

@@ -217,7 +217,7 @@ def _stored_as(codec: _Codec | None) -> dict[str, _Codec | None]:
 class ResumeState:
     """Everything a stopped run needs to continue exactly; each field declares how it is stored.
 
-    (`training.runfolder.ResumeState` is the raw form of the same files: tensors and JSON as they lie.)
+    (`training.runfolder.StoredState` is the raw form of the same files: tensors and JSON as they lie.)
     The learning-rate schedule is a pure function of the step and bf16 autocast needs no loss scaler, so
     neither has state of its own; the epoch and the batch within it are functions of the step as well.
     """

@@ -43,8 +43,8 @@ __all__ = [
     "RUN_ID_PATTERN",
     "STATE_NAME",
     "SUMMARY_COLUMNS",
-    "ResumeState",
     "RunFolder",
+    "StoredState",
     "default_run_id",
 ]
 
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ResumeState:
+class StoredState:
     """A saved training state: tensors (model, optimiser, RNG) and JSON-able scalars."""
 
     step: int
@@ -159,7 +159,7 @@ class RunFolder(RunLayout):
             if old.stem != info_path.stem and old.suffix in (".json", ".safetensors"):
                 old.unlink(missing_ok=True)
 
-    def latest_state(self) -> ResumeState | None:
+    def latest_state(self) -> StoredState | None:
         """The newest complete resume state, or None when the run never saved one."""
         candidates = sorted(
             (int(m.group(1)), p) for p in self.state_dir.glob("step-*.json") if (m := STATE_NAME.match(p.name))
@@ -171,5 +171,5 @@ class RunFolder(RunLayout):
             except Exception:
                 continue  # a state whose files are damaged does not count; try the one before
             info.pop("tensors")
-            return ResumeState(step=int(info.pop("step")), tensors=tensors, info=info)
+            return StoredState(step=int(info.pop("step")), tensors=tensors, info=info)
         return None
