@@ -479,3 +479,39 @@ def test_bad_input_is_one_line() -> None:
         with pytest.raises(VitvizError, match=message) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_curves_figure_one_colour_per_method_random_dashed(tmp_path: Path) -> None:
+    from vitviz.plots import faithfulness as plots
+    from vitviz.plots.paper import save_figure
+
+    deletion = {
+        "rollout": np.array([[1.0, 0.5, 0.0], [0.8, 0.4, 0.2]]),
+        "gradient-rollout": np.array([1.0, 0.2, 0.1]),
+        "random": np.array([1.0, 0.9, 0.5]),
+    }
+    insertion = {name: curves[..., ::-1] for name, curves in deletion.items()}
+    fig = plots.curves_figure(deletion, insertion, title="test")
+    left, right = fig.axes[:2]
+    assert [line.get_label() for line in left.lines] == [
+        "rollout (0.475)",
+        "gradient-rollout (0.375)",
+        "random (0.825)",
+    ]
+    np.testing.assert_allclose(left.lines[0].get_ydata(), [0.9, 0.45, 0.1])  # mean over images
+    np.testing.assert_allclose(left.lines[0].get_xdata(), [0.0, 0.5, 1.0])
+    assert [line.get_linestyle() for line in right.lines] == ["-", "-", "--"]
+    colours = [line.get_color() for line in left.lines]
+    assert len(set(map(str, colours))) == 3 and colours == [line.get_color() for line in right.lines]
+    written = save_figure(fig, tmp_path / "curves")
+    assert all(path.stat().st_size > 0 for path in written)
+
+    sanity = plots.sanity_figure(["head", "block 1", "block 0"], {"rollout": [1.0, 0.5, None], "random": [1, 1, 1]})
+    lines = sanity.axes[0].lines
+    np.testing.assert_array_equal(lines[0].get_ydata(), [1.0, 0.5, np.nan])
+    assert lines[1].get_linestyle() == "--"
+    with pytest.raises(ValueError):
+        plots.sanity_figure(["head"], {"rollout": [1.0, 0.5]})

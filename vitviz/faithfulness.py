@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -208,9 +209,12 @@ def deletion_insertion_curves(
     return probs[: steps + 1], probs[steps + 1 :]
 
 
-def curve_auc(curve: torch.Tensor | Sequence[float]) -> float:
+def curve_auc(curve: torch.Tensor | np.ndarray | Sequence[float]) -> float:
     """Trapezoidal area on [0, 1] of a curve of S+1 equally spaced points: sum_{i<S} (p_i + p_{i+1}) / (2S)."""
-    values = torch.as_tensor(curve, dtype=torch.float64).reshape(-1)
+    if isinstance(curve, torch.Tensor):
+        values = curve.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    else:
+        values = torch.from_numpy(np.array(curve, dtype=np.float64)).reshape(-1)  # a copy: any strides
     steps = values.numel() - 1
     if steps < 1:
         raise ValueError("a curve needs at least two points")
