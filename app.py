@@ -1,4 +1,4 @@
-"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation (DESIGN.md's app map)."""
+"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation (the app map in docs/design.md)."""
 
 import streamlit as st
 

@@ -275,7 +275,7 @@ def test_any_bytes_give_a_tensor_or_a_vitviz_error(data: bytes) -> None:
 
 
 def reference_preprocess(img: Image.Image, input_size: tuple[int, int], mean, std, grey: bool) -> np.ndarray:
-    """DESIGN.md: channels, direct bicubic resize (no crop), [0, 1], normalise. Shaped [C, H, W]."""
+    """docs/design.md: channels, direct bicubic resize (no crop), [0, 1], normalise. Shaped [C, H, W]."""
     img = img.convert("L" if grey else "RGB").resize((input_size[1], input_size[0]), Image.Resampling.BICUBIC)
     pixels = np.asarray(img, dtype=np.float64) / 255.0
     if grey:

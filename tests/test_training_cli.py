@@ -113,7 +113,7 @@ def test_train_through_the_cli_prints_the_run_folder(tmp_path: Path, capsys: pyt
 
 
 def _reference_rollout_map(attentions: list[torch.Tensor]) -> torch.Tensor:
-    """DESIGN.md's rollout with mean fusion and no discarding, one image at a time, in float64."""
+    """docs/design.md's rollout with mean fusion and no discarding, one image at a time, in float64."""
     n = attentions[0].shape[-1]
     rollout = torch.eye(n, dtype=torch.float64)
     for attn in attentions:

@@ -5,7 +5,7 @@ opened (never EPS, which would start Ghostscript), the pixel count declared in t
 against `MAX_PIXELS` before any pixel is decoded, truncated files are errors rather than silently
 padded, and every failure becomes one `VitvizError` line naming the file.
 
-Preprocessing (`preprocess`) follows DESIGN.md "Preprocessing for analysis": EXIF orientation,
+Preprocessing (`preprocess`) follows docs/design.md (preprocessing): EXIF orientation,
 transparency composited on neutral grey, the model's channels (RGB or L), a direct bicubic resize to
 the input size (no crop, so the whole image is explained; skipped when the size already matches),
 scaling to [0, 1], then normalisation with the model's mean and std.

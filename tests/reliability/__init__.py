@@ -1,1 +1,1 @@
-"""Reliability suite: hostile checkpoints and images, training faults, concurrency and app hardening (issue 6)."""
+"""Reliability suite: hostile checkpoints and images, training faults, concurrency and app hardening."""

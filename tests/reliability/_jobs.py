@@ -191,7 +191,7 @@ def app_image_uploads(files: list[list[str]], cache_dir: str, runs_dir: str, val
 
 
 def reference_probabilities(checkpoint: str, pictures: dict[str, str]) -> dict[str, list[float]]:
-    """Class probabilities of a checkpoint on .npy pictures (uint8 HxWx3), preprocessed by hand (DESIGN.md)."""
+    """Class probabilities of a checkpoint on .npy pictures (uint8 HxWx3), preprocessed by hand (docs/design.md)."""
     import numpy as np
     import torch
     from PIL import Image

@@ -1,6 +1,6 @@
 """Image transforms for training and evaluation, and the dataset wrapper that applies them.
 
-- `eval_transform` is `vitviz.images.preprocess`, DESIGN.md's analysis preprocessing (the model's
+- `eval_transform` is `vitviz.images.preprocess`, the analysis preprocessing of docs/design.md (the model's
   channels, a direct bicubic resize to the input size, no crop, [0, 1], normalise), so a model is
   evaluated on exactly the pixels the studio explains.
 - `train_transform` is timm's training pipeline (`timm.data.create_transform(is_training=True)`), which
