@@ -19,13 +19,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from vitviz.allocator import tune_malloc
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_text
+
+if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast
+    from vitviz.models import LoadedModel
+    from vitviz.pipeline import FilterResult, ImageResults, ModelCard, NotApplicable, PositionResult
 
 logger = logging.getLogger("vitviz")
 
@@ -88,64 +92,55 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def _load(args: argparse.Namespace):  # -> LoadedModel
+def _load(args: argparse.Namespace) -> LoadedModel:
     from vitviz.models import load_model
 
     return load_model(args.model, weights=args.weights, pretrained=args.pretrained)
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from vitviz.models import count_parameters
-    from vitviz.pipeline import model_summary
-
-    loaded = _load(args)
-    card = model_summary(loaded)
-    meta = loaded.meta
-    card.update(
-        {
-            "parameters": count_parameters(loaded.model),
-            "in_chans": meta.in_chans,
-            "mean": list(meta.mean),
-            "std": list(meta.std),
-            "config": meta.config.to_dict() if meta.config is not None else None,
-            "class_names": list(meta.class_names),
-            "training": meta.training,
-            "resolution_history": meta.resolution_history,
-            "content_hash": loaded.content_hash,
-        }
-    )
-    if args.json:
-        print(json.dumps(card, indent=2))
-        return 0
+def info_lines(card: ModelCard) -> list[str]:
+    """The model card as the lines `info` prints."""
     lines = [
-        f"model       {card['source']}  ({card['arch']})",
-        f"parameters  {card['parameters']:,}",
-        f"input       {card['img_size'][0]}x{card['img_size'][1]} px, {card['in_chans']} channel(s)",
-        f"tokens      {card['grid'][0]}x{card['grid'][1]} patches of {card['stride'][0]}x{card['stride'][1]} px"
-        f" + {card['num_prefix_tokens']} prefix token(s)",
-        f"transformer depth {card['depth']}, {card['num_heads']} heads, width {card['embed_dim']}",
-        f"classes     {card['num_classes']}: {', '.join(card['class_names'][:10])}"
-        + (" ..." if len(card["class_names"]) > 10 else ""),
+        f"model       {card.source}  ({card.arch})",
+        f"parameters  {card.parameters:,}",
+        f"input       {card.img_size[0]}x{card.img_size[1]} px, {card.in_chans} channel(s)",
+        f"tokens      {card.grid[0]}x{card.grid[1]} patches of {card.stride[0]}x{card.stride[1]} px"
+        f" + {card.num_prefix_tokens} prefix token(s)",
+        f"transformer depth {card.depth}, {card.num_heads} heads, width {card.embed_dim}",
+        f"classes     {card.num_classes}: {', '.join(card.class_names[:10])}"
+        + (" ..." if len(card.class_names) > 10 else ""),
     ]
-    if meta.config is not None:
-        cfg = meta.config
-        lines.append(f"variant     position embedding {cfg.pos_embed}, stem {cfg.stem}, pooling {cfg.global_pool}")
-    if meta.training:
-        summary = ", ".join(f"{k}={v}" for k, v in meta.training.items() if not isinstance(v, (dict, list)))
+    if card.config is not None:
+        cfg = card.config
+        lines.append(
+            f"variant     position embedding {cfg['pos_embed']}, stem {cfg['stem']}, pooling {cfg['global_pool']}"
+        )
+    if card.training:
+        summary = ", ".join(f"{k}={v}" for k, v in card.training.items() if not isinstance(v, (dict, list)))
         lines.append(f"training    {summary}")
-        metrics = meta.training.get("final_metrics") or meta.training.get("metrics")
+        metrics = card.training.get("final_metrics") or card.training.get("metrics")
         if isinstance(metrics, dict):
             lines.append(
                 "metrics     "
                 + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             )
-    for entry in meta.resolution_history:
+    for entry in card.resolution_history:
         lines.append(f"resampled   {entry.get('old_grid')} -> {entry.get('new_grid')} ({entry.get('method')})")
-    print("\n".join(lines))
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vitviz.pipeline import model_card
+
+    card = model_card(_load(args))
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=2))
+    else:
+        print("\n".join(info_lines(card)))
     return 0
 
 
-def _load_images(files: Sequence[Path], loaded) -> torch.Tensor:
+def _load_images(files: Sequence[Path], loaded: LoadedModel) -> torch.Tensor:
     from vitviz.images import load_for_model
 
     meta = loaded.meta
@@ -156,20 +151,75 @@ def _load_images(files: Sequence[Path], loaded) -> torch.Tensor:
     return torch.stack(tensors)
 
 
+# --- the JSON contract (README, "The JSON") ------------------------------------------------------------
+
+
+def filters_section(result: FilterResult | NotApplicable) -> dict[str, Any]:
+    """The JSON's "filters" section."""
+    from vitviz.pipeline import NotApplicable
+
+    if isinstance(result, NotApplicable):
+        return {"not_applicable": result.reason}
+    components = result.components
+    return {
+        "explained_variance_ratio": result.explained_variance_ratio.tolist(),
+        "components": components.reshape(components.shape[0], -1).tolist(),
+    }
+
+
+def position_section(result: PositionResult | NotApplicable) -> dict[str, Any]:
+    """The JSON's "position" section."""
+    from vitviz.pipeline import NotApplicable
+
+    if isinstance(result, NotApplicable):
+        return {"not_applicable": result.reason}
+    return {"similarity": result.matrix().tolist()}
+
+
+def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
+    """The JSON's "distance", "rollout" and "gradient_rollout" sections, for the analyses that ran."""
+    sections: dict[str, Any] = {}
+    if results.distance is not None:
+        d = results.distance
+        sections["distance"] = {
+            "mode": d.mode,
+            "pixels": d.pixels.tolist(),
+            "std": d.std.tolist(),
+            "fraction": d.fraction.tolist(),
+            "num_images": d.num_images,
+        }
+    if results.rollouts:
+        sections["rollout"] = [
+            {
+                "image": name,
+                "head_fusion": rollout.head_fusion,
+                "discard_ratio": rollout.discard_ratio,
+                "start_layer": rollout.start_layer,
+                "map": rollout.map.tolist(),
+                "top5": [[p.name, round(p.probability, 6)] for p in top5],
+            }
+            for name, rollout, top5 in zip(image_names, results.rollouts, results.top5)
+        ]
+    if results.gradients:
+        sections["gradient_rollout"] = [
+            {"image": name, "target_class": gradient.target_class, "map": gradient.map.tolist()}
+            for name, gradient in zip(image_names, results.gradients)
+        ]
+    return sections
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vitviz.pipeline import (
         IMAGE_ANALYSES,
         AnalysisOptions,
-        filters_section,
-        image_sections,
-        model_summary,
+        filters,
+        image_analyses,
+        model_card,
         parse_analyses,
-        position_section,
-        run_image_analyses,
+        position,
     )
-    from vitviz.tokens import token_layout
 
     analyses = parse_analyses(args.analyses)
     options = AnalysisOptions(
@@ -192,27 +242,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         analyses = [a for a in analyses if a not in IMAGE_ANALYSES]
 
     loaded = _load(args)
-    model = loaded.model
-    layout = token_layout(model)
-    if options.target_class is not None and not 0 <= options.target_class < model.num_classes:
-        raise VitvizError(
-            f"--target-class {options.target_class} is out of range: the model has {model.num_classes} classes"
-        )
-    result: dict[str, Any] = {"model": model_summary(loaded)}
-    pca = similarity = None
+    options.check_model(loaded, analyses)
+    result: dict[str, Any] = {"model": model_card(loaded).model_section()}
+    filter_result = position_result = None
     if "filters" in analyses:
-        result["filters"], pca = filters_section(model, options.components)
+        filter_result = filters(loaded, options.components)
+        result["filters"] = filters_section(filter_result)
     if "position" in analyses:
-        result["position"], similarity = position_section(model, layout)
+        position_result = position(loaded)
+        result["position"] = position_section(position_result)
     images = None
     image_results = None
     if any(a in IMAGE_ANALYSES for a in analyses):
         images = _load_images(files, loaded)
         with tqdm(total=len(files), desc="analysing images", unit="img", file=sys.stderr, disable=None) as bar:
-            image_results = run_image_analyses(
-                loaded, images, analyses, options, progress=lambda done: bar.update(done - bar.n)
+            image_results = image_analyses(
+                loaded, images, analyses, options, progress=lambda done, _total: bar.update(done - bar.n)
             )
-        result.update(image_sections(image_results, [str(f) for f in files], options))
+        result.update(image_sections(image_results, [str(f) for f in files]))
 
     if args.json_out is not None:
         text = json.dumps(result)
@@ -223,37 +270,50 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             atomic_write_text(Path(args.json_out), text)
             logger.info("wrote %s", args.json_out)
     if args.figures is not None:
-        written = write_figures(Path(args.figures), loaded, result, pca, similarity, images, image_results, files)
+        written = write_figures(
+            Path(args.figures), loaded, filter_result, position_result, images, image_results, files
+        )
         logger.info("wrote %d figures to %s", len(written), args.figures)
     return 0
 
 
-def write_figures(folder: Path, loaded, result, pca, similarity, images, image_results, files) -> list[Path]:
+def write_figures(
+    folder: Path,
+    loaded: LoadedModel,
+    filter_result: FilterResult | NotApplicable | None,
+    position_result: PositionResult | NotApplicable | None,
+    images: torch.Tensor | None,
+    image_results: ImageResults | None,
+    files: Sequence[Path],
+) -> list[Path]:
     """The paper-style matplotlib figures for every analysis that ran, as PNG and SVG."""
     from vitviz.images import to_display
+    from vitviz.pipeline import FilterResult, PositionResult
     from vitviz.plots import paper
 
     written: list[Path] = []
     meta = loaded.meta
-    if pca is not None:
-        fig = paper.filters_figure(pca.components.numpy(), pca.explained_variance_ratio.numpy())
+    if isinstance(filter_result, FilterResult):
+        fig = paper.filters_figure(filter_result.components, filter_result.explained_variance_ratio)
         written += paper.save_figure(fig, folder / "filters")
-    if similarity is not None:
-        fig = paper.position_similarity_figure(similarity.numpy())
+    if isinstance(position_result, PositionResult):
+        fig = paper.position_similarity_figure(position_result.similarity)
         written += paper.save_figure(fig, folder / "position")
-    if image_results is not None and image_results.distance is not None:
+    if image_results is None or images is None:
+        return written
+    if image_results.distance is not None:
         d = image_results.distance
-        fig = paper.distance_figure(d.pixels.numpy(), std=d.std.numpy())
+        fig = paper.distance_figure(d.pixels, std=d.std)
         written += paper.save_figure(fig, folder / "distance")
-    if image_results is not None:
-        for kind, maps in (("rollout", image_results.rollout_maps), ("gradient-rollout", image_results.gradient_maps)):
-            if maps is None:
-                continue
-            for index, (path, relevance) in enumerate(zip(files, maps)):
-                picture = to_display(images[index], meta.mean, meta.std)
-                title = "Attention rollout" if kind == "rollout" else "Gradient-weighted rollout"
-                fig = paper.rollout_overlay_figure(picture, relevance.numpy(), title=f"{title}: {path.name}")
-                written += paper.save_figure(fig, folder / f"{kind}-{index:03d}-{path.stem}")
+    for kind, maps in (
+        ("rollout", [r.map for r in image_results.rollouts]),
+        ("gradient-rollout", [g.map for g in image_results.gradients]),
+    ):
+        for index, (path, relevance) in enumerate(zip(files, maps)):
+            picture = to_display(images[index], meta.mean, meta.std)
+            title = "Attention rollout" if kind == "rollout" else "Gradient-weighted rollout"
+            fig = paper.rollout_overlay_figure(picture, relevance, title=f"{title}: {path.name}")
+            written += paper.save_figure(fig, folder / f"{kind}-{index:03d}-{path.stem}")
     return written
 
 

@@ -1,42 +1,86 @@
-"""Run the paper's analyses on one loaded model and return DESIGN.md's JSON document.
+"""The one analysis service: every analysis of a loaded model, returned as typed, frozen results.
 
-This is what `python -m vitviz analyze` computes; the app calls the same analysis functions page by page.
-Images arrive already preprocessed; nothing here reads files.
+`python -m vitviz analyze` serialises these results to DESIGN.md's JSON (vitviz/cli.py); the studio's pages
+cache and draw them (vitviz/ui). Both go through the same options, validation, batch loop and top-k here, so
+they compute the same numbers. Pure computation: images arrive preprocessed and nothing here reads or
+writes files.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from vitviz.analysis.distance import DISTANCE_MODES, AttentionDistance, DistanceAccumulator
-from vitviz.analysis.filters import FilterPCA, filter_pca, filters_applicable, patch_embedding_filters
+from vitviz.analysis.filters import components_for_display, filter_pca, filters_applicable, patch_embedding_filters
 from vitviz.analysis.position import position_similarity
-from vitviz.analysis.rollout import HEAD_FUSIONS, RolloutAccumulator, gradient_rollout
-from vitviz.capture import attention_gradients, capture_attention
+from vitviz.analysis.rollout import HEAD_FUSIONS, RolloutAccumulator, check_discard_ratio, gradient_rollout
+from vitviz.capture import QueryAttention, attention_gradients, capture_attention
 from vitviz.errors import VitvizError
-from vitviz.models import LoadedModel, patch_position_embeddings
-from vitviz.tokens import TokenLayout, token_layout
+from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
+from vitviz.tokens import token_layout
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ANALYSES",
+    "DISTANCE_MODES",
+    "HEAD_FUSIONS",
+    "IMAGE_ANALYSES",
+    "TOP_K",
+    "AnalysisOptions",
+    "DistanceResult",
+    "FilterResult",
+    "GradientRolloutResult",
+    "ImageAttention",
+    "ImageResults",
+    "ModelCard",
+    "NotApplicable",
+    "PositionResult",
+    "Prediction",
+    "Progress",
+    "QueryAttentionResult",
+    "ResampledPosition",
+    "RolloutResult",
+    "TopK",
+    "filters",
+    "gradient_rollout_map",
+    "image_analyses",
+    "image_attention",
+    "model_card",
+    "parse_analyses",
+    "position",
+    "resampled_position",
+    "scaled_for_display",
+    "top_k",
+]
+
 ANALYSES = ("filters", "position", "distance", "rollout", "gradient-rollout")
 IMAGE_ANALYSES = ("distance", "rollout", "gradient-rollout")
+TOP_K = 5  # predictions reported beside a rollout map
+NO_POSITION_EMBEDDINGS = "the model has no absolute position embeddings (none or relative positions)"
+
+Progress = Callable[[int, int], None]  # progress(done, total), called after every batch
+
+
+# --- options -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """Keyword options of `python -m vitviz analyze`, with the papers' defaults."""
+    """Every analysis option, with the papers' defaults; invalid values are refused when the object is made."""
 
     components: int = 28  # principal components of the patch filters (paper Fig. 7 shows 28)
     distance_mode: str = "paper"  # "paper" (authors' definition) or "renormalised"
     head_fusion: str = "mean"  # rollout: how heads are fused
-    discard_ratio: float = 0.0  # rollout: share of the smallest fused entries set to zero
+    discard_ratio: float = 0.0  # rollout: share of the smallest fused entries set to zero, in [0, 1)
     start_layer: int = 0  # rollout: first layer multiplied in
     target_class: int | None = None  # gradient rollout: class c; None = each image's prediction
     batch_size: int = 16  # images per forward
@@ -48,12 +92,25 @@ class AnalysisOptions:
             raise VitvizError(f"--distance-mode must be one of {', '.join(DISTANCE_MODES)}, got {self.distance_mode!r}")
         if self.head_fusion not in HEAD_FUSIONS:
             raise VitvizError(f"--head-fusion must be one of {', '.join(HEAD_FUSIONS)}, got {self.head_fusion!r}")
-        if not 0.0 <= self.discard_ratio < 1.0:
-            raise VitvizError(f"--discard-ratio must be in [0, 1), got {self.discard_ratio}")
+        check_discard_ratio(self.discard_ratio)
         if self.start_layer < 0:
             raise VitvizError(f"--start-layer must be 0 or more, got {self.start_layer}")
         if self.batch_size < 1:
             raise VitvizError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def check_model(self, loaded: LoadedModel, analyses: Sequence[str] = ANALYSES) -> None:
+        """Refuse options that do not fit this model (a start layer past the last, a class it does not have)."""
+        model = loaded.model
+        if "rollout" in analyses:
+            depth = len(getattr(model, "blocks", []))
+            if self.start_layer >= depth:
+                raise VitvizError(f"--start-layer {self.start_layer} is past the last layer ({depth - 1})")
+        if "gradient-rollout" in analyses and self.target_class is not None:
+            num_classes = int(getattr(model, "num_classes", 0))
+            if not 0 <= self.target_class < num_classes:
+                raise VitvizError(
+                    f"--target-class {self.target_class} is out of range: the model has {num_classes} classes"
+                )
 
 
 def parse_analyses(text: str | None) -> list[str]:
@@ -67,90 +124,362 @@ def parse_analyses(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def model_summary(loaded: LoadedModel) -> dict[str, Any]:
-    """The "model" section of the JSON: geometry read from the model itself."""
-    model = loaded.model
+@dataclass(frozen=True)
+class NotApplicable:
+    """An analysis that does not apply to this model, and why."""
+
+    reason: str
+
+
+# --- the model card ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is: geometry read from the model itself, plus its checkpoint's description."""
+
+    source: str
+    arch: str
+    img_size: tuple[int, int]
+    grid: tuple[int, int]
+    stride: tuple[int, int]
+    num_prefix_tokens: int
+    depth: int
+    num_heads: int
+    embed_dim: int
+    num_classes: int
+    parameters: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    config: dict[str, Any] | None  # ViTConfig.to_dict() of vitviz models; None for timm models
+    class_names: tuple[str, ...]
+    training: dict[str, Any] = field(default_factory=dict)
+    resolution_history: tuple[dict[str, Any], ...] = ()
+    content_hash: str = ""
+
+    def model_section(self) -> dict[str, Any]:
+        """The JSON's "model" section."""
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "img_size": list(self.img_size),
+            "grid": list(self.grid),
+            "stride": list(self.stride),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "embed_dim": self.embed_dim,
+            "num_classes": self.num_classes,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole card as JSON data (what `python -m vitviz info --json` prints)."""
+        return {
+            **self.model_section(),
+            "parameters": self.parameters,
+            "in_chans": self.in_chans,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "config": copy.deepcopy(self.config),
+            "class_names": list(self.class_names),
+            "training": copy.deepcopy(self.training),
+            "resolution_history": copy.deepcopy(list(self.resolution_history)),
+            "content_hash": self.content_hash,
+        }
+
+
+def model_card(loaded: LoadedModel) -> ModelCard:
+    """The card of a loaded model."""
+    model, meta = loaded.model, loaded.meta
     layout = token_layout(model)
     blocks = getattr(model, "blocks", [])
-    return {
-        "source": loaded.source,
-        "arch": loaded.meta.arch,
-        "img_size": list(layout.img_size),
-        "grid": list(layout.grid),
-        "stride": list(layout.stride),
-        "num_prefix_tokens": layout.num_prefix_tokens,
-        "depth": len(blocks),
-        "num_heads": int(blocks[0].attn.num_heads) if len(blocks) else 0,
-        "embed_dim": int(getattr(model, "embed_dim", 0)),
-        "num_classes": int(getattr(model, "num_classes", 0)),
-    }
+    return ModelCard(
+        source=loaded.source,
+        arch=meta.arch,
+        img_size=tuple(layout.img_size),
+        grid=tuple(layout.grid),
+        stride=tuple(layout.stride),
+        num_prefix_tokens=layout.num_prefix_tokens,
+        depth=len(blocks),
+        num_heads=int(blocks[0].attn.num_heads) if len(blocks) else 0,
+        embed_dim=int(getattr(model, "embed_dim", 0)),
+        num_classes=int(getattr(model, "num_classes", 0)),
+        parameters=count_parameters(model),
+        in_chans=meta.in_chans,
+        mean=tuple(meta.mean),
+        std=tuple(meta.std),
+        config=meta.config.to_dict() if meta.config is not None else None,
+        class_names=tuple(meta.class_names),
+        training=copy.deepcopy(meta.training),
+        resolution_history=tuple(copy.deepcopy(meta.resolution_history)),
+        content_hash=loaded.content_hash,
+    )
 
 
-def filters_section(model: nn.Module, components: int) -> tuple[dict[str, Any], FilterPCA | None]:
-    """PCA of the patch-embedding filters, or why it does not apply."""
+# --- analyses of the weights ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """The raw patch-embedding filters and their top principal components (paper Fig. 7 left)."""
+
+    weight: np.ndarray  # [D, C, P, P] float32, raw
+    components: np.ndarray  # [k, C, P, P] float64, unit norm
+    explained_variance_ratio: np.ndarray  # [k] float64
+
+
+def filters(loaded: LoadedModel, components: int | None = None) -> FilterResult | NotApplicable:
+    """PCA of the patch-embedding filters: `components` of them (at most what exists; None: all)."""
+    model = loaded.model
     applicable, reason = filters_applicable(model)
     if not applicable:
-        return {"not_applicable": reason}, None
+        return NotApplicable(reason)
     weight = patch_embedding_filters(model)
-    k = min(components, weight.shape[0], weight[0].numel())
-    pca = filter_pca(weight, k)
-    return {
-        "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
-        "components": pca.components.reshape(pca.components.shape[0], -1).tolist(),
-    }, pca
+    available = min(weight.shape[0], weight[0].numel())
+    pca = filter_pca(weight, available if components is None else min(components, available))
+    return FilterResult(
+        weight=weight.float().cpu().numpy(),
+        components=pca.components.cpu().numpy(),
+        explained_variance_ratio=pca.explained_variance_ratio.cpu().numpy(),
+    )
 
 
-def position_section(model: nn.Module, layout: TokenLayout) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Cosine similarity of the patch-position embeddings [gh*gw, gh*gw], or why it does not apply."""
+def scaled_for_display(arrays: np.ndarray) -> np.ndarray:
+    """Each of n arrays [n, ...] min-max scaled on its own to [0, 1] (a constant one becomes 0.5), for pictures."""
+    return components_for_display(torch.from_numpy(np.asarray(arrays))).numpy()
+
+
+@dataclass(frozen=True)
+class PositionResult:
+    """Cosine similarity of the patch-position embeddings (paper Fig. 7 centre)."""
+
+    similarity: np.ndarray  # [gh, gw, gh, gw] float64: entry [r, c] is patch (r, c)'s map over the grid
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.similarity.shape[0]), int(self.similarity.shape[1])
+
+    def matrix(self) -> np.ndarray:
+        """The similarity as [N, N] over patches in row-major order (N = gh*gw)."""
+        patches = self.grid[0] * self.grid[1]
+        return self.similarity.reshape(patches, patches)
+
+
+def _position_of(model: nn.Module) -> PositionResult | NotApplicable:
     table = patch_position_embeddings(model)
     if table is None:
-        return {"not_applicable": "the model has no absolute position embeddings (none or relative positions)"}, None
-    similarity = position_similarity(table.detach(), layout.grid)  # (gh, gw, gh, gw)
-    return {"similarity": similarity.reshape(layout.num_patches, layout.num_patches).tolist()}, similarity
+        return NotApplicable(NO_POSITION_EMBEDDINGS)
+    return PositionResult(position_similarity(table.detach(), token_layout(model).grid).cpu().numpy())
 
 
-def _top5(logits: torch.Tensor, class_names: Sequence[str]) -> list[list[list[Any]]]:
-    probs = logits.float().softmax(dim=-1)
-    k = min(5, probs.shape[-1])
-    values, indices = probs.topk(k, dim=-1)
-    return [
-        [
-            [class_names[i] if i < len(class_names) else str(i), round(float(p), 6)]
-            for p, i in zip(v.tolist(), ix.tolist())
-        ]
-        for v, ix in zip(values, indices)
-    ]
+def position(loaded: LoadedModel) -> PositionResult | NotApplicable:
+    """Cosine similarity of the model's patch-position embeddings, or why there are none."""
+    return _position_of(loaded.model)
+
+
+@dataclass(frozen=True)
+class ResampledPosition:
+    """Position similarity after resampling the model to another input size, and how it was resampled."""
+
+    position: PositionResult | NotApplicable
+    method: str
+    old_grid: tuple[int, int]
+    new_grid: tuple[int, int]
+
+
+def resampled_position(loaded: LoadedModel, new_size: tuple[int, int]) -> ResampledPosition:
+    """Position similarity of a copy of the model resampled to `new_size` pixels (the model is not changed)."""
+    new_model, new_meta = resample_input_size(loaded.model, loaded.meta, tuple(new_size))
+    record = new_meta.resolution_history[-1]
+    return ResampledPosition(
+        position=_position_of(new_model),
+        method=str(record.get("method", "")),
+        old_grid=tuple(record.get("old_grid", ())),
+        new_grid=tuple(record.get("new_grid", ())),
+    )
+
+
+# --- analyses of images --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistanceResult:
+    """Mean attention distance of every head of every layer (paper Fig. 7 right)."""
+
+    mode: str
+    pixels: np.ndarray  # [L, H] float64: mean over queries, then images
+    std: np.ndarray  # [L, H] population std over images
+    fraction: np.ndarray  # [L, H] pixels / image width
+    per_image: np.ndarray  # [L, B, H] per-image values
+    num_images: int
+
+    @classmethod
+    def of(cls, distance: AttentionDistance) -> DistanceResult:
+        return cls(
+            mode=distance.mode,
+            pixels=distance.pixels.cpu().numpy(),
+            std=distance.std.cpu().numpy(),
+            fraction=distance.fraction.cpu().numpy(),
+            per_image=distance.per_image.cpu().numpy(),
+            num_images=int(distance.num_images),
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "mode": np.asarray(self.mode),
+            "pixels": self.pixels,
+            "std": self.std,
+            "fraction": self.fraction,
+            "per_image": self.per_image,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> DistanceResult:
+        per_image = np.asarray(arrays["per_image"])
+        return cls(
+            mode=str(arrays["mode"]),
+            pixels=np.asarray(arrays["pixels"]),
+            std=np.asarray(arrays["std"]),
+            fraction=np.asarray(arrays["fraction"]),
+            per_image=per_image,
+            num_images=int(per_image.shape[1]),
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class and its softmax probability."""
+
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The most probable classes, most probable first (ties: the lower class index first)."""
+
+    entries: tuple[Prediction, ...]
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Prediction:
+        return self.entries[index]
+
+
+def top_k(probabilities: np.ndarray | torch.Tensor, class_names: Sequence[str], k: int = TOP_K) -> TopK:
+    """The k most probable classes of one image's probabilities [K]; a class without a name is its index."""
+    if isinstance(probabilities, torch.Tensor):
+        probabilities = probabilities.detach().cpu().numpy()
+    probs = np.asarray(probabilities)
+    order = np.argsort(-probs, kind="stable")[: min(k, probs.shape[-1])]
+    return TopK(
+        tuple(
+            Prediction(int(i), class_names[i] if i < len(class_names) else str(int(i)), float(probs[i])) for i in order
+        )
+    )
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """Attention rollout of one image (Abnar & Zuidema 2020), raw (not divided by its maximum)."""
+
+    map: np.ndarray  # [gh, gw] float64
+    head_fusion: str
+    discard_ratio: float
+    start_layer: int
+
+
+@dataclass(frozen=True)
+class GradientRolloutResult:
+    """Gradient-weighted rollout of one image for one class (Chefer et al. 2021), raw."""
+
+    map: np.ndarray  # [gh, gw] float64
+    target_class: int
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"map": self.map, "target": np.asarray(self.target_class)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> GradientRolloutResult:
+        return cls(map=np.asarray(arrays["map"]), target_class=int(arrays["target"]))
+
+
+@dataclass(frozen=True)
+class QueryAttentionResult:
+    """One query token's attention in every layer and head of one image."""
+
+    query_index: int
+    attention: np.ndarray  # [L, H, N] over all tokens, prefix tokens first
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]  # (gh, gw) patch grid
+
+    @property
+    def grid(self) -> np.ndarray:
+        """The attention over the patches only, [L, H, gh, gw]."""
+        return self.attention[..., self.num_prefix_tokens :].reshape(*self.attention.shape[:-1], *self.grid_size)
 
 
 @dataclass(frozen=True)
 class ImageResults:
-    """Everything the image analyses computed, for the JSON and the figures."""
+    """What the batch loop computed for B images; per-image tuples are in image order (empty when not run)."""
 
-    distance: AttentionDistance | None
-    rollout_maps: torch.Tensor | None  # (B, gh, gw) raw
-    top5: list[list[list[Any]]]
-    gradient_maps: torch.Tensor | None  # (B, gh, gw) raw
-    target_classes: list[int]
+    distance: DistanceResult | None
+    rollouts: tuple[RolloutResult, ...]
+    probabilities: np.ndarray | None  # [B, K] float32 softmax, computed with the rollout's forward
+    top5: tuple[TopK, ...]
+    gradients: tuple[GradientRolloutResult, ...]
+    queries: tuple[QueryAttentionResult, ...]
+
+    @property
+    def rollout_maps(self) -> np.ndarray | None:
+        """The rollout maps stacked, [B, gh, gw], or None when rollout did not run."""
+        return np.stack([r.map for r in self.rollouts]) if self.rollouts else None
 
 
-def run_image_analyses(
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _batch(images: torch.Tensor | Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[start:stop]
+    return torch.stack([images[index] for index in range(start, stop)])
+
+
+def image_analyses(
     loaded: LoadedModel,
-    images: torch.Tensor,
+    images: torch.Tensor | Sequence[torch.Tensor],
     analyses: Sequence[str],
     options: AnalysisOptions,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+    *,
+    query_index: int | None = None,
 ) -> ImageResults:
-    """One streamed forward per batch feeds distance and rollout; gradient rollout needs its own backward.
+    """The image analyses named in `analyses` over all images, `options.batch_size` images per forward.
+
+    One streamed forward per batch feeds distance, rollout (with the logits, for the top-5) and, when
+    `query_index` is given, that token's attention; gradient rollout needs its own forward and backward.
 
     Args:
-        images: (B, C, H, W) preprocessed images.
-        progress: called with the number of images finished after each batch.
+        images: preprocessed images, a [B, C, H, W] tensor or a sequence of [C, H, W] tensors (read one
+            batch at a time, so it may produce them lazily).
+        analyses: names from IMAGE_ANALYSES; other names are ignored.
+        progress: called as progress(done, total) after every batch.
     """
+    total = len(images)
+    if total == 0:
+        raise VitvizError("no images to analyse")
+    options.check_model(loaded, analyses)
     model = loaded.model
     layout = token_layout(model)
-    depth = len(model.blocks)
-    if options.start_layer >= depth:
-        raise VitvizError(f"--start-layer {options.start_layer} is past the last layer ({depth - 1})")
+    device = _device(model)
     distance_acc = DistanceAccumulator(layout, mode=options.distance_mode) if "distance" in analyses else None
     rollout_acc = (
         RolloutAccumulator(
@@ -162,58 +491,123 @@ def run_image_analyses(
         if "rollout" in analyses
         else None
     )
-    consumers = [c for c in (distance_acc, rollout_acc) if c is not None]
-    top5: list[list[list[Any]]] = []
-    gradient_maps: list[torch.Tensor] = []
+    query_acc = QueryAttention(query_index) if query_index is not None else None
+    consumers = [c for c in (distance_acc, rollout_acc, query_acc) if c is not None]
+    probabilities: list[np.ndarray] = []
+    gradient_maps: list[np.ndarray] = []
     targets: list[int] = []
-    for start in range(0, images.shape[0], options.batch_size):
-        batch = images[start : start + options.batch_size]
+    for start in range(0, total, options.batch_size):
+        stop = min(start + options.batch_size, total)
+        batch = _batch(images, start, stop).to(device)
         if consumers:
             logits = capture_attention(model, batch, consumers, with_logits=rollout_acc is not None)
             if logits is not None:
-                top5.extend(_top5(logits, loaded.meta.class_names))
+                probabilities.append(logits.float().softmax(dim=-1).cpu().numpy())
         if "gradient-rollout" in analyses:
             grads = attention_gradients(model, batch, options.target_class)
-            gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout))
+            gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout).cpu().numpy())
             targets.extend(int(t) for t in torch.as_tensor(grads.target_class).expand(batch.shape[0]).tolist())
         if progress is not None:
-            progress(min(start + options.batch_size, images.shape[0]))
+            progress(stop, total)
+
+    probs = np.concatenate(probabilities) if probabilities else None
+    rollouts: tuple[RolloutResult, ...] = ()
+    if rollout_acc is not None:
+        maps = rollout_acc.result().cpu().numpy()
+        rollouts = tuple(
+            RolloutResult(
+                map=m,
+                head_fusion=options.head_fusion,
+                discard_ratio=options.discard_ratio,
+                start_layer=options.start_layer,
+            )
+            for m in maps
+        )
+    queries: tuple[QueryAttentionResult, ...] = ()
+    if query_acc is not None:
+        rows = query_acc.result().cpu().numpy()  # (L, B, H, N)
+        queries = tuple(
+            QueryAttentionResult(
+                query_index=int(query_index),
+                attention=rows[:, b],
+                num_prefix_tokens=layout.num_prefix_tokens,
+                grid_size=tuple(layout.grid),
+            )
+            for b in range(rows.shape[1])
+        )
+    gradients: tuple[GradientRolloutResult, ...] = ()
+    if gradient_maps:
+        gradients = tuple(
+            GradientRolloutResult(map=m, target_class=t) for m, t in zip(np.concatenate(gradient_maps), targets)
+        )
     return ImageResults(
-        distance=distance_acc.result() if distance_acc is not None else None,
-        rollout_maps=rollout_acc.result() if rollout_acc is not None else None,
-        top5=top5,
-        gradient_maps=torch.cat(gradient_maps) if gradient_maps else None,
-        target_classes=targets,
+        distance=DistanceResult.of(distance_acc.result()) if distance_acc is not None else None,
+        rollouts=rollouts,
+        probabilities=probs,
+        top5=tuple(top_k(p, loaded.meta.class_names) for p in probs) if probs is not None else (),
+        gradients=gradients,
+        queries=queries,
     )
 
 
-def image_sections(results: ImageResults, image_names: Sequence[str], options: AnalysisOptions) -> dict[str, Any]:
-    """The "distance", "rollout" and "gradient_rollout" sections of the JSON."""
-    sections: dict[str, Any] = {}
-    if results.distance is not None:
-        d = results.distance
-        sections["distance"] = {
-            "mode": d.mode,
-            "pixels": d.pixels.tolist(),
-            "std": d.std.tolist(),
-            "fraction": d.fraction.tolist(),
-            "num_images": d.num_images,
+@dataclass(frozen=True)
+class ImageAttention:
+    """One forward over one image: its rollout map, class probabilities and one query token's attention."""
+
+    rollout: RolloutResult
+    probabilities: np.ndarray  # [K] float32 softmax
+    query: QueryAttentionResult
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "rollout": self.rollout.map,
+            "head_fusion": np.asarray(self.rollout.head_fusion),
+            "discard_ratio": np.asarray(self.rollout.discard_ratio, dtype=np.float64),
+            "start_layer": np.asarray(self.rollout.start_layer),
+            "probs": self.probabilities,
+            "query": self.query.attention,
+            "query_index": np.asarray(self.query.query_index),
+            "num_prefix_tokens": np.asarray(self.query.num_prefix_tokens),
+            "grid_size": np.asarray(self.query.grid_size),
         }
-    if results.rollout_maps is not None:
-        sections["rollout"] = [
-            {
-                "image": name,
-                "head_fusion": options.head_fusion,
-                "discard_ratio": options.discard_ratio,
-                "start_layer": options.start_layer,
-                "map": rollout_map.tolist(),
-                "top5": top5,
-            }
-            for name, rollout_map, top5 in zip(image_names, results.rollout_maps, results.top5)
-        ]
-    if results.gradient_maps is not None:
-        sections["gradient_rollout"] = [
-            {"image": name, "target_class": target, "map": grad_map.tolist()}
-            for name, grad_map, target in zip(image_names, results.gradient_maps, results.target_classes)
-        ]
-    return sections
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ImageAttention:
+        gh, gw = (int(v) for v in arrays["grid_size"])
+        return cls(
+            rollout=RolloutResult(
+                map=np.asarray(arrays["rollout"]),
+                head_fusion=str(arrays["head_fusion"]),
+                discard_ratio=float(arrays["discard_ratio"]),
+                start_layer=int(arrays["start_layer"]),
+            ),
+            probabilities=np.asarray(arrays["probs"]),
+            query=QueryAttentionResult(
+                query_index=int(arrays["query_index"]),
+                attention=np.asarray(arrays["query"]),
+                num_prefix_tokens=int(arrays["num_prefix_tokens"]),
+                grid_size=(gh, gw),
+            ),
+        )
+
+
+def image_attention(
+    loaded: LoadedModel, image: torch.Tensor, options: AnalysisOptions, query_index: int = 0
+) -> ImageAttention:
+    """Rollout (with `options`' fusion, discard ratio and start layer), probabilities and the attention of
+    token `query_index`, from one forward over one preprocessed image [C, H, W]."""
+    results = image_analyses(loaded, image[None], ("rollout",), options, query_index=query_index)
+    assert results.probabilities is not None
+    return ImageAttention(rollout=results.rollouts[0], probabilities=results.probabilities[0], query=results.queries[0])
+
+
+def gradient_rollout_map(
+    loaded: LoadedModel, image: torch.Tensor, target_class: int | None = None
+) -> GradientRolloutResult:
+    """Gradient-weighted rollout of one preprocessed image [C, H, W] for `target_class` (None: the prediction)."""
+    options = AnalysisOptions(target_class=target_class)
+    return image_analyses(loaded, image[None], ("gradient-rollout",), options).gradients[0]
+
+
+# `bench/` measures the batch loop under its earlier name.
+run_image_analyses = image_analyses

@@ -1,38 +1,43 @@
-"""The image analyses the pages ask for, run through `vitviz.capture` and kept in the on-disk cache.
+"""The analyses the pages ask for: `vitviz.pipeline`'s service, with image analyses kept in the disk cache.
 
-No streamlit here. Each function feeds the core's streaming consumers (RolloutAccumulator,
-DistanceAccumulator, QueryAttention) from one forward, or asks the core for attention gradients, and
-returns plain numpy arrays keyed in the disk cache by the model's content hash, the images' content
-hashes and every parameter.
+No streamlit here. Images come in as `InputImage`s (decoded pixels plus a content hash); each function
+preprocesses them, calls the service and returns its typed result. Image analyses are stored as .npz
+arrays keyed by the model's content hash, the images' content hashes and every parameter; the results are
+turned into arrays and back only here, at the cache boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vitviz.analysis import (
-    DistanceAccumulator,
-    RolloutAccumulator,
-    gradient_rollout,
-    patch_grid,
-)
-from vitviz.capture import QueryAttention, attention_gradients, capture_attention
+from vitviz import pipeline
 from vitviz.images import preprocess, to_display
 from vitviz.models import LoadedModel
-from vitviz.tokens import token_layout
+from vitviz.pipeline import (
+    AnalysisOptions,
+    DistanceResult,
+    FilterResult,
+    GradientRolloutResult,
+    ImageAttention,
+    NotApplicable,
+    PositionResult,
+    Progress,
+    ResampledPosition,
+)
 from vitviz.ui.catalog import cache_dir
 from vitviz.ui.diskcache import DiskCache, cache_key
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 8  # images per forward in the distance analysis
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ def pixels_digest(pixels: np.ndarray) -> str:
 
 
 def analysis_cache() -> DiskCache:
+    """The on-disk cache of image analyses, under the app's cache folder."""
     return DiskCache(cache_dir() / "analyses")
 
 
@@ -68,104 +74,119 @@ def display_picture(loaded: LoadedModel, image: InputImage) -> np.ndarray:
     return to_display(model_input(loaded, image), loaded.meta.mean, loaded.meta.std)
 
 
-def _device(loaded: LoadedModel) -> torch.device:
-    parameter = next(loaded.model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+class _ModelInputs(Sequence[torch.Tensor]):
+    """The images preprocessed one at a time as the service's batch loop reads them."""
+
+    def __init__(self, loaded: LoadedModel, images: Sequence[InputImage]) -> None:
+        self.loaded = loaded
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return model_input(self.loaded, self.images[index])
+
+
+def _cached(
+    analysis: str,
+    key: str,
+    compute: Callable[[], Result],
+    to_arrays: Callable[[Result], Mapping[str, np.ndarray]],
+    from_arrays: Callable[[Mapping[str, np.ndarray]], Result],
+) -> Result:
+    """The result stored under `key`, else computed and stored; an entry that does not decode is recomputed."""
+    cache = analysis_cache()
+    stored = cache.get(analysis, key)
+    if stored is not None:
+        try:
+            return from_arrays(stored)
+        except (KeyError, ValueError, TypeError) as exc:
+            logger.warning("recomputing cache entry %s/%s of an older layout (%s)", analysis, key[:12], exc)
+    result = compute()
+    cache.put(analysis, key, to_arrays(result))
+    return result
+
+
+# --- analyses of the weights (cheap; the pages keep them in streamlit's memory cache) ----------------------
+
+
+def filters(loaded: LoadedModel) -> FilterResult | NotApplicable:
+    """Every principal component of the patch-embedding filters, or why the model has none."""
+    return pipeline.filters(loaded, components=None)
+
+
+def position(loaded: LoadedModel) -> PositionResult | NotApplicable:
+    """Cosine similarity of the position embeddings, or why the model has none."""
+    return pipeline.position(loaded)
+
+
+def resampled_position(loaded: LoadedModel, new_size: tuple[int, int]) -> ResampledPosition:
+    """Position similarity after resampling the model to `new_size` pixels."""
+    return pipeline.resampled_position(loaded, new_size)
+
+
+# --- analyses of images (disk cache) ---------------------------------------------------------------------
 
 
 def attention_distance(
     loaded: LoadedModel,
     images: Sequence[InputImage],
-    mode: str,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Mean attention distance over `images`: pixels, std, fraction [L, H] and per_image [L, B, H].
+    options: AnalysisOptions,
+    progress: Progress | None = None,
+) -> DistanceResult:
+    """Mean attention distance over `images` in `options.distance_mode`, `options.batch_size` images per forward.
 
     `progress(done, total)` is called after every batch (and once at the end when the result was cached).
     """
-    key = cache_key("distance", model=loaded.content_hash, images=[image.digest for image in images], mode=mode)
+    key = cache_key(
+        "distance",
+        model=loaded.content_hash,
+        images=[image.digest for image in images],
+        mode=options.distance_mode,
+    )
 
-    def compute() -> dict[str, np.ndarray]:
-        layout = token_layout(loaded.model)
-        accumulator = DistanceAccumulator(layout, mode=mode)
-        device = _device(loaded)
-        for start in range(0, len(images), BATCH_SIZE):
-            batch = torch.stack([model_input(loaded, image) for image in images[start : start + BATCH_SIZE]])
-            capture_attention(loaded.model, batch.to(device), [accumulator], with_logits=False)
-            if progress is not None:
-                progress(min(start + BATCH_SIZE, len(images)), len(images))
-        result = accumulator.result()
-        return {
-            "pixels": result.pixels.cpu().numpy(),
-            "std": result.std.cpu().numpy(),
-            "fraction": result.fraction.cpu().numpy(),
-            "per_image": result.per_image.cpu().numpy(),
-        }
+    def compute() -> DistanceResult:
+        results = pipeline.image_analyses(loaded, _ModelInputs(loaded, images), ("distance",), options, progress)
+        assert results.distance is not None
+        return results.distance
 
-    arrays = analysis_cache().get_or_compute("distance", key, compute)
+    result = _cached("distance", key, compute, DistanceResult.to_arrays, DistanceResult.from_arrays)
     if progress is not None:
         progress(len(images), len(images))
-    return arrays
+    return result
 
 
 def image_attention(
-    loaded: LoadedModel,
-    image: InputImage,
-    *,
-    head_fusion: str,
-    discard_ratio: float,
-    start_layer: int,
-    query_index: int,
-) -> dict[str, np.ndarray]:
-    """One forward: rollout map [gh, gw], class probabilities [K] and the query token's attention [L, H, N]."""
+    loaded: LoadedModel, image: InputImage, options: AnalysisOptions, query_index: int = 0
+) -> ImageAttention:
+    """One forward: the rollout map with `options`' rollout settings, class probabilities and the attention
+    of token `query_index` in every layer and head."""
     key = cache_key(
         "image-attention",
         model=loaded.content_hash,
         image=image.digest,
-        head_fusion=head_fusion,
-        discard_ratio=discard_ratio,
-        start_layer=start_layer,
+        head_fusion=options.head_fusion,
+        discard_ratio=options.discard_ratio,
+        start_layer=options.start_layer,
         query_index=query_index,
     )
-
-    def compute() -> dict[str, np.ndarray]:
-        layout = token_layout(loaded.model)
-        rollout = RolloutAccumulator(
-            layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer
-        )
-        query = QueryAttention(query_index)
-        batch = model_input(loaded, image)[None].to(_device(loaded))
-        logits = capture_attention(loaded.model, batch, [rollout, query])
-        assert logits is not None
-        return {
-            "rollout": rollout.result()[0].cpu().numpy(),
-            "probs": logits.float().softmax(dim=-1)[0].cpu().numpy(),
-            "query": query.result()[:, 0].cpu().numpy(),  # (L, H, N)
-        }
-
-    return analysis_cache().get_or_compute("image-attention", key, compute)
+    return _cached(
+        "image-attention",
+        key,
+        lambda: pipeline.image_attention(loaded, model_input(loaded, image), options, query_index),
+        ImageAttention.to_arrays,
+        ImageAttention.from_arrays,
+    )
 
 
-def gradient_map(loaded: LoadedModel, image: InputImage, target_class: int | None) -> dict[str, np.ndarray]:
-    """Gradient-weighted rollout [gh, gw] for `target_class` (None: the predicted class) and the class used."""
+def gradient_map(loaded: LoadedModel, image: InputImage, target_class: int | None) -> GradientRolloutResult:
+    """Gradient-weighted rollout for `target_class` (None: the predicted class), with the class used."""
     key = cache_key("gradient-rollout", model=loaded.content_hash, image=image.digest, target=target_class)
-
-    def compute() -> dict[str, np.ndarray]:
-        layout = token_layout(loaded.model)
-        batch = model_input(loaded, image)[None].to(_device(loaded))
-        grads = attention_gradients(loaded.model, batch, target_class)
-        relevance = gradient_rollout(grads.attentions, grads.gradients, layout)
-        return {"map": relevance[0].cpu().numpy(), "target": np.asarray(int(grads.target_class[0]))}
-
-    return analysis_cache().get_or_compute("gradient-rollout", key, compute)
-
-
-def query_grid(loaded: LoadedModel, query: np.ndarray) -> np.ndarray:
-    """A query's attention over all tokens [L, H, N] -> over the patch grid [L, H, gh, gw]."""
-    return patch_grid(torch.from_numpy(query), token_layout(loaded.model)).numpy()
-
-
-def top_classes(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[int, str, float]]:
-    """The k most probable classes as (index, name, probability), most probable first."""
-    order = np.argsort(-probs, kind="stable")[: min(k, len(probs))]
-    return [(int(i), class_names[i] if i < len(class_names) else str(i), float(probs[i])) for i in order]
+    return _cached(
+        "gradient-rollout",
+        key,
+        lambda: pipeline.gradient_rollout_map(loaded, model_input(loaded, image), target_class),
+        GradientRolloutResult.to_arrays,
+        GradientRolloutResult.from_arrays,
+    )

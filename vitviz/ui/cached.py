@@ -2,10 +2,11 @@
 
 - `st.cache_resource` holds only the shared models, keyed by strings: the source (path or timm name),
   its content hash and whether timm's pretrained weights were asked for. One model serves every session;
-  analyses read it through `vitviz.capture`, which is thread-safe and never changes the model.
-- `st.cache_data` holds small numpy results of analyses that need only the model (filters, position
-  embeddings) and decoded images. Arguments starting with "_" are not hashed: the content hash passed
-  beside them names the model.
+  analyses read it through `vitviz.pipeline`, whose attention capture is thread-safe and never changes the
+  model.
+- `st.cache_data` holds model cards, the small typed results of analyses that need only the model
+  (filters, position embeddings) and decoded images. Arguments starting with "_" are not hashed: the
+  content hash passed beside them names the model.
 Image analyses that cost real time live in the on-disk cache (`vitviz.ui.diskcache`), not here.
 """
 
@@ -14,29 +15,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import streamlit as st
-from torch import nn
 
-from vitviz.analysis import (
-    filter_pca,
-    filters_applicable,
-    patch_embedding_filters,
-    position_similarity,
-)
+from vitviz import pipeline
 from vitviz.errors import VitvizError
 from vitviz.images import decode_image, sample_images
-from vitviz.models import (
-    LoadedModel,
-    ModelMeta,
-    file_sha256,
-    load_model,
-    patch_position_embeddings,
-    resample_input_size,
-)
-from vitviz.tokens import token_layout
+from vitviz.models import LoadedModel, file_sha256, load_model
+from vitviz.pipeline import FilterResult, ModelCard, NotApplicable, PositionResult, ResampledPosition
+from vitviz.ui import analyses
 
 logger = logging.getLogger(__name__)
 
@@ -65,40 +53,27 @@ def shared_model(source: str, content_hash: str, pretrained: bool) -> LoadedMode
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def filter_components(content_hash: str, _model: nn.Module) -> dict[str, Any]:
-    """Raw patch filters [D, C, P, P] and every principal component, or {"reason": why not applicable}."""
-    applicable, reason = filters_applicable(_model)
-    if not applicable:
-        return {"reason": reason}
-    weight = patch_embedding_filters(_model)
-    pca = filter_pca(weight, min(weight.shape[0], weight[0].numel()))
-    return {
-        "weight": weight.float().numpy(),
-        "components": pca.components.numpy(),
-        "ratio": pca.explained_variance_ratio.numpy(),
-    }
+def model_card(source: str, content_hash: str, _loaded: LoadedModel) -> ModelCard:
+    """The model's card (`vitviz.pipeline.model_card`)."""
+    return pipeline.model_card(_loaded)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def position_table_similarity(content_hash: str, _model: nn.Module) -> np.ndarray | None:
-    """Cosine similarity [gh, gw, gh, gw] of the patch-position embeddings; None without absolute ones."""
-    table = patch_position_embeddings(_model)
-    if table is None:
-        return None
-    return position_similarity(table, token_layout(_model).grid).numpy()
+def filters(content_hash: str, _loaded: LoadedModel) -> FilterResult | NotApplicable:
+    """Raw patch filters and every principal component, or why the model has none."""
+    return analyses.filters(_loaded)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def position(content_hash: str, _loaded: LoadedModel) -> PositionResult | NotApplicable:
+    """Cosine similarity [gh, gw, gh, gw] of the patch-position embeddings, or why the model has none."""
+    return analyses.position(_loaded)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def resampled_similarity(
-    content_hash: str, _model: nn.Module, _meta: ModelMeta, new_size: tuple[int, int]
-) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Position similarity after resampling the model to `new_size` pixels, and the resampling's record."""
-    new_model, new_meta = resample_input_size(_model, _meta, new_size)
-    table = patch_position_embeddings(new_model)
-    record = dict(new_meta.resolution_history[-1])
-    if table is None:
-        return None, record
-    return position_similarity(table, token_layout(new_model).grid).numpy(), record
+def resampled_position(content_hash: str, _loaded: LoadedModel, new_size: tuple[int, int]) -> ResampledPosition:
+    """Position similarity after resampling the model to `new_size` pixels, and how it was resampled."""
+    return analyses.resampled_position(_loaded, new_size)
 
 
 @st.cache_data(show_spinner=False, max_entries=1)

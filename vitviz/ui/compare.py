@@ -12,17 +12,11 @@ import streamlit as st
 from matplotlib.figure import Figure
 
 from vitviz.errors import VitvizError
-from vitviz.models import LoadedModel, count_parameters
+from vitviz.models import LoadedModel
+from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, top_k
 from vitviz.plots import interactive, paper, scale_by_max
-from vitviz.tokens import token_layout
 from vitviz.ui import cached, catalog, exports, keys, widgets
-from vitviz.ui.analyses import (
-    attention_distance,
-    display_picture,
-    gradient_map,
-    image_attention,
-    top_classes,
-)
+from vitviz.ui.analyses import attention_distance, display_picture, gradient_map, image_attention
 from vitviz.ui.catalog import ModelEntry
 
 FILTER_COMPONENTS = 16
@@ -167,24 +161,24 @@ def _header(model: Compared) -> str:
 
 
 def _card(model: Compared) -> dict[str, Any]:
+    """The summary table's column for one model, from its model card."""
     loaded = model.loaded
-    layout = token_layout(loaded.model)
-    blocks = loaded.model.blocks
-    metrics = loaded.meta.training.get("metrics") if isinstance(loaded.meta.training.get("metrics"), dict) else {}
+    card = cached.model_card(loaded.source, loaded.content_hash, loaded)
+    metrics = card.training.get("metrics") if isinstance(card.training.get("metrics"), dict) else {}
     accuracy = metrics.get("eval_accuracy") if metrics else None
-    cfg = loaded.meta.config
+    cfg = card.config
     return {
         "model": model.name,
         "checkpoint": model.entry.label,
-        "parameters (M)": round(count_parameters(loaded.model) / 1e6, 3),
-        "layers": len(blocks),
-        "heads": int(blocks[0].attn.num_heads),
-        "width": int(getattr(loaded.model, "embed_dim", 0)),
-        "input px": f"{layout.img_size[0]}×{layout.img_size[1]}",
-        "grid": f"{layout.grid[0]}×{layout.grid[1]}",
-        "prefix tokens": layout.num_prefix_tokens,
-        "position embedding": cfg.pos_embed if cfg is not None else "timm",
-        "stem": cfg.stem if cfg is not None else "timm",
+        "parameters (M)": round(card.parameters / 1e6, 3),
+        "layers": card.depth,
+        "heads": card.num_heads,
+        "width": card.embed_dim,
+        "input px": f"{card.img_size[0]}×{card.img_size[1]}",
+        "grid": f"{card.grid[0]}×{card.grid[1]}",
+        "prefix tokens": card.num_prefix_tokens,
+        "position embedding": cfg["pos_embed"] if cfg is not None else "timm",
+        "stem": cfg["stem"] if cfg is not None else "timm",
         "recorded accuracy": None if not isinstance(accuracy, (int, float)) else round(float(accuracy), 4),
     }
 
@@ -199,12 +193,12 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
     for column, model in zip(_columns(models), models):
         with column:
             st.markdown(_header(model))
-            result = cached.filter_components(model.loaded.content_hash, model.loaded.model)
-            if "reason" in result:
-                st.info(f"No pixel-space filters: {widgets.plain(result['reason'])}.")
+            result = cached.filters(model.loaded.content_hash, model.loaded)
+            if isinstance(result, NotApplicable):
+                st.info(f"No pixel-space filters: {widgets.plain(result.reason)}.")
                 continue
-            k = min(FILTER_COMPONENTS, len(result["ratio"]))
-            components, ratio = result["components"][:k], result["ratio"]
+            k = min(FILTER_COMPONENTS, len(result.explained_variance_ratio))
+            components, ratio = result.components[:k], result.explained_variance_ratio
             widgets.plotly(
                 interactive.filters_figure(components, ratio[:k], ncols=4, max_components=k, title=" "),
                 key=f"compare.filters.{model.name}",
@@ -232,10 +226,11 @@ def _position(models: list[Compared], figures: dict, arrays: dict) -> None:
     for column, model in zip(_columns(models), models):
         with column:
             st.markdown(_header(model))
-            similarity = cached.position_table_similarity(model.loaded.content_hash, model.loaded.model)
-            if similarity is None:
+            result = cached.position(model.loaded.content_hash, model.loaded)
+            if isinstance(result, NotApplicable):
                 st.info("No absolute position embeddings.")
                 continue
+            similarity = result.similarity
             similarities[model.name] = similarity
             widgets.plotly(interactive.position_figure(similarity, title=" "), key=f"compare.position.{model.name}")
             figures[f"{model.name} position similarity"] = _bind(paper.position_similarity_figure, similarity)
@@ -275,7 +270,7 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
         st.segmented_control("Mode", ("paper", "renormalised"), default="paper", key="compare.distance.mode") or "paper"
     )
     bar = st.progress(0.0, text="Measuring attention distance…")
-    results = {}
+    results: dict[str, DistanceResult] = {}
     for index, model in enumerate(models):
 
         def report(done: int, total: int, index: int = index) -> None:
@@ -285,24 +280,26 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
             )
 
         try:
-            results[model.name] = attention_distance(model.loaded, images, mode, progress=report)
+            results[model.name] = attention_distance(
+                model.loaded, images, AnalysisOptions(distance_mode=mode), progress=report
+            )
         except VitvizError as exc:
             widgets.show_error(exc)
     bar.empty()
     if not results:
         return
-    top = max(float(r["pixels"].max()) for r in results.values()) * 1.08
+    top = max(float(r.pixels.max()) for r in results.values()) * 1.08
     for column, model in zip(_columns(models), models):
         if model.name not in results:
             continue
-        pixels, std = results[model.name]["pixels"], results[model.name]["std"]
+        pixels, std = results[model.name].pixels, results[model.name].std
         with column:
             st.markdown(_header(model))
             widgets.plotly(interactive.distance_figure(pixels, std=std, ymax=top), key=f"compare.distance.{model.name}")
         rows[model.name]["distance layer 1 (px)"] = round(float(pixels[0].mean()), 1)
         rows[model.name]["distance last layer (px)"] = round(float(pixels[-1].mean()), 1)
         rows[model.name]["distance last layer (% width)"] = round(
-            100 * float(results[model.name]["fraction"][-1].mean()), 1
+            100 * float(results[model.name].fraction[-1].mean()), 1
         )
         figures[f"{model.name} attention distance"] = _bind(paper.distance_figure, pixels, std=std, ymax=top)
         arrays[f"{model.name}_distance_pixels"] = pixels
@@ -312,14 +309,12 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
         st.segmented_control("Unit", ("pixels", "% of image width"), default="pixels", key="compare.distance.unit")
         or "pixels"
     )
-    field = "pixels" if unit == "pixels" else "fraction"
-    scale = 1.0 if unit == "pixels" else 100.0
-    depth = max(r[field].shape[0] for r in results.values())
+    per_layer = {
+        name: (r.pixels if unit == "pixels" else 100.0 * r.fraction).mean(axis=1) for name, r in results.items()
+    }
+    depth = max(len(values) for values in per_layer.values())
     frame = pd.DataFrame(
-        {
-            name: np.pad(scale * r[field].mean(axis=1), (0, depth - r[field].shape[0]), constant_values=np.nan)
-            for name, r in results.items()
-        },
+        {name: np.pad(values, (0, depth - len(values)), constant_values=np.nan) for name, values in per_layer.items()},
         index=pd.RangeIndex(1, depth + 1, name="layer"),
     )
     st.line_chart(frame, x_label="layer", y_label=f"mean attention distance ({unit})", height=320)
@@ -339,36 +334,36 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
         with column:
             st.markdown(_header(model))
             try:
-                result = image_attention(
-                    model.loaded, image, head_fusion="mean", discard_ratio=0.0, start_layer=0, query_index=0
-                )
+                result = image_attention(model.loaded, image, AnalysisOptions(), query_index=0)
                 gradient = gradient_map(model.loaded, image, None) if model.loaded.meta.class_names else None
             except VitvizError as exc:
                 widgets.show_error(exc)
                 continue
             picture = display_picture(model.loaded, image)
-            top = top_classes(result["probs"], model.loaded.meta.class_names, k=1)
-            if top:
-                st.caption(f"Predicts {widgets.plain(top[0][1])} ({100 * top[0][2]:.1f} %)")
-                rows[model.name]["prediction"] = top[0][1]
-                rows[model.name]["probability"] = round(top[0][2], 4)
+            rollout_map = result.rollout.map
+            top = top_k(result.probabilities, model.loaded.meta.class_names, k=1)
+            if len(top):
+                best = top[0]
+                st.caption(f"Predicts {widgets.plain(best.name)} ({100 * best.probability:.1f} %)")
+                rows[model.name]["prediction"] = best.name
+                rows[model.name]["probability"] = round(best.probability, 4)
             widgets.plotly(
-                interactive.rollout_figure(picture, result["rollout"], title="Attention rollout"),
+                interactive.rollout_figure(picture, rollout_map, title="Attention rollout"),
                 key=f"compare.rollout.{model.name}",
             )
-            rollouts[model.name] = scale_by_max(result["rollout"])
-            figures[f"{model.name} rollout"] = _bind(paper.rollout_overlay_figure, picture, result["rollout"])
-            arrays[f"{model.name}_rollout"] = result["rollout"]
+            rollouts[model.name] = scale_by_max(rollout_map)
+            figures[f"{model.name} rollout"] = _bind(paper.rollout_overlay_figure, picture, rollout_map)
+            arrays[f"{model.name}_rollout"] = rollout_map
             if gradient is not None:
                 widgets.plotly(
-                    interactive.rollout_figure(picture, gradient["map"], title="Gradient rollout (predicted class)"),
+                    interactive.rollout_figure(picture, gradient.map, title="Gradient rollout (predicted class)"),
                     key=f"compare.gradient.{model.name}",
                 )
-                gradients[model.name] = scale_by_max(np.clip(gradient["map"], 0, None))
+                gradients[model.name] = scale_by_max(np.clip(gradient.map, 0, None))
                 figures[f"{model.name} gradient rollout"] = _bind(
-                    paper.rollout_overlay_figure, picture, gradient["map"], title="Gradient-weighted rollout"
+                    paper.rollout_overlay_figure, picture, gradient.map, title="Gradient-weighted rollout"
                 )
-                arrays[f"{model.name}_gradient_rollout"] = gradient["map"]
+                arrays[f"{model.name}_gradient_rollout"] = gradient.map
     _differences(rollouts, "rollout, each map ÷ its maximum", figures, arrays, key="rollout")
     _differences(gradients, "gradient rollout, each map ÷ its maximum", figures, arrays, key="gradient")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from vitviz.analysis import DISTANCE_MODES
 from vitviz.errors import VitvizError
+from vitviz.pipeline import DISTANCE_MODES, AnalysisOptions
 from vitviz.plots import interactive, paper
 from vitviz.ui import exports, widgets
 from vitviz.ui.analyses import attention_distance
@@ -35,7 +35,7 @@ def render() -> None:
         result = attention_distance(
             loaded,
             images,
-            mode,
+            AnalysisOptions(distance_mode=mode),
             progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} images"),
         )
     except VitvizError as exc:
@@ -43,7 +43,7 @@ def render() -> None:
         widgets.show_error(exc)
         return
     bar.empty()
-    pixels, std, fraction = result["pixels"], result["std"], result["fraction"]
+    pixels, std, fraction = result.pixels, result.std, result.fraction
     depth, heads = pixels.shape
     width = loaded.meta.input_size[1]
 
@@ -82,7 +82,13 @@ def render() -> None:
                 ["layer", "head", "pixels", "std", "fraction_of_width"], rows
             ),
             f"attention-distance-{mode}.npz": lambda: exports.npz_bytes(
-                {**result, "image_names": np.array([image.name for image in images])}
+                {
+                    "pixels": pixels,
+                    "std": std,
+                    "fraction": fraction,
+                    "per_image": result.per_image,
+                    "image_names": np.array([image.name for image in images]),
+                }
             ),
         },
         key="distance",

@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import streamlit as st
-import torch
 
-from vitviz.analysis import components_for_display
+from vitviz.pipeline import NotApplicable, scaled_for_display
 from vitviz.plots import interactive, paper, tile_mosaic
 from vitviz.ui import cached, exports, widgets
 
@@ -25,11 +24,11 @@ def render() -> None:
         "Each token starts as a linear projection of one image patch. The projection's rows are filters over "
         "pixels; their principal components show the basis the model learned (ViT paper, Fig. 7 left)."
     )
-    result = cached.filter_components(loaded.content_hash, loaded.model)
-    if "reason" in result:
-        st.info(f"Not applicable to this model: {widgets.plain(result['reason'])}.")
+    result = cached.filters(loaded.content_hash, loaded)
+    if isinstance(result, NotApplicable):
+        st.info(f"Not applicable to this model: {widgets.plain(result.reason)}.")
         return
-    weight, components, ratio = result["weight"], result["components"], result["ratio"]
+    weight, components, ratio = result.weight, result.components, result.explained_variance_ratio
     max_k = len(ratio)
     k = st.slider("Principal components shown", 1, min(max_k, 64), min(28, max_k), key="filters.k")
 
@@ -65,7 +64,7 @@ def render() -> None:
 
 def _raw_mosaic(weight: np.ndarray) -> np.ndarray:
     """Filters [n, C, P, P] as one picture, each min-max scaled on its own (grey for non-RGB inputs)."""
-    scaled = components_for_display(torch.from_numpy(weight)).numpy()
+    scaled = scaled_for_display(weight)
     pictures = (
         scaled.transpose(0, 2, 3, 1) if scaled.shape[1] == 3 else scaled.mean(axis=1)[..., None].repeat(3, axis=3)
     )

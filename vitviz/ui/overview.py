@@ -7,11 +7,10 @@ from typing import Any
 
 import streamlit as st
 
-from vitviz.models import count_parameters
-from vitviz.pipeline import model_summary
+from vitviz.pipeline import ModelCard
 from vitviz.plots import interactive, paper
-from vitviz.tokens import token_layout
-from vitviz.ui import catalog, exports, widgets
+from vitviz.tokens import TokenLayout, token_layout
+from vitviz.ui import cached, catalog, exports, widgets
 
 GUIDE = [
     ("vitviz/ui/filters.py", "Patch filters", "the learned patch-embedding filters and their principal components."),
@@ -39,47 +38,46 @@ PROPERTY_COLUMNS = {
 def render() -> None:
     selection = widgets.model_sidebar()
     loaded, entry = selection.loaded, selection.entry
-    meta = loaded.meta
     st.title("vitviz studio")
     st.caption("See what a Vision Transformer has learned.")
     st.subheader(f"Model: {widgets.plain(entry.label)}")
 
-    summary = model_summary(loaded)
+    card = cached.model_card(loaded.source, loaded.content_hash, loaded)
     layout = token_layout(loaded.model)
-    parameters = count_parameters(loaded.model)
+    parameters = card.parameters
     cols = st.columns(5)
     cols[0].metric("Parameters", f"{parameters / 1e6:.2f} M" if parameters >= 1e5 else f"{parameters:,}")
-    cols[1].metric("Layers × heads", f"{summary['depth']} × {summary['num_heads']}")
-    cols[2].metric("Width", summary["embed_dim"])
-    cols[3].metric("Input", f"{summary['img_size'][0]}×{summary['img_size'][1]} px")
-    cols[4].metric("Tokens", f"{layout.grid[0]}×{layout.grid[1]} + {layout.num_prefix_tokens}")
+    cols[1].metric("Layers × heads", f"{card.depth} × {card.num_heads}")
+    cols[2].metric("Width", card.embed_dim)
+    cols[3].metric("Input", f"{card.img_size[0]}×{card.img_size[1]} px")
+    cols[4].metric("Tokens", f"{card.grid[0]}×{card.grid[1]} + {card.num_prefix_tokens}")
 
     arch_col, train_col = st.columns(2)
     with arch_col:
         st.markdown("##### Architecture")
-        widgets.table(_architecture_rows(loaded, layout), column_config=PROPERTY_COLUMNS)
-        if meta.resolution_history:
+        widgets.table(_architecture_rows(card, layout), column_config=PROPERTY_COLUMNS)
+        if card.resolution_history:
             st.markdown("##### Resolution history")
             widgets.table(
                 [
                     {"method": h["method"], "old grid": _grid(h["old_grid"]), "new grid": _grid(h["new_grid"])}
-                    for h in meta.resolution_history
+                    for h in card.resolution_history
                 ]
             )
     with train_col:
         st.markdown("##### How it was trained")
-        rows = _training_rows(meta.training)
+        rows = _training_rows(card.training)
         if rows:
             widgets.table(rows, column_config=PROPERTY_COLUMNS)
         else:
             st.caption("This model carries no training summary.")
-        accuracy = _final_accuracy(meta.training)
+        accuracy = _final_accuracy(card.training)
         if accuracy:
             metric_cols = st.columns(len(accuracy))
             for col, (label, value) in zip(metric_cols, accuracy.items()):
                 col.metric(label, f"{100 * value:.1f} %")
 
-    records, where = _training_log(entry, meta.training)
+    records, where = _training_log(entry, card.training)
     st.markdown("##### Training curves")
     if records:
         st.caption(f"From {widgets.plain(where)}")
@@ -87,16 +85,7 @@ def render() -> None:
     else:
         st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
 
-    card = {
-        **summary,
-        "parameters": parameters,
-        "class_names": meta.class_names,
-        "training": meta.training,
-        "config": meta.config.to_dict() if meta.config is not None else None,
-        "resolution_history": meta.resolution_history,
-        "content_hash": loaded.content_hash,
-    }
-    numbers = {"model-card.json": lambda: exports.json_bytes(card)}
+    numbers = {"model-card.json": lambda: exports.json_bytes(card.to_dict())}
     figures = {}
     if records:
         numbers["metrics.csv"] = lambda: exports.records_csv_bytes(records)
@@ -126,8 +115,7 @@ def _short_source(source: str) -> str:
     return source
 
 
-def _architecture_rows(loaded: Any, layout: Any) -> list[dict[str, str]]:
-    meta = loaded.meta
+def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[dict[str, str]]:
     prefix = []
     if layout.has_class_token:
         prefix.append("class")
@@ -136,31 +124,31 @@ def _architecture_rows(loaded: Any, layout: Any) -> list[dict[str, str]]:
     if layout.num_reg_tokens:
         prefix.append(f"{layout.num_reg_tokens} register")
     rows = [
-        ("architecture", meta.arch),
-        ("source", _short_source(loaded.source)),
-        ("patch grid", _grid(layout.grid)),
-        ("pixels per token", _grid(layout.stride)),
+        ("architecture", card.arch),
+        ("source", _short_source(card.source)),
+        ("patch grid", _grid(card.grid)),
+        ("pixels per token", _grid(card.stride)),
         ("prefix tokens", ", ".join(prefix) or "none"),
-        ("input channels", str(meta.in_chans)),
+        ("input channels", str(card.in_chans)),
         (
             "classes",
-            f"{len(meta.class_names)}: "
-            + ", ".join(meta.class_names[:8])
-            + (" …" if len(meta.class_names) > 8 else ""),
+            f"{len(card.class_names)}: "
+            + ", ".join(card.class_names[:8])
+            + (" …" if len(card.class_names) > 8 else ""),
         ),
         (
             "normalisation",
-            f"mean {', '.join(f'{m:.3g}' for m in meta.mean)}; std {', '.join(f'{s:.3g}' for s in meta.std)}",
+            f"mean {', '.join(f'{m:.3g}' for m in card.mean)}; std {', '.join(f'{s:.3g}' for s in card.std)}",
         ),
     ]
-    if meta.config is not None:
-        cfg = meta.config
+    if card.config is not None:
+        cfg = card.config
         rows += [
-            ("position embedding", cfg.pos_embed),
-            ("stem", cfg.stem if cfg.stem == "patch" else f"hybrid ResNetV2 {list(cfg.hybrid_layers)}"),
-            ("pooling", cfg.global_pool),
-            ("MLP ratio", f"{cfg.mlp_ratio:g}"),
-            ("head", cfg.head),
+            ("position embedding", cfg["pos_embed"]),
+            ("stem", cfg["stem"] if cfg["stem"] == "patch" else f"hybrid ResNetV2 {list(cfg['hybrid_layers'])}"),
+            ("pooling", cfg["global_pool"]),
+            ("MLP ratio", f"{cfg['mlp_ratio']:g}"),
+            ("head", cfg["head"]),
         ]
     return [{"property": key, "value": str(value)} for key, value in rows]
 

@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz.errors import VitvizError
+from vitviz.pipeline import NotApplicable
 from vitviz.plots import interactive, paper
 from vitviz.tokens import token_layout
 from vitviz.ui import cached, exports, widgets
@@ -25,10 +26,11 @@ def render() -> None:
         "Tile (r, c) shows how similar the embedding of patch (r, c) is to the embedding of every patch "
         "(cosine similarity). A model that learned the 2-D layout shows a bright spot that moves with the tile."
     )
-    similarity = cached.position_table_similarity(loaded.content_hash, loaded.model)
-    if similarity is None:
+    result = cached.position(loaded.content_hash, loaded)
+    if isinstance(result, NotApplicable):
         st.info("Not applicable: this model has no absolute position embeddings (none, or a relative-position bias).")
         return
+    similarity = result.similarity
 
     grid_col, patch_col = st.columns([3, 2])
     with grid_col:
@@ -59,15 +61,16 @@ def render() -> None:
     resampled = None
     try:
         with st.spinner("Resampling…"):
-            resampled, record = cached.resampled_similarity(loaded.content_hash, loaded.model, loaded.meta, new_size)
+            outcome = cached.resampled_position(loaded.content_hash, loaded, new_size)
     except VitvizError as exc:
         widgets.show_error(exc, controls_col)
     else:
-        if resampled is None:
+        if isinstance(outcome.position, NotApplicable):
             controls_col.info("After resampling this model has no absolute position embeddings to compare.")
         else:
+            resampled = outcome.position.similarity
             controls_col.caption(
-                f"Method: {widgets.plain(record['method'])}; grid {gh}×{gw} → {new_grid[0]}×{new_grid[1]}."
+                f"Method: {widgets.plain(outcome.method)}; grid {gh}×{gw} → {new_grid[0]}×{new_grid[1]}."
             )
             with resampled_col:
                 widgets.plotly(

@@ -6,20 +6,13 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from vitviz.analysis import HEAD_FUSIONS
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
+from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, top_k
 from vitviz.plots import interactive, paper
 from vitviz.tokens import token_layout
 from vitviz.ui import exports, widgets
-from vitviz.ui.analyses import (
-    InputImage,
-    display_picture,
-    gradient_map,
-    image_attention,
-    query_grid,
-    top_classes,
-)
+from vitviz.ui.analyses import InputImage, display_picture, gradient_map, image_attention
 
 GALLERY_MAX = 8  # uploads shown as small overlays side by side
 CLASS_TOKEN = "class token"
@@ -68,23 +61,18 @@ def render() -> None:
     opacity = opacity_col.slider("Overlay opacity", 0.1, 1.0, 0.5, 0.05, key="rollout.opacity")
 
     try:
+        options = AnalysisOptions(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
         with st.spinner("Running the model…"):
-            attention = image_attention(
-                loaded,
-                image,
-                head_fusion=head_fusion,
-                discard_ratio=discard_ratio,
-                start_layer=start_layer,
-                query_index=0,
-            )
+            attention = image_attention(loaded, image, options, query_index=0)
     except VitvizError as exc:
         widgets.show_error(exc)
         return
     picture = display_picture(loaded, image)
-    top5 = top_classes(attention["probs"], class_names)
+    rollout_map = attention.rollout.map
+    top5 = top_k(attention.probabilities, class_names)
     target = None
     if class_names:
-        predicted = top5[0][0]
+        predicted = top5[0].index
         target = class_col.selectbox(
             "Gradient rollout for class",
             range(len(class_names)),
@@ -100,18 +88,18 @@ def render() -> None:
     with overlay_col:
         st.markdown("##### Attention rollout")
         widgets.plotly(
-            interactive.rollout_figure(picture, attention["rollout"], opacity=opacity),
+            interactive.rollout_figure(picture, rollout_map, opacity=opacity),
             key="rollout.overlay",
             height=OVERLAY_HEIGHT,
         )
     with top_col:
         st.markdown("##### Top-5 predictions")
         widgets.table(
-            [{"class": name, "probability": prob} for _, name, prob in top5],
+            [{"class": p.name, "probability": p.probability} for p in top5],
             column_config={"probability": st.column_config.NumberColumn("probability", format="percent")},
         )
         st.caption(f"Input: {widgets.plain(image.name)}")
-    gradient = None
+    gradient: GradientRolloutResult | None = None
     with gradient_col:
         st.markdown("##### Gradient rollout")
         if target is None:
@@ -124,13 +112,13 @@ def render() -> None:
                 widgets.show_error(exc)
         if gradient is not None:
             widgets.plotly(
-                interactive.rollout_figure(picture, gradient["map"], opacity=opacity),
+                interactive.rollout_figure(picture, gradient.map, opacity=opacity),
                 key="rollout.gradient",
                 height=OVERLAY_HEIGHT,
             )
 
     if from_uploads and len(images) > 1:
-        _gallery(loaded, images, head_fusion, discard_ratio, start_layer)
+        _gallery(loaded, images, options)
 
     st.markdown("##### Where one token attends, in every layer and head")
     grid_col, query_col = st.columns([3, 2])
@@ -156,21 +144,14 @@ def render() -> None:
             help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
             "heads can be told apart.",
         )
-    query_attention = attention["query"]
-    if query_index != 0:
+    query = attention.query
+    if query_index != query.query_index:
         try:
-            query_attention = image_attention(
-                loaded,
-                image,
-                head_fusion=head_fusion,
-                discard_ratio=discard_ratio,
-                start_layer=start_layer,
-                query_index=query_index,
-            )["query"]
+            query = image_attention(loaded, image, options, query_index=query_index).query
         except VitvizError as exc:
             widgets.show_error(exc)
             return
-    grid = query_grid(loaded, query_attention)
+    grid = query.grid
     with grid_col:
         widgets.plotly(
             interactive.attention_grid_figure(grid, per_tile=per_tile, title=f"Attention of the {query_label}"),
@@ -178,37 +159,37 @@ def render() -> None:
         )
 
     figures = {
-        "rollout": lambda: paper.rollout_overlay_figure(picture, attention["rollout"], alpha=opacity),
+        "rollout": lambda: paper.rollout_overlay_figure(picture, rollout_map, alpha=opacity),
         "attention-grid": lambda: paper.attention_grid_figure(
             grid, query=query_patch, per_tile=per_tile, title=f"Attention of the {query_label}"
         ),
     }
     arrays = {
-        "rollout": attention["rollout"],
-        "probabilities": attention["probs"],
+        "rollout": rollout_map,
+        "probabilities": attention.probabilities,
         "query_attention": grid,
         "query_index": np.asarray(query_index),
     }
     if gradient is not None:
         figures["gradient-rollout"] = lambda: paper.rollout_overlay_figure(
-            picture, gradient["map"], title="Gradient-weighted rollout", alpha=opacity
+            picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity
         )
-        arrays["gradient_rollout"] = gradient["map"]
-        arrays["gradient_target_class"] = gradient["target"]
+        arrays["gradient_rollout"] = gradient.map
+        arrays["gradient_target_class"] = np.asarray(gradient.target_class)
     widgets.downloads(
         f"{selection.entry.key}-{image.name}",
         figures=figures,
         numbers={
-            "top5.csv": lambda: exports.csv_bytes(["class_index", "class", "probability"], top5),
+            "top5.csv": lambda: exports.csv_bytes(
+                ["class_index", "class", "probability"], [(p.index, p.name, p.probability) for p in top5]
+            ),
             "rollout.npz": lambda: exports.npz_bytes(arrays),
         },
         key="rollout",
     )
 
 
-def _gallery(
-    loaded: LoadedModel, images: list[InputImage], head_fusion: str, discard_ratio: float, start_layer: int
-) -> None:
+def _gallery(loaded: LoadedModel, images: list[InputImage], options: AnalysisOptions) -> None:
     """Small rollout overlays of every upload, so several images can be compared at a glance."""
     st.markdown("##### All uploads")
     shown = images[:GALLERY_MAX]
@@ -216,18 +197,11 @@ def _gallery(
     for index, image in enumerate(shown):
         with columns[index % len(columns)]:
             try:
-                result = image_attention(
-                    loaded,
-                    image,
-                    head_fusion=head_fusion,
-                    discard_ratio=discard_ratio,
-                    start_layer=start_layer,
-                    query_index=0,
-                )
+                result = image_attention(loaded, image, options, query_index=0)
             except VitvizError as exc:
                 widgets.show_error(exc)
                 continue
-            st.image(paper.overlay_image(display_picture(loaded, image), result["rollout"]), width="stretch")
+            st.image(paper.overlay_image(display_picture(loaded, image), result.rollout.map), width="stretch")
             st.caption(widgets.plain(image.name))
     if len(images) > GALLERY_MAX:
         st.caption(f"… and {len(images) - GALLERY_MAX} more (choose one above).")

@@ -18,8 +18,7 @@ import streamlit as st
 from matplotlib.figure import Figure
 
 from vitviz.errors import VitvizError
-from vitviz.models import LoadedModel, count_parameters, read_checkpoint_meta
-from vitviz.tokens import token_layout
+from vitviz.models import LoadedModel, read_checkpoint_meta
 from vitviz.ui import cached, catalog, exports, keys
 from vitviz.ui.analyses import InputImage, pixels_digest
 from vitviz.ui.catalog import ModelEntry
@@ -231,13 +230,11 @@ def _add_model_controls() -> None:
 
 def model_line(loaded: LoadedModel) -> str:
     """One line of numbers describing a model (no user text in it)."""
-    layout = token_layout(loaded.model)
-    blocks = getattr(loaded.model, "blocks", [])
-    heads = int(blocks[0].attn.num_heads) if len(blocks) else 0
+    card = cached.model_card(loaded.source, loaded.content_hash, loaded)
     return (
-        f"{len(blocks)} layers × {heads} heads, width {int(getattr(loaded.model, 'embed_dim', 0))} · "
-        f"{layout.grid[0]}×{layout.grid[1]} tokens of {layout.stride[0]}×{layout.stride[1]} px"
-        f" + {layout.num_prefix_tokens} prefix · {count_parameters(loaded.model) / 1e6:.2f} M parameters"
+        f"{card.depth} layers × {card.num_heads} heads, width {card.embed_dim} · "
+        f"{card.grid[0]}×{card.grid[1]} tokens of {card.stride[0]}×{card.stride[1]} px"
+        f" + {card.num_prefix_tokens} prefix · {card.parameters / 1e6:.2f} M parameters"
     )
 
 
