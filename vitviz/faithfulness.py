@@ -37,6 +37,7 @@ Public API:
     run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section))
     explanation_maps(model, images, method, targets, ...) -> [B, gh, gw] float64
     deletion_insertion_curves(model, image, relevance, target, steps, stride) -> (deletion, insertion) [S+1]
+    sanity_check(model, images, original_maps, targets, options) -> {method: SanityResult}
     patch_order, step_counts, masked_inputs, curve_auc, spearman, randomise_tensor, cascading_randomisation
 """
 
@@ -81,6 +82,7 @@ __all__ = [
     "patch_order",
     "randomise_tensor",
     "run_faithfulness",
+    "sanity_check",
     "spearman",
     "step_counts",
 ]
