@@ -56,11 +56,12 @@ def _images(session: int):
 
 def _explain(loaded, image, with_gradient: bool) -> dict[str, np.ndarray]:
     """What one rerun of /rollout computes for an image."""
+    from vitviz.pipeline import AnalysisOptions
     from vitviz.ui.analyses import gradient_map, image_attention
 
-    out = dict(image_attention(loaded, image, head_fusion="mean", discard_ratio=0.0, start_layer=0, query_index=0))
+    out = image_attention(loaded, image, AnalysisOptions(), query_index=0).to_arrays()
     if with_gradient:
-        out.update({f"gradient_{k}": v for k, v in gradient_map(loaded, image, None).items()})
+        out.update({f"gradient_{k}": v for k, v in gradient_map(loaded, image, None).to_arrays().items()})
     return out
 
 
