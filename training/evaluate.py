@@ -8,7 +8,6 @@ the app would show for the same checkpoint.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,6 @@ from vitviz.capture import capture_attention
 from vitviz.errors import VitvizError
 from vitviz.models import load_model
 from vitviz.tokens import token_layout
-
-logger = logging.getLogger(__name__)
 
 
 def evaluate_checkpoint(

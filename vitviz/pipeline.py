@@ -9,7 +9,6 @@ writes files.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +25,6 @@ from vitviz.capture import QueryAttention, attention_gradients, capture_attentio
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
 from vitviz.tokens import token_layout
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "ANALYSES",

@@ -8,15 +8,12 @@ so each component is flipped to make its entry of largest magnitude positive (th
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vitviz.errors import VitvizError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FilterPCA", "components_for_display", "filter_pca", "filters_applicable", "patch_embedding_filters"]
 

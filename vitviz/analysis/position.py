@@ -7,11 +7,7 @@ provides it). S[i, j] = <e_i, e_j> / (|e_i| |e_j|), shaped [gh, gw, gh, gw].
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["position_similarity", "similarity_mosaic"]
 

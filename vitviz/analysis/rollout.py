@@ -22,7 +22,6 @@ exact chance that a uniformly random patch overlaps the object: the fraction of 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ import torch
 
 from vitviz.errors import VitvizError
 from vitviz.tokens import TokenLayout
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "HEAD_FUSIONS",

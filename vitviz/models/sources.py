@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import torch
@@ -22,8 +21,6 @@ from vitviz.models.checkpoint import (
 from vitviz.models.factory import build_timm_model
 from vitviz.runs import run_checkpoint
 from vitviz.tokens import token_layout
-
-logger = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always means the same weights

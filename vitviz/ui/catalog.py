@@ -16,7 +16,6 @@ Keys:
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes
 from vitviz.runs import read_jsonl as read_jsonl  # re-exported: pages read training logs through the catalog
 from vitviz.runs import read_metrics as read_metrics
-
-logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"

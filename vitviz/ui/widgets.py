@@ -7,7 +7,6 @@ shown through `plain()`, which escapes Markdown, or in tables and code blocks; n
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from vitviz.models import LoadedModel, read_checkpoint_meta
 from vitviz.ui import cached, catalog, exports, keys
 from vitviz.ui.analyses import InputImage, pixels_digest
 from vitviz.ui.catalog import ModelEntry
-
-logger = logging.getLogger(__name__)
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 MAX_IMAGE_UPLOAD_MB = 50
