@@ -26,8 +26,6 @@ from vitviz import runs as run_folders
 from vitviz.cli import IMAGE_SUFFIXES
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes
-from vitviz.runs import read_jsonl as read_jsonl  # re-exported: pages read training logs through the catalog
-from vitviz.runs import read_metrics as read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"

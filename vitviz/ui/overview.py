@@ -7,6 +7,7 @@ from typing import Any
 
 import streamlit as st
 
+from vitviz import runs as run_folders
 from vitviz.pipeline import ModelCard
 from vitviz.plots import interactive, paper
 from vitviz.tokens import TokenLayout, token_layout
@@ -177,10 +178,10 @@ def _final_accuracy(training: dict[str, Any]) -> dict[str, float]:
 def _training_log(entry: catalog.ModelEntry, training: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     run = catalog.run_dir_for(entry, training)
     if run is not None:
-        return catalog.read_metrics(run), f"run {run.name}"
+        return run_folders.read_metrics(run), f"run {run.name}"
     beside = catalog.metrics_beside(entry)
     if beside is not None:
-        return catalog.read_jsonl(beside), beside.name
+        return run_folders.read_jsonl(beside), beside.name
     return [], ""
 
 
