@@ -515,3 +515,60 @@ def test_curves_figure_one_colour_per_method_random_dashed(tmp_path: Path) -> No
     assert lines[1].get_linestyle() == "--"
     with pytest.raises(ValueError):
         plots.sanity_figure(["head"], {"rollout": [1.0, 0.5]})
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_writes_what_the_api_computes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitviz.cli import main
+    from vitviz.pipeline import model_card
+
+    files = [SAMPLES / "circle.png", SAMPLES / "star.png"]
+    argv = ["faithfulness", str(CHECKPOINTS / "shapes-default.safetensors"), "--images", *map(str, files)]
+    argv += ["--methods", "rollout,random", "--steps", "8", "--sanity", "--json", str(tmp_path / "f.json")]
+    argv += ["--figures", str(tmp_path / "figures")]
+    assert main(argv) == 0
+    document = json.loads((tmp_path / "f.json").read_text())
+
+    loaded = load_model(str(CHECKPOINTS / "shapes-default.safetensors"))
+    meta = loaded.meta
+    images = torch.stack(
+        [
+            load_for_model(f, input_size=meta.input_size, mean=meta.mean, std=meta.std, in_chans=meta.in_chans)
+            for f in files
+        ]
+    )
+    options = FaithfulnessOptions(methods=("rollout", "random"), steps=8, sanity=True)
+    expected = run_faithfulness(loaded.model, images, [str(f) for f in files], options)
+    want = json.loads(json.dumps(expected.to_json(model_card(loaded).model_section())))
+    assert document["model"] == want["model"] and document["protocol"] == want["protocol"]
+    assert document["sanity"] == want["sanity"] and document["sanity"]["rollout"]["spearman"][0] == 1.0
+    for name in ("rollout", "random"):
+        got, exp = document["methods"][name], want["methods"][name]
+        assert got["deletion_auc"] == exp["deletion_auc"] and got["insertion_auc"] == exp["insertion_auc"]
+        assert [c["deletion"] for c in got["per_image"]] == [c["deletion"] for c in exp["per_image"]]
+        assert len(got["per_image"][0]["deletion"]) == 9
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "faithfulness-curves.png",
+        "faithfulness-curves.svg",
+        "faithfulness-sanity.png",
+        "faithfulness-sanity.svg",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "bogus"], "unknown method bogus"),
+        (["--steps", "0"], "steps"),
+        (["--target-class", "10"], "out of range"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_status_2(extra: list[str], message: str, capsys) -> None:
+    from vitviz.cli import main
+
+    argv = ["faithfulness", str(CHECKPOINTS / "shapes-default.safetensors"), "--images", str(SAMPLES / "circle.png")]
+    assert main([*argv, *extra, "--json", "-"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

@@ -5,6 +5,8 @@
         [--analyses filters,position,distance,rollout,gradient-rollout] [--json OUT] [--figures DIR]
         [--components K] [--distance-mode paper|renormalised] [--head-fusion mean|max|min]
         [--discard-ratio R] [--start-layer S] [--target-class C] [--batch-size B]
+    python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
+        [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
 
 MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>. A user's mistake prints one
 line on stderr and exits with status 2; progress goes to stderr, results to the files asked for (or the
@@ -17,7 +19,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--start-layer", type=int, default=0, help="rollout: first layer multiplied in")
     analyze.add_argument("--target-class", type=int, help="gradient rollout class (default: the prediction)")
     analyze.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
+
+    add_faithfulness_parser(sub, add_model)
     return parser
 
 
@@ -262,19 +266,110 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         result.update(image_sections(image_results, [str(f) for f in files]))
 
     if args.json_out is not None:
-        text = json.dumps(result)
-        if args.json_out == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(args.json_out), text)
-            logger.info("wrote %s", args.json_out)
+        write_json(result, args.json_out)
     if args.figures is not None:
         written = write_figures(
             Path(args.figures), loaded, filter_result, position_result, images, image_results, files
         )
         logger.info("wrote %d figures to %s", len(written), args.figures)
     return 0
+
+
+def write_json(document: dict[str, Any], out: str) -> None:
+    """Write a result document to `out` atomically, or to stdout for '-'."""
+    text = json.dumps(document)
+    if out == "-":
+        sys.stdout.write(text + "\n")
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), text)
+    logger.info("wrote %s", out)
+
+
+def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The `faithfulness` subparser; `sub` is build_parser()'s subparsers action, `add_model` its helper."""
+    from vitviz.faithfulness import DEFAULT_METHODS, METHODS
+
+    p = sub.add_parser(
+        "faithfulness", help="deletion/insertion curves of explanation maps and the cascading-randomisation check"
+    )
+    add_model(p)
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
+    p.add_argument(
+        "--methods",
+        help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument("--steps", type=int, help="curve steps S (default min(patches, 50))")
+    p.add_argument("--target-class", type=int, help="class whose probability is followed (default: the prediction)")
+    p.add_argument("--sanity", action="store_true", help="also run the cascading-randomisation sanity check")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--figures", metavar="DIR", help="write the curves (and sanity) figures as PNG and SVG")
+    p.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward (64)")
+    p.add_argument("--ig-steps", type=int, default=50, help="integrated gradients: interpolation steps (50)")
+
+
+def cmd_faithfulness(args: argparse.Namespace) -> int:
+    """Run the comparison and write the JSON and figures asked for."""
+    from tqdm import tqdm
+
+    from vitviz.faithfulness import FaithfulnessOptions, parse_methods, run_faithfulness
+    from vitviz.pipeline import model_card
+
+    options = FaithfulnessOptions(  # checks methods, steps, batch size before anything is loaded
+        methods=tuple(parse_methods(args.methods)),
+        steps=args.steps,
+        target_class=args.target_class,
+        batch_size=args.batch_size,
+        ig_steps=args.ig_steps,
+        sanity=args.sanity,
+    )
+    if args.json_out is None and args.figures is None:
+        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    files = collect_images(args.images)
+    loaded = _load(args)
+    images = _load_images(files, loaded)
+    total = len(files) * len(options.methods)
+    with tqdm(total=total, desc="faithfulness", unit="map", file=sys.stderr, disable=None) as bar:
+        done: dict[str, int] = {}
+
+        def progress(method: str, finished: int) -> None:
+            done[method] = finished
+            bar.update(sum(done.values()) - bar.n)
+
+        result = run_faithfulness(loaded.model, images, [str(f) for f in files], options, progress=progress)
+    document = result.to_json(model_card(loaded).model_section())
+
+    if args.json_out is not None:
+        write_json(document, args.json_out)
+    if args.figures is not None:
+        written = write_faithfulness_figures(Path(args.figures), result)
+        logger.info("wrote %d figures to %s", len(written), args.figures)
+    return 0
+
+
+def write_faithfulness_figures(folder: Path, result: Any) -> list[Path]:
+    """`faithfulness-curves` (mean over images) and, with --sanity, `faithfulness-sanity`, as PNG and SVG."""
+    import numpy as np
+
+    from vitviz.plots import faithfulness as plots
+    from vitviz.plots.paper import save_figure
+
+    deletion = {
+        name: np.stack([c.deletion.numpy() for c in method.per_image]) for name, method in result.methods.items()
+    }
+    insertion = {
+        name: np.stack([c.insertion.numpy() for c in method.per_image]) for name, method in result.methods.items()
+    }
+    images = len(next(iter(result.methods.values())).per_image)
+    title = f"{images} image(s), S = {result.steps}, target " + (
+        "predicted" if result.target_class is None else f"class {result.target_class}"
+    )
+    written = save_figure(plots.curves_figure(deletion, insertion, title=title), folder / "faithfulness-curves")
+    if result.sanity is not None:
+        first = next(iter(result.sanity.values()))
+        spearman = {name: list(s.spearman) for name, s in result.sanity.items()}
+        written += save_figure(plots.sanity_figure(first.randomised, spearman), folder / "faithfulness-sanity")
+    return written
 
 
 def write_figures(
@@ -337,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "faithfulness":
+            return cmd_faithfulness(args)
         return cmd_analyze(args)
     except VitvizError as exc:
         print(f"vitviz: error: {exc}", file=sys.stderr)
