@@ -21,23 +21,38 @@ from vitviz.analysis.distance import DISTANCE_MODES, AttentionDistance, Distance
 from vitviz.analysis.filters import components_for_display, filter_pca, filters_applicable, patch_embedding_filters
 from vitviz.analysis.position import position_similarity
 from vitviz.analysis.rollout import HEAD_FUSIONS, RolloutAccumulator, check_discard_ratio, gradient_rollout
+from vitviz.analysis.tokens import (
+    FeatureMoments,
+    HeadMapAccumulator,
+    LogitLens,
+    PrefixAttention,
+    TokenNorms,
+    block_outputs,
+    has_classifier_head,
+    mass_threshold_masks,
+    token_names,
+)
 from vitviz.capture import QueryAttention, attention_gradients, capture_attention
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
-from vitviz.tokens import token_layout
+from vitviz.tokens import TokenLayout, token_layout
 
 __all__ = [
     "ANALYSES",
+    "DEFAULT_ANALYSES",
     "DISTANCE_MODES",
     "HEAD_FUSIONS",
     "IMAGE_ANALYSES",
     "TOP_K",
     "AnalysisOptions",
     "DistanceResult",
+    "FeaturesResult",
     "FilterResult",
     "GradientRolloutResult",
+    "HeadMapsResult",
     "ImageAttention",
     "ImageResults",
+    "LogitLensResult",
     "ModelCard",
     "NotApplicable",
     "PositionResult",
@@ -46,6 +61,7 @@ __all__ = [
     "QueryAttentionResult",
     "ResampledPosition",
     "RolloutResult",
+    "TokensResult",
     "TopK",
     "filters",
     "gradient_rollout_map",
@@ -59,8 +75,9 @@ __all__ = [
     "top_k",
 ]
 
-ANALYSES = ("filters", "position", "distance", "rollout", "gradient-rollout")
-IMAGE_ANALYSES = ("distance", "rollout", "gradient-rollout")
+DEFAULT_ANALYSES = ("filters", "position", "distance", "rollout", "gradient-rollout")  # what no --analyses runs
+ANALYSES = (*DEFAULT_ANALYSES, "tokens", "features", "head-maps", "logit-lens")
+IMAGE_ANALYSES = ("distance", "rollout", "gradient-rollout", "tokens", "features", "head-maps", "logit-lens")
 TOP_K = 5  # predictions reported beside a rollout map
 NO_POSITION_EMBEDDINGS = "the model has no absolute position embeddings (none or relative positions)"
 
@@ -81,6 +98,8 @@ class AnalysisOptions:
     start_layer: int = 0  # rollout: first layer multiplied in
     target_class: int | None = None  # gradient rollout: class c; None = each image's prediction
     batch_size: int = 16  # images per forward
+    outlier_factor: float = 2.0  # tokens: a patch token is an outlier above this many times the median norm
+    mass_share: float = 0.6  # head maps: share of a head's attention its mask holds (DINO's threshold)
 
     def __post_init__(self) -> None:
         if self.components < 1:
@@ -94,6 +113,10 @@ class AnalysisOptions:
             raise VitvizError(f"--start-layer must be 0 or more, got {self.start_layer}")
         if self.batch_size < 1:
             raise VitvizError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not float(self.outlier_factor) > 1.0 or not np.isfinite(self.outlier_factor):
+            raise VitvizError(f"--outlier-factor must be a number above 1, got {self.outlier_factor}")
+        if not 0.0 < float(self.mass_share) <= 1.0:
+            raise VitvizError(f"--mass-share must be in (0, 1], got {self.mass_share}")
 
     def check_model(self, loaded: LoadedModel, analyses: Sequence[str] = ANALYSES) -> None:
         """Refuse options that do not fit this model (a start layer past the last, a class it does not have)."""
@@ -102,18 +125,18 @@ class AnalysisOptions:
             depth = len(getattr(model, "blocks", []))
             if self.start_layer >= depth:
                 raise VitvizError(f"--start-layer {self.start_layer} is past the last layer ({depth - 1})")
-        if "gradient-rollout" in analyses and self.target_class is not None:
-            num_classes = int(getattr(model, "num_classes", 0))
-            if not 0 <= self.target_class < num_classes:
-                raise VitvizError(
-                    f"--target-class {self.target_class} is out of range: the model has {num_classes} classes"
-                )
+        num_classes = int(getattr(model, "num_classes", 0))
+        follows_class = "gradient-rollout" in analyses or ("logit-lens" in analyses and has_classifier_head(model))
+        if follows_class and self.target_class is not None and not 0 <= self.target_class < num_classes:
+            raise VitvizError(
+                f"--target-class {self.target_class} is out of range: the model has {num_classes} classes"
+            )
 
 
 def parse_analyses(text: str | None) -> list[str]:
-    """Parse a comma-separated --analyses list; None means every analysis."""
+    """Parse a comma-separated --analyses list; None means DEFAULT_ANALYSES (the paper's five)."""
     if text is None:
-        return list(ANALYSES)
+        return list(DEFAULT_ANALYSES)
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ANALYSES]
     if unknown or not names:
@@ -422,6 +445,113 @@ class QueryAttentionResult:
         return self.attention[..., self.num_prefix_tokens :].reshape(*self.attention.shape[:-1], *self.grid_size)
 
 
+NO_CLASSIFIER_HEAD = "the model has no classification head"
+
+
+@dataclass(frozen=True)
+class TokensResult:
+    """Token norms after every block, attention to prefix tokens and high-norm patch tokens (docs/design.md)."""
+
+    norms: np.ndarray  # [L, N] float64: L2 norm of every token of every block's output, mean over images
+    token_names: tuple[str, ...]  # [N] cls, dist, reg0..., then patches r{row}c{col}, the model's order
+    prefix_attention: np.ndarray  # [L, H] float64: patch queries' attention to all prefix tokens (0: none)
+    outlier_factor: float
+    outlier_image: np.ndarray  # [M] int64; outliers sorted by image, layer, row, column
+    outlier_layer: np.ndarray  # [M] int64
+    outlier_row: np.ndarray  # [M] int64
+    outlier_col: np.ndarray  # [M] int64
+    outlier_norm: np.ndarray  # [M] float64
+    outlier_ratio: np.ndarray  # [M] float64: norm / that image's median patch-token norm at that layer
+    num_prefix_tokens: int
+    num_images: int
+
+    @property
+    def outlier_counts(self) -> np.ndarray:
+        """[L] int64: outliers per layer, over all images."""
+        return np.bincount(self.outlier_layer, minlength=self.norms.shape[0]).astype(np.int64)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "norms": self.norms,
+            "token_names": np.asarray(self.token_names),
+            "prefix_attention": self.prefix_attention,
+            "outlier_factor": np.asarray(self.outlier_factor, dtype=np.float64),
+            "outlier_image": self.outlier_image,
+            "outlier_layer": self.outlier_layer,
+            "outlier_row": self.outlier_row,
+            "outlier_col": self.outlier_col,
+            "outlier_norm": self.outlier_norm,
+            "outlier_ratio": self.outlier_ratio,
+            "num_prefix_tokens": np.asarray(self.num_prefix_tokens),
+            "num_images": np.asarray(self.num_images),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TokensResult:
+        return cls(
+            norms=np.asarray(arrays["norms"]),
+            token_names=tuple(str(n) for n in arrays["token_names"]),
+            prefix_attention=np.asarray(arrays["prefix_attention"]),
+            outlier_factor=float(arrays["outlier_factor"]),
+            outlier_image=np.asarray(arrays["outlier_image"]),
+            outlier_layer=np.asarray(arrays["outlier_layer"]),
+            outlier_row=np.asarray(arrays["outlier_row"]),
+            outlier_col=np.asarray(arrays["outlier_col"]),
+            outlier_norm=np.asarray(arrays["outlier_norm"]),
+            outlier_ratio=np.asarray(arrays["outlier_ratio"]),
+            num_prefix_tokens=int(arrays["num_prefix_tokens"]),
+            num_images=int(arrays["num_images"]),
+        )
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """PCA of the final features' patch tokens, centred over all patch tokens of all images (raw projections)."""
+
+    explained_variance_ratio: np.ndarray  # [k] float64, k = 3 (fewer when the width is smaller)
+    projections: np.ndarray  # [B, gh, gw, k] float64
+    components: np.ndarray  # [k, D] float64, unit norm, largest-|loading| entry positive
+    mean: np.ndarray  # [D] float64
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "projections": self.projections,
+            "components": self.components,
+            "mean": self.mean,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FeaturesResult:
+        return cls(
+            **{name: np.asarray(arrays[name]) for name in ("explained_variance_ratio", "projections")},
+            components=np.asarray(arrays["components"]),
+            mean=np.asarray(arrays["mean"]),
+        )
+
+
+@dataclass(frozen=True)
+class HeadMapsResult:
+    """One image's last-layer attention of every head over the patches, and DINO's mass-threshold masks."""
+
+    attention: np.ndarray  # [H, gh, gw] float64
+    masks: np.ndarray  # [H, gh, gw] bool: the smallest set of patches holding `mass_share` of each head's map
+    mass_share: float
+    uses_class_token: bool  # False: the mean over patch queries (the model has no class token)
+
+    @property
+    def query(self) -> str:
+        return "class token" if self.uses_class_token else "mean patch query"
+
+
+@dataclass(frozen=True)
+class LogitLensResult:
+    """One image's per-patch logit lens: each layer's patch tokens through the final norm and head."""
+
+    probabilities: np.ndarray  # [L, gh, gw] float64: the target class's softmax probability
+    target_class: int
+
+
 @dataclass(frozen=True)
 class ImageResults:
     """What the batch loop computed for B images; per-image tuples are in image order (empty when not run)."""
@@ -432,6 +562,10 @@ class ImageResults:
     top5: tuple[TopK, ...]
     gradients: tuple[GradientRolloutResult, ...]
     queries: tuple[QueryAttentionResult, ...]
+    tokens: TokensResult | None = None
+    features: FeaturesResult | None = None
+    head_maps: tuple[HeadMapsResult, ...] = ()
+    logit_lens: tuple[LogitLensResult, ...] | NotApplicable = ()
 
     @property
     def rollout_maps(self) -> np.ndarray | None:
@@ -489,17 +623,44 @@ def image_analyses(
         else None
     )
     query_acc = QueryAttention(query_index) if query_index is not None else None
-    consumers = [c for c in (distance_acc, rollout_acc, query_acc) if c is not None]
+    depth = len(getattr(model, "blocks", []))
+    norms_acc = TokenNorms(layout, depth, options.outlier_factor) if "tokens" in analyses else None
+    prefix_acc = PrefixAttention(layout, depth) if "tokens" in analyses else None
+    head_acc = HeadMapAccumulator(layout, depth) if "head-maps" in analyses else None
+    moments = FeatureMoments(layout) if "features" in analyses else None
+    lens_applicable = "logit-lens" in analyses and has_classifier_head(model)
+    lens = LogitLens(model, layout) if lens_applicable else None
+    consumers = [c for c in (distance_acc, rollout_acc, query_acc, prefix_acc, head_acc) if c is not None]
+    block_consumers = [c for c in (norms_acc, lens) if c is not None]
+
+    def on_block(layer_index: int, x: torch.Tensor) -> None:
+        for consumer in block_consumers:
+            consumer.consume(layer_index, x)
+
+    needs_logits = rollout_acc is not None or (lens is not None and options.target_class is None)
     probabilities: list[np.ndarray] = []
     gradient_maps: list[np.ndarray] = []
     targets: list[int] = []
     for start in range(0, total, options.batch_size):
         stop = min(start + options.batch_size, total)
         batch = _batch(images, start, stop).to(device)
-        if consumers:
-            logits = capture_attention(model, batch, consumers, with_logits=rollout_acc is not None)
-            if logits is not None:
+        if consumers or block_consumers or moments is not None:
+            # One streamed forward feeds every consumer: attention through the capture, block outputs and the
+            # final features through forward hooks.
+            with block_outputs(
+                model,
+                on_block if block_consumers else None,
+                moments.consume_features if moments is not None else None,
+            ):
+                logits = capture_attention(model, batch, consumers, with_logits=needs_logits)
+            if logits is not None and rollout_acc is not None:
                 probabilities.append(logits.float().softmax(dim=-1).cpu().numpy())
+            if lens is not None:
+                if options.target_class is None:
+                    assert logits is not None
+                    lens.finish_batch(logits.argmax(dim=-1))
+                else:
+                    lens.finish_batch(torch.full((batch.shape[0],), options.target_class, dtype=torch.long))
         if "gradient-rollout" in analyses:
             grads = attention_gradients(model, batch, options.target_class)
             gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout).cpu().numpy())
@@ -544,7 +705,54 @@ def image_analyses(
         top5=tuple(top_k(p, loaded.meta.class_names) for p in probs) if probs is not None else (),
         gradients=gradients,
         queries=queries,
+        tokens=_tokens_result(norms_acc, prefix_acc, layout)
+        if norms_acc is not None and prefix_acc is not None
+        else None,
+        features=_features_result(moments) if moments is not None else None,
+        head_maps=_head_maps(head_acc, options.mass_share) if head_acc is not None else (),
+        logit_lens=_logit_lens(lens)
+        if lens is not None
+        else NotApplicable(NO_CLASSIFIER_HEAD)
+        if "logit-lens" in analyses
+        else (),
     )
+
+
+def _tokens_result(norms: TokenNorms, prefix: PrefixAttention, layout: TokenLayout) -> TokensResult:
+    outliers = norms.outliers()
+    return TokensResult(
+        norms=norms.norms(),
+        token_names=tuple(token_names(layout)),
+        prefix_attention=prefix.result(),
+        outlier_factor=norms.factor,
+        outlier_image=outliers.image,
+        outlier_layer=outliers.layer,
+        outlier_row=outliers.row,
+        outlier_col=outliers.col,
+        outlier_norm=outliers.norm,
+        outlier_ratio=outliers.ratio,
+        num_prefix_tokens=layout.num_prefix_tokens,
+        num_images=norms.num_images,
+    )
+
+
+def _features_result(moments: FeatureMoments) -> FeaturesResult:
+    ratio, projections, components, mean = moments.result(3)
+    return FeaturesResult(explained_variance_ratio=ratio, projections=projections, components=components, mean=mean)
+
+
+def _head_maps(head_acc: HeadMapAccumulator, mass_share: float) -> tuple[HeadMapsResult, ...]:
+    maps = head_acc.result()
+    masks = mass_threshold_masks(maps, mass_share)
+    return tuple(
+        HeadMapsResult(attention=m, masks=k, mass_share=float(mass_share), uses_class_token=head_acc.uses_class_token)
+        for m, k in zip(maps, masks)
+    )
+
+
+def _logit_lens(lens: LogitLens) -> tuple[LogitLensResult, ...]:
+    maps, targets = lens.result()
+    return tuple(LogitLensResult(probabilities=m, target_class=int(t)) for m, t in zip(maps, targets))
 
 
 @dataclass(frozen=True)
