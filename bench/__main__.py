@@ -93,7 +93,7 @@ def tiny_plan(checkpoint: Path) -> Plan:
 
 
 def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
-    """Every figure of the chosen families, in the issue's order."""
+    """Every figure of the chosen families, in the order of FAMILIES."""
     figures: list[Figure] = []
     if "capture" in families:
         from bench.capture import capture_figure
@@ -192,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # As python -m vitviz and the app do: the same allocator for the baselines and the measured runs here and
     # in the memory probes (which call it too); VITVIZ_MALLOC=default measures with glibc's own thresholds.
-    malloc_tuned = tune_malloc()
+    malloc_set = tune_malloc()
     machine = machine_info()
-    machine["malloc"] = "glibc thresholds fixed by vitviz.allocator" if malloc_tuned else "allocator defaults"
+    machine["malloc"] = "glibc thresholds fixed by vitviz.allocator" if malloc_set else "allocator defaults"
     started = time.perf_counter()
     with scratch_folder() as folder:
         scratch = Path(folder)

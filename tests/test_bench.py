@@ -21,7 +21,7 @@ from bench.common import Figure, paired_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE_KEYS = {"name", "value", "target", "better", "unit", "baseline", "met", "detail"}
-# Targets of the issue: (family, better, target) for every figure that has one.
+# The targets docs/benchmarks.md states: (family, better, target) for every figure that has one.
 TARGETS = {
     "capture": ("lower", 1.10),
     "memory": ("lower", 1.25),
