@@ -26,6 +26,11 @@ GUIDE = [
         "Attention rollout",
         "which patches explain a prediction, and where one patch attends in every head.",
     ),
+    (
+        "vitviz/ui/trust.py",
+        "Which map to trust?",
+        "methods side by side with their deletion and insertion curves, AUCs and the sanity check.",
+    ),
     ("vitviz/ui/compare.py", "Compare models", "two or more checkpoints side by side on the same inputs."),
     ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
 ]
