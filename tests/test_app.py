@@ -359,6 +359,75 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
 
 
+def _overlay_heatmaps(at: AppTest) -> list[dict]:
+    """The heatmap traces of the rollout overlays (an image trace with a heatmap over it)."""
+    return [
+        c["data"][1]
+        for c in _charts(at)
+        if len(c["data"]) == 2 and [t["type"] for t in c["data"]] == ["image", "heatmap"]
+    ]
+
+
+def test_rollout_shows_the_input_beside_a_perceptually_uniform_overlay_and_its_raw_range() -> None:
+    at = _open("rollout")
+    charts = _charts(at)
+    assert any([t["type"] for t in c["data"]] == ["image"] for c in charts), "the plain input is not shown"
+    overlay = _overlay_heatmaps(at)[0]
+    viridis_start = "rgb(68, 1, 84)"  # matplotlib's and plotly's viridis at 0
+    assert overlay["colorscale"][0][1].replace(" ", "") == viridis_start.replace(" ", "")
+    raw = _array(overlay["customdata"])[..., 2]
+    low, high = raw.min(), raw.max()
+    note = next(_text(c) for c in at.caption if _text(c).startswith("Raw values"))
+    assert f"{low:.3g} … {high:.3g}" in note and f"{100 * (high - low) / high:.1f} %" in note
+    np.testing.assert_allclose(_array(overlay["z"]), raw / high, rtol=1e-6)  # ÷ max by default
+    at.selectbox(key="rollout.cmap").set_value("Jet").run()
+    assert _overlay_heatmaps(at)[0]["colorscale"][0][1].replace(" ", "") == "rgb(0,0,131)"  # jet's dark blue
+    at.get("button_group")[0].set_value("shared absolute").run()
+    _assert_clean(at)
+    shared = _overlay_heatmaps(at)[0]
+    np.testing.assert_allclose(_array(shared["z"]), raw, rtol=1e-6)
+    assert shared["zmin"] == 0 and shared["zmax"] == pytest.approx(high)
+
+
+def test_rollout_says_when_a_map_is_nearly_flat(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from vitviz.ui import analyses
+
+    real = analyses.image_attention
+
+    def flat(*args: object, **kwargs: object) -> object:
+        result = real(*args, **kwargs)
+        values = np.full_like(result.rollout.map, 0.02)
+        values[0, 0] = 0.0205  # 2.4 % above the rest: nearly flat
+        return dataclasses.replace(result, rollout=dataclasses.replace(result.rollout, map=values))
+
+    monkeypatch.setattr(analyses, "image_attention", flat)
+    at = _open("rollout")
+    assert any("Nearly flat" in _text(w) for w in at.warning), [_text(w) for w in at.warning]
+    assert any("0.02 … 0.0205" in _text(c) for c in at.caption)
+
+
+def test_rollout_marks_the_query_patch_on_every_tile() -> None:
+    at = _open("rollout")
+    at.radio(key="rollout.query.kind").set_value("a patch").run()
+    at.slider(key="rollout.query.row").set_value(2).run()
+    at.slider(key="rollout.query.col").set_value(7).run()
+    _assert_clean(at)
+    config = _meta(DEFAULT)["config"]
+    gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    depth, heads = config["depth"], config["num_heads"]
+    grid = next(c for c in _charts(at) if any(t.get("name") == "query patch" for t in c["data"]))
+    marks = next(t for t in grid["data"] if t.get("name") == "query patch")
+    expected = {(h * (gw + 1) + 6, layer * (gh + 1) + 1) for layer in range(depth) for h in range(heads)}
+    assert set(zip(_array(marks["x"]).astype(int), _array(marks["y"]).astype(int))) == expected
+
+
+def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:
+    at = _open("rollout")
+    assert list(at.dataframe[0].value.columns) == ["probability", "class"]
+
+
 # --- compare -------------------------------------------------------------------------------------------------
 
 

@@ -238,21 +238,43 @@ def explained_variance_figure(explained_variance_ratio: np.ndarray) -> go.Figure
     return fig
 
 
+ROLLOUT_COLOURSCALES = ("Viridis", "Inferno", "Cividis", "Jet")  # perceptually uniform first; Jet on request
+FLAT_SPREAD = 0.05  # a map whose (max - min) / max is below this is "nearly flat"
+
+
+def relative_spread(values: np.ndarray) -> float:
+    """(max - min) / max of a non-negative map: 0 for a uniform map, 1 when its smallest value is 0.
+
+    A map below `FLAT_SPREAD` is nearly flat: divided by its maximum it would look saturated everywhere,
+    although its values differ by less than 5 % of the largest one. An all-zero map counts as flat (0).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    top = float(np.nanmax(values)) if values.size else 0.0
+    if top <= 0.0:
+        return 0.0
+    return float((top - np.nanmin(values)) / top)
+
+
 def rollout_figure(
     image: np.ndarray,
     relevance: np.ndarray,
     *,
     opacity: float = 0.5,
-    colorscale: str = "Jet",
+    colorscale: str = "Viridis",
     zmin: float = 0.0,
-    zmax: float = 1.0,
+    zmax: float | None = None,
+    absolute: bool = False,
     smooth: bool = False,
     title: str | None = None,
 ) -> go.Figure:
-    """An image with a patch map laid over it; the map is divided by its max (DESIGN: displays do).
+    """An image with a patch map laid over it as blocks, one per token.
+
+    By default the map is divided by its max and drawn on 0..1 (each map fills the colour scale). With
+    `absolute` the raw values are drawn on zmin..zmax (zmax default: the map's max), so several figures can
+    share one scale. Hover always shows the raw value.
 
     Args:
-        image: uint8 [H, W, 3].
+        image: uint8 [H, W, 3]; any aspect ratio (the patch grid is stretched over it).
         relevance: [gh, gw] non-negative map; cell (i, j) covers its patch's pixels.
         smooth: interpolate between patch centres instead of drawing blocks.
     """
@@ -261,24 +283,44 @@ def rollout_figure(
     height, width = image.shape[:2]
     gh, gw = relevance.shape
     dy, dx = height / gh, width / gw
+    if absolute:
+        shown, top, bar_title = (
+            relevance,
+            (zmax if zmax is not None else max(float(np.nanmax(relevance)), 1e-12)),
+            "Relevance",
+        )
+    else:
+        shown, top, bar_title = scale_by_max(relevance), 1.0 if zmax is None else zmax, "Relevance (÷ max)"
+    rows, cols = np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij")
     fig = go.Figure(picture_trace(image))
     fig.add_trace(
         go.Heatmap(
-            z=scale_by_max(relevance),
+            z=shown,
             x0=(dx - 1) / 2,
             dx=dx,
             y0=(dy - 1) / 2,
             dy=dy,
             zmin=zmin,
-            zmax=zmax,
+            zmax=top,
             colorscale=rgb_colorscale(colorscale),
             opacity=opacity,
             zsmooth="best" if smooth else False,
-            colorbar={"title": {"text": "Relevance (÷ max)", "side": "right"}},
-            customdata=np.stack(np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij"), axis=-1),
-            hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>%{z:.2f} of max<extra></extra>",
+            colorbar={"title": {"text": bar_title, "side": "right"}},
+            customdata=np.stack([rows, cols, relevance], axis=-1),
+            hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>value %{customdata[2]:.4g}<extra></extra>",
         )
     )
+    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
+    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x")
+    fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "l": 10})
+    return fig
+
+
+def image_figure(image: np.ndarray, *, title: str | None = None) -> go.Figure:
+    """The plain picture, on the same axes as `rollout_figure`, to show beside an overlay."""
+    image = as_rgb_uint8(image)
+    height, width = image.shape[:2]
+    fig = go.Figure(picture_trace(image))
     fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
     fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x")
     fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "l": 10})
@@ -321,12 +363,14 @@ def attention_grid_figure(
     per_tile: bool = False,
     colorscale: str = "Inferno",
     title: str | None = None,
+    query: tuple[int, int] | None = None,
 ) -> go.Figure:
     """Attention of one query over the patches, layers (rows) x heads (columns), as one heatmap.
 
     Args:
         attention: [L, H, gh, gw].
         per_tile: divide each tile by its own max (shape, not strength); else one scale for all.
+        query: 0-based (row, column) of the query patch, outlined in every tile.
     """
     attention = np.asarray(attention, dtype=np.float64)
     if attention.ndim != 4:
@@ -346,6 +390,19 @@ def attention_grid_figure(
         ),
     )
     _tile_axes(fig, (depth, heads), (gh, gw), x_title="Head", y_title="Layer")
+    if query is not None:
+        layer_index, head_index = np.meshgrid(np.arange(depth), np.arange(heads), indexing="ij")
+        fig.add_trace(
+            go.Scatter(
+                x=(head_index * (gw + 1) + query[1]).ravel(),
+                y=(layer_index * (gh + 1) + query[0]).ravel(),
+                mode="markers",
+                name="query patch",
+                hoverinfo="skip",
+                showlegend=False,
+                marker={"symbol": "square-open", "size": 9, "color": "#00e5ff", "line": {"width": 2}},
+            )
+        )
     fig.update_layout(title=title)
     return fig
 
@@ -489,3 +546,103 @@ def _tile_axes(fig: go.Figure, counts: tuple[int, int], tile: tuple[int, int], *
         )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
+
+
+def faithfulness_curves_figure(
+    deletion: Mapping[str, np.ndarray],
+    insertion: Mapping[str, np.ndarray],
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """Deletion (left) and insertion (right) curves, one colour per method and `random` dashed, AUC in the legend.
+
+    The same curves, colours and AUCs as `vitviz.plots.faithfulness.curves_figure`.
+
+    Args:
+        deletion, insertion: {method: curve [S+1] or curves [images, S+1]}; several images are averaged. Point i
+            is drawn at i/S, the share of patches removed (deletion) or restored (insertion).
+    """
+    from vitviz.faithfulness import curve_auc
+    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
+
+    if not deletion and not insertion:
+        raise ValueError("no curves to draw")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        subplot_titles=("Deletion (lower AUC is better)", "Insertion (higher AUC is better)"),
+    )
+    for col, (curves, kind, verb) in enumerate(
+        ((deletion, "deletion", "removed"), (insertion, "insertion", "restored")), start=1
+    ):
+        for method, values in curves.items():
+            values = np.asarray(values, dtype=np.float64)
+            curve = values.mean(axis=0) if values.ndim == 2 else values
+            xs = np.linspace(0.0, 1.0, curve.size)
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=curve,
+                    mode="lines",
+                    name=f"{method} ({curve_auc(curve):.3f})",
+                    legendgroup=kind,
+                    legendgrouptitle_text=f"{kind.capitalize()} AUC",
+                    line={
+                        "color": method_colour(method),
+                        "width": 2.2,
+                        "dash": "dash" if method == BASELINE_METHOD else "solid",
+                    },
+                    hovertemplate=f"{method}<br>%{{x:.0%}} of patches {verb}<br>p = %{{y:.3f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(title=f"fraction of patches {verb}", range=[0, 1], tickformat=".0%", row=1, col=col)
+    fig.update_yaxes(title="probability of the target class", range=[-0.02, 1.02], row=1, col=1)
+    fig.update_layout(
+        title=title,
+        font=_FONT,
+        margin=_MARGIN,
+        legend={"groupclick": "toggleitem", "tracegroupgap": 12},
+        hovermode="closest",
+    )
+    return fig
+
+
+def sanity_curve_figure(randomised: Sequence[str], spearman: Mapping[str, Sequence[float | None]]) -> go.Figure:
+    """Spearman correlation with the original map after each cascading-randomisation stage, one line per method.
+
+    The same lines as `vitviz.plots.faithfulness.sanity_figure`; a stage where a map was constant (NaN or None)
+    leaves a gap.
+    """
+    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
+
+    if not spearman:
+        raise ValueError("no sanity results to draw")
+    stages = list(randomised)
+    fig = go.Figure()
+    for method, values in spearman.items():
+        ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        if ys.size != len(stages):
+            raise ValueError(f"{method}: {ys.size} correlations for {len(stages)} stages")
+        fig.add_trace(
+            go.Scatter(
+                x=stages,
+                y=ys,
+                mode="lines+markers",
+                name=method,
+                line={
+                    "color": method_colour(method),
+                    "width": 2.2,
+                    "dash": "dash" if method == BASELINE_METHOD else "solid",
+                },
+                hovertemplate=f"{method}<br>randomised up to %{{x}}<br>Spearman %{{y:.3f}}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1})
+    fig.update_xaxes(title="randomised up to (cumulative, from the head down)", type="category")
+    fig.update_yaxes(title="Spearman with the original map", range=[-1.05, 1.05])
+    fig.update_layout(title="Sanity check: cascading randomisation", font=_FONT, margin=_MARGIN)
+    return fig

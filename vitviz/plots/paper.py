@@ -233,17 +233,36 @@ def training_curves_figure(
     return fig
 
 
-def overlay_image(image: np.ndarray, relevance: np.ndarray, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """Blend a patch map over an image: the map divided by its max, upsampled bilinearly, coloured.
+def overlay_image(
+    image: np.ndarray,
+    relevance: np.ndarray,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    blocks: bool = False,
+    vmax: float | None = None,
+) -> np.ndarray:
+    """Blend a patch map over an image: the map divided by its max (or by `vmax`), upsampled, coloured.
 
     Args:
-        image: uint8 [H, W, 3] (or [H, W] grey).
+        image: uint8 [H, W, 3] (or [H, W] grey), any aspect ratio: the map is stretched over it.
         relevance: [gh, gw] non-negative map, e.g. attention rollout.
+        blocks: one flat block per token (nearest neighbour) instead of bilinear smoothing.
+        vmax: the value drawn at the top of the colour map (a shared scale); default the map's max.
     Returns:
         uint8 [H, W, 3].
     """
     rgb = as_rgb_uint8(image).astype(np.float64)
-    heat = upsample_bilinear(scale_by_max(relevance), rgb.shape[:2]).clip(0.0, 1.0)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    scaled = scale_by_max(relevance) if vmax is None else relevance / max(vmax, 1e-12)
+    if blocks:
+        height, width = rgb.shape[:2]
+        gh, gw = scaled.shape
+        rows = np.minimum((np.arange(height) * gh) // height, gh - 1)
+        cols = np.minimum((np.arange(width) * gw) // width, gw - 1)
+        heat = scaled[rows[:, None], cols[None, :]].clip(0.0, 1.0)
+    else:
+        heat = upsample_bilinear(scaled, rgb.shape[:2]).clip(0.0, 1.0)
     coloured = matplotlib.colormaps[cmap](heat)[..., :3] * 255.0
     return np.rint((1.0 - alpha) * rgb + alpha * coloured).clip(0, 255).astype(np.uint8)
 

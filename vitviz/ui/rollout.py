@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
@@ -17,6 +18,10 @@ from vitviz.ui.analyses import InputImage, display_picture, gradient_map, image_
 GALLERY_MAX = 8  # uploads shown as small overlays side by side
 CLASS_TOKEN = "class token"
 OVERLAY_HEIGHT = 380  # pixels: the overlays are square, so the default plotly height leaves a gap above
+INPUT_HEIGHT = 330  # the input has no colour bar, so it is drawn a little smaller to line up with the overlays
+THUMBNAIL_SIDE = 320  # longer side of a gallery picture, in pixels
+SCALE_MAX = "each map ÷ its maximum"
+SCALE_SHARED = "shared absolute"
 
 
 def render() -> None:
@@ -42,7 +47,7 @@ def render() -> None:
     else:
         image = images[0]
 
-    fusion_col, discard_col, start_col, class_col, opacity_col = st.columns([2, 2, 2, 3, 2])
+    fusion_col, discard_col, start_col, class_col = st.columns([2, 2, 2, 3])
     head_fusion = fusion_col.selectbox("Head fusion", HEAD_FUSIONS, key="rollout.fusion")
     discard_ratio = discard_col.slider(
         "Discard ratio",
@@ -58,7 +63,27 @@ def render() -> None:
         if depth > 1
         else 0
     )
-    opacity = opacity_col.slider("Overlay opacity", 0.1, 1.0, 0.5, 0.05, key="rollout.opacity")
+    cmap_col, scale_col, opacity_col = st.columns([2, 4, 3])
+    colorscale = cmap_col.selectbox(
+        "Colour map",
+        interactive.ROLLOUT_COLOURSCALES,
+        key="rollout.cmap",
+        help="Viridis, Inferno and Cividis are perceptually uniform: equal steps in value look like equal steps "
+        "in colour. Jet is offered for comparison with older papers.",
+    )
+    scale = (
+        scale_col.segmented_control(
+            "Colour scale",
+            (SCALE_MAX, SCALE_SHARED),
+            default=SCALE_MAX,
+            key="rollout.scale",
+            help="Each map ÷ its own maximum shows where it is highest. The shared absolute scale draws the raw "
+            "values of every rollout map on this page on one scale, 0 to the largest of them, so maps can be compared.",
+        )
+        or SCALE_MAX
+    )
+    opacity = opacity_col.slider("Overlay opacity", 0.1, 1.0, 0.6, 0.05, key="rollout.opacity")
+    absolute = scale == SCALE_SHARED
 
     try:
         options = AnalysisOptions(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
@@ -69,6 +94,8 @@ def render() -> None:
         return
     picture = display_picture(loaded, image)
     rollout_map = attention.rollout.map
+    gallery = _gallery_maps(loaded, images, options) if from_uploads and len(images) > 1 else {}
+    shared_top = max([float(rollout_map.max())] + [float(m.max()) for m in gallery.values() if m is not None])
     top5 = top_k(attention.probabilities, class_names)
     target = None
     if class_names:
@@ -84,21 +111,28 @@ def render() -> None:
 
     # The rollout overlay and the predictions go to the browser first; the backward pass of gradient
     # rollout runs after them, so a new upload shows its overlay without waiting for the gradient.
-    overlay_col, gradient_col, top_col = st.columns([4, 4, 3])
+    input_col, overlay_col, gradient_col = st.columns([3, 4, 4])
+    with input_col:
+        st.markdown("##### Input")
+        widgets.plotly(interactive.image_figure(picture), key="rollout.input", height=INPUT_HEIGHT)
+        st.caption(
+            f"Input: {widgets.plain(image.name)}, as the model sees it ({picture.shape[1]}×{picture.shape[0]} px)"
+        )
     with overlay_col:
         st.markdown("##### Attention rollout")
         widgets.plotly(
-            interactive.rollout_figure(picture, rollout_map, opacity=opacity),
+            interactive.rollout_figure(
+                picture,
+                rollout_map,
+                opacity=opacity,
+                colorscale=colorscale,
+                absolute=absolute,
+                zmax=shared_top if absolute else None,
+            ),
             key="rollout.overlay",
             height=OVERLAY_HEIGHT,
         )
-    with top_col:
-        st.markdown("##### Top-5 predictions")
-        widgets.table(
-            [{"class": p.name, "probability": p.probability} for p in top5],
-            column_config={"probability": st.column_config.NumberColumn("probability", format="percent")},
-        )
-        st.caption(f"Input: {widgets.plain(image.name)}")
+        _range_note(rollout_map, absolute)
     gradient: GradientRolloutResult | None = None
     with gradient_col:
         st.markdown("##### Gradient rollout")
@@ -112,13 +146,24 @@ def render() -> None:
                 widgets.show_error(exc)
         if gradient is not None:
             widgets.plotly(
-                interactive.rollout_figure(picture, gradient.map, opacity=opacity),
+                interactive.rollout_figure(
+                    picture, gradient.map, opacity=opacity, colorscale=colorscale, absolute=absolute
+                ),
                 key="rollout.gradient",
                 height=OVERLAY_HEIGHT,
             )
+            _range_note(gradient.map, absolute)
+    st.markdown("##### Top-5 predictions")
+    widgets.table(
+        [{"probability": p.probability, "class": p.name} for p in top5],
+        column_config={
+            "probability": st.column_config.NumberColumn("probability", format="percent", width="small"),
+            "class": st.column_config.TextColumn("class", width="large"),
+        },
+    )
 
     if from_uploads and len(images) > 1:
-        _gallery(loaded, images, options)
+        _gallery(images, gallery, colorscale=colorscale, opacity=opacity, vmax=shared_top if absolute else None)
 
     st.markdown("##### Where one token attends, in every layer and head")
     grid_col, query_col = st.columns([3, 2])
@@ -154,12 +199,14 @@ def render() -> None:
     grid = query.grid
     with grid_col:
         widgets.plotly(
-            interactive.attention_grid_figure(grid, per_tile=per_tile, title=f"Attention of the {query_label}"),
+            interactive.attention_grid_figure(
+                grid, per_tile=per_tile, title=f"Attention of the {query_label}", query=query_patch
+            ),
             key="rollout.grid",
         )
 
     figures = {
-        "rollout": lambda: paper.rollout_overlay_figure(picture, rollout_map, alpha=opacity),
+        "rollout": lambda: paper.rollout_overlay_figure(picture, rollout_map, alpha=opacity, cmap=colorscale.lower()),
         "attention-grid": lambda: paper.attention_grid_figure(
             grid, query=query_patch, per_tile=per_tile, title=f"Attention of the {query_label}"
         ),
@@ -172,7 +219,7 @@ def render() -> None:
     }
     if gradient is not None:
         figures["gradient-rollout"] = lambda: paper.rollout_overlay_figure(
-            picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity
+            picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity, cmap=colorscale.lower()
         )
         arrays["gradient_rollout"] = gradient.map
         arrays["gradient_target_class"] = np.asarray(gradient.target_class)
@@ -189,22 +236,69 @@ def render() -> None:
     )
 
 
-def _gallery(loaded: LoadedModel, images: list[InputImage], options: AnalysisOptions) -> None:
-    """Small rollout overlays of every upload, so several images can be compared at a glance."""
+def _range_note(values: np.ndarray, absolute: bool) -> None:
+    """The map's raw range, and a warning when it is nearly flat (see interactive.relative_spread)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    spread = interactive.relative_spread(values)
+    st.caption(f"Raw values {low:.3g} … {high:.3g}; (max − min) / max = {100 * spread:.1f} %.")
+    if spread < interactive.FLAT_SPREAD:
+        scaled = "" if absolute else " Divided by its maximum it fills the colour scale anyway."
+        st.warning(
+            f"Nearly flat: the values differ by less than {100 * interactive.FLAT_SPREAD:.0f} % of the largest."
+            + scaled,
+            icon=":material/info:",
+        )
+
+
+def _gallery_maps(
+    loaded: LoadedModel, images: list[InputImage], options: AnalysisOptions
+) -> dict[str, np.ndarray | None]:
+    """The rollout map of each upload shown in the gallery (None where the analysis failed)."""
+    maps: dict[str, np.ndarray | None] = {}
+    for image in images[:GALLERY_MAX]:
+        try:
+            maps[image.digest] = image_attention(loaded, image, options, query_index=0).rollout.map
+        except VitvizError as exc:
+            widgets.show_error(exc)
+            maps[image.digest] = None
+    return maps
+
+
+def _gallery(
+    images: list[InputImage],
+    maps: dict[str, np.ndarray | None],
+    *,
+    colorscale: str,
+    opacity: float,
+    vmax: float | None,
+) -> None:
+    """Small rollout overlays of every upload in its own aspect ratio, one block per token."""
     st.markdown("##### All uploads")
     shown = images[:GALLERY_MAX]
     columns = st.columns(min(4, len(shown)))
     for index, image in enumerate(shown):
+        relevance = maps.get(image.digest)
+        if relevance is None:
+            continue
         with columns[index % len(columns)]:
-            try:
-                result = image_attention(loaded, image, options, query_index=0)
-            except VitvizError as exc:
-                widgets.show_error(exc)
-                continue
-            st.image(paper.overlay_image(display_picture(loaded, image), result.rollout.map), width="stretch")
+            pixels = _thumbnail(image.pixels)
+            st.image(
+                paper.overlay_image(pixels, relevance, cmap=colorscale.lower(), alpha=opacity, blocks=True, vmax=vmax),
+                width="stretch",
+            )
             st.caption(widgets.plain(image.name))
     if len(images) > GALLERY_MAX:
         st.caption(f"… and {len(images) - GALLERY_MAX} more (choose one above).")
+
+
+def _thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The picture with its longer side at most `side` pixels, aspect ratio kept."""
+    height, width = pixels.shape[:2]
+    factor = side / max(height, width)
+    if factor >= 1:
+        return pixels
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, Image.Resampling.BILINEAR))
 
 
 if __name__ == "__main__":
