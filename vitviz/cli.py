@@ -5,6 +5,7 @@
         [--analyses filters,position,distance,rollout,gradient-rollout] [--json OUT] [--figures DIR]
         [--components K] [--distance-mode paper|renormalised] [--head-fusion mean|max|min]
         [--discard-ratio R] [--start-layer S] [--target-class C] [--batch-size B]
+        [--outlier-factor F] [--mass-share S]   (also: tokens,features,head-maps,logit-lens in --analyses)
     python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
         [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
 
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(analyze)
     analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
     analyze.add_argument(
-        "--analyses", help="comma-separated subset of filters,position,distance,rollout,gradient-rollout"
+        "--analyses",
+        help="comma-separated subset of filters,position,distance,rollout,gradient-rollout (the default: all five)"
+        ",tokens,features,head-maps,logit-lens",
     )
     analyze.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
     analyze.add_argument("--figures", metavar="DIR", help="write the paper-style figures as PNG and SVG")
@@ -74,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--start-layer", type=int, default=0, help="rollout: first layer multiplied in")
     analyze.add_argument("--target-class", type=int, help="gradient rollout class (default: the prediction)")
     analyze.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
+    analyze.add_argument(
+        "--outlier-factor", type=float, default=2.0, help="tokens: outlier above F x the median patch norm (2)"
+    )
+    analyze.add_argument(
+        "--mass-share", type=float, default=0.6, help="head maps: share of a head's attention its mask holds (0.6)"
+    )
 
     add_faithfulness_parser(sub, add_model)
     return parser
@@ -209,6 +218,63 @@ def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             {"image": name, "target_class": gradient.target_class, "map": gradient.map.tolist()}
             for name, gradient in zip(image_names, results.gradients)
         ]
+    sections.update(token_sections(results, image_names))
+    return sections
+
+
+def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
+    """The JSON's "tokens", "features", "head_maps" and "logit_lens" sections, for the analyses that ran."""
+    from vitviz.pipeline import NotApplicable
+
+    sections: dict[str, Any] = {}
+    if results.tokens is not None:
+        t = results.tokens
+        sections["tokens"] = {
+            "token_names": list(t.token_names),
+            "num_prefix_tokens": t.num_prefix_tokens,
+            "num_images": t.num_images,
+            "norms": t.norms.tolist(),
+            "prefix_attention": t.prefix_attention.tolist(),
+            "outlier_factor": t.outlier_factor,
+            "outlier_counts": t.outlier_counts.tolist(),
+            "outliers": [
+                {"image": image_names[i], "layer": int(layer), "row": int(r), "col": int(c), "norm": n, "ratio": q}
+                for i, layer, r, c, n, q in zip(
+                    t.outlier_image.tolist(),
+                    t.outlier_layer,
+                    t.outlier_row,
+                    t.outlier_col,
+                    t.outlier_norm.tolist(),
+                    t.outlier_ratio.tolist(),
+                )
+            ],
+        }
+    if results.features is not None:
+        f = results.features
+        sections["features"] = {
+            "images": list(image_names),
+            "explained_variance_ratio": f.explained_variance_ratio.tolist(),
+            "projections": f.projections.tolist(),
+        }
+    if results.head_maps:
+        sections["head_maps"] = [
+            {
+                "image": name,
+                "query": maps.query,
+                "uses_class_token": maps.uses_class_token,
+                "mass_share": maps.mass_share,
+                "attention": maps.attention.tolist(),
+                "masks": maps.masks.astype(int).tolist(),
+            }
+            for name, maps in zip(image_names, results.head_maps)
+        ]
+    if isinstance(results.logit_lens, NotApplicable):
+        sections["logit_lens"] = {"not_applicable": results.logit_lens.reason}
+    elif results.logit_lens:
+        sections["logit_lens"] = [
+            {"image": name, "target_class": lens.target_class, "probabilities": lens.probabilities.tolist()}
+            for name, lens in zip(image_names, results.logit_lens)
+        ]
     return sections
 
 
@@ -234,6 +300,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         start_layer=args.start_layer,
         target_class=args.target_class,
         batch_size=args.batch_size,
+        outlier_factor=args.outlier_factor,
+        mass_share=args.mass_share,
     )
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
