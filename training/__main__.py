@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--layer-decay", type=float, metavar="RATE", help="layer-wise lr decay, e.g. 0.75")
     _run_options(finetune)
 
+    check = commands.add_parser(
+        "check", help="resolve a run's config without starting it: one error line and exit 2 when it is wrong"
+    )
+    check.add_argument("--kind", choices=("train", "finetune"), default="train", help="the run it would be")
+    check.add_argument("--preset", help="named preset (default: the kind's default preset)")
+    check.add_argument("--from", dest="source", metavar="CKPT|RUN_DIR", help="finetune: the checkpoint to start from")
+    check.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    check.add_argument("--freeze-blocks", type=int, metavar="K")
+    check.add_argument("--layer-decay", type=float, metavar="RATE")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--dataset", help="dataset name (shortcut for --set data.dataset=NAME)")
+
     presets = commands.add_parser("presets", help="list the presets (--json: every resolved config)")
     presets.add_argument("--json", action="store_true", help="print {name: config} as JSON")
 
@@ -139,6 +151,16 @@ def _config_for(args: argparse.Namespace):  # -> TrainConfig
     cfg = apply_overrides(cfg, args.overrides)
     cfg = replace(cfg, data=replace(cfg.data, dataset=normalize_dataset_name(cfg.data.dataset)))
     return cfg
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Resolve the config `train`/`finetune` would run with the same arguments; print it as JSON when valid."""
+    if args.kind == "finetune" and not args.source:
+        raise VitvizError("fine-tuning needs a checkpoint to start from (--from)")
+    preset = args.preset or ("finetune" if args.kind == "finetune" else "shapes-default")
+    resolved = argparse.Namespace(**{**vars(args), "command": args.kind, "preset": preset})
+    print(json.dumps(_config_for(resolved).to_dict()))
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -207,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "presets":
             return _presets(args)
+        if args.command == "check":
+            return _check(args)
         return _train(args)
     except VitvizError as exc:
         print(f"error: {exc}", file=sys.stderr)
