@@ -513,7 +513,84 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     labels = [b.label for b in at.get("download_button")]
     assert {"training-curves.png", "training-curves.svg", "metrics.csv"} <= set(labels), labels
     picker = at.sidebar.selectbox(key="vv.model.widget")
-    assert "run demo-run · best" in picker.options and "run demo-run · epoch-001" in picker.options
+    assert "run demo-run · best" in picker.options
+    assert "run demo-run · epoch-001" not in picker.options  # listed under the run instead
+    assert any(e.label == "Epoch checkpoints (1)" for e in at.expander)
+    next(b for b in at.button if b.label == "epoch-001").click().run()
+    _assert_clean(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "run:demo-run/epoch-001"
+    assert _query(at, "model") == ["run:demo-run/epoch-001"]
+
+
+def test_train_curves_can_be_smoothed(app_folders: dict[str, Path]) -> None:
+    _fake_run(app_folders["runs"], "demo-run")
+    at = _open("train")
+    at.slider(key="train.smoothing").set_value(0.5).run()
+    _assert_clean(at)
+    traces = {trace["name"]: trace for trace in _charts(at)[0]["data"]}
+    # TensorBoard's debiased moving average of 2.3, 2.1 with weight 0.5: 2.3, then (0.575 + 1.05) / 0.75.
+    np.testing.assert_allclose(_array(traces["train loss (steps)"]["y"]), [2.3, 1.625 / 0.75])
+    np.testing.assert_allclose(_array(traces["train loss (steps) (raw)"]["y"]), [2.3, 2.1])
+
+
+def test_a_stopped_run_offers_resume_and_a_finished_one_does_not(
+    app_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitviz.ui import runs
+
+    stopped = _fake_run(app_folders["runs"], "halted")
+    status = json.loads((stopped / "status.json").read_text())
+    status.update(status="failed", resumable=True, reason="stopped by a stop signal")
+    (stopped / "status.json").write_text(json.dumps(status))
+    calls = []
+    monkeypatch.setattr(runs, "resume_run", lambda runs_dir, run_id: calls.append((runs_dir, run_id)))
+    at = _open("train")
+    at.selectbox(key="train.follow.widget").set_value("halted").run()
+    assert _run_heading(at, "halted").endswith(": stopped")
+    next(b for b in at.button if b.label == "Resume").click().run()
+    _assert_clean(at)
+    assert calls == [(app_folders["runs"].resolve(), "halted")]
+    assert runs.resume_command_line(app_folders["runs"], "halted")[3:6] == [
+        "train",
+        "--resume",
+        str(app_folders["runs"] / "halted"),
+    ]
+    _fake_run(app_folders["runs"], "done-run")
+    at = _open("train")
+    at.selectbox(key="train.follow.widget").set_value("done-run").run()
+    assert _run_heading(at, "done-run").endswith(": finished")
+    assert not any(b.label == "Resume" for b in at.button)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("nonsense.key=1", "unknown config key 'nonsense.key'"), ("epochs=abc", "epochs must be an integer")],
+)
+def test_train_form_refuses_overrides_the_training_parser_rejects(
+    app_folders: dict[str, Path], override: str, message: str
+) -> None:
+    at = _open("train")
+    at.text_area(key="train.overrides").set_value(override)
+    next(b for b in at.get("form_submit_button") if b.label == "Start").click().run()
+    _assert_clean(at)
+    assert any(message in e for e in _errors(at)), _errors(at)
+    assert not any("Started run" in _text(m) for m in at.success)
+    assert [p.name for p in app_folders["runs"].iterdir() if p.name != ".logs"] == []
+
+
+def test_choosing_a_preset_updates_its_defaults_and_the_run_id_placeholder() -> None:
+    import subprocess
+    import sys
+
+    at = _open("train")
+    at.selectbox(key="train.preset.train").set_value("tiny").run()
+    _assert_clean(at)
+    assert at.text_input(key="train.run_id").placeholder.startswith("tiny-")
+    assert any(e.label == "Preset defaults: tiny" for e in at.expander)
+    listed = subprocess.run(
+        [sys.executable, "-m", "training", "presets", "--json"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(at.json[0].value) == json.loads(listed.stdout)["tiny"]
 
 
 def test_train_form_rejects_malformed_overrides_without_starting_a_run(app_folders: dict[str, Path]) -> None:

@@ -461,11 +461,25 @@ def difference_figure(
     return fig
 
 
+def smoothed(values: Sequence[float], weight: float) -> np.ndarray:
+    """Exponential moving average, debiased as TensorBoard's: s_t = w s_(t-1) + (1 - w) v_t, divided by 1 - w^t."""
+    values = np.asarray(values, dtype=np.float64)
+    if weight <= 0.0 or values.size == 0:
+        return values
+    out = np.empty_like(values)
+    running = 0.0
+    for index, value in enumerate(values):
+        running = weight * running + (1.0 - weight) * value
+        out[index] = running / (1.0 - weight ** (index + 1))
+    return out
+
+
 def training_curves_figure(
     records: Sequence[Mapping[str, object]],
     *,
     x: str = "step",
     metrics: Sequence[str] | None = None,
+    smoothing: float = 0.0,
 ) -> go.Figure:
     """Loss (left) and accuracy (right) against `x` from logged records, e.g. metrics.jsonl rows.
 
@@ -473,14 +487,32 @@ def training_curves_figure(
         records: one mapping per logged point; records without `x` or a metric are skipped for it.
         metrics: keys to draw; default every numeric key whose name contains "loss" or "acc".
             Keys containing "acc" go to the right panel, all others to the left.
+        smoothing: weight of an exponential moving average (0 <= w < 1, see `smoothed`); above 0 the raw
+            values stay as a faint line of the same colour under the smoothed one.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.12)
-    for key, (xs, ys) in curve_series(records, x=x, metrics=metrics).items():
-        fig.add_trace(
-            go.Scatter(x=xs, y=ys, mode="lines+markers" if len(xs) < 30 else "lines", name=curve_label(key)),
-            row=1,
-            col=2 if is_accuracy(key) else 1,
-        )
+    palette = plotly.colors.qualitative.Plotly
+    for index, (key, (xs, ys)) in enumerate(curve_series(records, x=x, metrics=metrics).items()):
+        colour = palette[index % len(palette)]
+        col = 2 if is_accuracy(key) else 1
+        mode = "lines+markers" if len(xs) < 30 else "lines"
+        if smoothing > 0.0:
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    mode=mode,
+                    name=f"{curve_label(key)} (raw)",
+                    line={"color": colour, "width": 1},
+                    opacity=0.3,
+                    showlegend=False,
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
+            ys = smoothed(ys, smoothing)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode=mode, name=curve_label(key), line={"color": colour}), row=1, col=col)
     fig.update_xaxes(title=x.capitalize())
     fig.update_yaxes(tickformat=".0%", row=1, col=2)
     fig.update_layout(font=_FONT, margin=_MARGIN, hovermode="x unified")

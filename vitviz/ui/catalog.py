@@ -83,8 +83,14 @@ class ModelEntry:
         return self.path is not None
 
 
-def discover_models(checkpoints: Path | None = None, runs: Path | None = None) -> list[ModelEntry]:
-    """Bundled checkpoints (the default first, then by name), then every run's checkpoints, newest run first."""
+def discover_models(
+    checkpoints: Path | None = None, runs: Path | None = None, *, epochs: bool = True
+) -> list[ModelEntry]:
+    """Bundled checkpoints (the default first, then by name), then every run's checkpoints, newest run first.
+
+    With `epochs=False` a run contributes only its main checkpoint (best, else last, else newest epoch); the
+    model picker uses that, and /train lists each run's epoch checkpoints under the run (`run_epoch_entries`).
+    """
     checkpoints = CHECKPOINTS_DIR if checkpoints is None else checkpoints
     runs = runs_dir() if runs is None else runs
     entries: list[ModelEntry] = []
@@ -103,19 +109,23 @@ def discover_models(checkpoints: Path | None = None, runs: Path | None = None) -
         entries.append(
             ModelEntry(key=f"{RUN}:{run.name}", label=f"run {run.name} · {main.stem}", kind=RUN, path=main, run_dir=run)
         )
-        checkpoints = run_folders.RunLayout(run).checkpoints_dir
-        for _epoch, path in run_folders.epoch_checkpoints(run):
-            if _real_child(checkpoints, run) and _real_child(path, checkpoints):
-                entries.append(
-                    ModelEntry(
-                        key=f"{RUN}:{run.name}/{path.stem}",
-                        label=f"run {run.name} · {path.stem}",
-                        kind=RUN,
-                        path=path,
-                        run_dir=run,
-                    )
-                )
+        if epochs:
+            entries += run_epoch_entries(run)
     return entries
+
+
+def run_epoch_entries(run: Path) -> list[ModelEntry]:
+    """A run's checkpoints/epoch-NNN files as model entries, oldest epoch first (links out are never offered)."""
+    checkpoints = run_folders.RunLayout(run).checkpoints_dir
+    if not _real_child(checkpoints, run):
+        return []
+    return [
+        ModelEntry(
+            key=f"{RUN}:{run.name}/{path.stem}", label=f"run {run.name} · {path.stem}", kind=RUN, path=path, run_dir=run
+        )
+        for _epoch, path in run_folders.epoch_checkpoints(run)
+        if _real_child(path, checkpoints)
+    ]
 
 
 def default_model_key(entries: list[ModelEntry]) -> str | None:
@@ -129,6 +139,10 @@ def default_model_key(entries: list[ModelEntry]) -> str | None:
 def timm_entry(name: str, *, pretrained: bool = False) -> ModelEntry:
     """A timm architecture by name; only the spelling is checked here (loading checks the rest)."""
     name = name.strip()
+    for prefix in (f"{TIMM_PRETRAINED}:", f"{TIMM}:"):  # the key form, as in the URL and the README
+        if name.startswith(prefix):
+            name, pretrained = name[len(prefix) :].strip(), pretrained or prefix == f"{TIMM_PRETRAINED}:"
+            break
     if not _TIMM_NAME.match(name):
         raise VitvizError(
             f"{name!r} is not a timm model name (letters, digits, '_', '.', '-'), e.g. vit_tiny_patch16_224"
@@ -155,6 +169,8 @@ def resolve_key(key: str, entries: list[ModelEntry]) -> ModelEntry | None:
         if entry.key == key:
             return entry
     kind, _, rest = key.partition(":")
+    if kind == RUN and "/" in rest:  # an epoch checkpoint: not in the picker's list, but under its run
+        return next((entry for entry in discover_models() if entry.key == key), None)
     if kind in (TIMM, TIMM_PRETRAINED):
         try:
             return timm_entry(rest, pretrained=kind == TIMM_PRETRAINED)

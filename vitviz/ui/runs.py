@@ -81,6 +81,54 @@ def command_line(request: RunRequest) -> list[str]:
     return args
 
 
+def check_command_line(request: RunRequest) -> list[str]:
+    """`python -m training check` with the request's preset, source and overrides (what the run would resolve)."""
+    args = [sys.executable, "-m", "training", "check", "--kind", request.command, "--preset", request.preset]
+    if request.command == "finetune":
+        if not request.source:
+            raise VitvizError("fine-tuning needs a checkpoint to start from")
+        args += ["--from", request.source]
+        if request.img_size is not None:
+            args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
+        if request.freeze_blocks:
+            args += ["--freeze-blocks", str(request.freeze_blocks)]
+    for override in request.overrides:
+        args += ["--set", override]
+    return args
+
+
+def check_request(request: RunRequest, *, timeout_s: float = 120.0) -> None:
+    """Resolve the run's config with the training backend's own parser; its error line as VitvizError.
+
+    The backend is run as a process (the app never imports it), so the answer is exactly what
+    `python -m training train|finetune` would say before training.
+    """
+    command_line(request)  # the app's own checks first (run id, command)
+    try:
+        done = subprocess.run(
+            check_command_line(request),
+            cwd=REPO_ROOT,
+            env=_backend_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VitvizError(f"could not check the run's settings: {exc}") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"the training backend refused the settings (exit {done.returncode})"
+        raise VitvizError(message.removeprefix("error: "))
+
+
+def _backend_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
 def log_path(runs_dir: Path, run_id: str) -> Path:
     return runs_dir / LOGS_FOLDER / f"{run_id}.log"
 
@@ -90,26 +138,45 @@ def start_run(request: RunRequest) -> subprocess.Popen:
     args = command_line(request)
     if (request.runs_dir / request.run_id).exists():
         raise VitvizError(f"a run called {request.run_id} already exists; choose another run id")
-    log_file = log_path(request.runs_dir, request.run_id)
+    return _spawn(args, request.runs_dir, request.run_id)
+
+
+def resume_command_line(runs_dir: Path, run_id: str) -> list[str]:
+    """`python -m training train --resume <runs>/<run-id>`: continue a stopped run from its saved state."""
+    check_run_id(run_id)
+    return [
+        sys.executable, "-m", "training", "train", "--resume", str(runs_dir / run_id),
+        "--runs-dir", str(runs_dir), "--no-progress",
+    ]  # fmt: skip
+
+
+def resume_run(runs_dir: Path, run_id: str) -> subprocess.Popen:
+    """Continue a stopped, resumable run in a new training process (its log continues in the same file)."""
+    args = resume_command_line(runs_dir, run_id)
+    if not (runs_dir / run_id).is_dir():
+        raise VitvizError(f"there is no run called {run_id} to resume")
+    return _spawn(args, runs_dir, run_id)
+
+
+def _spawn(args: list[str], runs_dir: Path, run_id: str) -> subprocess.Popen:
+    log_file = log_path(runs_dir, run_id)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("PYTHONUNBUFFERED", "1")
     with _LOCK:
-        if request.run_id in _PROCESSES and _PROCESSES[request.run_id].poll() is None:
-            raise VitvizError(f"run {request.run_id} is already running")
+        if run_id in _PROCESSES and _PROCESSES[run_id].poll() is None:
+            raise VitvizError(f"run {run_id} is already running")
         with open(log_file, "ab") as log:
             process = subprocess.Popen(
                 args,
                 cwd=REPO_ROOT,
-                env=env,
+                env=_backend_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _PROCESSES[request.run_id] = process
-    logger.info("started run %s (pid %d): %s", request.run_id, process.pid, " ".join(args[1:]))
+        _PROCESSES.pop(run_id, None)  # re-inserted last: the newest run comes first in started_ids()
+        _PROCESSES[run_id] = process
+    logger.info("started run %s (pid %d): %s", run_id, process.pid, " ".join(args[1:]))
     return process
 
 

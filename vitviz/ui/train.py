@@ -4,6 +4,7 @@ list the runs. Finished checkpoints appear in every model picker (they are disco
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
@@ -14,6 +15,7 @@ from vitviz.ui import catalog, exports, keys, runs, widgets
 
 REFRESH_SECONDS = 2.0
 ACTIVE = ("running", "starting")
+RESUMABLE = ("stopped", "interrupted")  # stopped on purpose, or killed: --resume continues from the saved state
 
 
 def render() -> None:
@@ -24,10 +26,6 @@ def render() -> None:
         "survives a closed browser. Each run writes its folder under the runs folder: "
     )
     st.code(str(catalog.runs_dir()), language=None)
-    message = st.session_state.pop(keys.TRAIN_MESSAGE, None)
-    if message is not None:
-        (st.success if message[0] == "success" else st.error)(widgets.plain(message[1]))
-
     form_col, runs_col = st.columns([2, 3])
     with form_col:
         _start_form()
@@ -85,13 +83,14 @@ def _start_form() -> None:
     )
     default_preset = "finetune" if command == "finetune" else "shapes-default"
     source, img_side, freeze = None, 0, 0
+    # Outside the form, so that choosing a preset updates its defaults and the run-id placeholder at once.
+    preset = st.selectbox(
+        "Preset",
+        presets,
+        index=presets.index(default_preset) if default_preset in presets else 0,
+        key=f"train.preset.{command}",
+    )
     with st.form(f"train.form.{command}", border=True):
-        preset = st.selectbox(
-            "Preset",
-            presets,
-            index=presets.index(default_preset) if default_preset in presets else 0,
-            key=f"train.preset.{command}",
-        )
         if command == "finetune":
             if not entries:
                 st.warning("There is no checkpoint to fine-tune yet.")
@@ -130,7 +129,11 @@ def _start_form() -> None:
         run_id = id_col.text_input("Run id (optional)", key="train.run_id", placeholder=f"{preset}-<date>-<time>")
         max_steps = steps_col.number_input("Stop after steps (0: no limit)", 0, 10_000_000, 0, key="train.max_steps")
         submitted = st.form_submit_button("Start", type="primary", icon=":material/play_arrow:")
-    with st.expander("Preset defaults"):
+    message_slot = st.empty()  # right under the Start button, where the user looks after clicking it
+    message = st.session_state.pop(keys.TRAIN_MESSAGE, None)
+    if message is not None:
+        (message_slot.success if message[0] == "success" else message_slot.error)(widgets.plain(message[1]))
+    with st.expander(f"Preset defaults: {preset}"):
         config = runs.preset_config(preset)
         if config is not None:
             st.json(config, expanded=1)
@@ -149,11 +152,15 @@ def _start_form() -> None:
             freeze_blocks=int(freeze) if command == "finetune" else None,
             max_steps=int(max_steps) or None,
         )
+        with st.spinner("Checking the settings…"):
+            runs.check_request(request)  # the backend's own parser: a bad override never starts a run
         runs.start_run(request)
     except VitvizError as exc:
-        st.session_state[keys.TRAIN_MESSAGE] = ("error", str(exc))
+        widgets.show_error(f"Not started: {exc}", message_slot)
+        return
     except OSError as exc:
-        st.session_state[keys.TRAIN_MESSAGE] = ("error", f"could not start the training process: {exc}")
+        widgets.show_error(f"Not started: could not start the training process: {exc}", message_slot)
+        return
     else:
         st.session_state[keys.FOLLOW_RUN] = request.run_id
         st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Started run {request.run_id}.")
@@ -216,9 +223,35 @@ def _live_view(run_id: str, was_active: bool) -> None:
                 f"Asked run {run_id} to stop; it saves a resume state first.",
             )
             st.rerun(scope="app")
+        if status in RESUMABLE and st.button(
+            "Resume",
+            key=f"train.resume.{run_id}",
+            icon=":material/play_arrow:",
+            width="stretch",
+            help="Continue from the saved state: python -m training train --resume <run folder>.",
+        ):
+            try:
+                runs.resume_run(catalog.runs_dir(), run_id)
+            except (VitvizError, OSError) as exc:
+                widgets.show_error(f"Not resumed: {exc}")
+            else:
+                st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Resumed run {run_id}.")
+                st.rerun(scope="app")
     records = run_folders.read_metrics(folder)
     if records:
-        widgets.plotly(interactive.training_curves_figure(records, x="step"), key=f"train.curves.{run_id}")
+        smoothing = st.slider(
+            "Smoothing",
+            0.0,
+            0.99,
+            0.0,
+            0.01,
+            key="train.smoothing",
+            help="Exponential moving average of each curve (as TensorBoard's): 0 draws the raw values; above 0 "
+            "the raw values stay as a faint line.",
+        )
+        widgets.plotly(
+            interactive.training_curves_figure(records, x="step", smoothing=smoothing), key=f"train.curves.{run_id}"
+        )
         accuracy = info.metrics.get("eval_accuracy")
         if isinstance(accuracy, (int, float)):
             st.caption(
@@ -226,6 +259,7 @@ def _live_view(run_id: str, was_active: bool) -> None:
             )
     else:
         st.caption("Waiting for the first logged step…")
+    _epoch_checkpoints(folder)
     log = runs.log_tail(catalog.runs_dir(), run_id)
     if log:
         with st.expander("Log", expanded=code not in (None, 0)):
@@ -237,6 +271,24 @@ def _live_view(run_id: str, was_active: bool) -> None:
             numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)},
             key="train",
         )
+
+
+def _epoch_checkpoints(folder: Path) -> None:
+    """The run's epoch checkpoints, each one click from the model picker (the picker lists only the run's best)."""
+    entries = catalog.run_epoch_entries(folder)
+    if not entries:
+        return
+    with st.expander(f"Epoch checkpoints ({len(entries)})"):
+        st.caption("The model picker offers the run's main checkpoint; open an epoch's checkpoint from here.")
+        with st.container(horizontal=True, wrap=True, gap="small"):
+            for entry in entries:
+                st.button(
+                    entry.path.stem if entry.path is not None else entry.key,
+                    key=f"train.epoch.{entry.key}",
+                    on_click=widgets.select_model,
+                    args=(entry,),
+                    width="content",
+                )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class Selection:
 
 
 def _all_entries() -> list[ModelEntry]:
-    discovered = catalog.discover_models()
+    discovered = catalog.discover_models(epochs=False)  # epoch checkpoints are listed under their run on /train
     extra: dict[str, ModelEntry] = st.session_state.setdefault(keys.EXTRA_MODELS, {})
     known = {entry.key for entry in discovered}
     return discovered + [entry for key, entry in extra.items() if key not in known]
@@ -74,6 +74,12 @@ def _all_entries() -> list[ModelEntry]:
 
 def _remember(entry: ModelEntry) -> None:
     st.session_state.setdefault(keys.EXTRA_MODELS, {})[entry.key] = entry
+
+
+def select_model(entry: ModelEntry) -> None:
+    """Make `entry` the sidebar's selection (kept in the picker for this session if discovery does not list it)."""
+    _remember(entry)
+    st.session_state[keys.MODEL] = entry.key
 
 
 def _adopt_url_model(entries: list[ModelEntry]) -> None:
@@ -209,7 +215,12 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
 
 def _add_model_controls() -> None:
     with st.expander("Add a model"):
-        st.text_input("timm model name", key="vv.add.timm", placeholder="vit_tiny_patch16_224")
+        st.text_input(
+            "timm model name",
+            key="vv.add.timm",
+            placeholder="vit_tiny_patch16_224",
+            help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224.",
+        )
         st.checkbox(
             "Pretrained weights (needs the network)",
             key="vv.add.pretrained",
