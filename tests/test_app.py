@@ -472,6 +472,76 @@ def test_bundled_comparisons_pick_their_checkpoints_in_one_click() -> None:
     assert list(row[["A", "B", "C", "D"]].iloc[0]) == ["learned", "learned_2d", "sincos", "none"]
 
 
+def test_compare_difference_maps_have_grid_axes_and_distance_curves_differ_by_hue_and_dash() -> None:
+    other = _other_bundled(same_grid=True)
+    at = _open("compare", query={"compare": ["bundled:shapes-default", f"bundled:{other.stem}"]})
+    config = _meta(DEFAULT)["config"]
+    gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    flat = next(
+        c
+        for c in _charts(at)
+        if "difference" in c["data"][0].get("hovertemplate", "")
+        and c["data"][0]["z"]
+        and _array(c["data"][0]["z"]).ndim == 2
+        and _array(c["data"][0]["z"]).shape == (gh, gw)
+    )
+    assert flat["layout"]["yaxis"]["range"] == [gh + 0.5, 0.5] and flat["layout"]["xaxis"]["range"] == [0.5, gw + 0.5]
+    assert flat["layout"]["yaxis"]["title"]["text"] == "Patch row"
+    assert flat["layout"]["xaxis"]["title"]["text"] == "Patch column"
+    curves = next(c for c in _charts(at) if [t.get("name") for t in c["data"]] == ["A", "B"])
+    styles = {(t["line"]["color"], t["line"]["dash"]) for t in curves["data"]}
+    assert len(curves["data"]) == 2 and len({c for c, _ in styles}) == 2 and len({d for _, d in styles}) == 2
+
+
+def test_compare_resamples_differing_grids_for_the_difference_map() -> None:
+    base, tuned = DEFAULT, DEFAULT.parent / "shapes-finetune-hires.safetensors"
+    if not tuned.is_file():
+        pytest.skip("needs the bundled fine-tuned checkpoint")
+    at = _open("compare", query={"compare": ["bundled:shapes-default", "bundled:shapes-finetune-hires"]})
+    assert any("resampled from" in _text(c) for c in at.caption), [_text(c) for c in at.caption]
+    config = _meta(base)["config"]
+    gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    differences = [c for c in _charts(at) if "difference" in c["data"][0].get("hovertemplate", "")]
+    assert differences, "no difference map for grids that differ"
+    expected_position = _cosine_similarity_tiles(base)
+    mosaic = _array(differences[0]["data"][0]["z"])
+    assert mosaic.shape == (gh * (gh + 1) - 1, gw * (gw + 1) - 1)
+    assert np.isfinite(_tile(mosaic, 0, 0, (gh, gw))).all() and expected_position.shape == (gh, gw, gh, gw)
+
+
+def test_compare_four_models_keep_legible_figures() -> None:
+    from vitviz.ui.compare import FIGURE_HEIGHT, READY_MADE
+
+    stems = READY_MADE["Position embeddings"]
+    at = _open("compare", query={"compare": [f"bundled:{s}" for s in stems]})
+    mosaics = [
+        c
+        for c in _charts(at)
+        if "query patch" in c["data"][0].get("hovertemplate", "") and "similarity %" in c["data"][0]["hovertemplate"]
+    ]
+    assert len(mosaics) == 3  # shapes-nopos has no table
+    assert all(c["layout"]["height"] == FIGURE_HEIGHT for c in mosaics)
+
+
+@pytest.mark.parametrize("page", ["position", "compare"])
+def test_position_similarity_offers_an_automatic_range(page: str) -> None:
+    sincos = DEFAULT.parent / "shapes-sincos.safetensors"
+    expected = _cosine_similarity_tiles(sincos)
+    query = {"model": "bundled:shapes-sincos"}
+    if page == "compare":
+        query["compare"] = ["bundled:shapes-sincos", "bundled:shapes-sincos"]
+    at = _open(page, query=query)
+    control = next(b for b in at.get("button_group") if "automatic" in b.options)
+    mosaic = next(c for c in _charts(at) if "similarity %" in c["data"][0].get("hovertemplate", ""))
+    assert (mosaic["data"][0]["zmin"], mosaic["data"][0]["zmax"]) == (-1, 1)
+    control.set_value("automatic").run()
+    _assert_clean(at)
+    mosaic = next(c for c in _charts(at) if "similarity %" in c["data"][0].get("hovertemplate", ""))
+    assert mosaic["data"][0]["zmin"] == pytest.approx(expected.min(), abs=1e-4)
+    assert mosaic["data"][0]["zmax"] == pytest.approx(expected.max(), abs=1e-4)
+    assert any(f"{expected.min():.3f} … {expected.max():.3f}" in _text(c) for c in at.caption)
+
+
 # --- train ---------------------------------------------------------------------------------------------------
 
 

@@ -452,12 +452,54 @@ def difference_figure(
                 hovertemplate="(%{y}, %{x})<br>difference %{z:.3f}<extra></extra>",
             )
         )
-        fig.update_yaxes(autorange="reversed", scaleanchor="x", showgrid=False)
-        fig.update_xaxes(showgrid=False)
+        # Explicit ranges on the grid (1-based, row 1 at the top); constrain="domain" keeps the cells square
+        # without widening the y range beyond the grid.
+        fig.update_yaxes(
+            title="Patch row",
+            range=[rows + 0.5, 0.5],
+            scaleanchor="x",
+            constrain="domain",
+            showgrid=False,
+            zeroline=False,
+        )
+        fig.update_xaxes(
+            title="Patch column", range=[0.5, cols + 0.5], constrain="domain", showgrid=False, zeroline=False
+        )
         fig.update_layout(font=_FONT, margin=_MARGIN, plot_bgcolor="white")
     else:
         raise ValueError(f"expected a [h, w] or [gh, gw, gh, gw] difference, got shape {difference.shape}")
     fig.update_layout(title=title)
+    return fig
+
+
+MODEL_COLOURS = plotly.colors.qualitative.D3  # one distinguishable hue per model
+MODEL_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+
+def comparison_curves_figure(
+    curves: Mapping[str, np.ndarray], *, x_title: str, y_title: str, x_start: int = 1, y_format: str | None = None
+) -> go.Figure:
+    """One line per model on shared axes: a qualitative colour and a dash style of its own for each model."""
+    fig = go.Figure()
+    for index, (name, values) in enumerate(curves.items()):
+        values = np.asarray(values, dtype=np.float64)
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(x_start, x_start + len(values)),
+                y=values,
+                mode="lines+markers" if len(values) <= 32 else "lines",
+                name=name,
+                line={
+                    "color": MODEL_COLOURS[index % len(MODEL_COLOURS)],
+                    "dash": MODEL_DASHES[index % len(MODEL_DASHES)],
+                    "width": 2.5,
+                },
+                marker={"size": 6},
+            )
+        )
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title=y_title, tickformat=y_format)
+    fig.update_layout(font=_FONT, margin={**_MARGIN, "t": 20}, hovermode="x unified")
     return fig
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 from matplotlib.figure import Figure
+from PIL import Image
 
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
@@ -29,6 +29,19 @@ READY_MADE: dict[str, tuple[str, ...]] = {
     "ViT vs hybrid": ("shapes-default", "shapes-hybrid"),
     "Base vs fine-tuned": ("shapes-default", "shapes-finetune-hires"),
 }
+
+
+# Tab label -> how the names of its figures end (None: every figure).
+TAB_FIGURES: dict[str, tuple[str, ...] | None] = {
+    "Summary": None,
+    "Filters": ("filters",),
+    "Position embeddings": ("position similarity",),
+    "Attention distance": ("attention distance",),
+    "Rollout": ("rollout",),
+}
+POSITION_FIXED = "−1 … 1"
+POSITION_AUTO = "automatic"
+FIGURE_HEIGHT = 380  # pixels: the filter and position mosaics of 3-4 models stay legible
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,9 @@ def render() -> None:
         st.info("Choose at least two models to compare.")
         return
 
-    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab = st.tabs(
-        ["Summary", "Filters", "Position embeddings", "Attention distance", "Rollout"]
-    )
+    tabs = st.tabs(list(TAB_FIGURES), key="compare.tab", on_change="rerun")
+    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab = tabs
+    open_tab = next((label for label, tab in zip(TAB_FIGURES, tabs) if tab.open), "Summary")
     figures: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     rows = {m.name: _card(m) for m in models}
@@ -75,9 +88,10 @@ def render() -> None:
 
     table = list(rows.values())
     columns = list(dict.fromkeys(k for row in table for k in row))
+    shown = TAB_FIGURES[open_tab]  # the picker offers the open tab's figures (all of them on the summary)
     widgets.figure_picker_downloads(
         "compare",
-        figures=figures,
+        figures={name: make for name, make in figures.items() if shown is None or name.endswith(shown)},
         numbers={
             "summary.csv": lambda: exports.csv_bytes(columns, [[row.get(c, "") for c in columns] for row in table]),
             "compare.npz": lambda: exports.npz_bytes(arrays),
@@ -184,8 +198,12 @@ def _card(model: Compared) -> dict[str, Any]:
 
 
 def _columns(models: list[Compared]) -> list[Any]:
-    columns = st.columns(len(models)) if len(models) <= 3 else st.columns(3)
-    return [columns[i % len(columns)] for i in range(len(models))]
+    """One column per model up to three; four or more go two to a row, so no figure is squeezed."""
+    per_row = len(models) if len(models) <= 3 else 2
+    columns: list[Any] = []
+    while len(columns) < len(models):
+        columns += st.columns(per_row)
+    return columns[: len(models)]
 
 
 def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
@@ -202,6 +220,7 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
             widgets.plotly(
                 interactive.filters_figure(components, ratio[:k], ncols=4, max_components=k, title=" "),
                 key=f"compare.filters.{model.name}",
+                height=FIGURE_HEIGHT,
             )
             cumulative[model.name] = np.cumsum(ratio)
             rows[model.name]["PC1 variance %"] = round(100 * float(ratio[0]), 1)
@@ -211,55 +230,108 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
             arrays[f"{model.name}_explained_variance_ratio"] = ratio
     if cumulative:
         st.markdown("##### Cumulative explained variance")
-        length = max(len(v) for v in cumulative.values())
-        frame = pd.DataFrame(
-            {name: np.pad(v, (0, length - len(v)), constant_values=np.nan) for name, v in cumulative.items()},
-            index=pd.RangeIndex(1, length + 1, name="component"),
-        )
-        st.line_chart(
-            frame.iloc[: min(length, 64)], x_label="principal component", y_label="cumulative share", height=320
+        widgets.plotly(
+            interactive.comparison_curves_figure(
+                {name: values[:64] for name, values in cumulative.items()},
+                x_title="Principal component",
+                y_title="Cumulative explained variance",
+                y_format=".0%",
+            ),
+            key="compare.filters.cumulative",
+            height=340,
         )
 
 
 def _position(models: list[Compared], figures: dict, arrays: dict) -> None:
-    similarities: dict[str, np.ndarray] = {}
+    results = {m.name: cached.position(m.loaded.content_hash, m.loaded) for m in models}
+    similarities = {name: r.similarity for name, r in results.items() if not isinstance(r, NotApplicable)}
+    scale = (
+        st.segmented_control(
+            "Colour range",
+            (POSITION_FIXED, POSITION_AUTO),
+            default=POSITION_FIXED,
+            key="compare.position.range",
+            help="−1 … 1 is cosine similarity's whole range; automatic spans the smallest to the largest value "
+            "of the models shown, so the structure of a table that is nearly all high (e.g. sin-cos) shows.",
+        )
+        or POSITION_FIXED
+    )
+    zmin, zmax = -1.0, 1.0
+    if scale == POSITION_AUTO and similarities:
+        zmin = min(float(v.min()) for v in similarities.values())
+        zmax = max(float(v.max()) for v in similarities.values())
+        zmax = zmax if zmax > zmin else zmin + 1e-6
+    st.caption(f"Colour range {zmin:.3f} … {zmax:.3f}, shared by every model.")
     for column, model in zip(_columns(models), models):
         with column:
             st.markdown(_header(model))
-            result = cached.position(model.loaded.content_hash, model.loaded)
-            if isinstance(result, NotApplicable):
+            if model.name not in similarities:
                 st.info("No absolute position embeddings.")
                 continue
-            similarity = result.similarity
-            similarities[model.name] = similarity
-            widgets.plotly(interactive.position_figure(similarity, title=" "), key=f"compare.position.{model.name}")
+            similarity = similarities[model.name]
+            widgets.plotly(
+                interactive.position_figure(similarity, title=" ", zmin=zmin, zmax=zmax),
+                key=f"compare.position.{model.name}",
+                height=FIGURE_HEIGHT,
+            )
             figures[f"{model.name} position similarity"] = _bind(paper.position_similarity_figure, similarity)
             arrays[f"{model.name}_position_similarity"] = similarity
     _differences(similarities, "position similarity", figures, arrays, key="position")
 
 
+def _resampled(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A [gh, gw] map, or a [gh, gw, gh, gw] table on both of its grids, resampled bilinearly to `grid`."""
+
+    def resize(plane: np.ndarray) -> np.ndarray:
+        picture = Image.fromarray(np.asarray(plane, dtype=np.float32), mode="F")
+        return np.asarray(picture.resize((grid[1], grid[0]), Image.Resampling.BILINEAR), dtype=np.float64)
+
+    if values.ndim == 2:
+        return resize(values)
+    gh, gw = values.shape[:2]
+    keys_done = np.stack([[resize(values[r, c]) for c in range(gw)] for r in range(gh)])  # [gh, gw, GH, GW]
+    moved = keys_done.transpose(2, 3, 0, 1)  # [GH, GW, gh, gw]
+    queries_done = np.stack([[resize(moved[i, j]) for j in range(grid[1])] for i in range(grid[0])])
+    return queries_done.transpose(2, 3, 0, 1)
+
+
 def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: dict, *, key: str) -> None:
-    """Each model minus the reference (the first with a map), where the shapes match, on one shared scale."""
+    """Each model minus the reference (the first with a map), on one shared scale; a model whose patch grid
+    differs is first resampled (bilinear) to the reference's grid, and the page says so."""
     if len(maps) < 2:
         return
     reference_name, reference = next(iter(maps.items()))
-    pairs = {
-        name: values - reference
-        for name, values in maps.items()
-        if name != reference_name and values.shape == reference.shape
-    }
-    skipped = [name for name, values in maps.items() if name != reference_name and values.shape != reference.shape]
+    grid = reference.shape[:2]
+    pairs: dict[str, np.ndarray] = {}
+    notes = []
+    for name, values in maps.items():
+        if name == reference_name:
+            continue
+        if values.shape != reference.shape:
+            notes.append(f"{name} resampled from {values.shape[0]}×{values.shape[1]} to {grid[0]}×{grid[1]}")
+            values = _resampled(values, grid)
+        pairs[name] = values - reference
     st.markdown(f"##### Differences in {what}: each model − {reference_name}")
-    if skipped:
-        st.caption(f"No difference map for {', '.join(skipped)}: the patch grids differ.")
-    if not pairs:
-        return
+    if notes:
+        st.caption(
+            f"The patch grids differ: {'; '.join(notes)} (bilinear) to match {reference_name} before subtracting."
+        )
     limit = max(float(np.nanmax(np.abs(d))) for d in pairs.values()) or 1e-12
-    for column, (name, difference) in zip(st.columns(max(2, min(3, len(pairs)))), pairs.items()):
+    st.caption(f"Shared scale −{limit:.3g} … {limit:.3g}; red: higher than {reference_name}, blue: lower.")
+    for column, (name, difference) in zip(_columns_for(len(pairs)), pairs.items()):
         with column:
             st.markdown(f"**{name} − {reference_name}**")
-            widgets.plotly(interactive.difference_figure(difference, zmax=limit), key=f"compare.diff.{key}.{name}")
+            widgets.plotly(
+                interactive.difference_figure(difference, zmax=limit),
+                key=f"compare.diff.{key}.{name}",
+                height=FIGURE_HEIGHT,
+            )
             arrays[f"{name}_minus_{reference_name}_{key}"] = difference
+
+
+def _columns_for(count: int) -> list[Any]:
+    columns = st.columns(max(2, min(3, count)))
+    return [columns[i % len(columns)] for i in range(count)]
 
 
 def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
@@ -312,12 +384,11 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
     per_layer = {
         name: (r.pixels if unit == "pixels" else 100.0 * r.fraction).mean(axis=1) for name, r in results.items()
     }
-    depth = max(len(values) for values in per_layer.values())
-    frame = pd.DataFrame(
-        {name: np.pad(values, (0, depth - len(values)), constant_values=np.nan) for name, values in per_layer.items()},
-        index=pd.RangeIndex(1, depth + 1, name="layer"),
+    widgets.plotly(
+        interactive.comparison_curves_figure(per_layer, x_title="Layer", y_title=f"Mean attention distance ({unit})"),
+        key="compare.distance.curves",
+        height=340,
     )
-    st.line_chart(frame, x_label="layer", y_label=f"mean attention distance ({unit})", height=320)
     st.caption(f"{len(images)} images, mode {mode}.")
 
 

@@ -13,6 +13,8 @@ from vitviz.tokens import token_layout
 from vitviz.ui import cached, exports, widgets
 
 MAX_SCALE = 2  # resampling choices reach up to this many times the trained grid...
+RANGE_FIXED = "−1 … 1"
+RANGE_AUTO = "automatic"
 MAX_RESAMPLED_SIDE = 24  # ...and at most this many patches per side (a 24x24 mosaic is 360k cells to draw)
 
 
@@ -31,15 +33,33 @@ def render() -> None:
         st.info("Not applicable: this model has no absolute position embeddings (none, or a relative-position bias).")
         return
     similarity = result.similarity
+    scale = (
+        st.segmented_control(
+            "Colour range",
+            (RANGE_FIXED, RANGE_AUTO),
+            default=RANGE_FIXED,
+            key="position.range",
+            help="−1 … 1 is cosine similarity's whole range; automatic spans this table's smallest to largest "
+            "value, so the structure of a table that is nearly all high (e.g. sin-cos) shows.",
+        )
+        or RANGE_FIXED
+    )
+    zmin, zmax = (-1.0, 1.0) if scale == RANGE_FIXED else _auto_range(similarity)
+    st.caption(
+        f"Colour range {zmin:.3f} … {zmax:.3f}; the similarities run from {similarity.min():.3f} to "
+        f"{similarity.max():.3f}."
+    )
 
     grid_col, patch_col = st.columns([3, 2])
     with grid_col:
-        widgets.plotly(interactive.position_figure(similarity), key="position.grid")
+        widgets.plotly(interactive.position_figure(similarity, zmin=zmin, zmax=zmax), key="position.grid")
     with patch_col:
         st.markdown("##### One patch")
         row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key="position.row") if gh > 1 else 1
         col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key="position.col") if gw > 1 else 1
-        widgets.plotly(interactive.position_patch_figure(similarity, row - 1, col - 1), key="position.patch")
+        widgets.plotly(
+            interactive.position_patch_figure(similarity, row - 1, col - 1, zmin=zmin, zmax=zmax), key="position.patch"
+        )
 
     st.markdown("##### At another resolution")
     controls_col, resampled_col = st.columns([2, 3])
@@ -74,7 +94,15 @@ def render() -> None:
             )
             with resampled_col:
                 widgets.plotly(
-                    interactive.position_figure(resampled, title=f"Resampled to {new_grid[0]}×{new_grid[1]}"),
+                    interactive.position_figure(
+                        resampled,
+                        title=f"Resampled to {new_grid[0]}×{new_grid[1]}",
+                        **(
+                            {}
+                            if scale == RANGE_FIXED
+                            else dict(zip(("zmin", "zmax"), _auto_range(resampled), strict=True))
+                        ),
+                    ),
                     key="position.resampled",
                 )
 
@@ -90,6 +118,12 @@ def render() -> None:
             resampled, title=f"Position embedding similarity, resampled to {new_grid[0]}×{new_grid[1]}"
         )
     widgets.downloads(selection.entry.key, figures=figures, numbers=numbers, key="position")
+
+
+def _auto_range(values: np.ndarray) -> tuple[float, float]:
+    """The table's own smallest and largest value (a tiny span when it is constant)."""
+    low, high = float(np.min(values)), float(np.max(values))
+    return low, high if high > low else low + 1e-6
 
 
 def _grid_choices(gh: int, gw: int) -> dict[int, int]:
