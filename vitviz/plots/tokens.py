@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import matplotlib.ticker
 import numpy as np
+from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -46,12 +47,13 @@ def norm_heatmap_figure(norms: np.ndarray, token_names: Sequence[str], num_prefi
     """Layers x tokens heatmap of the mean token norm; prefix tokens labelled, a line where the patches start."""
     norms = np.asarray(norms, dtype=np.float64)
     layers, tokens = norms.shape
-    fig = Figure(figsize=(min(12.0, 3.0 + tokens * 0.06), 1.6 + 0.32 * layers), layout="constrained")
+    fig = Figure(figsize=(12.0, 1.8 + 0.22 * layers), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(norms, aspect="auto", cmap="magma", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="L2 norm (mean over images)", pad=0.01)
     patch_step = max(1, (tokens - num_prefix_tokens) // 8)
-    ticks = list(range(num_prefix_tokens)) + list(range(num_prefix_tokens, tokens, patch_step))
+    first_patch = num_prefix_tokens + (patch_step if num_prefix_tokens else 0)  # keep clear of the prefix labels
+    ticks = list(range(num_prefix_tokens)) + list(range(first_patch, tokens, patch_step))
     ax.set_xticks(ticks, [token_names[t] for t in ticks], rotation=90, fontsize=_TICK_SIZE)
     for label in ax.get_xticklabels()[:num_prefix_tokens]:
         label.set_fontweight("bold")
@@ -147,12 +149,29 @@ def head_maps_figure(attention: np.ndarray, masks: np.ndarray, *, query: str, ma
         if head >= heads:
             continue
         ax.imshow(maps[head], cmap="viridis", norm=Normalize(0, max(float(maps[head].max()), 1e-12)))
-        ax.contour(masks[head].astype(float), levels=[0.5], colors="white", linewidths=1.2)
+        _outline_patches(ax, np.asarray(masks[head], dtype=bool))
         ax.set_title(f"head {head + 1}", fontsize=_TICK_SIZE)
     fig.suptitle(
         f"Last layer, {query} attention; outline: {100 * mass_share:.0f}% of each head's mass", fontsize=_LABEL_SIZE
     )
     return fig
+
+
+def _outline_patches(ax: object, mask: np.ndarray) -> None:
+    """Draw the outline of a patch mask along patch edges (imshow coordinates: patch (r, c) spans r±0.5, c±0.5)."""
+    padded = np.pad(mask, 1)
+    segments = []
+    for r, c in zip(*np.nonzero(mask)):
+        pr, pc = r + 1, c + 1
+        if not padded[pr - 1, pc]:
+            segments.append([(c - 0.5, r - 0.5), (c + 0.5, r - 0.5)])
+        if not padded[pr + 1, pc]:
+            segments.append([(c - 0.5, r + 0.5), (c + 0.5, r + 0.5)])
+        if not padded[pr, pc - 1]:
+            segments.append([(c - 0.5, r - 0.5), (c - 0.5, r + 0.5)])
+        if not padded[pr, pc + 1]:
+            segments.append([(c + 0.5, r - 0.5), (c + 0.5, r + 0.5)])
+    ax.add_collection(LineCollection(segments, colors="white", linewidths=1.4))  # type: ignore[attr-defined]
 
 
 def logit_lens_figure(probabilities: np.ndarray, class_name: str) -> Figure:
