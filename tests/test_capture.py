@@ -239,9 +239,9 @@ def test_refuses_training_mode_and_unsupported_models() -> None:
     with pytest.raises(ValueError, match="eval"):
         attention_maps(model, _images(model, batch=1))
     assert _hook_count(model) == 0 and model.training
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1).eval()
-    with pytest.raises(VitvizError, match="EvaAttention"):
-        attention_maps(eva, torch.zeros(1, 3, 224, 224))
+    sam = timm.create_model("samvit_base_patch16", pretrained=False, depth=1, img_size=64).eval()
+    with pytest.raises(VitvizError, match="samvit_base_patch16.*block 0.*vision_transformer_sam.Attention"):
+        attention_maps(sam, torch.zeros(1, 3, 64, 64))
     resnet = timm.create_model("resnet18", pretrained=False).eval()
     with pytest.raises(VitvizError, match="no transformer blocks"):
         attention_maps(resnet, torch.zeros(1, 3, 64, 64))

@@ -1,7 +1,9 @@
 """Attention capture: the one way vitviz reads post-softmax attention out of a timm ViT.
 
 The model keeps its fused attention: nothing on it is flipped or replaced. While an attention module runs in
-the capturing thread, from its ``k_norm`` to its output projection ``proj``, a torch function mode (modes are
+the capturing thread, from its ``k_norm`` to its output projection ``proj`` (rope, when the block has it, is
+applied in between; BEiT's attention has no ``k_norm``, so there the span is its whole forward up to ``proj``;
+timm's ParallelScalingBlock spans ``k_norm`` to its MLP activation), a torch function mode (modes are
 per thread) catches its call to ``scaled_dot_product_attention`` and computes it explicitly, once, as timm's
 non-fused path does (scale, q @ k^T, attention mask or relative-position bias, softmax, @ v): the
 probabilities [B, H, N, N] are handed over and the module continues with the same output. So the attention is
@@ -18,7 +20,8 @@ Public API:
     attention_maps(model, images) -> list of L tensors [B, H, N, N]
     attention_gradients(model, images, target_class=None) -> AttentionGradients(logits, target_class,
         attentions, gradients), gradients = d logit_c / d attn per layer
-    attention_modules(model) -> the attention module of every block, checked to be capturable
+    attention_modules(model) -> the attention module of every block, checked to be capturable (a module vitviz
+        cannot read exactly is refused with one line naming the model and the attention class)
     KeepAllAttention, QueryAttention: consumers (analysis/ holds the rollout and distance accumulators)
 
 Sharing one model: the app serves several sessions from one cached model in several threads. Hooks are
@@ -45,7 +48,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.layers.attention import Attention, AttentionRope, maybe_add_mask, resolve_self_attn_mask
+from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
+from timm.models.vision_transformer import ParallelScalingBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -65,10 +71,86 @@ __all__ = [
     "capture_attention",
 ]
 
-# Attention forwards that pass q, k, v, the mask or bias and nothing else to scaled_dot_product_attention (or
-# their probabilities through attn_drop), so _explicit_attention reproduces them exactly. Subclasses that keep
-# the forward are fine; anything else (rope, separate q/k/v projections, pooling attention) is refused.
-_SUPPORTED_FORWARDS = (Attention.forward, RelPosAttention.forward)
+# Attention forwards that pass q, k, v (rope already applied), the mask or bias and nothing else to one
+# scaled_dot_product_attention call (or their probabilities through attn_drop), so _explicit_attention reproduces
+# them exactly. Subclasses that keep the forward are fine; any other forward is refused with one line.
+_KNORM_TO_PROJ = (Attention.forward, RelPosAttention.forward, EvaAttention.forward, AttentionRope.forward)
+
+
+@dataclass(frozen=True)
+class _AttentionSite:
+    """Where one block's attention call is read: the mode is entered after ``enter`` runs (before it, when
+    ``enter_before``) and left before ``exit`` runs; with ``owner.fused_attn`` off the probabilities are read
+    at ``drop`` (timm's attn_drop)."""
+
+    owner: nn.Module  # the module holding fused_attn: the attention module, or a parallel block
+    enter: nn.Module
+    enter_before: bool
+    exit: nn.Module
+    drop: nn.Module
+
+
+def _site(block: nn.Module) -> _AttentionSite | None:
+    """The attention site of one block, or None when vitviz cannot read its attention exactly."""
+    if type(block).forward is ParallelScalingBlock.forward:
+        # Fused qkv + MLP input projection; the attention output goes through a reshape to the MLP activation.
+        return _AttentionSite(block, block.k_norm, False, block.mlp_act, block.attn_drop)
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        return None
+    forward = type(attn).forward
+    if forward in _KNORM_TO_PROJ:
+        # q, k, v exist after k_norm (rope, when present, is applied after it and before the call).
+        return _AttentionSite(attn, attn.k_norm, False, attn.proj, attn.attn_drop)
+    if forward is BeitAttention.forward:
+        # No k_norm, and the qkv projection may run as F.linear: the mode spans the whole forward up to proj;
+        # the relative-position bias (own table plus the shared one) reaches the call as its float mask.
+        return _AttentionSite(attn, attn, True, attn.proj, attn.attn_drop)
+    return None
+
+
+def _class_name(module: nn.Module) -> str:
+    """The class with its timm module (several timm models name their attention class just Attention)."""
+    cls = type(module)
+    return f"{cls.__module__.removeprefix('timm.models.').removeprefix('timm.layers.')}.{cls.__qualname__}"
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    architecture = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
+
+
+def _attention_sites(model: nn.Module) -> list[_AttentionSite]:
+    """Every block's attention site, in order; one line naming the model and the attention class otherwise."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Module) or len(blocks) == 0:
+        raise VitvizError(
+            f"{_model_name(model)} has no transformer blocks (model.blocks); "
+            "vitviz reads attention from timm VisionTransformer-family models"
+        )
+    sites = []
+    for index, block in enumerate(blocks):
+        site = _site(block)
+        if site is None:
+            attn = getattr(block, "attn", None)
+            if attn is None:
+                kind = f"no attention module (a {_class_name(block)} block)"
+            else:
+                kind = f"attention class {_class_name(attn)}"
+            raise VitvizError(
+                f"cannot read the attention of {_model_name(model)}: block {index} has {kind}, "
+                "which vitviz does not read exactly"
+            )
+        sites.append(site)
+    return sites
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention module of every transformer block (the block itself for parallel blocks), in order;
+    refuses models it cannot capture exactly with a one-line VitvizError."""
+    return [site.owner for site in _attention_sites(model)]
+
 
 # torch's RemovableHandle ids and hook dictionaries are updated without a lock; serialise our own updates.
 _HOOK_LOCK = threading.Lock()
@@ -126,27 +208,6 @@ class QueryAttention:
     def result(self) -> torch.Tensor:
         """[L, B, H, N]: the query's attention over all tokens, prefix tokens first."""
         return torch.stack([torch.cat(self._layers[layer], dim=0) for layer in sorted(self._layers)])
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention module of every transformer block, in order; refuses models it cannot capture exactly."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise VitvizError(
-            f"{type(model).__name__} has no transformer blocks (model.blocks); "
-            "vitviz reads attention from timm VisionTransformer-family models"
-        )
-    modules = []
-    for index, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        if attn is None or type(attn).forward not in _SUPPORTED_FORWARDS:
-            kind = "no attention module" if attn is None else f"a {type(attn).__name__} attention"
-            raise VitvizError(
-                f"block {index} of {type(model).__name__} has {kind}; vitviz can capture timm's "
-                "Attention and RelPosAttention only"
-            )
-        modules.append(attn)
-    return modules
 
 
 def _explicit_attention(
@@ -211,8 +272,8 @@ class _ExplicitAttention(TorchFunctionMode):
 class _CaptureSession:
     """Hooks for one capture: they act only in the thread that created the session."""
 
-    def __init__(self, modules: Sequence[nn.Module], on_attention: Callable[[int, torch.Tensor], None]) -> None:
-        self.modules = list(modules)
+    def __init__(self, sites: Sequence[_AttentionSite], on_attention: Callable[[int, torch.Tensor], None]) -> None:
+        self.sites = list(sites)
         self.on_attention = on_attention
         self.owner = threading.get_ident()
         self.active_modes: list[_ExplicitAttention] = []
@@ -257,16 +318,20 @@ class _CaptureSession:
         handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             with _HOOK_LOCK:
-                for layer_index, module in enumerate(self.modules):
-                    if not module.fused_attn:
-                        handles.append(module.attn_drop.register_forward_hook(self._unfused_hook(layer_index)))
+                for layer_index, site in enumerate(self.sites):
+                    if not site.owner.fused_attn:
+                        handles.append(site.drop.register_forward_hook(self._unfused_hook(layer_index)))
                         continue
                     # The mode spans k_norm's output to proj's input: the attention call and the few reshapes
                     # around it. Spanning the whole module would also route qkv and proj through it, which costs
                     # about 2% of a ViT-S/16 forward at batch 1 (measured) for nothing. Both forwards call
                     # proj after the attention; if the forward raises in between, the mode is left below.
-                    handles.append(module.k_norm.register_forward_hook(self._enter_hook(layer_index)))
-                    handles.append(module.proj.register_forward_pre_hook(self._exit_hook))
+                    enter = self._enter_hook(layer_index)
+                    if site.enter_before:
+                        handles.append(site.enter.register_forward_pre_hook(enter))
+                    else:
+                        handles.append(site.enter.register_forward_hook(enter))
+                    handles.append(site.exit.register_forward_pre_hook(self._exit_hook))
             yield
         finally:
             while self.active_modes:  # a forward that raised inside an attention module
@@ -276,7 +341,7 @@ class _CaptureSession:
                     handle.remove()
 
     def check_complete(self) -> None:
-        expected = list(range(len(self.modules)))
+        expected = list(range(len(self.sites)))
         if self.layers_seen != expected:
             raise RuntimeError(f"captured layers {self.layers_seen}, expected {expected}")
 
@@ -293,10 +358,10 @@ def _any_training(model: nn.Module) -> bool:
     return False
 
 
-def _check_capturable(model: nn.Module) -> list[nn.Module]:
+def _check_capturable(model: nn.Module) -> list[_AttentionSite]:
     if _any_training(model):
         raise ValueError("attention capture needs model.eval(): training mode makes attention random")
-    return attention_modules(model)
+    return _attention_sites(model)
 
 
 def _as_consumers(consumers: AttentionConsumer | Sequence[AttentionConsumer]) -> list[AttentionConsumer]:
@@ -323,14 +388,14 @@ def capture_attention(
     Returns:
         The logits [B, num_classes], or None when ``with_logits`` is False.
     """
-    modules = _check_capturable(model)
+    sites = _check_capturable(model)
     targets = _as_consumers(consumers)
 
     def deliver(layer_index: int, attn: torch.Tensor) -> None:
         for consumer in targets:
             consumer.consume(layer_index, attn)
 
-    session = _CaptureSession(modules, deliver)
+    session = _CaptureSession(sites, deliver)
     with torch.no_grad(), session.installed():
         output = model(images) if with_logits else model.forward_features(images)
     session.check_complete()
@@ -356,11 +421,11 @@ def attention_gradients(
         images: [B, C, H, W] preprocessed images.
         target_class: the class c, one for all images or a [B] tensor; None takes each image's predicted class.
     """
-    modules = _check_capturable(model)
+    sites = _check_capturable(model)
     if getattr(model, "grad_checkpointing", False):
         raise ValueError("attention gradients need gradient checkpointing off (it re-runs blocks in backward)")
     attentions: list[torch.Tensor] = []
-    session = _CaptureSession(modules, lambda _layer, attn: attentions.append(attn))
+    session = _CaptureSession(sites, lambda _layer, attn: attentions.append(attn))
     # The input, not the parameters, carries requires_grad, so every attention joins the graph even when
     # the parameters are frozen, and no parameter is touched.
     with torch.inference_mode(False), torch.enable_grad():

@@ -1,0 +1,152 @@
+"""Survey: which timm ViT-family architectures vitviz can analyse (run ``python -m tests.timm_matrix``).
+
+For every timm name matching FAMILY_PATTERNS with at most MAX_PARAMS parameters at its default size (counted
+on the meta device, nothing downloaded), build it with random weights (``pretrained=False``, seed 0) at depth
+2 and a small input where timm accepts them, then read its token layout and stream one image's attention to
+the rollout and distance consumers. Each analysis ends as ``ok``, ``not_applicable: reason`` (the analysis is
+defined not to apply), ``refused: reason`` (a one-line VitvizError: the model cannot be read) or
+``error: last traceback line`` (a bug). An importable helper for the tests, not a test file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from vitviz.analysis.distance import DistanceAccumulator
+from vitviz.analysis.rollout import RolloutAccumulator
+from vitviz.capture import capture_attention
+from vitviz.errors import VitvizError
+from vitviz.tokens import token_layout
+
+logger = logging.getLogger(__name__)
+
+FAMILY_PATTERNS = ("vit_*", "deit*", "beit*", "eva*", "cait*", "flexivit*", "naflexvit*", "samvit*", "vitamin*")
+MAX_PARAMS = 120_000_000
+SMALL_IMAGE = 64
+# Attempts in order: reduced depth and input, reduced depth only, timm's defaults.
+_ATTEMPTS: tuple[dict[str, Any], ...] = (dict(depth=2, img_size=SMALL_IMAGE), dict(depth=2), {})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One architecture's outcome: how it was built and each analysis' status."""
+
+    name: str
+    built_with: str
+    layout: str
+    rollout: str
+    distance: str
+
+    @property
+    def ok(self) -> bool:
+        return all(not status.startswith(("refused", "error")) for status in (self.layout, self.rollout, self.distance))
+
+
+def family_names(patterns: Iterable[str] = FAMILY_PATTERNS, max_params: int = MAX_PARAMS) -> list[str]:
+    """Every timm name matching the patterns with at most max_params parameters at timm's default config."""
+    names = sorted({name for pattern in patterns for name in timm.list_models(pattern)})
+    kept = []
+    for name in names:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+        except Exception:  # a name timm cannot build on meta is kept: the survey will say what happens
+            kept.append(name)
+            continue
+        if sum(p.numel() for p in model.parameters()) <= max_params:
+            kept.append(name)
+    return kept
+
+
+def _status(error: BaseException) -> str:
+    if isinstance(error, VitvizError):
+        return f"refused: {error}"
+    last = traceback.format_exception_only(type(error), error)[-1].strip()
+    return f"error: {last}"
+
+
+def build_small(name: str) -> tuple[nn.Module, str]:
+    """The architecture at reduced depth and input size where timm accepts them, random weights, eval mode."""
+    failure: BaseException | None = None
+    for overrides in _ATTEMPTS:
+        torch.manual_seed(0)
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=10, **overrides).eval()
+            layout = token_layout(model)
+            with torch.no_grad():
+                model(torch.randn(1, 3, *layout.img_size))
+        except Exception as error:  # try the next, less reduced configuration
+            failure = error
+            continue
+        return model, ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    assert failure is not None
+    raise failure
+
+
+def survey(name: str) -> Row:
+    """Build one architecture small and run token_layout and the streamed rollout and distance on it."""
+    try:
+        model, built_with = build_small(name)
+    except Exception as error:
+        status = _status(error)
+        return Row(name, "-", status, status, status)
+    try:
+        layout = token_layout(model)
+    except Exception as error:
+        status = _status(error)
+        return Row(name, built_with, status, status, status)
+    images = torch.randn(1, 3, *layout.img_size, generator=torch.Generator().manual_seed(1))
+    statuses = {}
+    for analysis, consumer in (("rollout", RolloutAccumulator(layout)), ("distance", DistanceAccumulator(layout))):
+        try:
+            capture_attention(model, images, [consumer], with_logits=False)
+            consumer.result()
+            statuses[analysis] = "ok"
+        except Exception as error:
+            statuses[analysis] = _status(error)
+    return Row(name, built_with, "ok", statuses["rollout"], statuses["distance"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("patterns", nargs="*", default=list(FAMILY_PATTERNS))
+    parser.add_argument("--max-params", type=int, default=MAX_PARAMS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    names = family_names(args.patterns, args.max_params)
+    rows = []
+    start = time.perf_counter()
+    for name in names:
+        row = survey(name)
+        rows.append(row)
+        print(
+            f"{row.name:55s} {row.built_with:22s} layout={row.layout} | rollout={row.rollout} | "
+            f"distance={row.distance}",
+            flush=True,
+        )
+    working = sum(row.ok for row in rows)
+    reasons = Counter(
+        status.split(":", 1)[0] + ": " + status.split(":", 1)[1][:90]
+        for row in rows
+        for status in (row.rollout,)
+        if status != "ok"
+    )
+    print(f"\n{working} of {len(rows)} architectures analysed ({time.perf_counter() - start:.0f} s)")
+    for reason, count in reasons.most_common():
+        print(f"{count:4d}  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
