@@ -307,3 +307,48 @@ def test_the_default_analyses_stay_the_papers_five() -> None:
     assert pipeline.parse_analyses("tokens,head-maps") == ["tokens", "head-maps"]
     with pytest.raises(VitvizError, match="unknown analysis token"):
         pipeline.parse_analyses("token")
+
+
+# --- the app ---------------------------------------------------------------------------------------------
+
+
+def test_tokens_page_renders_on_the_bundled_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("VITVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VITVIZ_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "runs").mkdir()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
+    at.run()
+    at.switch_page("vitviz/ui/tokens.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "What tokens carry"
+    headings = [m.value for m in at.markdown]
+    for heading in ("Token norms after every block", "Attention to prefix tokens", "Head maps", "Logit lens"):
+        assert f"##### {heading}" in headings
+    assert not at.error
+
+
+def test_the_page_cache_returns_what_the_service_computed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitviz.images import decode_image
+    from vitviz.models import file_sha256
+    from vitviz.ui.analyses import InputImage, model_input
+    from vitviz.ui.token_analyses import token_analyses
+
+    monkeypatch.setenv("VITVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    loaded = load_model(str(DEFAULT))
+    images = [InputImage(name=p.name, digest=file_sha256(p), pixels=np.asarray(decode_image(p))) for p in IMAGES]
+    options = AnalysisOptions(outlier_factor=1.5, mass_share=0.5, batch_size=2)
+    first = token_analyses(loaded, images, options)
+    second = token_analyses(loaded, images, options)  # read back from the disk cache
+    assert list((tmp_path / "cache").rglob("*.npz")), "nothing was stored"
+    np.testing.assert_array_equal(first.tokens.norms, second.tokens.norms)
+    assert first.tokens.token_names == second.tokens.token_names
+    np.testing.assert_array_equal(first.features.projections, second.features.projections)
+    np.testing.assert_array_equal(first.head_maps[2].masks, second.head_maps[2].masks)
+    assert second.head_maps[2].masks.dtype == bool and second.head_maps[0].uses_class_token
+    np.testing.assert_array_equal(first.logit_lens[1].probabilities, second.logit_lens[1].probabilities)
+    tensors = torch.stack([model_input(loaded, image) for image in images])
+    direct = pipeline.image_analyses(loaded, tensors, NEW, options)
+    np.testing.assert_allclose(second.tokens.norms, direct.tokens.norms, rtol=1e-12)
+    np.testing.assert_array_equal(second.tokens.outlier_layer, direct.tokens.outlier_layer)
