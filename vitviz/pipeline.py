@@ -523,11 +523,8 @@ class FeaturesResult:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> FeaturesResult:
-        return cls(
-            **{name: np.asarray(arrays[name]) for name in ("explained_variance_ratio", "projections")},
-            components=np.asarray(arrays["components"]),
-            mean=np.asarray(arrays["mean"]),
-        )
+        names = ("explained_variance_ratio", "projections", "components", "mean")
+        return cls(**{name: np.asarray(arrays[name]) for name in names})
 
 
 @dataclass(frozen=True)
