@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from PIL import Image
@@ -77,13 +78,27 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
 @pytest.fixture
 def page(browser: object) -> Iterator[object]:
+    """A browser tab that records the host of every request it makes; none may leave this machine."""
     context = browser.new_context(viewport={"width": 1400, "height": 1800})
+    hosts: set[str] = set()
+    context.on(
+        "request",
+        lambda request: (
+            hosts.add(urlparse(request.url).hostname or "")
+            if urlparse(request.url).scheme in ("http", "https", "ws", "wss")
+            else None
+        ),
+    )
     tab = context.new_page()
     tab.set_default_timeout(PAGE_TIMEOUT_MS)
     try:
         yield tab
+        assert hosts and hosts <= LOCAL_HOSTS, f"requests left the machine: {sorted(hosts - LOCAL_HOSTS)}"
     finally:
         context.close()
 
@@ -141,6 +156,36 @@ def test_rollout_explains_an_uploaded_image(server: dict, page: object, tmp_path
     assert overlays.count() >= 3  # rollout, gradient rollout, the layers x heads grid
     page.locator(".js-plotly-plot .heatmaplayer, .js-plotly-plot .imagelayer image").first.wait_for()
     _shot(page, "rollout-upload")
+
+
+def test_rollout_gallery_keeps_aspect_ratio_and_draws_token_blocks(server: dict, page: object, tmp_path: Path) -> None:
+    paths = []
+    for name, size in (("wide.png", (320, 240)), ("small.png", (100, 80))):
+        path = tmp_path / name
+        Image.new("RGB", size, (128, 128, 128)).save(path)  # uniform: any colour variety comes from the map
+        paths.append(str(path))
+    _open(page, f"{server['url']}/rollout", "Attention rollout")
+    page.locator('[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(paths)
+    page.get_by_text("All uploads").wait_for()
+    _wait_idle(page)
+    _assert_no_exception(page)
+    pictures = page.locator('[data-testid="stImage"] img')
+    assert pictures.count() == 2
+    measured = pictures.first.evaluate(
+        """img => {
+            const canvas = document.createElement("canvas");
+            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+            const context = canvas.getContext("2d");
+            context.drawImage(img, 0, 0);
+            const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            const colours = new Set();
+            for (let i = 0; i < data.length; i += 4) colours.add(data[i] + "," + data[i + 1] + "," + data[i + 2]);
+            return [img.naturalWidth, img.naturalHeight, colours.size];
+        }"""
+    )
+    width, height, colours = measured
+    assert width * 3 == height * 4  # 320 x 240 stays 4:3
+    assert colours <= 64  # the bundled default's 8 x 8 tokens as flat blocks on a uniform picture, no smoothing
 
 
 def test_compare_two_checkpoints(server: dict, page: object) -> None:
