@@ -1,6 +1,6 @@
 """The paper's analyses as pure functions: tensors in, tensors or frozen dataclasses out.
 
-Definitions follow docs/design.md ("Definitions") exactly; each module's docstring restates its own.
+Definitions follow docs/design.md ("Analyses: definitions") exactly; each module's docstring restates its own.
 Streaming accumulators (RolloutAccumulator, DistanceAccumulator) are consumers for vitviz.capture.
 """
 
