@@ -36,6 +36,15 @@ FAMILIES = {
         dict(SMALL, use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
     ),
     "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", SMALL),
+    # any input size: the grid comes from the input size its config names (here a non-square one)
+    "naflexvit_registers": (
+        "naflexvit_base_patch16_gap",
+        dict(depth=2, embed_dim=64, num_heads=2, pretrained_cfg_overlay=dict(input_size=(3, 64, 48))),
+    ),
+    "naflexvit_class_token": (
+        "naflexvit_base_patch16_radio_v3",
+        dict(depth=2, embed_dim=64, num_heads=2, pretrained_cfg_overlay=dict(input_size=(3, 48, 80))),
+    ),
 }
 
 _PEAKY = ("qkv", "q_proj", "k_proj", "in_proj")
@@ -140,6 +149,17 @@ def test_gradients_and_gradient_rollout_equal_timm_eager_autograd(key: str) -> N
         rtol=1e-4,
         atol=1e-8,
     )
+
+
+def test_naflexvit_layout_follows_the_input_size() -> None:
+    model = _model("naflexvit_class_token")
+    layout = token_layout(model)
+    assert (layout.img_size, layout.grid, layout.stride) == ((48, 80), (3, 5), (16, 16))
+    assert (layout.num_prefix_tokens, layout.has_class_token, layout.num_reg_tokens) == (8, True, 7)
+    assert token_layout(model, (96, 32)).grid == (6, 2)
+    with torch.no_grad():  # the sequence the model really runs: prefix tokens + grid
+        tokens = model.forward_features(torch.zeros(1, 3, 96, 32))
+    assert tokens.shape[1] == 8 + 6 * 2
 
 
 def test_parallel_block_is_its_own_attention_module() -> None:

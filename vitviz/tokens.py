@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitviz.errors import VitvizError
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -53,8 +55,47 @@ def _pair(value: object) -> tuple[int, int]:
     return (int(a), int(b))
 
 
-def token_layout(model: nn.Module) -> TokenLayout:
-    """Read the token layout of a timm VisionTransformer-family model (incl. distilled, registers, hybrids)."""
+def _model_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) from the model's own pretrained config (what timm's data config resolves), if it has one."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return (int(size[-2]), int(size[-1])) if size else None
+
+
+def _flexible_layout(model: nn.Module, embeds: nn.Module, img_size: tuple[int, int] | None) -> TokenLayout:
+    """NaFlexViT-style embeddings (``model.embeds``): any input size; a dense [B, C, H, W] image gives the grid
+    H // ph x W // pw (rounded up when the embedding pads the image to whole patches)."""
+    size = img_size or _model_input_size(model)
+    if size is None:
+        raise VitvizError(f"{type(model).__name__} takes any input size and names none; give the image size")
+    stride = _pair(embeds.patch_size)
+    if getattr(embeds, "dynamic_img_pad", False):
+        grid = (-(-size[0] // stride[0]), -(-size[1] // stride[1]))
+    else:
+        grid = (size[0] // stride[0], size[1] // stride[1])
+    has_cls = getattr(embeds, "cls_token", None) is not None
+    num_reg = int(getattr(embeds, "num_reg_tokens", 0) or 0)
+    return TokenLayout(
+        img_size=size,
+        grid=grid,
+        stride=stride,
+        num_prefix_tokens=int(getattr(embeds, "num_prefix_tokens", int(has_cls) + num_reg)),
+        has_class_token=has_cls,
+        has_dist_token=False,
+        num_reg_tokens=num_reg,
+    )
+
+
+def token_layout(model: nn.Module, img_size: tuple[int, int] | None = None) -> TokenLayout:
+    """Read the token layout of a timm VisionTransformer-family model (incl. distilled, registers, hybrids).
+
+    Models with a fixed patch grid take their own input size. NaFlexViT (``model.embeds``, any input size) has a
+    grid once the input size is fixed: ``img_size`` (H, W), or else its pretrained config's input size, which is
+    the size timm's data config (and so vitviz's preprocessing) gives it.
+    """
+    embeds = getattr(model, "embeds", None)
+    if getattr(model, "patch_embed", None) is None and embeds is not None and hasattr(embeds, "patch_size"):
+        return _flexible_layout(model, embeds, None if img_size is None else _pair(img_size))
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or getattr(patch_embed, "grid_size", None) is None:
         raise TypeError(f"{type(model).__name__} has no patch embedding with a fixed grid; not a supported ViT")
