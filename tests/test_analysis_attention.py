@@ -1,6 +1,6 @@
 """Mean attention distance, attention rollout, gradient rollout and the pointing game.
 
-Every number is checked against a slow reference written here from DESIGN.md's definitions (python loops,
+Every number is checked against a slow reference written here from the definitions in docs/design.md (python loops,
 numpy, float64) on attention captured from six timm architectures, and against closed cases.
 Geometry in the references (prefix tokens, grid, stride) is written down per architecture, not read from
 the model, so a wrong token layout fails too.
@@ -291,7 +291,7 @@ def test_uniform_attention_over_14x14_at_stride_16_is_about_116_5_pixels() -> No
     closed = sum(math.dist(a, b) for a in centres for b in centres) / 196**2
     result = mean_attention_distance([attn], layout, "paper")
     assert result.pixels[0, 0].item() == pytest.approx(closed, rel=1e-12)
-    assert closed == pytest.approx(116.5, abs=0.05)  # the value DESIGN.md quotes
+    assert closed == pytest.approx(116.5, abs=0.05)  # the value docs/design.md quotes
     assert result.fraction[0, 1].item() == pytest.approx(closed / 224, rel=1e-12)
 
 

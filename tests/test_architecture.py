@@ -1,4 +1,4 @@
-"""DESIGN.md's layering, enforced: the core and the training backend never import streamlit, the core
+"""The layering of docs/design.md, enforced: the core and the training backend never import streamlit, the core
 never imports the training backend, and the app reaches the analyses only through `vitviz.pipeline`."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`python -m vitviz info|analyze`: every success path of the contract and every bad-input path.
 
 The analyses' numbers are checked against slow references in test_analysis*; here the JSON must carry
-exactly what those functions return, in DESIGN.md's shapes, and mistakes must give one line and status 2.
+exactly what those functions return, in the shapes docs/design.md gives, and mistakes must give one line and status 2.
 """
 
 from __future__ import annotations
