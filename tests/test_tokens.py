@@ -352,3 +352,20 @@ def test_the_page_cache_returns_what_the_service_computed(tmp_path: Path, monkey
     direct = pipeline.image_analyses(loaded, tensors, NEW, options)
     np.testing.assert_allclose(second.tokens.norms, direct.tokens.norms, rtol=1e-12)
     np.testing.assert_array_equal(second.tokens.outlier_layer, direct.tokens.outlier_layer)
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_the_hooks_go_away_and_the_model_is_unchanged_even_when_a_forward_fails() -> None:
+    loaded = _loaded("distilled")
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pipeline.image_analyses(loaded, _images(model, 2), NEW, AnalysisOptions())
+    assert _hook_count(model) == 0
+    wrong = torch.zeros(1, 3, 32, 32)  # the wrong input size: the forward raises inside the hooks' block
+    with pytest.raises(Exception):  # noqa: B017  (whatever timm raises for a bad size)
+        pipeline.image_analyses(loaded, wrong, NEW, AnalysisOptions())
+    assert _hook_count(model) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
