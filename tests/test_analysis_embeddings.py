@@ -16,7 +16,7 @@ from vitviz.analysis.filters import (
     filters_applicable,
     patch_embedding_filters,
 )
-from vitviz.analysis.position import position_similarity, similarity_mosaic
+from vitviz.analysis.position import position_similarity
 from vitviz.errors import VitvizError
 
 MODELS = {
@@ -158,27 +158,6 @@ def test_position_similarity_of_a_learned_looking_table_peaks_at_its_own_positio
         for c in range(gw):
             best = int(similarity[r, c].argmax())
             assert divmod(best, gw) == (r, c)
-
-
-def test_similarity_mosaic_layout() -> None:
-    generator = torch.Generator().manual_seed(1)
-    gh, gw = 3, 4
-    similarity = torch.rand(gh, gw, gh, gw, generator=generator, dtype=torch.float64)
-    mosaic = similarity_mosaic(similarity, separator=1)
-    assert mosaic.shape == (gh * gh + gh - 1, gw * gw + gw - 1)
-    tile_cells = set()
-    for r in range(gh):
-        for c in range(gw):
-            for i in range(gh):
-                for j in range(gw):
-                    y, x = r * (gh + 1) + i, c * (gw + 1) + j
-                    assert mosaic[y, x].item() == similarity[r, c, i, j].item()
-                    tile_cells.add((y, x))
-    for y in range(mosaic.shape[0]):
-        for x in range(mosaic.shape[1]):
-            if (y, x) not in tile_cells:
-                assert math.isnan(mosaic[y, x].item())
-    assert similarity_mosaic(similarity, separator=0).shape == (gh * gh, gw * gw)
 
 
 def test_position_similarity_rejects_a_table_that_does_not_fit_the_grid() -> None:

@@ -18,7 +18,7 @@ from vitviz.analysis.filters import (
     filters_applicable,
     patch_embedding_filters,
 )
-from vitviz.analysis.position import position_similarity, similarity_mosaic
+from vitviz.analysis.position import position_similarity
 from vitviz.analysis.rollout import (
     HEAD_FUSIONS,
     PointingGame,
@@ -48,5 +48,4 @@ __all__ = [
     "pointing_game",
     "position_similarity",
     "query_attention_distance",
-    "similarity_mosaic",
 ]
