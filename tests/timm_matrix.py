@@ -11,12 +11,15 @@ defined not to apply), ``refused: reason`` (a one-line VitvizError: the model ca
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import tempfile
 import time
 import traceback
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -34,8 +37,8 @@ logger = logging.getLogger(__name__)
 FAMILY_PATTERNS = ("vit_*", "deit*", "beit*", "eva*", "cait*", "flexivit*", "naflexvit*", "samvit*", "vitamin*")
 MAX_PARAMS = 120_000_000
 SMALL_IMAGE = 64
-# Attempts in order: reduced depth and input, reduced depth only, timm's defaults.
-_ATTEMPTS: tuple[dict[str, Any], ...] = (dict(depth=2, img_size=SMALL_IMAGE), dict(depth=2), {})
+# Attempts in order: reduced depth and input, reduced depth only.
+_ATTEMPTS: tuple[dict[str, Any], ...] = (dict(depth=2, img_size=SMALL_IMAGE), dict(depth=2))
 
 
 @dataclass(frozen=True)
@@ -53,20 +56,31 @@ class Row:
         return all(not status.startswith(("refused", "error")) for status in (self.layout, self.rollout, self.distance))
 
 
+def _parameter_count(name: str) -> int | None:
+    """Parameters of timm's default config, counted on the meta device (no memory, nothing downloaded)."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # a name timm cannot build on meta is kept: the survey will say what happens
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def family_names(patterns: Iterable[str] = FAMILY_PATTERNS, max_params: int = MAX_PARAMS) -> list[str]:
-    """Every timm name matching the patterns with at most max_params parameters at timm's default config."""
+    """Every timm name matching the patterns with at most max_params parameters at timm's default config.
+
+    Counting builds every model on the meta device (about a second each), so the counts are cached in the
+    temporary directory per timm version.
+    """
     names = sorted({name for pattern in patterns for name in timm.list_models(pattern)})
-    kept = []
-    for name in names:
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(name, pretrained=False)
-        except Exception:  # a name timm cannot build on meta is kept: the survey will say what happens
-            kept.append(name)
-            continue
-        if sum(p.numel() for p in model.parameters()) <= max_params:
-            kept.append(name)
-    return kept
+    cache = Path(tempfile.gettempdir()) / f"vitviz-timm-param-counts-{timm.__version__}.json"
+    counts: dict[str, int | None] = json.loads(cache.read_text()) if cache.exists() else {}
+    missing = [name for name in names if name not in counts]
+    for name in missing:
+        counts[name] = _parameter_count(name)
+    if missing:
+        cache.write_text(json.dumps(counts))
+    return [name for name in names if counts[name] is None or counts[name] <= max_params]
 
 
 def _status(error: BaseException) -> str:
@@ -107,10 +121,15 @@ def survey(name: str) -> Row:
         status = _status(error)
         return Row(name, built_with, status, status, status)
     images = torch.randn(1, 3, *layout.img_size, generator=torch.Generator().manual_seed(1))
+    consumers = {"rollout": RolloutAccumulator(layout), "distance": DistanceAccumulator(layout)}
+    try:
+        capture_attention(model, images, list(consumers.values()), with_logits=False)
+    except Exception as error:
+        status = _status(error)
+        return Row(name, built_with, "ok", status, status)
     statuses = {}
-    for analysis, consumer in (("rollout", RolloutAccumulator(layout)), ("distance", DistanceAccumulator(layout))):
+    for analysis, consumer in consumers.items():
         try:
-            capture_attention(model, images, [consumer], with_logits=False)
             consumer.result()
             statuses[analysis] = "ok"
         except Exception as error:
@@ -122,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("patterns", nargs="*", default=list(FAMILY_PATTERNS))
     parser.add_argument("--max-params", type=int, default=MAX_PARAMS)
+    parser.add_argument("--names", nargs="*", help="survey these timm names instead of the families")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    names = family_names(args.patterns, args.max_params)
+    names = args.names or family_names(args.patterns, args.max_params)
     rows = []
     start = time.perf_counter()
     for name in names:
