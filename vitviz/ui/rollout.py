@@ -285,6 +285,7 @@ def _gallery(
             st.image(
                 paper.overlay_image(pixels, relevance, cmap=colorscale.lower(), alpha=opacity, blocks=True, vmax=vmax),
                 width="stretch",
+                output_format="PNG",  # lossless: JPEG would blur the token blocks' edges
             )
             st.caption(widgets.plain(image.name))
     if len(images) > GALLERY_MAX:
