@@ -369,3 +369,16 @@ def test_the_hooks_go_away_and_the_model_is_unchanged_even_when_a_forward_fails(
         pipeline.image_analyses(loaded, wrong, NEW, AnalysisOptions())
     assert _hook_count(model) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_figures_for_the_token_analyses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    samples = ROOT / "assets" / "samples"
+    argv = ["analyze", str(ROOT / "assets" / "checkpoints" / "shapes-default.safetensors")]
+    argv += ["--images", str(samples / "circle.png"), str(samples / "star.png")]
+    argv += ["--analyses", "tokens,features,head-maps,logit-lens", "--figures", str(tmp_path)]
+    assert main(argv) == 0
+    stems = {p.stem for p in tmp_path.iterdir() if p.suffix == ".png"}
+    per_image = {f"{kind}-{i:03d}-{name}" for kind in ("outliers", "features", "head-maps", "logit-lens")
+                 for i, name in enumerate(("circle", "star"))}  # fmt: skip
+    assert stems == {"token-norms", "prefix-attention"} | per_image
+    assert {p.stem for p in tmp_path.iterdir() if p.suffix == ".svg"} == stems

@@ -468,6 +468,7 @@ def write_figures(
         d = image_results.distance
         fig = paper.distance_figure(d.pixels, std=d.std)
         written += paper.save_figure(fig, folder / "distance")
+    written += _token_figures(folder, loaded, images, image_results, files)
     for kind, maps in (
         ("rollout", [r.map for r in image_results.rollouts]),
         ("gradient-rollout", [g.map for g in image_results.gradients]),
@@ -477,6 +478,53 @@ def write_figures(
             title = "Attention rollout" if kind == "rollout" else "Gradient-weighted rollout"
             fig = paper.rollout_overlay_figure(picture, relevance, title=f"{title}: {path.name}")
             written += paper.save_figure(fig, folder / f"{kind}-{index:03d}-{path.stem}")
+    return written
+
+
+def _token_figures(
+    folder: Path, loaded: LoadedModel, images: torch.Tensor, results: ImageResults, files: Sequence[Path]
+) -> list[Path]:
+    """The Tokens page's figures for the token analyses that ran: norms, prefix attention, and per image the
+    outlier patches, PCA features as RGB, head maps and the logit lens."""
+    from vitviz.images import to_display
+    from vitviz.pipeline import NotApplicable
+    from vitviz.plots import paper
+    from vitviz.plots import tokens as plots
+    from vitviz.tokens import token_layout
+
+    written: list[Path] = []
+    meta = loaded.meta
+    grid = token_layout(loaded.model).grid
+    tokens = results.tokens
+    if tokens is not None:
+        fig = plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens)
+        written += paper.save_figure(fig, folder / "token-norms")
+        fig = plots.prefix_attention_figure(tokens.prefix_attention, tokens.num_prefix_tokens)
+        written += paper.save_figure(fig, folder / "prefix-attention")
+    rgb = plots.features_rgb(results.features.projections) if results.features is not None else None
+    for index, path in enumerate(files):
+        picture = to_display(images[index], meta.mean, meta.std)
+        stem = f"{index:03d}-{path.stem}"
+        if tokens is not None:
+            chosen = tokens.outlier_image == index
+            fig = plots.outliers_figure(
+                picture, tokens.outlier_row[chosen], tokens.outlier_col[chosen], tokens.outlier_ratio[chosen], grid
+            )
+            written += paper.save_figure(fig, folder / f"outliers-{stem}")
+        if rgb is not None and results.features is not None:
+            fig = plots.features_figure(picture, rgb[index], results.features.explained_variance_ratio)
+            written += paper.save_figure(fig, folder / f"features-{stem}")
+        if results.head_maps and index < len(results.head_maps):
+            heads = results.head_maps[index]
+            fig = plots.head_maps_figure(heads.attention, heads.masks, query=heads.query, mass_share=heads.mass_share)
+            written += paper.save_figure(fig, folder / f"head-maps-{stem}")
+        if not isinstance(results.logit_lens, NotApplicable) and index < len(results.logit_lens):
+            lens = results.logit_lens[index]
+            names = meta.class_names
+            name = names[lens.target_class] if lens.target_class < len(names) else str(lens.target_class)
+            written += paper.save_figure(
+                plots.logit_lens_figure(lens.probabilities, name), folder / f"logit-lens-{stem}"
+            )
     return written
 
 
