@@ -31,6 +31,7 @@ PAGES = {
     "position": ("vitviz/ui/position.py", "Position embeddings"),
     "distance": ("vitviz/ui/distance.py", "Mean attention distance"),
     "rollout": ("vitviz/ui/rollout.py", "Attention rollout"),
+    "tokens": ("vitviz/ui/tokens.py", "What tokens carry"),
     "compare": ("vitviz/ui/compare.py", "Compare models"),
     "train": ("vitviz/ui/train.py", "Train"),
 }
