@@ -11,6 +11,7 @@ defined not to apply), ``refused: reason`` (a one-line VitvizError: the model ca
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import tempfile
@@ -28,7 +29,7 @@ from torch import nn
 
 from vitviz.analysis.distance import DistanceAccumulator
 from vitviz.analysis.rollout import RolloutAccumulator
-from vitviz.capture import capture_attention
+from vitviz.capture import KeepAllAttention, capture_attention
 from vitviz.errors import VitvizError
 from vitviz.tokens import token_layout
 
@@ -37,8 +38,9 @@ logger = logging.getLogger(__name__)
 FAMILY_PATTERNS = ("vit_*", "deit*", "beit*", "eva*", "cait*", "flexivit*", "naflexvit*", "samvit*", "vitamin*")
 MAX_PARAMS = 120_000_000
 SMALL_IMAGE = 64
-# Attempts in order: reduced depth and input, reduced depth only.
-_ATTEMPTS: tuple[dict[str, Any], ...] = (dict(depth=2, img_size=SMALL_IMAGE), dict(depth=2))
+# Attempts in order: reduced depth and input, reduced depth only, reduced input only (models with per-block
+# settings refuse another depth).
+_ATTEMPTS: tuple[dict[str, Any], ...] = (dict(depth=2, img_size=SMALL_IMAGE), dict(depth=2), dict(img_size=SMALL_IMAGE))
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,14 @@ class Row:
     layout: str
     rollout: str
     distance: str
+    exact: str = "-"  # with --exact: the captured maps against timm's eager ones
 
     @property
     def ok(self) -> bool:
-        return all(not status.startswith(("refused", "error")) for status in (self.layout, self.rollout, self.distance))
+        return all(
+            not status.startswith(("refused", "error"))
+            for status in (self.layout, self.rollout, self.distance, self.exact)
+        )
 
 
 def _parameter_count(name: str) -> int | None:
@@ -108,8 +114,38 @@ def build_small(name: str) -> tuple[nn.Module, str]:
     raise failure
 
 
-def survey(name: str) -> Row:
-    """Build one architecture small and run token_layout and the streamed rollout and distance on it."""
+def eager_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """timm's own eager probabilities per block: a copy with fused_attn off everywhere, read at each block's
+    attn_drop (where timm's non-fused path passes them)."""
+    eager = copy.deepcopy(model)
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    kept: list[torch.Tensor] = []
+    for block in eager.blocks:
+        drops = [module for name, module in block.named_modules() if name.rsplit(".", 1)[-1] == "attn_drop"]
+        if len(drops) != 1:
+            raise RuntimeError(f"{len(drops)} attn_drop modules in a {type(block).__name__}")
+        drops[0].register_forward_hook(lambda _m, _a, out: kept.append(out))
+    with torch.no_grad():
+        eager.forward_features(images)
+    return kept
+
+
+def _exactness(model: nn.Module, images: torch.Tensor, captured: list[torch.Tensor]) -> str:
+    try:
+        want = eager_attention(model, images)
+        if len(want) != len(captured):
+            return f"error: {len(captured)} layers captured, timm's eager path has {len(want)}"
+        worst = max(float((a - b).abs().max()) for a, b in zip(captured, want))
+        return "exact" if worst <= 1e-5 else f"error: differs from timm's eager attention by {worst:.2e}"
+    except Exception as error:
+        return _status(error)
+
+
+def survey(name: str, exact: bool = False) -> Row:
+    """Build one architecture small and run token_layout and the streamed rollout and distance on it; with
+    ``exact``, also compare the captured maps with timm's eager ones."""
     try:
         model, built_with = build_small(name)
     except Exception as error:
@@ -121,20 +157,23 @@ def survey(name: str) -> Row:
         status = _status(error)
         return Row(name, built_with, status, status, status)
     images = torch.randn(1, 3, *layout.img_size, generator=torch.Generator().manual_seed(1))
-    consumers = {"rollout": RolloutAccumulator(layout), "distance": DistanceAccumulator(layout)}
+    consumers: dict[str, Any] = {"rollout": RolloutAccumulator(layout), "distance": DistanceAccumulator(layout)}
+    if exact:
+        consumers["keep"] = KeepAllAttention()
     try:
         capture_attention(model, images, list(consumers.values()), with_logits=False)
     except Exception as error:
         status = _status(error)
         return Row(name, built_with, "ok", status, status)
     statuses = {}
-    for analysis, consumer in consumers.items():
+    for analysis in ("rollout", "distance"):
         try:
-            consumer.result()
+            consumers[analysis].result()
             statuses[analysis] = "ok"
         except Exception as error:
             statuses[analysis] = _status(error)
-    return Row(name, built_with, "ok", statuses["rollout"], statuses["distance"])
+    exactness = _exactness(model, images, consumers["keep"].result()) if exact else "-"
+    return Row(name, built_with, "ok", statuses["rollout"], statuses["distance"], exactness)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,17 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("patterns", nargs="*", default=list(FAMILY_PATTERNS))
     parser.add_argument("--max-params", type=int, default=MAX_PARAMS)
     parser.add_argument("--names", nargs="*", help="survey these timm names instead of the families")
+    parser.add_argument("--exact", action="store_true", help="also compare with timm's eager attention")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     names = args.names or family_names(args.patterns, args.max_params)
     rows = []
     start = time.perf_counter()
     for name in names:
-        row = survey(name)
+        row = survey(name, exact=args.exact)
         rows.append(row)
         print(
             f"{row.name:55s} {row.built_with:22s} layout={row.layout} | rollout={row.rollout} | "
-            f"distance={row.distance}",
+            f"distance={row.distance} | exact={row.exact}",
             flush=True,
         )
     working = sum(row.ok for row in rows)
