@@ -209,6 +209,7 @@ def test_an_unreadable_model_gets_one_line_naming_model_and_attention_class(what
         ("samvit_base_patch16", "vision_transformer_sam.Attention", "windowed"),
         ("vit_dwee_patch16_reg1_gap_256", "diff_attention.DiffAttention", "differential"),
         ("vit_dpwee_patch16_reg1_gap_256", "vision_transformer.DiffParallelScalingBlock", "differential"),
+        ("vit_small_patch16_18x2_224", "vision_transformer.ParallelThingsBlock", "parallel attention branches"),
     ],
 )
 def test_families_not_read_yet_are_refused_in_one_line_with_the_reason(

@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     working = sum(row.ok for row in rows)
     reasons = Counter(
-        status.split(":", 1)[0] + ": " + status.split(":", 1)[1][:90]
+        status.replace(row.name, "<name>")[:150]
         for row in rows
-        for status in (row.rollout,)
-        if status != "ok"
+        for status in {row.layout, row.rollout, row.distance, row.exact}
+        if status not in ("ok", "exact", "-")
     )
     print(f"\n{working} of {len(rows)} architectures analysed ({time.perf_counter() - start:.0f} s)")
     for reason, count in reasons.most_common():

@@ -115,6 +115,7 @@ _NOT_READ_YET = {
     "cait.TalkingHeadAttn": "talking-heads attention (CaiT) mixes heads after the softmax; it is not read yet",
     "diff_attention.DiffAttention": "differential attention (two softmax maps per head) is not read yet",
     "vision_transformer.DiffParallelScalingBlock": "differential attention (two softmax maps per head) is not read yet",
+    "vision_transformer.ParallelThingsBlock": "parallel attention branches in one block are not read yet",
 }
 
 
