@@ -18,7 +18,7 @@ from torch import nn
 
 from vitviz.analysis.distance import DistanceAccumulator, mean_attention_distance
 from vitviz.analysis.rollout import RolloutAccumulator, attention_rollout, gradient_rollout
-from vitviz.capture import attention_gradients, attention_modules, capture_attention
+from vitviz.capture import attention_gradients, attention_modules, capture_attention, unreadable_reason
 from vitviz.errors import VitvizError
 from vitviz.tokens import token_layout
 
@@ -165,6 +165,7 @@ def test_naflexvit_layout_follows_the_input_size() -> None:
 def test_parallel_block_is_its_own_attention_module() -> None:
     model = _model("parallel_scaling")
     assert attention_modules(model) == list(model.blocks)
+    assert unreadable_reason(model) is None
 
 
 class _OpaqueAttention(nn.Module):
@@ -221,3 +222,4 @@ def test_families_not_read_yet_are_refused_in_one_line_with_the_reason(
         capture_attention(model, torch.zeros(1, 3, 64, 64), [])
     message = str(caught.value)
     assert "\n" not in message and name in message and attention_class in message and why in message
+    assert unreadable_reason(model) == message

@@ -22,6 +22,7 @@ Public API:
         attentions, gradients), gradients = d logit_c / d attn per layer
     attention_modules(model) -> the attention module of every block, checked to be capturable (a module vitviz
         cannot read exactly is refused with one line naming the model and the attention class)
+    unreadable_reason(model) -> None, or that line: lets a caller mark the attention analyses not applicable
     KeepAllAttention, QueryAttention: consumers (analysis/ holds the rollout and distance accumulators)
 
 Sharing one model: the app serves several sessions from one cached model in several threads. Hooks are
@@ -69,6 +70,7 @@ __all__ = [
     "attention_maps",
     "attention_modules",
     "capture_attention",
+    "unreadable_reason",
 ]
 
 # Attention forwards that pass q, k, v (rope already applied), the mask or bias and nothing else to one
@@ -153,6 +155,16 @@ def _attention_sites(model: nn.Module) -> list[_AttentionSite]:
             raise VitvizError(f"cannot read the attention of {_model_name(model)}: block {index} has {kind}; {why}")
         sites.append(site)
     return sites
+
+
+def unreadable_reason(model: nn.Module) -> str | None:
+    """None when capture can read every block of the model exactly; otherwise the one-line reason it refuses,
+    so a caller can mark the attention analyses not applicable and run the others."""
+    try:
+        _attention_sites(model)
+    except VitvizError as error:
+        return str(error)
+    return None
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
