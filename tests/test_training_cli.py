@@ -20,6 +20,7 @@ from training import presets
 from training.data import build_dataset, eval_transform
 from training.engine import RunOptions, run
 from vitviz.capture import attention_maps
+from vitviz.faithfulness import FaithfulnessOptions, run_faithfulness
 from vitviz.models import load_checkpoint
 from vitviz.tokens import token_layout
 
@@ -129,9 +130,10 @@ def test_evaluate_reports_accuracy_confusion_and_pointing_game(
 ) -> None:
     out_path = tmp_path / "eval.json"
     args = ["evaluate", str(trained_run), "--dataset", "shapes", "--num-samples", "24", "--batch-size", "10",
-            "--json", str(out_path)]  # fmt: skip
+            "--faithfulness-images", "4", "--faithfulness-steps", "6", "--json", str(out_path)]  # fmt: skip
     code, out, _ = _main(args, capsys)
     assert code == 0 and out.startswith("accuracy ")
+    assert "deletion/insertion AUC on 4 images: rollout " in out
     report = json.loads(out_path.read_text())
 
     loaded = load_checkpoint(trained_run / "best.safetensors")
@@ -166,6 +168,18 @@ def test_evaluate_reports_accuracy_confusion_and_pointing_game(
     assert report["pointing_game"]["rollout"] == pytest.approx(np.mean(hits))
     assert report["pointing_game"]["random"] == pytest.approx(np.mean(chances))
 
+    # Deletion and insertion AUCs: vitviz.faithfulness on the split's first 4 images, with the same options.
+    first = torch.stack([transform(data[index][0]) for index in range(4)])
+    options = FaithfulnessOptions(methods=("rollout", "gradient-rollout", "random"), steps=6, batch_size=10)
+    expected = run_faithfulness(model.eval(), first, [f"shapes/test/{i}" for i in range(4)], options)
+    curves = report["faithfulness"]
+    assert curves["num_images"] == 4
+    assert curves["protocol"] == {"steps": 6, "baseline": "normalised-zero", "target": "predicted"}
+    assert list(curves["methods"]) == ["rollout", "gradient-rollout", "random"]
+    for name, method in expected.methods.items():
+        got = curves["methods"][name]
+        assert (got["deletion_auc"], got["insertion_auc"]) == (method.deletion_auc, method.insertion_auc)
+
 
 def test_evaluate_on_a_dataset_without_masks_has_no_pointing_game(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -183,6 +197,30 @@ def test_evaluate_on_a_dataset_without_masks_has_no_pointing_game(
     report = json.loads((tmp_path / "d.json").read_text())
     assert code == 0 and "pointing_game" not in report and report["num_images"] > 0
     assert sum(map(sum, report["confusion_matrix"])) == report["num_images"]
+    # The curves need no masks: the first 100 images (the default), 2x2 patches so S = min(4, 50) = 4.
+    assert report["faithfulness"]["num_images"] == min(100, report["num_images"])
+    assert report["faithfulness"]["protocol"]["steps"] == 4
+
+    args = [*args[:-2], "--faithfulness-images", "0", "--json", str(tmp_path / "none.json")]
+    assert _main(args, capsys)[0] == 0 and "faithfulness" not in json.loads((tmp_path / "none.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--faithfulness-images", "-1"], "--faithfulness-images must be 0 or more, got -1"),
+        (["--faithfulness-steps", "0"], "--faithfulness-steps must be at least 1, got 0"),
+        (["--faithfulness-methods", "rollout,saliency"], "unknown method saliency"),
+        (["--faithfulness-images", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_evaluate_faithfulness_options_are_checked_first(
+    extra: list[str], fragment: str, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _main(["evaluate", str(trained_run), "--dataset", "shapes", *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
 
 
 def test_presets_command_lists_every_preset_as_json() -> None:

@@ -104,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
+    evaluate.add_argument(
+        "--faithfulness-images",
+        type=int,
+        default=100,
+        metavar="N",
+        help="deletion/insertion curves on the first N images (100; 0: none); each costs 2(S+1) forwards per method",
+    )
+    evaluate.add_argument(
+        "--faithfulness-steps", type=int, metavar="S", help="curve steps S (default min(patches, 50))"
+    )
+    evaluate.add_argument(
+        "--faithfulness-methods",
+        default="rollout,gradient-rollout,random",
+        metavar="LIST",
+        help="comma-separated methods for the curves (rollout,gradient-rollout,random), as python -m vitviz "
+        "faithfulness takes them",
+    )
     return parser
 
 
@@ -205,11 +222,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        faithfulness_images=args.faithfulness_images,
+        faithfulness_steps=args.faithfulness_steps,
+        faithfulness_methods=args.faithfulness_methods,
     )
     line = f"accuracy {result['accuracy']:.4f} on {result['num_images']} images"
     if "pointing_game" in result:
         game = result["pointing_game"]
         line += f"; pointing game: rollout {game['rollout']:.3f}, random patch {game['random']:.3f}"
+    if "faithfulness" in result:
+        curves = result["faithfulness"]
+        aucs = ", ".join(
+            f"{name} {m['deletion_auc']:.3f}/{m['insertion_auc']:.3f}" for name, m in curves["methods"].items()
+        )
+        line += f"; deletion/insertion AUC on {curves['num_images']} images: {aucs}"
     print(line)
     if args.json is not None:
         try:

@@ -1,13 +1,16 @@
-"""Evaluate a checkpoint on a dataset split: accuracy, per-class accuracy, confusion matrix, and on datasets
-with object masks the attention-rollout pointing game beside the random-patch baseline.
+"""Evaluate a checkpoint on a dataset split: accuracy, per-class accuracy, confusion matrix, on datasets
+with object masks the attention-rollout pointing game beside the random-patch baseline, and on the first
+`faithfulness_images` images the deletion and insertion AUCs of rollout, gradient rollout and the random map.
 
-The images go through the same preprocessing the studio uses (`training.data.eval_transform`), and the
-rollout is vitviz's own (`vitviz.capture` + `vitviz.analysis.rollout`), so the numbers here are the ones
-the app would show for the same checkpoint.
+The images go through the same preprocessing the studio uses (`training.data.eval_transform`), the rollout
+is vitviz's own (`vitviz.capture` + `vitviz.analysis.rollout`) and the curves are `vitviz.faithfulness`'s
+`run_faithfulness` with the same options as `python -m vitviz faithfulness`, so the numbers here are the
+ones the app and the CLI give for the same checkpoint and images (on the same device).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,12 @@ from training.distributed import resolve_device
 from vitviz.analysis.rollout import RolloutAccumulator, pointing_game
 from vitviz.capture import capture_attention
 from vitviz.errors import VitvizError
+from vitviz.faithfulness import FaithfulnessOptions, FaithfulnessResult, parse_methods, run_faithfulness
 from vitviz.models import load_model
 from vitviz.tokens import token_layout
+
+FAITHFULNESS_IMAGES = 100  # images whose deletion and insertion curves are computed (2(S+1) forwards per method)
+FAITHFULNESS_METHODS = ("rollout", "gradient-rollout", "random")
 
 
 def evaluate_checkpoint(
@@ -33,10 +40,25 @@ def evaluate_checkpoint(
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
+    faithfulness_images: int = FAITHFULNESS_IMAGES,
+    faithfulness_steps: int | None = None,
+    faithfulness_methods: str | Sequence[str] = FAITHFULNESS_METHODS,
 ) -> dict[str, Any]:
-    """Evaluate a model source (checkpoint file or run folder) and return the evaluation JSON document."""
+    """Evaluate a model source (checkpoint file or run folder) and return the evaluation JSON document.
+
+    The deletion and insertion curves run on the first `faithfulness_images` images of the split (0: none),
+    each costing 2(S+1) forwards per method; `batch_size` is also their forward batch, as `--batch-size` is
+    for `python -m vitviz faithfulness` (both default to 64).
+    """
     if batch_size <= 0:
         raise VitvizError(f"--batch-size must be positive, got {batch_size}")
+    if faithfulness_images < 0:
+        raise VitvizError(f"--faithfulness-images must be 0 or more, got {faithfulness_images}")
+    if faithfulness_steps is not None and faithfulness_steps < 1:
+        raise VitvizError(f"--faithfulness-steps must be at least 1, got {faithfulness_steps}")
+    curves = FaithfulnessOptions(
+        methods=tuple(parse_methods(faithfulness_methods)), steps=faithfulness_steps, batch_size=batch_size
+    )
     loaded = load_model(source)
     model, meta = loaded.model, loaded.meta
     if meta.training.get("objective") == "masked":
@@ -58,11 +80,15 @@ def evaluate_checkpoint(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     hits: list[torch.Tensor] = []
     chances: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []  # the first faithfulness_images preprocessed images, for the curves
     for start in range(0, len(data), batch_size):
         indices = range(start, min(start + batch_size, len(data)))
         samples = [data[i] for i in indices]
         images = torch.stack([transform(image) for image, _ in samples]).to(torch_device)  # (B, C, H, W)
         labels = torch.tensor([int(label) for _, label in samples])
+        wanted = faithfulness_images - sum(len(k) for k in kept)
+        if wanted > 0:
+            kept.append(images[:wanted])
         if with_masks:
             rollout = RolloutAccumulator(layout)
             logits = capture_attention(model, images, [rollout])
@@ -98,7 +124,33 @@ def evaluate_checkpoint(
             "random": float(torch.cat(chances).mean()),
             "num_images": total,
         }
+    if kept:
+        chosen = torch.cat(kept)
+        names = [f"{dataset}/{split}/{index}" for index in range(len(chosen))]
+        result["faithfulness"] = faithfulness_section(run_faithfulness(model, chosen, names, curves))
     return result
+
+
+def faithfulness_section(result: FaithfulnessResult) -> dict[str, Any]:
+    """The evaluation JSON's "faithfulness" section: the protocol and each method's mean AUCs (the numbers of
+    `python -m vitviz faithfulness` on the same images, without the per-image curves and maps)."""
+    images = len(next(iter(result.methods.values())).per_image)
+    return {
+        "protocol": {
+            "steps": result.steps,
+            "baseline": result.baseline,
+            "target": "predicted" if result.target_class is None else result.target_class,
+        },
+        "num_images": images,
+        "methods": {
+            name: {
+                "deletion_auc": method.deletion_auc,
+                "insertion_auc": method.insertion_auc,
+                "seconds_per_image": method.seconds_per_image,
+            }
+            for name, method in result.methods.items()
+        },
+    }
 
 
 def _mask_at(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

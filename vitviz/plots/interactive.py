@@ -685,7 +685,12 @@ def faithfulness_curves_figure(
     return fig
 
 
-def sanity_curve_figure(randomised: Sequence[str], spearman: Mapping[str, Sequence[float | None]]) -> go.Figure:
+def sanity_curve_figure(
+    randomised: Sequence[str],
+    spearman: Mapping[str, Sequence[float | None]],
+    *,
+    title: str | None = "Sanity check: cascading randomisation",
+) -> go.Figure:
     """Spearman correlation with the original map after each cascading-randomisation stage, one line per method.
 
     The same lines as `vitviz.plots.faithfulness.sanity_figure`; a stage where a map was constant (NaN or None)
@@ -718,5 +723,5 @@ def sanity_curve_figure(randomised: Sequence[str], spearman: Mapping[str, Sequen
     fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1})
     fig.update_xaxes(title="randomised up to (cumulative, from the head down)", type="category")
     fig.update_yaxes(title="Spearman with the original map", range=[-1.05, 1.05])
-    fig.update_layout(title="Sanity check: cascading randomisation", font=_FONT, margin=_MARGIN)
+    fig.update_layout(title=title, font=_FONT, margin=_MARGIN if title else {**_MARGIN, "t": 20})
     return fig

@@ -19,6 +19,15 @@ import torch
 from PIL import Image
 
 from vitviz import pipeline
+from vitviz.errors import VitvizError
+from vitviz.faithfulness import (
+    FaithfulnessOptions,
+    FaithfulnessResult,
+    ImageCurves,
+    MethodResult,
+    SanityResult,
+    run_faithfulness,
+)
 from vitviz.images import preprocess, to_display
 from vitviz.models import LoadedModel
 from vitviz.pipeline import (
@@ -189,4 +198,128 @@ def gradient_map(loaded: LoadedModel, image: InputImage, target_class: int | Non
         lambda: pipeline.gradient_rollout_map(loaded, model_input(loaded, image), target_class),
         GradientRolloutResult.to_arrays,
         GradientRolloutResult.from_arrays,
+    )
+
+
+# --- faithfulness: which map to trust (disk cache) ---------------------------------------------------------
+
+
+def faithfulness(
+    loaded: LoadedModel,
+    images: Sequence[InputImage],
+    options: FaithfulnessOptions,
+    progress: Callable[[str, int], None] | None = None,
+) -> FaithfulnessResult:
+    """`vitviz.faithfulness.run_faithfulness` on `images` (the same numbers as `python -m vitviz faithfulness`).
+
+    Cached on disk by the model's content hash, the images' content hashes and every option; the images' names
+    are not part of the key, so a cached result is given the names of `images`. `progress(method, images
+    finished)` is passed to the computation (not called when the result was cached).
+    """
+    key = cache_key(
+        "faithfulness",
+        model=loaded.content_hash,
+        images=[image.digest for image in images],
+        methods=list(options.methods),
+        steps=options.steps,
+        target=options.target_class,
+        sanity=options.sanity,
+        batch_size=options.batch_size,
+        ig_steps=options.ig_steps,
+    )
+    names = [image.name for image in images]
+
+    def compute() -> FaithfulnessResult:
+        if not images:
+            raise VitvizError("faithfulness needs at least one image")
+        parameter = next(loaded.model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        inputs = torch.stack([model_input(loaded, image) for image in images]).to(device)
+        return run_faithfulness(loaded.model, inputs, names, options, progress=progress)
+
+    return _cached(
+        "faithfulness",
+        key,
+        compute,
+        _faithfulness_arrays,
+        lambda arrays: _faithfulness_from_arrays(arrays, names),
+    )
+
+
+def _faithfulness_arrays(result: FaithfulnessResult) -> dict[str, np.ndarray]:
+    """A FaithfulnessResult as plain arrays (no pickle); method i's arrays are prefixed "m{i}."."""
+    arrays: dict[str, np.ndarray] = {
+        "steps": np.asarray(result.steps),
+        "baseline": np.asarray(result.baseline),
+        "target": np.asarray(-1 if result.target_class is None else result.target_class),
+        "methods": np.asarray(list(result.methods)),
+    }
+    for index, method in enumerate(result.methods.values()):
+        curves = method.per_image
+        prefix = f"m{index}."
+        arrays[prefix + "deletion_auc"] = np.asarray(method.deletion_auc, dtype=np.float64)
+        arrays[prefix + "insertion_auc"] = np.asarray(method.insertion_auc, dtype=np.float64)
+        arrays[prefix + "seconds_per_image"] = np.asarray(method.seconds_per_image, dtype=np.float64)
+        arrays[prefix + "targets"] = np.asarray([c.target_class for c in curves], dtype=np.int64)
+        arrays[prefix + "maps"] = np.stack([c.map.numpy() for c in curves])
+        arrays[prefix + "deletion"] = np.stack([c.deletion.numpy() for c in curves])
+        arrays[prefix + "insertion"] = np.stack([c.insertion.numpy() for c in curves])
+        arrays[prefix + "image_deletion_auc"] = np.asarray([c.deletion_auc for c in curves], dtype=np.float64)
+        arrays[prefix + "image_insertion_auc"] = np.asarray([c.insertion_auc for c in curves], dtype=np.float64)
+    if result.sanity is not None:
+        arrays["sanity.methods"] = np.asarray(list(result.sanity))
+        first = next(iter(result.sanity.values()))
+        arrays["sanity.randomised"] = np.asarray(list(first.randomised))
+        for index, sanity in enumerate(result.sanity.values()):
+            arrays[f"s{index}.spearman"] = np.asarray(sanity.spearman, dtype=np.float64)
+            arrays[f"s{index}.maps"] = sanity.maps.numpy()
+    return arrays
+
+
+def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> FaithfulnessResult:
+    """Inverse of `_faithfulness_arrays`, the images named `names`; a stored entry of another shape raises."""
+    methods: dict[str, MethodResult] = {}
+    for index, method in enumerate(str(m) for m in arrays["methods"]):
+        prefix = f"m{index}."
+        maps, deletion, insertion = (np.asarray(arrays[prefix + part]) for part in ("maps", "deletion", "insertion"))
+        if maps.shape[0] != len(names):
+            raise ValueError(f"stored for {maps.shape[0]} images, asked for {len(names)}")
+        per_image = tuple(
+            ImageCurves(
+                image=str(names[i]),
+                target_class=int(arrays[prefix + "targets"][i]),
+                map=torch.from_numpy(maps[i].copy()),
+                deletion=torch.from_numpy(deletion[i].copy()),
+                insertion=torch.from_numpy(insertion[i].copy()),
+                deletion_auc=float(arrays[prefix + "image_deletion_auc"][i]),
+                insertion_auc=float(arrays[prefix + "image_insertion_auc"][i]),
+            )
+            for i in range(len(names))
+        )
+        methods[method] = MethodResult(
+            method=method,
+            deletion_auc=float(arrays[prefix + "deletion_auc"]),
+            insertion_auc=float(arrays[prefix + "insertion_auc"]),
+            seconds_per_image=float(arrays[prefix + "seconds_per_image"]),
+            per_image=per_image,
+        )
+    sanity: dict[str, SanityResult] | None = None
+    if "sanity.methods" in arrays:
+        randomised = tuple(str(stage) for stage in arrays["sanity.randomised"])
+        sanity = {
+            str(method): SanityResult(
+                method=str(method),
+                randomised=randomised,
+                spearman=tuple(float(v) for v in arrays[f"s{index}.spearman"]),
+                maps=torch.from_numpy(np.asarray(arrays[f"s{index}.maps"]).copy()),
+            )
+            for index, method in enumerate(arrays["sanity.methods"])
+        }
+    target = int(arrays["target"])
+    return FaithfulnessResult(
+        steps=int(arrays["steps"]),
+        baseline=str(arrays["baseline"]),
+        target_class=None if target < 0 else target,
+        methods=methods,
+        sanity=sanity,
     )
