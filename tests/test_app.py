@@ -2,7 +2,7 @@
 bad), the model picker and its URL, /compare with two checkpoints and /train's run list.
 
 Expected numbers come from the checkpoint files read here with safetensors and numpy/torch directly (not
-through the app's code), following DESIGN.md's definitions.
+through the app's code), following the definitions in docs/design.md.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ PAGES = {
     "distance": ("vitviz/ui/distance.py", "Mean attention distance"),
     "rollout": ("vitviz/ui/rollout.py", "Attention rollout"),
     "tokens": ("vitviz/ui/tokens.py", "What tokens carry"),
+    "trust": ("vitviz/ui/trust.py", "Which map to trust?"),
     "compare": ("vitviz/ui/compare.py", "Compare models"),
     "train": ("vitviz/ui/train.py", "Train"),
 }
@@ -122,7 +123,7 @@ def _meta(path: Path) -> dict:
 
 
 def _cosine_similarity_tiles(path: Path) -> np.ndarray:
-    """DESIGN.md: cosine similarity of the patch positions' embeddings, [gh, gw, gh, gw] (slow, obvious)."""
+    """docs/design.md: cosine similarity of the patch positions' embeddings, [gh, gw, gh, gw] (slow, obvious)."""
     meta = _meta(path)
     config = meta["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
@@ -547,7 +548,7 @@ def test_position_similarity_offers_an_automatic_range(page: str) -> None:
 
 
 def _fake_run(runs: Path, run_id: str) -> Path:
-    """A finished run folder as the training backend writes it (DESIGN.md's run folder)."""
+    """A finished run folder as the training backend writes it (the run folder of docs/design.md)."""
     folder = runs / run_id
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"preset": "tiny"}))

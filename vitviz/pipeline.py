@@ -1,6 +1,6 @@
 """The one analysis service: every analysis of a loaded model, returned as typed, frozen results.
 
-`python -m vitviz analyze` serialises these results to DESIGN.md's JSON (vitviz/cli.py); the studio's pages
+`python -m vitviz analyze` serialises these results to the JSON of docs/design.md (vitviz/cli.py); the studio's pages
 cache and draw them (vitviz/ui). Both go through the same options, validation, batch loop and top-k here, so
 they compute the same numbers. Pure computation: images arrive preprocessed and nothing here reads or
 writes files.

@@ -71,7 +71,7 @@ def analysis_cache() -> DiskCache:
 
 
 def model_input(loaded: LoadedModel, image: InputImage) -> torch.Tensor:
-    """The image preprocessed for the model (DESIGN.md's preprocessing), [C, H, W]."""
+    """The image preprocessed for the model (the preprocessing of docs/design.md), [C, H, W]."""
     meta = loaded.meta
     return preprocess(
         Image.fromarray(image.pixels), input_size=meta.input_size, mean=meta.mean, std=meta.std, in_chans=meta.in_chans
