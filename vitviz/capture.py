@@ -174,7 +174,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 # torch's RemovableHandle ids and hook dictionaries are updated without a lock; serialise our own updates.
-_HOOK_LOCK = threading.Lock()
+HOOK_LOCK = threading.Lock()
 
 
 class AttentionConsumer(Protocol):
@@ -338,7 +338,7 @@ class _CaptureSession:
         """Install the hooks for the duration of the block; they are removed however it exits."""
         handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
-            with _HOOK_LOCK:
+            with HOOK_LOCK:
                 for layer_index, site in enumerate(self.sites):
                     if not site.owner.fused_attn:
                         handles.append(site.drop.register_forward_hook(self._unfused_hook(layer_index)))
@@ -357,7 +357,7 @@ class _CaptureSession:
         finally:
             while self.active_modes:  # a forward that raised inside an attention module
                 self.active_modes.pop().__exit__(None, None, None)
-            with _HOOK_LOCK:
+            with HOOK_LOCK:
                 for handle in handles:
                     handle.remove()
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitviz.capture import _HOOK_LOCK
+from vitviz.capture import HOOK_LOCK
 from vitviz.tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ def block_outputs(
             on_features(output)
 
     try:
-        with _HOOK_LOCK:
+        with HOOK_LOCK:
             for index, block in enumerate(blocks):
                 handles.append(block.register_forward_hook(block_hook(index)))
             if norm is not None and on_features is not None:
                 handles.append(norm.register_forward_hook(norm_hook))
         yield
     finally:
-        with _HOOK_LOCK:
+        with HOOK_LOCK:
             for handle in handles:
                 handle.remove()
 
