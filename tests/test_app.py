@@ -425,6 +425,38 @@ def test_rollout_marks_the_query_patch_on_every_tile() -> None:
     assert set(zip(_array(marks["x"]).astype(int), _array(marks["y"]).astype(int))) == expected
 
 
+MIN_TILE_PX = 40  # a tile of the layers x heads view smaller than this on screen is a strip, not a map
+
+
+def _grid_tile_px(chart: dict) -> tuple[float, int, int]:
+    """On-screen side of one tile of a layers x heads chart, and its (layers, heads), from the spec alone.
+
+    The plot area is the figure size less its margins; the y axis is anchored to x (square cells), so one
+    mosaic cell takes the smaller of the two fits. Tiles are counted from the mosaic's all-NaN gap lines."""
+    layout = chart["layout"]
+    z = _array(chart["data"][0]["z"])
+    gap_rows = np.flatnonzero(np.isnan(z).all(axis=1))
+    gap_cols = np.flatnonzero(np.isnan(z).all(axis=0))
+    layers, heads = len(gap_rows) + 1, len(gap_cols) + 1
+    tile_h, tile_w = (z.shape[0] + 1) // layers - 1, (z.shape[1] + 1) // heads - 1
+    margin = layout["margin"]
+    plot_w = layout["width"] - margin["l"] - margin["r"]
+    plot_h = layout["height"] - margin["t"] - margin["b"]
+    cell = min(plot_w / z.shape[1], plot_h / z.shape[0])
+    return cell * max(tile_h, tile_w), layers, heads
+
+
+def test_layers_by_heads_view_keeps_readable_tiles_on_a_narrow_timm_model() -> None:
+    at = _open("rollout", query={"model": "timm:vit_tiny_patch16_224"})  # random weights, 12 layers x 3 heads
+    at.radio(key="rollout.query.kind").set_value("a patch").run()
+    _assert_clean(at)
+    grid = next(c for c in _charts(at) if any(t.get("name") == "query patch" for t in c["data"]))
+    tile_px, layers, heads = _grid_tile_px(grid)
+    assert (layers, heads) == (12, 3)
+    assert tile_px >= MIN_TILE_PX, f"tiles are {tile_px:.0f} px on screen"
+    assert grid["layout"]["yaxis"]["ticktext"] == [str(i) for i in range(1, 13)]
+
+
 def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:
     at = _open("rollout")
     assert list(at.dataframe[0].value.columns) == ["probability", "class"]

@@ -33,6 +33,8 @@ from vitviz.plots import (
 
 _FONT = {"size": 12}
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
+GRID_TILE_PX = 64  # screen pixels per tile of the layers x heads view: readable whatever the model's shape
+GRID_COLORBAR_PX = 110  # right margin of that view, wide enough for its colour bar and title
 
 
 def filters_figure(
@@ -364,13 +366,20 @@ def attention_grid_figure(
     colorscale: str = "Inferno",
     title: str | None = None,
     query: tuple[int, int] | None = None,
+    first_layer: int = 0,
+    tile_px: int = GRID_TILE_PX,
 ) -> go.Figure:
     """Attention of one query over the patches, layers (rows) x heads (columns), as one heatmap.
+
+    The figure has a fixed size of `tile_px` screen pixels per tile (plus margins and colour bar), so a
+    12 x 3 model is not squeezed into thin strips by the page's column width; draw it at its own width.
 
     Args:
         attention: [L, H, gh, gw].
         per_tile: divide each tile by its own max (shape, not strength); else one scale for all.
         query: 0-based (row, column) of the query patch, outlined in every tile.
+        first_layer: 0-based index of the first layer in `attention` (labels when showing a slice of layers).
+        tile_px: screen pixels per tile side.
     """
     attention = np.asarray(attention, dtype=np.float64)
     if attention.ndim != 4:
@@ -388,8 +397,18 @@ def attention_grid_figure(
             "layer %{customdata[0]}, head %{customdata[1]}<br>"
             "key patch (%{customdata[2]}, %{customdata[3]})<br>%{z:.4f}<extra></extra>"
         ),
+        row_offset=first_layer,
     )
-    _tile_axes(fig, (depth, heads), (gh, gw), x_title="Head", y_title="Layer")
+    _tile_axes(fig, (depth, heads), (gh, gw), x_title="Head", y_title="Layer", row_offset=first_layer)
+    # Mosaic cells per tile (gap included) scale to tile_px screen pixels; the colour bar sits in the right margin.
+    cell_px = tile_px / max(gh + 1, gw + 1)
+    margin = {**_MARGIN, "r": GRID_COLORBAR_PX}
+    fig.update_layout(
+        width=round(margin["l"] + margin["r"] + cell_px * (heads * (gw + 1) - 1)),
+        height=round(margin["t"] + margin["b"] + cell_px * (depth * (gh + 1) - 1)),
+        margin=margin,
+    )
+    fig.update_traces(selector={"type": "heatmap"}, colorbar={"thickness": 16, "len": 1.0, "lenmode": "fraction"})
     if query is not None:
         layer_index, head_index = np.meshgrid(np.arange(depth), np.arange(heads), indexing="ij")
         fig.add_trace(
@@ -569,17 +588,20 @@ def _mosaic_heatmap(
     colorscale: str,
     colorbar_title: str,
     hovertemplate: str,
+    row_offset: int = 0,
 ) -> go.Figure:
-    """One heatmap of a [R, C, h, w] tile array; customdata holds 1-based (tile r, tile c, cell r, cell c)."""
+    """One heatmap of a [R, C, h, w] tile array; customdata holds 1-based (tile r, tile c, cell r, cell c).
+
+    `row_offset` is added to the tile row numbers (a slice of rows keeps its original numbers)."""
     rows, cols, h, w = tiles.shape
     mosaic = tile_mosaic(tiles, gap=1).astype(np.float32)  # float32 halves what the browser receives
     tile_row, cell_row = mosaic_positions(rows, h)
     tile_col, cell_col = mosaic_positions(cols, w)
-    dtype = np.uint8 if max(rows, cols, h, w) < 255 else np.uint16  # sent as compact typed arrays
+    dtype = np.uint8 if max(rows + row_offset, cols, h, w) < 255 else np.uint16  # sent as compact typed arrays
     shape = mosaic.shape
     customdata = np.stack(
         [
-            np.broadcast_to(tile_row[:, None] + 1, shape),
+            np.broadcast_to(np.where(tile_row < 0, -1, tile_row + row_offset)[:, None] + 1, shape),
             np.broadcast_to(tile_col[None, :] + 1, shape),
             np.broadcast_to(cell_row[:, None] + 1, shape),
             np.broadcast_to(cell_col[None, :] + 1, shape),
@@ -602,18 +624,26 @@ def _mosaic_heatmap(
     return fig
 
 
-def _tile_axes(fig: go.Figure, counts: tuple[int, int], tile: tuple[int, int], *, x_title: str, y_title: str) -> None:
-    """1-based tick labels at tile centres, row 1 at the top, square cells."""
-    for update, count, tile_len, axis_title in (
-        (fig.update_yaxes, counts[0], tile[0], y_title),
-        (fig.update_xaxes, counts[1], tile[1], x_title),
+def _tile_axes(
+    fig: go.Figure,
+    counts: tuple[int, int],
+    tile: tuple[int, int],
+    *,
+    x_title: str,
+    y_title: str,
+    row_offset: int = 0,
+) -> None:
+    """1-based tick labels at tile centres (rows numbered from row_offset + 1), row 1 at the top, square cells."""
+    for update, count, tile_len, axis_title, offset in (
+        (fig.update_yaxes, counts[0], tile[0], y_title, row_offset),
+        (fig.update_xaxes, counts[1], tile[1], x_title, 0),
     ):
         step = 1 if count <= 16 else math.ceil(count / 12)
         picked = np.arange(0, count, step)
         update(
             title=axis_title,
             tickvals=tile_centres(count, tile_len)[picked],
-            ticktext=[str(i + 1) for i in picked],
+            ticktext=[str(i + 1 + offset) for i in picked],
             showgrid=False,
             zeroline=False,
             ticks="",

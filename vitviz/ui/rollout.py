@@ -22,6 +22,7 @@ INPUT_HEIGHT = 330  # the input has no colour bar, so it is drawn a little small
 THUMBNAIL_SIDE = 320  # longer side of a gallery picture, in pixels
 SCALE_MAX = "each map ÷ its maximum"
 SCALE_SHARED = "shared absolute"
+GRID_MAX_LAYERS = 12  # the layers x heads view draws at most this many layers at once (a slider picks which)
 
 
 def render() -> None:
@@ -166,29 +167,41 @@ def render() -> None:
         _gallery(images, gallery, colorscale=colorscale, opacity=opacity, vmax=shared_top if absolute else None)
 
     st.markdown("##### Where one token attends, in every layer and head")
-    grid_col, query_col = st.columns([3, 2])
-    with query_col:
-        st.caption(
-            "A model view for image patches, like bertviz's for text: rows are layers, columns are heads, and "
-            "each tile shows the attention of the chosen query token over the patches."
+    st.caption(
+        "A model view for image patches, like bertviz's for text: rows are layers, columns are heads, and "
+        "each tile shows the attention of the chosen query token over the patches."
+    )
+    kind_col, row_col, col_col, layers_col, scale_col = st.columns([2, 2, 2, 2, 2], vertical_alignment="bottom")
+    query_choices = ([CLASS_TOKEN] if layout.has_class_token else []) + ["a patch"]
+    query_kind = kind_col.radio("Query token", query_choices, key="rollout.query.kind", horizontal=True)
+    query_index, query_label, query_patch = 0, CLASS_TOKEN, None
+    if query_kind == "a patch":
+        gh, gw = layout.grid
+        row = row_col.slider("Patch row", 1, gh, (gh + 1) // 2, key="rollout.query.row") if gh > 1 else 1
+        col = col_col.slider("Patch column", 1, gw, (gw + 1) // 2, key="rollout.query.col") if gw > 1 else 1
+        query_patch = (row - 1, col - 1)
+        query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
+        query_label = f"patch ({row}, {col})"
+    first, last = 1, depth
+    if depth > GRID_MAX_LAYERS:  # a deep model: a slice of layers at a time keeps the tiles readable
+        first, last = layers_col.slider(
+            "Layers shown",
+            1,
+            depth,
+            (1, GRID_MAX_LAYERS),
+            key="rollout.query.layers",
+            help=f"At most {GRID_MAX_LAYERS} layers are drawn at once, so each tile stays large enough to read.",
         )
-        query_choices = ([CLASS_TOKEN] if layout.has_class_token else []) + ["a patch"]
-        query_kind = st.radio("Query token", query_choices, key="rollout.query.kind", horizontal=True)
-        query_index, query_label, query_patch = 0, CLASS_TOKEN, None
-        if query_kind == "a patch":
-            gh, gw = layout.grid
-            row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key="rollout.query.row") if gh > 1 else 1
-            col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key="rollout.query.col") if gw > 1 else 1
-            query_patch = (row - 1, col - 1)
-            query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
-            query_label = f"patch ({row}, {col})"
-        per_tile = st.toggle(
-            "Scale each tile to its own maximum",
-            value=True,
-            key="rollout.query.per_tile",
-            help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
-            "heads can be told apart.",
-        )
+        if last - first + 1 > GRID_MAX_LAYERS:
+            last = first + GRID_MAX_LAYERS - 1
+            layers_col.caption(f"Showing layers {first}–{last} (at most {GRID_MAX_LAYERS} at once).")
+    per_tile = scale_col.toggle(
+        "Scale each tile to its own maximum",
+        value=True,
+        key="rollout.query.per_tile",
+        help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
+        "heads can be told apart.",
+    )
     query = attention.query
     if query_index != query.query_index:
         try:
@@ -197,13 +210,18 @@ def render() -> None:
             widgets.show_error(exc)
             return
     grid = query.grid
-    with grid_col:
-        widgets.plotly(
-            interactive.attention_grid_figure(
-                grid, per_tile=per_tile, title=f"Attention of the {query_label}", query=query_patch
-            ),
-            key="rollout.grid",
-        )
+    shown = f", layers {first}–{last} of {depth}" if (first, last) != (1, depth) else ""
+    widgets.plotly(
+        interactive.attention_grid_figure(
+            grid[first - 1 : last],
+            per_tile=per_tile,
+            title=f"Attention of the {query_label}{shown}",
+            query=query_patch,
+            first_layer=first - 1,
+        ),
+        key="rollout.grid",
+        stretch=False,
+    )
 
     figures = {
         "rollout": lambda: paper.rollout_overlay_figure(picture, rollout_map, alpha=opacity, cmap=colorscale.lower()),

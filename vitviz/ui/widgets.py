@@ -47,11 +47,12 @@ def table(rows: Sequence[Mapping[str, object]] | object, **kwargs: object) -> No
     st.dataframe(rows, hide_index=True, width="stretch", height=ROW_HEIGHT * (count + 1) + 3, **kwargs)
 
 
-def plotly(fig: object, *, key: str | None = None, height: int | None = None) -> None:
-    """Draw a plotly figure across the column, with a PNG export in its toolbar."""
+def plotly(fig: object, *, key: str | None = None, height: int | None = None, stretch: bool = True) -> None:
+    """Draw a plotly figure across the column (or at its own layout width with stretch=False), with a PNG
+    export in its toolbar."""
     if height is not None:
         fig.update_layout(height=height)  # type: ignore[attr-defined]
-    st.plotly_chart(fig, width="stretch", config=PLOTLY_CONFIG, key=key)
+    st.plotly_chart(fig, width="stretch" if stretch else "content", config=PLOTLY_CONFIG, key=key)
 
 
 # --- model picker ----------------------------------------------------------------------------------
