@@ -204,6 +204,49 @@ def test_overview_card_reports_the_checkpoints_architecture() -> None:
     assert _metric(at, "Tokens") == f"{gh}×{gw} + 1"
 
 
+def _card_rows(at: AppTest) -> dict[str, str]:
+    """The model card's property/value rows (both static tables, so long values wrap instead of being cut)."""
+    rows: dict[str, str] = {}
+    for table in at.table:
+        frame = table.value
+        rows.update(zip(frame["property"], frame["value"]))
+    return rows
+
+
+def test_overview_card_shows_long_values_whole_in_wrapping_tables() -> None:
+    at = _open("overview")
+    rows = _card_rows(at)
+    assert rows["source"] == str(DEFAULT.relative_to(ROOT))  # assets/checkpoints/shapes-default.safetensors, whole
+    assert rows["architecture"] == _meta(DEFAULT)["arch"]
+    names = _meta(DEFAULT)["class_names"]
+    assert rows["classes"].startswith(f"{len(names)}: {names[0]}")
+    assert "source" not in {str(v) for frame in (d.value for d in at.dataframe) for v in frame.get("property", [])}
+
+
+def test_overview_card_says_where_in_its_run_a_best_checkpoint_was_saved(app_folders: dict[str, Path]) -> None:
+    from training import presets
+    from training.engine import RunOptions, run
+
+    # tiny: 4 steps an epoch, 2 epochs; stopped after 6 steps, so best was saved at the end of epoch 1.
+    run(presets.tiny(), RunOptions(runs_dir=app_folders["runs"], run_id="tiny-r1", device="cpu", max_steps=6))
+    folder = app_folders["runs"] / "tiny-r1"
+    saved = _meta(folder / "best.safetensors")["training"]
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last_step = max(r["step"] for r in logged if "step" in r)
+    assert saved["steps"] < last_step  # the situation the card must explain
+    at = _open("overview", query={"model": "run:tiny-r1"})
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "run:tiny-r1"
+    rows = _card_rows(at)
+    assert rows["checkpoint"] == (
+        f"best, saved at epoch {saved['epochs']} step {saved['steps']} of a run of {saved['epochs_planned']} epochs"
+    )
+    assert "epochs" not in rows and "steps" not in rows  # no bare counts that read as the run's length
+    assert any(f"the curves run to step {last_step}" in _text(c) for c in at.caption)
+    curves = next(c for c in _charts(at) if any("loss" in str(t.get("name")) for t in c["data"]))
+    marks = [shape for shape in curves["layout"].get("shapes", []) if shape.get("x0") == shape.get("x1")]
+    assert marks and {m["x0"] for m in marks} == {saved["steps"]}  # a line on each panel of the curves
+
+
 def test_filters_page_states_the_explained_variance_of_the_top_components() -> None:
     at = _open("filters")
     k = at.slider(key="filters.k").value

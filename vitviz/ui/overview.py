@@ -35,10 +35,8 @@ GUIDE = [
     ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
 ]
 
-PROPERTY_COLUMNS = {
-    "property": st.column_config.TextColumn("property", width="medium"),
-    "value": st.column_config.TextColumn("value", width="large"),
-}
+# Training-summary keys shown together as one "checkpoint" row (where in its run a checkpoint was saved).
+CHECKPOINT_KEYS = ("epochs", "steps", "epochs_planned")
 
 
 def render() -> None:
@@ -61,7 +59,7 @@ def render() -> None:
     arch_col, train_col = st.columns(2)
     with arch_col:
         st.markdown("##### Architecture")
-        widgets.table(_architecture_rows(card, layout), column_config=PROPERTY_COLUMNS)
+        _property_table(_architecture_rows(card, layout))
         if card.resolution_history:
             st.markdown("##### Resolution history")
             widgets.table(
@@ -72,9 +70,9 @@ def render() -> None:
             )
     with train_col:
         st.markdown("##### How it was trained")
-        rows = _training_rows(card.training)
+        rows = _training_rows(card.training, _checkpoint_name(entry))
         if rows:
-            widgets.table(rows, column_config=PROPERTY_COLUMNS)
+            _property_table(rows)
         else:
             st.caption("This model carries no training summary.")
         accuracy = _final_accuracy(card.training)
@@ -86,8 +84,23 @@ def render() -> None:
     records, where = _training_log(entry, card.training)
     st.markdown("##### Training curves")
     if records:
-        st.caption(f"From {widgets.plain(where)}")
-        widgets.plotly(interactive.training_curves_figure(records, x="step"), key="overview.curves")
+        saved_step = _saved_step(card.training)
+        last_step = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
+        note = f"From {widgets.plain(where)}"
+        if saved_step is not None and last_step is not None and saved_step < last_step:
+            note += (
+                f"; the curves run to step {last_step:g}, this checkpoint was saved at step {saved_step} (dotted line)"
+            )
+        st.caption(note + ".")
+        curves = interactive.training_curves_figure(records, x="step")
+        if saved_step is not None:
+            curves.add_vline(
+                x=saved_step,
+                line={"dash": "dot", "color": "#555", "width": 1.5},
+                annotation_text="this checkpoint",
+                annotation_position="top left",
+            )
+        widgets.plotly(curves, key="overview.curves")
     else:
         st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
 
@@ -159,9 +172,46 @@ def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[dict[str, s
     return [{"property": key, "value": str(value)} for key, value in rows]
 
 
-def _training_rows(training: dict[str, Any]) -> list[dict[str, str]]:
+def _property_table(rows: list[dict[str, str]]) -> None:
+    """Property/value rows as a static table: long values (paths, class lists) wrap instead of being cut."""
+    st.table(rows, hide_index=True, hide_header=True, border="horizontal")
+
+
+def _checkpoint_name(entry: catalog.ModelEntry) -> str | None:
+    """Which checkpoint of its run a run entry is ("best", "last", "epoch-003"); None for other models."""
+    if entry.kind != catalog.RUN or entry.path is None:
+        return None
+    return entry.path.name.removesuffix(".safetensors")
+
+
+def _saved_step(training: dict[str, Any]) -> int | None:
+    steps = training.get("steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _checkpoint_row(training: dict[str, Any], name: str | None) -> str | None:
+    """Where in its run the checkpoint was saved, from its metadata: "best, saved at epoch E step S of a run of
+    N epochs" (the metadata's epochs/steps count at the save, not the run's end)."""
+    epoch, step, planned = (training.get(key) for key in CHECKPOINT_KEYS)
+    if epoch is None and step is None:
+        return None
+    text = "saved at " + " ".join(
+        f"{what} {value}" for what, value in (("epoch", epoch), ("step", step)) if value is not None
+    )
+    if planned is not None:
+        text += f" of a run of {planned} epoch{'s' if planned != 1 else ''}"
+    return f"{name}, {text}" if name else text
+
+
+def _training_rows(training: dict[str, Any], checkpoint: str | None = None) -> list[dict[str, str]]:
+    """The training summary as property/value rows; epochs/steps become one "checkpoint" row."""
     rows = []
+    where = _checkpoint_row(training, checkpoint)
+    if where is not None:
+        rows.append({"property": "checkpoint", "value": where})
     for key, value in training.items():
+        if key in CHECKPOINT_KEYS and where is not None:
+            continue
         if isinstance(value, (dict, list)) or value is None or value == "":
             continue
         rows.append({"property": key.replace("_", " "), "value": "" if value is None else str(value)})
