@@ -282,3 +282,20 @@ def test_real_entry_point_runs_as_a_module(checkpoint: Path, tmp_path: Path) -> 
         timeout=300,
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_unreadable_attention_gives_not_applicable_sections(workdir: Path, capsys) -> None:
+    analyses = "filters,position,distance,rollout,gradient-rollout,tokens,features,head-maps,logit-lens"
+    images = str(workdir / "images" / "a.png")
+    argv = ["analyze", "timm:cait_xxs24_224", "--images", images, "--analyses", analyses, "--json", "-"]
+    code, out, err = run_cli(capsys, *argv, "--figures", str(workdir / "cait-figures"))
+    assert code == 0, err
+    doc = json.loads(out)
+    for section in ("distance", "rollout", "gradient_rollout", "tokens", "head_maps"):
+        assert "TalkingHeadAttn" in doc[section]["not_applicable"], section
+    assert "tokens" in doc["logit_lens"]["not_applicable"]
+    assert len(doc["position"]["similarity"]) == 14 * 14 and "explained_variance_ratio" in doc["filters"]
+    assert np.asarray(doc["features"]["projections"]).shape == (1, 14, 14, 3)
+    assert sorted(p.name for p in (workdir / "cait-figures").iterdir()) == sorted(
+        f"{stem}.{ext}" for stem in ("filters", "position", "features-000-a") for ext in ("png", "svg")
+    )

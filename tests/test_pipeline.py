@@ -15,7 +15,7 @@ from vitviz.analysis.rollout import RolloutAccumulator
 from vitviz.cli import main
 from vitviz.errors import VitvizError
 from vitviz.images import decode_image, load_for_model
-from vitviz.models import file_sha256, load_model
+from vitviz.models import LoadedModel, file_sha256, load_model
 from vitviz.pipeline import AnalysisOptions, NotApplicable, top_k
 from vitviz.tokens import token_layout
 
@@ -253,3 +253,62 @@ def test_top_k_is_sorted_and_breaks_ties_towards_the_lower_class_index() -> None
     assert top[0].probability == pytest.approx(0.3)
     assert len(top_k(probabilities, names)) == 5 and len(top_k(probabilities[:3], names)) == 3
     assert [p.index for p in top_k(torch.from_numpy(probabilities), names, k=2)] == [1, 3]
+
+
+# --- one section never stops the others ----------------------------------------------------------------
+
+
+def _timm_loaded(name: str, **overrides: object) -> LoadedModel:
+    import timm
+
+    from vitviz.models import timm_meta
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, img_size=64, **overrides).eval()
+    return LoadedModel(model=model, meta=timm_meta(name, model), source=f"timm:{name}", content_hash=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "lens_applies"),
+    [
+        ("cait_xxs24_224", dict(depth=2), False),  # talking heads; blocks run on the patches only
+        ("vit_small_patch16_18x2_224", dict(depth=2), True),  # parallel attention branches
+    ],
+)
+def test_unreadable_attention_leaves_the_other_analyses_running(name: str, overrides: dict, lens_applies: bool) -> None:
+    from vitviz.capture import unreadable_reason
+
+    loaded = _timm_loaded(name, **overrides)
+    reason = unreadable_reason(loaded.model)
+    assert reason is not None and name in reason
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    results = pipeline.image_analyses(loaded, images, pipeline.ANALYSES, AnalysisOptions(batch_size=2))
+    for value in (results.distance, results.rollouts, results.gradients, results.tokens, results.head_maps):
+        assert value == NotApplicable(reason)
+    assert results.rollout_maps is None and results.probabilities is None
+    # Features run on a plain forward: the final patch tokens, checked against the model's own features.
+    assert isinstance(results.features, pipeline.FeaturesResult)
+    with torch.no_grad():
+        final = loaded.model.forward_features(images)
+    patches = final[:, token_layout(loaded.model).num_prefix_tokens :].double().reshape(-1, final.shape[-1])
+    np.testing.assert_allclose(results.features.mean, patches.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    if lens_applies:
+        assert len(results.logit_lens) == 3
+    else:
+        assert isinstance(results.logit_lens, NotApplicable) and "16 tokens" in results.logit_lens.reason
+    # The single-image helpers have no result to return: one line.
+    with pytest.raises(VitvizError, match="cannot read the attention"):
+        pipeline.gradient_rollout_map(loaded, images[0])
+    with pytest.raises(VitvizError, match="cannot read the attention"):
+        pipeline.image_attention(loaded, images[0], AnalysisOptions())
+    assert pipeline.attention_not_applicable(loaded) == NotApplicable(reason)
+
+
+def test_cait_position_is_its_patch_table() -> None:
+    loaded = _timm_loaded("cait_xxs24_224", depth=2)
+    result = pipeline.position(loaded)
+    assert isinstance(result, pipeline.PositionResult)
+    table = loaded.model.pos_embed.detach()[0].double()  # CaiT: one entry per patch, none for the class token
+    unit = table / table.norm(dim=-1, keepdim=True)
+    np.testing.assert_allclose(result.matrix(), (unit @ unit.T).numpy(), rtol=1e-6, atol=1e-9)
+    assert pipeline.attention_not_applicable(_timm_loaded("vit_tiny_patch16_224", depth=1)) is None

@@ -189,10 +189,20 @@ def position_section(result: PositionResult | NotApplicable) -> dict[str, Any]:
     return {"similarity": result.matrix().tolist()}
 
 
+def _not_applicable(result: Any) -> dict[str, Any] | None:
+    """`{"not_applicable": reason}` for a NotApplicable result, else None."""
+    from vitviz.pipeline import NotApplicable
+
+    return {"not_applicable": result.reason} if isinstance(result, NotApplicable) else None
+
+
 def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON's "distance", "rollout" and "gradient_rollout" sections, for the analyses that ran."""
+    """The JSON's "distance", "rollout" and "gradient_rollout" sections, for the analyses that ran (or
+    `{"not_applicable": reason}` for those that do not apply to the model)."""
     sections: dict[str, Any] = {}
-    if results.distance is not None:
+    if (skipped := _not_applicable(results.distance)) is not None:
+        sections["distance"] = skipped
+    elif results.distance is not None:
         d = results.distance
         sections["distance"] = {
             "mode": d.mode,
@@ -201,7 +211,9 @@ def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             "fraction": d.fraction.tolist(),
             "num_images": d.num_images,
         }
-    if results.rollouts:
+    if (skipped := _not_applicable(results.rollouts)) is not None:
+        sections["rollout"] = skipped
+    elif results.rollouts:
         sections["rollout"] = [
             {
                 "image": name,
@@ -213,7 +225,9 @@ def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             }
             for name, rollout, top5 in zip(image_names, results.rollouts, results.top5)
         ]
-    if results.gradients:
+    if (skipped := _not_applicable(results.gradients)) is not None:
+        sections["gradient_rollout"] = skipped
+    elif results.gradients:
         sections["gradient_rollout"] = [
             {"image": name, "target_class": gradient.target_class, "map": gradient.map.tolist()}
             for name, gradient in zip(image_names, results.gradients)
@@ -223,11 +237,12 @@ def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
 
 
 def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON's "tokens", "features", "head_maps" and "logit_lens" sections, for the analyses that ran."""
-    from vitviz.pipeline import NotApplicable
-
+    """The JSON's "tokens", "features", "head_maps" and "logit_lens" sections, for the analyses that ran (or
+    `{"not_applicable": reason}`)."""
     sections: dict[str, Any] = {}
-    if results.tokens is not None:
+    if (skipped := _not_applicable(results.tokens)) is not None:
+        sections["tokens"] = skipped
+    elif results.tokens is not None:
         t = results.tokens
         sections["tokens"] = {
             "token_names": list(t.token_names),
@@ -256,7 +271,9 @@ def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             "explained_variance_ratio": f.explained_variance_ratio.tolist(),
             "projections": f.projections.tolist(),
         }
-    if results.head_maps:
+    if (skipped := _not_applicable(results.head_maps)) is not None:
+        sections["head_maps"] = skipped
+    elif results.head_maps:
         sections["head_maps"] = [
             {
                 "image": name,
@@ -268,8 +285,8 @@ def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             }
             for name, maps in zip(image_names, results.head_maps)
         ]
-    if isinstance(results.logit_lens, NotApplicable):
-        sections["logit_lens"] = {"not_applicable": results.logit_lens.reason}
+    if (skipped := _not_applicable(results.logit_lens)) is not None:
+        sections["logit_lens"] = skipped
     elif results.logit_lens:
         sections["logit_lens"] = [
             {"image": name, "target_class": lens.target_class, "probabilities": lens.probabilities.tolist()}
@@ -451,7 +468,7 @@ def write_figures(
 ) -> list[Path]:
     """The paper-style matplotlib figures for every analysis that ran, as PNG and SVG."""
     from vitviz.images import to_display
-    from vitviz.pipeline import FilterResult, PositionResult
+    from vitviz.pipeline import DistanceResult, FilterResult, NotApplicable, PositionResult
     from vitviz.plots import paper
 
     written: list[Path] = []
@@ -464,15 +481,13 @@ def write_figures(
         written += paper.save_figure(fig, folder / "position")
     if image_results is None or images is None:
         return written
-    if image_results.distance is not None:
+    if isinstance(image_results.distance, DistanceResult):
         d = image_results.distance
         fig = paper.distance_figure(d.pixels, std=d.std)
         written += paper.save_figure(fig, folder / "distance")
     written += _token_figures(folder, loaded, images, image_results, files)
-    for kind, maps in (
-        ("rollout", [r.map for r in image_results.rollouts]),
-        ("gradient-rollout", [g.map for g in image_results.gradients]),
-    ):
+    for kind, results in (("rollout", image_results.rollouts), ("gradient-rollout", image_results.gradients)):
+        maps = [] if isinstance(results, NotApplicable) else [r.map for r in results]
         for index, (path, relevance) in enumerate(zip(files, maps)):
             picture = to_display(images[index], meta.mean, meta.std)
             title = "Attention rollout" if kind == "rollout" else "Gradient-weighted rollout"
@@ -495,7 +510,8 @@ def _token_figures(
     written: list[Path] = []
     meta = loaded.meta
     grid = token_layout(loaded.model).grid
-    tokens = results.tokens
+    tokens = None if isinstance(results.tokens, NotApplicable) else results.tokens
+    head_maps = () if isinstance(results.head_maps, NotApplicable) else results.head_maps
     if tokens is not None:
         fig = plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens)
         written += paper.save_figure(fig, folder / "token-norms")
@@ -514,8 +530,8 @@ def _token_figures(
         if rgb is not None and results.features is not None:
             fig = plots.features_figure(picture, rgb[index], results.features.explained_variance_ratio)
             written += paper.save_figure(fig, folder / f"features-{stem}")
-        if results.head_maps and index < len(results.head_maps):
-            heads = results.head_maps[index]
+        if index < len(head_maps):
+            heads = head_maps[index]
             fig = plots.head_maps_figure(heads.attention, heads.masks, query=heads.query, mass_share=heads.mass_share)
             written += paper.save_figure(fig, folder / f"head-maps-{stem}")
         if not isinstance(results.logit_lens, NotApplicable) and index < len(results.logit_lens):

@@ -9,6 +9,7 @@ writes files.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +33,16 @@ from vitviz.analysis.tokens import (
     mass_threshold_masks,
     token_names,
 )
-from vitviz.capture import QueryAttention, attention_gradients, capture_attention
+from vitviz.capture import QueryAttention, attention_gradients, capture_attention, unreadable_reason
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
 from vitviz.tokens import TokenLayout, token_layout
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ANALYSES",
+    "ATTENTION_ANALYSES",
     "DEFAULT_ANALYSES",
     "DISTANCE_MODES",
     "HEAD_FUSIONS",
@@ -63,6 +67,7 @@ __all__ = [
     "RolloutResult",
     "TokensResult",
     "TopK",
+    "attention_not_applicable",
     "filters",
     "gradient_rollout_map",
     "image_analyses",
@@ -78,6 +83,8 @@ __all__ = [
 DEFAULT_ANALYSES = ("filters", "position", "distance", "rollout", "gradient-rollout")  # what no --analyses runs
 ANALYSES = (*DEFAULT_ANALYSES, "tokens", "features", "head-maps", "logit-lens")
 IMAGE_ANALYSES = ("distance", "rollout", "gradient-rollout", "tokens", "features", "head-maps", "logit-lens")
+# The image analyses that read attention (tokens: its prefix attention); the others need only block outputs.
+ATTENTION_ANALYSES = ("distance", "rollout", "gradient-rollout", "tokens", "head-maps")
 TOP_K = 5  # predictions reported beside a rollout map
 NO_POSITION_EMBEDDINGS = "the model has no absolute position embeddings (none or relative positions)"
 
@@ -149,6 +156,12 @@ class NotApplicable:
     """An analysis that does not apply to this model, and why."""
 
     reason: str
+
+
+def attention_not_applicable(loaded: LoadedModel) -> NotApplicable | None:
+    """None when vitviz reads the model's attention exactly; otherwise why the attention analyses do not apply."""
+    reason = unreadable_reason(loaded.model)
+    return NotApplicable(reason) if reason is not None else None
 
 
 # --- the model card ------------------------------------------------------------------------------------
@@ -551,23 +564,29 @@ class LogitLensResult:
 
 @dataclass(frozen=True)
 class ImageResults:
-    """What the batch loop computed for B images; per-image tuples are in image order (empty when not run)."""
+    """What the batch loop computed for B images; per-image tuples are in image order (empty when not run).
 
-    distance: DistanceResult | None
-    rollouts: tuple[RolloutResult, ...]
+    An analysis that was asked for but does not apply to the model (its attention cannot be read exactly, or
+    its blocks' outputs do not hold the whole token sequence) is NotApplicable with the reason; the others run.
+    """
+
+    distance: DistanceResult | NotApplicable | None
+    rollouts: tuple[RolloutResult, ...] | NotApplicable
     probabilities: np.ndarray | None  # [B, K] float32 softmax, computed with the rollout's forward
     top5: tuple[TopK, ...]
-    gradients: tuple[GradientRolloutResult, ...]
+    gradients: tuple[GradientRolloutResult, ...] | NotApplicable
     queries: tuple[QueryAttentionResult, ...]
-    tokens: TokensResult | None = None
+    tokens: TokensResult | NotApplicable | None = None
     features: FeaturesResult | None = None
-    head_maps: tuple[HeadMapsResult, ...] = ()
+    head_maps: tuple[HeadMapsResult, ...] | NotApplicable = ()
     logit_lens: tuple[LogitLensResult, ...] | NotApplicable = ()
 
     @property
     def rollout_maps(self) -> np.ndarray | None:
-        """The rollout maps stacked, [B, gh, gw], or None when rollout did not run."""
-        return np.stack([r.map for r in self.rollouts]) if self.rollouts else None
+        """The rollout maps stacked, [B, gh, gw], or None when rollout did not run or does not apply."""
+        if isinstance(self.rollouts, NotApplicable) or not self.rollouts:
+            return None
+        return np.stack([r.map for r in self.rollouts])
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -600,14 +619,28 @@ def image_analyses(
             batch at a time, so it may produce them lazily).
         analyses: names from IMAGE_ANALYSES; other names are ignored.
         progress: called as progress(done, total) after every batch.
+
+    One analysis never stops the others: when vitviz cannot read the model's attention exactly
+    (`unreadable_reason`), the ATTENTION_ANALYSES asked for are NotApplicable with that reason and the rest run
+    on a plain forward; when the blocks' outputs are not the whole token sequence (CaiT), tokens and the logit
+    lens are NotApplicable. Only `query_index` with unreadable attention raises (VitvizError, one line).
     """
     total = len(images)
     if total == 0:
         raise VitvizError("no images to analyse")
+    requested_analyses = list(analyses)
     options.check_model(loaded, analyses)
     model = loaded.model
     layout = token_layout(model)
     device = _device(model)
+    unreadable = attention_not_applicable(loaded)
+    if unreadable is not None:
+        if query_index is not None:
+            raise VitvizError(unreadable.reason)
+        skipped = [name for name in ATTENTION_ANALYSES if name in analyses]
+        if skipped:
+            logger.info("%s not applicable: %s", ", ".join(skipped), unreadable.reason)
+        analyses = [name for name in analyses if name not in ATTENTION_ANALYSES]
     distance_acc = DistanceAccumulator(layout, mode=options.distance_mode) if "distance" in analyses else None
     rollout_acc = (
         RolloutAccumulator(
@@ -629,8 +662,21 @@ def image_analyses(
     lens = LogitLens(model, layout) if lens_applicable else None
     consumers = [c for c in (distance_acc, rollout_acc, query_acc, prefix_acc, head_acc) if c is not None]
     block_consumers = [c for c in (norms_acc, lens) if c is not None]
+    blocks_unfit: list[str] = []  # why the block outputs cannot be read as the token sequence, once known
 
     def on_block(layer_index: int, x: torch.Tensor) -> None:
+        if blocks_unfit:
+            return
+        if x.ndim != 3:  # SAM: the blocks keep a (windowed) grid [B, h, w, D]
+            blocks_unfit.append(f"the blocks' outputs are a {x.ndim}-D grid, not a token sequence")
+            return
+        if x.shape[1] != layout.num_tokens:
+            # CaiT: the blocks run on the patches; the class token joins only in the class-attention blocks.
+            blocks_unfit.append(
+                f"the blocks' outputs hold {x.shape[1]} tokens, not the model's {layout.num_tokens} "
+                "(prefix and patch tokens)"
+            )
+            return
         for consumer in block_consumers:
             consumer.consume(layer_index, x)
 
@@ -649,10 +695,18 @@ def image_analyses(
                 on_block if block_consumers else None,
                 moments.consume_features if moments is not None else None,
             ):
-                logits = capture_attention(model, batch, consumers, with_logits=needs_logits)
+                if consumers:
+                    logits = capture_attention(model, batch, consumers, with_logits=needs_logits)
+                else:  # nothing reads attention: a plain forward feeds the hooks
+                    with torch.no_grad():
+                        if needs_logits:
+                            logits = model(batch)
+                        else:
+                            model.forward_features(batch)
+                            logits = None
             if logits is not None and rollout_acc is not None:
                 probabilities.append(logits.float().softmax(dim=-1).cpu().numpy())
-            if lens is not None:
+            if lens is not None and not blocks_unfit:
                 if options.target_class is None:
                     assert logits is not None
                     lens.finish_batch(logits.argmax(dim=-1))
@@ -665,8 +719,13 @@ def image_analyses(
         if progress is not None:
             progress(stop, total)
 
+    def not_run(name: str, empty: Any) -> Any:
+        """NotApplicable for an attention analysis the model's attention refuses; `empty` when not asked for."""
+        return unreadable if unreadable is not None and name in requested else empty
+
+    requested = set(requested_analyses)
     probs = np.concatenate(probabilities) if probabilities else None
-    rollouts: tuple[RolloutResult, ...] = ()
+    rollouts: tuple[RolloutResult, ...] | NotApplicable = not_run("rollout", ())
     if rollout_acc is not None:
         maps = rollout_acc.result().cpu().numpy()
         rollouts = tuple(
@@ -690,28 +749,30 @@ def image_analyses(
             )
             for b in range(rows.shape[1])
         )
-    gradients: tuple[GradientRolloutResult, ...] = ()
+    gradients: tuple[GradientRolloutResult, ...] | NotApplicable = not_run("gradient-rollout", ())
     if gradient_maps:
         gradients = tuple(
             GradientRolloutResult(map=m, target_class=t) for m, t in zip(np.concatenate(gradient_maps), targets)
         )
+    tokens: TokensResult | NotApplicable | None = not_run("tokens", None)
+    if norms_acc is not None and prefix_acc is not None:
+        tokens = NotApplicable(blocks_unfit[0]) if blocks_unfit else _tokens_result(norms_acc, prefix_acc, layout)
+    logit_lens: tuple[LogitLensResult, ...] | NotApplicable = ()
+    if lens is not None:
+        logit_lens = NotApplicable(blocks_unfit[0]) if blocks_unfit else _logit_lens(lens)
+    elif "logit-lens" in requested:
+        logit_lens = NotApplicable(NO_CLASSIFIER_HEAD)
     return ImageResults(
-        distance=DistanceResult.of(distance_acc.result()) if distance_acc is not None else None,
+        distance=DistanceResult.of(distance_acc.result()) if distance_acc is not None else not_run("distance", None),
         rollouts=rollouts,
         probabilities=probs,
         top5=tuple(top_k(p, loaded.meta.class_names) for p in probs) if probs is not None else (),
         gradients=gradients,
         queries=queries,
-        tokens=_tokens_result(norms_acc, prefix_acc, layout)
-        if norms_acc is not None and prefix_acc is not None
-        else None,
+        tokens=tokens,
         features=_features_result(moments) if moments is not None else None,
-        head_maps=_head_maps(head_acc, options.mass_share) if head_acc is not None else (),
-        logit_lens=_logit_lens(lens)
-        if lens is not None
-        else NotApplicable(NO_CLASSIFIER_HEAD)
-        if "logit-lens" in analyses
-        else (),
+        head_maps=_head_maps(head_acc, options.mass_share) if head_acc is not None else not_run("head-maps", ()),
+        logit_lens=logit_lens,
     )
 
 
@@ -808,7 +869,10 @@ def gradient_rollout_map(
 ) -> GradientRolloutResult:
     """Gradient-weighted rollout of one preprocessed image [C, H, W] for `target_class` (None: the prediction)."""
     options = AnalysisOptions(target_class=target_class)
-    return image_analyses(loaded, image[None], ("gradient-rollout",), options).gradients[0]
+    gradients = image_analyses(loaded, image[None], ("gradient-rollout",), options).gradients
+    if isinstance(gradients, NotApplicable):
+        raise VitvizError(gradients.reason)
+    return gradients[0]
 
 
 # `bench/` measures the batch loop under its earlier name.

@@ -100,7 +100,8 @@ def resample_table_1d(table: torch.Tensor, new_length: int) -> torch.Tensor:
 def patch_position_embeddings(model: nn.Module) -> torch.Tensor | None:
     """Absolute position embeddings of the patch positions only, shaped [gh*gw, D] (detached).
 
-    Prefix positions (class, distillation, register tokens) are dropped. Factorised and fixed tables are
+    Prefix positions (class, distillation, register tokens) are dropped; a table with exactly one entry per
+    patch (DeiT III, register models, CaiT) is returned whole. Factorised and fixed tables are
     materialised. Returns None for models without absolute position embeddings ("none", relative bias).
     """
     if isinstance(model, FactorisedPosEmbedViT):
@@ -113,8 +114,10 @@ def patch_position_embeddings(model: nn.Module) -> torch.Tensor | None:
     num_extra = table.shape[0] - layout.num_patches
     # timm's no_embed_class models (DeiT III, register models) hold patch positions only; the others
     # start with one entry per prefix token.
+    # A table of exactly the patches is the patch table itself whatever the prefix (CaiT: its class token joins
+    # after the self-attention blocks, with no position).
     expected_extra = 0 if getattr(model, "no_embed_class", False) else layout.num_prefix_tokens
-    if num_extra != expected_extra:
+    if num_extra not in (0, expected_extra):
         raise VitvizError(
             f"the position-embedding table has {table.shape[0]} entries but the model has a "
             f"{layout.grid[0]}x{layout.grid[1]} patch grid and {layout.num_prefix_tokens} prefix tokens"
