@@ -283,6 +283,32 @@ def test_distance_page_modes_and_units_agree() -> None:
     assert (renormalised["mean px"].to_numpy() > paper["mean px"].to_numpy()).any()
 
 
+def _distance_upload(at: AppTest, files: list[tuple[str, bytes, str]], *, folder: bool = False) -> dict:
+    """Upload `files` on /distance (as files or as a folder) and return the per-layer table as columns."""
+    at.selectbox(key="distance.set").set_value("my uploads").run()
+    if folder:
+        at.toggle(key="distance.folder").set_value(True).run()
+    at.file_uploader(key="distance.upload.folder" if folder else "distance.upload").set_value(files).run()
+    _assert_clean(at)
+    assert _errors(at) == []
+    return at.dataframe[0].value
+
+
+def test_distance_takes_several_uploads_at_once_and_averages_them() -> None:
+    files = [
+        (f"box-{i}.png", _png(48 + 16 * i, 40, colour), "image/png")
+        for i, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)])
+    ]
+    at = _open("distance")
+    together = _distance_upload(at, files)
+    assert any(c["layout"]["title"]["text"].startswith("3 images") for c in _charts(at))
+    singles = [_distance_upload(_open("distance"), [one])["mean px"].to_numpy() for one in files]
+    # The mean distance over the images is the mean of each image's own (both rounded to 0.1 px on the page).
+    np.testing.assert_allclose(together["mean px"].to_numpy(), np.mean(singles, axis=0), atol=0.1)
+    folder = _distance_upload(_open("distance"), files, folder=True)
+    np.testing.assert_allclose(folder["mean px"].to_numpy(), together["mean px"].to_numpy())
+
+
 # --- rollout with uploads --------------------------------------------------------------------------------
 
 

@@ -265,11 +265,17 @@ def model_choices(label: str, *, key: str, default: Sequence[str], help: str | N
 # --- images ----------------------------------------------------------------------------------------
 
 
-def uploaded_images(label: str, *, key: str, help: str | None = None) -> list[InputImage]:
-    """An uploader for one or more images; unreadable files are reported one by one and left out."""
+def uploaded_images(label: str, *, key: str, help: str | None = None, folder: bool = False) -> list[InputImage]:
+    """An uploader for one or more images (with folder=True: every image of a chosen folder); unreadable files
+    are reported one by one and left out."""
     files = (
         st.file_uploader(
-            label, type=IMAGE_TYPES, accept_multiple_files=True, key=key, help=help, max_upload_size=MAX_IMAGE_UPLOAD_MB
+            label,
+            type=IMAGE_TYPES,
+            accept_multiple_files="directory" if folder else True,
+            key=key,
+            help=help,
+            max_upload_size=MAX_IMAGE_UPLOAD_MB,
         )
         or []
     )
@@ -370,9 +376,20 @@ def dataset_picker(*, key: str, default_count: int = 32) -> list[InputImage]:
     with set_col:
         chosen = st.selectbox("Images", names, key=f"{key}.set")
     if chosen == UPLOAD_SET:
-        uploads = uploaded_images("Upload images", key=f"{key}.upload")
+        with count_col:
+            folder = st.toggle(
+                "A whole folder",
+                key=f"{key}.folder",
+                help="Pick a folder and every image in it is uploaded; otherwise select one or more files.",
+            )
+        if folder:
+            uploads = uploaded_images("Upload a folder of images", key=f"{key}.upload.folder", folder=True)
+        else:
+            uploads = uploaded_images(
+                "Upload images", key=f"{key}.upload", help="Select several files at once (Ctrl/Shift-click)."
+            )
         if not uploads:
-            st.info("Upload one or more images to analyse them.")
+            st.info("Upload one or more images, or a whole folder, to analyse them.")
         return uploads
     loaders = sets[chosen]
     with count_col:
