@@ -90,6 +90,7 @@ class _AttentionSite:
     enter_before: bool
     exit: nn.Module
     drop: nn.Module
+    returns_probabilities: bool = False  # owner returns (output, probabilities): read them there (Hugging Face)
 
 
 def _site(block: nn.Module) -> _AttentionSite | None:
@@ -135,6 +136,11 @@ def _model_name(model: nn.Module) -> str:
 
 def _attention_sites(model: nn.Module) -> list[_AttentionSite]:
     """Every block's attention site, in order; one line naming the model and the attention class otherwise."""
+    returning = getattr(model, "attention_probability_modules", None)
+    if callable(returning):
+        # A wrapped Hugging Face model (vitviz.models.hf): each attention module runs transformers' eager path
+        # and returns (output, probabilities), where transformers' own output_attentions reads them.
+        return [_AttentionSite(m, m, False, m, m, returns_probabilities=True) for m in returning()]
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Module) or len(blocks) == 0:
         raise VitvizError(
@@ -333,6 +339,21 @@ class _CaptureSession:
 
         return hook
 
+    def _returned_hook(self, layer_index: int) -> Callable[..., None]:
+        # Hugging Face eager attention returns (output, probabilities); the probabilities are the very tensor
+        # its output was computed from, so they also carry the gradient for gradient rollout.
+        def hook(module: nn.Module, args: Any, *rest: Any) -> None:
+            if threading.get_ident() != self.owner:
+                return None
+            output = rest[-1]
+            probabilities = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if not isinstance(probabilities, torch.Tensor):
+                raise RuntimeError(f"{type(module).__name__} returned no attention probabilities (not eager?)")
+            self._deliver(layer_index, probabilities)
+            return None
+
+        return hook
+
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Install the hooks for the duration of the block; they are removed however it exits."""
@@ -340,6 +361,9 @@ class _CaptureSession:
         try:
             with HOOK_LOCK:
                 for layer_index, site in enumerate(self.sites):
+                    if site.returns_probabilities:
+                        handles.append(site.owner.register_forward_hook(self._returned_hook(layer_index)))
+                        continue
                     if not site.owner.fused_attn:
                         handles.append(site.drop.register_forward_hook(self._unfused_hook(layer_index)))
                         continue

@@ -93,6 +93,9 @@ def token_layout(model: nn.Module, img_size: tuple[int, int] | None = None) -> T
     grid once the input size is fixed: ``img_size`` (H, W), or else its pretrained config's input size, which is
     the size timm's data config (and so vitviz's preprocessing) gives it.
     """
+    fixed = getattr(model, "fixed_token_layout", None)
+    if isinstance(fixed, TokenLayout):  # a wrapped model that read its layout when it was loaded (Hugging Face)
+        return fixed
     embeds = getattr(model, "embeds", None)
     if getattr(model, "patch_embed", None) is None and embeds is not None and hasattr(embeds, "patch_size"):
         return _flexible_layout(model, embeds, None if img_size is None else _pair(img_size))

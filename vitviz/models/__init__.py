@@ -1,4 +1,5 @@
-"""Model layer: config -> timm ViT, position-embedding variants, checkpoint meta and format, loading sources."""
+"""Model layer: config -> timm ViT, position-embedding variants, checkpoint meta and format, loading sources
+(checkpoints, runs, timm: and Hugging Face hf: models)."""
 
 from vitviz.models.checkpoint import (
     LoadedModel,
@@ -12,12 +13,15 @@ from vitviz.models.checkpoint import (
 )
 from vitviz.models.config import ViTConfig
 from vitviz.models.factory import build_model, build_timm_model, count_parameters, pretrain_head
+from vitviz.models.hf import HF_PREFIX, HFVisionTransformer, load_hf
 from vitviz.models.meta import FORMAT_VERSION, ModelMeta
 from vitviz.models.posembed import patch_position_embeddings, resample_input_size, sincos_pos_embed
 from vitviz.models.sources import load_model, run_checkpoint, timm_meta
 
 __all__ = [
     "FORMAT_VERSION",
+    "HF_PREFIX",
+    "HFVisionTransformer",
     "LoadedModel",
     "ModelMeta",
     "ViTConfig",
@@ -26,6 +30,7 @@ __all__ = [
     "count_parameters",
     "file_sha256",
     "load_checkpoint",
+    "load_hf",
     "load_model",
     "load_state_dict_checked",
     "model_from_meta",

@@ -1,4 +1,5 @@
-"""Every way a user can name a model: a checkpoint file, a run folder, or `timm:<name>` (+ local weights)."""
+"""Every way a user can name a model: a checkpoint file, a run folder, `timm:<name>` (+ local weights), or
+`hf:<repo id or local folder>` (Hugging Face transformers, see vitviz.models.hf)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from vitviz.models.checkpoint import (
     read_state_dict,
 )
 from vitviz.models.factory import build_timm_model
+from vitviz.models.hf import HF_PREFIX, load_hf
 from vitviz.runs import run_checkpoint
 from vitviz.tokens import token_layout
 
@@ -32,9 +34,14 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
     Sources: a project .safetensors checkpoint; a run folder (the checkpoint `vitviz.runs.run_checkpoint`
     picks: best.safetensors, else last.safetensors, else the newest epoch); "timm:<name>" with random
     weights, timm's pretrained weights (`pretrained=True`, needs the network) or a local state dict
-    (`weights=FILE`).
+    (`weights=FILE`); "hf:<repo id or local folder>", a Hugging Face transformers vision transformer
+    (`vitviz.models.hf.load_hf`).
     """
     source = str(source)
+    if source.startswith(HF_PREFIX):
+        if weights is not None or pretrained:
+            raise VitvizError("--weights and pretrained apply only to timm:<name> sources; hf: models bring their own")
+        return load_hf(source)
     if source.startswith(TIMM_PREFIX):
         return _load_timm(source, source[len(TIMM_PREFIX) :].strip(), weights=weights, pretrained=pretrained)
     if weights is not None or pretrained:
@@ -53,7 +60,7 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
     else:
         raise VitvizError(
             f"no such checkpoint or run folder: {source} (a model is a .safetensors checkpoint, a run folder, "
-            "or timm:<name>)"
+            "timm:<name> or hf:<repo id or folder>)"
         )
     loaded.source = source
     return loaded

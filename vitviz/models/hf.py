@@ -1,0 +1,290 @@
+"""Hugging Face transformers ViTs as a model source: `hf:<repo id or local folder>`.
+
+The transformers model is wrapped, unchanged apart from running its eager attention path, in `HFVisionTransformer`,
+an nn.Module that speaks the vocabulary the rest of vitviz reads from timm models: ``blocks`` (the transformer
+layers, each with its attention module as ``attn``), ``norm``, ``head``, ``num_classes``, ``embed_dim``,
+``forward(x)`` -> logits (pooled features for backbones) and ``forward_features(x)`` -> the final tokens. The token
+layout (image size, patch grid, stride, prefix tokens) is read from the model's embeddings and its folder's
+preprocessor_config.json, never from a name; see docs/design.md, "Hugging Face models".
+
+Attention is read where transformers itself reads it for ``output_attentions=True``: every attention module named
+by the model's ``_can_record_outputs["attentions"]`` returns ``(output, probabilities)`` on the eager path; capture
+(`vitviz.capture`) takes the probabilities from that return value, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitviz.errors import VitvizError
+from vitviz.models.checkpoint import LoadedModel, file_sha256
+from vitviz.models.meta import ModelMeta
+from vitviz.tokens import TokenLayout
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where one transformers class keeps its final token norm and its class-token head (module paths)."""
+
+    norm: str | None  # the module whose output is the final tokens; None: the last layer's output is
+    head: str | None  # a Linear on the class token of ``norm``'s output; None: no per-token readout (logit lens)
+    interpolates: bool  # the embeddings resample position embeddings to any input size on their own
+
+
+# The supported classes. Anything else is refused with one line naming the class.
+FAMILIES: dict[str, _Family] = {
+    "ViTModel": _Family("layernorm", None, False),
+    "ViTForImageClassification": _Family("vit.layernorm", "classifier", False),
+    "DeiTModel": _Family("layernorm", None, False),
+    "DeiTForImageClassification": _Family("deit.layernorm", "classifier", False),
+    # Logits are the mean of a class-token and a distillation-token head: no single per-token readout.
+    "DeiTForImageClassificationWithTeacher": _Family("deit.layernorm", None, False),
+    "Dinov2Model": _Family("layernorm", None, True),
+    # The classifier reads the class token and the mean patch token together.
+    "Dinov2ForImageClassification": _Family("dinov2.layernorm", None, True),
+    "Dinov2WithRegistersModel": _Family("layernorm", None, True),
+    "Dinov2WithRegistersForImageClassification": _Family("dinov2_with_registers.layernorm", None, True),
+    "BeitModel": _Family("layernorm", None, False),
+    "BeitForImageClassification": _Family("beit.layernorm", None, False),
+    # CLIP's post_layernorm acts on the pooled class token only: the last layer's output is the final tokens.
+    "CLIPVisionModel": _Family(None, None, False),
+    "SiglipVisionModel": _Family("vision_model.post_layernorm", None, False),
+}
+
+
+def _recorded_class(model: nn.Module, key: str) -> type:
+    """The module class transformers records for ``output_attentions`` / ``output_hidden_states``."""
+    recorded = getattr(type(model), "_can_record_outputs", None) or {}
+    target = recorded.get(key)
+    target = getattr(target, "target_class", target)  # an OutputRecorder names its class
+    if not isinstance(target, type):
+        raise VitvizError(f"{type(model).__name__} does not say which modules compute its {key}; not supported")
+    return target
+
+
+class HFVisionTransformer(nn.Module):
+    """A transformers vision transformer seen through vitviz's timm vocabulary (the wrapped model is ``hf``)."""
+
+    def __init__(self, hf_model: nn.Module, layout: TokenLayout) -> None:
+        super().__init__()
+        name = type(hf_model).__name__
+        if name not in FAMILIES:
+            raise VitvizError(
+                f"{name} is not a supported Hugging Face vision transformer (supported: {', '.join(FAMILIES)})"
+            )
+        if getattr(hf_model.config, "_attn_implementation", None) != "eager":
+            raise VitvizError(f"{name} must run its eager attention (attn_implementation='eager') to be read")
+        self.hf = hf_model
+        self.family = FAMILIES[name]
+        self.fixed_token_layout = layout  # read by vitviz.tokens.token_layout
+        config = hf_model.config
+        self.embed_dim = int(config.hidden_size)
+        self.num_heads = int(config.num_attention_heads)
+        self.in_chans = int(getattr(config, "num_channels", 3))
+        classifies = name.endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
+        self.num_classes = int(config.num_labels) if classifies else 0
+        attention_class = _recorded_class(hf_model, "attentions")
+        layer_class = _recorded_class(hf_model, "hidden_states")
+        self._attention = [m for m in hf_model.modules() if type(m) is attention_class]
+        layers = [m for m in hf_model.modules() if type(m) is layer_class]
+        lists = [m for m in hf_model.modules() if isinstance(m, nn.ModuleList) and list(m) == layers]
+        if not layers or len(lists) != 1 or len(self._attention) != len(layers):
+            raise VitvizError(f"cannot find one attention module per layer in {name}; not supported")
+        self._layers = lists[0]
+        for layer, attention in zip(layers, self._attention):
+            # Plain attributes, not submodules: the state dict and the module tree stay transformers' own.
+            layer.__dict__["attn"] = attention
+            if not hasattr(attention, "num_heads"):
+                attention.num_heads = self.num_heads
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer layers in order (transformers' own ModuleList)."""
+        return self._layers
+
+    @property
+    def norm(self) -> nn.Module | None:
+        """The module whose output is the final tokens, or None when that is the last layer's output."""
+        return None if self.family.norm is None else self.hf.get_submodule(self.family.norm)
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The classifier applied to the class token of ``norm``'s output, where the logits are just that."""
+        return None if self.family.head is None else self.hf.get_submodule(self.family.head)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.fixed_token_layout.num_prefix_tokens
+
+    def attention_probability_modules(self) -> list[nn.Module]:
+        """The attention module of every layer, in order; each returns (output, probabilities [B, H, N, N])."""
+        return list(self._attention)
+
+    def _base(self) -> nn.Module:
+        return self.hf.base_model
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final tokens [B, N, D] (the base model's last_hidden_state)."""
+        return self._base()(pixel_values=x).last_hidden_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes] for classifiers; the model's pooled features [B, D] for backbones."""
+        if self.num_classes:
+            return self.hf(pixel_values=x).logits
+        out = self.hf(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)
+
+
+def _pair(value: object) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    a, b = value  # type: ignore[misc]
+    return (int(a), int(b))
+
+
+def _preprocessor_size(processor: dict) -> tuple[int, int] | None:
+    """The (H, W) the image processor hands the model: its centre crop, else a fixed resize; None otherwise."""
+    candidates = [processor.get("crop_size")] if processor.get("do_center_crop") else []
+    candidates.append(processor.get("size"))
+    for value in candidates:
+        if isinstance(value, int):
+            return (value, value)
+        if isinstance(value, dict) and "height" in value and "width" in value:
+            return (int(value["height"]), int(value["width"]))
+    return None
+
+
+def _embeddings(hf_model: nn.Module) -> nn.Module:
+    for name, module in hf_model.named_modules():
+        if name.rsplit(".", 1)[-1] == "embeddings":
+            return module
+    raise VitvizError(f"{type(hf_model).__name__} has no embeddings module; not supported")
+
+
+def hf_token_layout(hf_model: nn.Module, img_size: tuple[int, int]) -> TokenLayout:
+    """The token layout read from the embeddings: the patch convolution's stride, the class token
+    (``cls_token`` or CLIP's ``class_embedding``), DeiT's ``distillation_token`` and DINOv2's ``register_tokens``."""
+    embeddings = _embeddings(hf_model)
+    conv = next((m for m in embeddings.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise VitvizError(f"{type(hf_model).__name__} has no patch convolution; not supported")
+    stride = _pair(conv.stride)
+    has_cls = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
+    has_dist = getattr(embeddings, "distillation_token", None) is not None
+    registers = getattr(embeddings, "register_tokens", None)
+    num_reg = int(registers.shape[1]) if registers is not None else 0
+    return TokenLayout(
+        img_size=img_size,
+        grid=(img_size[0] // stride[0], img_size[1] // stride[1]),
+        stride=stride,
+        num_prefix_tokens=int(has_cls) + int(has_dist) + num_reg,
+        has_class_token=has_cls,
+        has_dist_token=has_dist,
+        num_reg_tokens=num_reg,
+    )
+
+
+def _download(repo_id: str) -> Path:
+    """The repository's config, preprocessor and weights through huggingface_hub (its cache when offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors"],
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
+    except Exception as error:  # offline, unknown repo, gated: all end in the same advice
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise VitvizError(
+            f"cannot download hf:{repo_id} from the Hugging Face Hub ({type(error).__name__}: {reason}); "
+            "pass a local folder instead: hf:/path/to/folder"
+        ) from error
+    return Path(folder)
+
+
+def _content_hash(folder: Path) -> str:
+    """sha256 over the folder's config, preprocessor config and weight files (name and content hash each)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin"):
+            digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_hf(source: str) -> LoadedModel:
+    """Load `hf:<repo id or local folder>`: a supported transformers vision model, eager attention, eval mode."""
+    import transformers
+
+    name = source[len(HF_PREFIX) :].strip() if source.startswith(HF_PREFIX) else source.strip()
+    if not name:
+        raise VitvizError("hf: needs a repository id or a local folder, e.g. hf:google/vit-base-patch16-224")
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise VitvizError(f"hf:{name} is neither a local model folder nor a Hub repository id (owner/name)")
+        folder = _download(name)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise VitvizError(f"{folder} has no config.json: not a Hugging Face model folder")
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if architectures else ""
+    if arch not in FAMILIES:
+        raise VitvizError(
+            f"hf:{name} is a {arch or 'model without architectures in config.json'}; vitviz reads {', '.join(FAMILIES)}"
+        )
+    processor_path = folder / "preprocessor_config.json"
+    if not processor_path.is_file():
+        raise VitvizError(f"{folder} has no preprocessor_config.json: vitviz reads the normalisation from it")
+    processor = json.loads(processor_path.read_text())
+    model_class = getattr(transformers, arch)
+    hf_model = model_class.from_pretrained(str(folder), attn_implementation="eager")
+    hf_model.eval()
+    family = FAMILIES[arch]
+    own_size = _pair(hf_model.config.image_size)
+    wanted = _preprocessor_size(processor)
+    img_size = wanted if (wanted is not None and family.interpolates) else own_size
+    if wanted is not None and wanted != img_size:
+        logger.warning(
+            "%s: the image processor gives %s but the model takes %s; using %s", name, wanted, own_size, own_size
+        )
+    layout = hf_token_layout(hf_model, img_size)
+    model = HFVisionTransformer(hf_model, layout).eval()
+    in_chans = model.in_chans
+    if processor.get("do_normalize", True):
+        mean = tuple(float(v) for v in processor.get("image_mean", ()))
+        std = tuple(float(v) for v in processor.get("image_std", ()))
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise VitvizError(f"{processor_path} needs image_mean and image_std with {in_chans} values each")
+    else:
+        mean, std = (0.0,) * in_chans, (1.0,) * in_chans
+    id2label = getattr(hf_model.config, "id2label", None) or {}
+    class_names = [str(id2label.get(i, f"class {i}")) for i in range(model.num_classes)]
+    meta = ModelMeta(
+        arch=arch,
+        config=None,
+        class_names=class_names,
+        input_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        training={"source": "hf", "name": name, "model_type": getattr(hf_model.config, "model_type", "")},
+        resolution_history=[],
+    )
+    return LoadedModel(
+        model=model, meta=meta, source=source, content_hash=_content_hash(folder), extra={"path": str(folder)}
+    )
