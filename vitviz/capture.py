@@ -8,7 +8,8 @@ per thread) catches its call to ``scaled_dot_product_attention`` and computes it
 non-fused path does (scale, q @ k^T, attention mask or relative-position bias, softmax, @ v): the
 probabilities [B, H, N, N] are handed over and the module continues with the same output. So the attention is
 computed once, not fused and then again for capture. A module whose ``fused_attn`` is off is read where timm's
-non-fused path passes its probabilities, through ``attn_drop``.
+non-fused path passes its probabilities, through ``attn_drop``. A wrapped Hugging Face model
+(``vitviz.models.hf``, eager attention) is read from what each attention module returns, (output, probabilities).
 
 Each layer's attention is handed to the consumers as soon as it exists and then dropped, so the extra memory
 is about one layer's attention whatever the depth. A consumer is any object with
