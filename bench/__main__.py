@@ -133,9 +133,12 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
             figures.append(figure)
             _log(figure)
     if "app" in families:
-        from bench.app import app_figures
+        from bench.app import app_figures, studio_figures
 
         for figure in app_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+        for figure in studio_figures(scratch):  # the studio on the bundled default, whatever the plan's model
             figures.append(figure)
             _log(figure)
     return figures

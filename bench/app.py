@@ -12,6 +12,16 @@ shown before, i.e. the new overlay has been drawn by Plotly in the browser. Medi
 Cached page switch: a click on the sidebar link to a page already shown with this model (attention distance,
 then back to rollout, alternately); the clock stops when that page's heading and its first chart are on
 screen and the script has finished running. Median over the switches.
+
+Studio latency (`studio_figures`, the bundled default checkpoint, a second server of its own):
+- first visit of `/` on a fresh server: from the page request (server healthy, nothing loaded or cached) until
+  the overview is drawn and the script has stopped running;
+- every page idle on a warm server: after that first visit, each page opened in a new browser session, from the
+  request until the page's heading is on screen and the script has stopped; the first time each page runs on
+  this server (its analyses are computed, nothing comes from a cache);
+- /compare bundled comparisons warm: on /compare, a click on each ready-made comparison's button until the
+  page has stopped running; the first time each comparison is computed on this (warm) server.
+"Stopped running" is the last moment the running indicator was seen, not the end of the quiet checks after it.
 """
 
 from __future__ import annotations
@@ -21,14 +31,16 @@ import logging
 import shutil
 import statistics
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from bench.browser import launch_chromium, streamlit_server, wait_idle
+from bench.browser import BUSY_SELECTOR, launch_chromium, streamlit_server, wait_idle
 from bench.common import LOWER, Figure, Plan
+from vitviz.ui.compare import READY_MADE
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +50,22 @@ STARTUP_TIMEOUT_S = 180
 STEP_TIMEOUT_MS = 300_000  # one step on a very busy machine; a hang fails instead of waiting forever
 UPLOAD_INPUT = '[data-testid="stMain"] [data-testid="stFileUploaderDropzoneInput"]'
 TINY_RUN_ID = "bench-tiny"
+FIRST_VISIT_TARGET_S = 8.0
+PAGE_IDLE_TARGET_S = 3.0
+COMPARE_TARGET_S = 5.0
+# (url path, heading) of every page of app.py, the overview first.
+STUDIO_PAGES = (
+    ("", "vitviz studio"),
+    ("filters", "Patch-embedding filters"),
+    ("position", "Position embeddings"),
+    ("distance", "Mean attention distance"),
+    ("rollout", "Attention rollout"),
+    ("tokens", "What tokens carry"),
+    ("trust", "Which map to trust?"),
+    ("compare", "Compare models"),
+    ("train", "Train"),
+)
+QUIET_CHECKS = 4  # running indicator absent this many checks in a row: the script has stopped
 
 # A short hash of the first chart's heatmap (the rollout overlay's map), or "" while there is none.
 _OVERLAY_FINGERPRINT_JS = """() => {
@@ -195,3 +223,138 @@ def app_figures(plan: Plan, scratch: Path) -> list[Figure]:
             detail={**detail, "runs_s": [round(s, 3) for s in timings["switch_s"]]},
         ),
     ]
+
+
+# --- studio latency on the bundled default ----------------------------------------------------------------------
+
+# Whether the main area shows an h1 starting with `heading`.
+_HEADING_JS = """(heading) => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  if (!main) return false;
+  return Array.from(main.querySelectorAll("h1")).some((h) => h.textContent.trim().startsWith(heading));
+}"""
+
+
+def _stopped_at(page: Any, start: float, *, interval_ms: int = 50) -> float:
+    """Seconds from `start` to the last moment the running indicator (or a skeleton) was seen, once it has
+    been absent QUIET_CHECKS checks in a row (the check's own time is not counted)."""
+    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+    last_busy, quiet = time.perf_counter(), 0
+    while quiet < QUIET_CHECKS:
+        if page.locator(BUSY_SELECTOR).count():
+            last_busy, quiet = time.perf_counter(), 0
+        else:
+            quiet += 1
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not finish running")
+        page.wait_for_timeout(interval_ms)
+    return last_busy - start
+
+
+def _visit(page: Any, url: str, heading: str) -> float:
+    """Open `url` in the page (a new session) and return the seconds until `heading` is shown and idle."""
+    start = time.perf_counter()
+    page.goto(url)
+    page.wait_for_function(_HEADING_JS, arg=heading, polling=20, timeout=STEP_TIMEOUT_MS)
+    shown = time.perf_counter() - start
+    seconds = max(shown, _stopped_at(page, start))
+    _check_no_exception(page)
+    return seconds
+
+
+def _compared(page: Any) -> list[str]:
+    """The model keys in the page's URL query (`compare=`), as /compare writes them."""
+    return urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query).get("compare", [])
+
+
+def _click_comparison(page: Any, label: str, keys: list[str]) -> float:
+    """Click a ready-made comparison; seconds until its models (`keys`) are in the URL and the page is idle."""
+    button = page.locator('[data-testid="stMain"] [class*="st-key-compare-ready-"] button').filter(has_text=label)
+    start = time.perf_counter()
+    button.first.click()
+    page.wait_for_function(
+        "(keys) => new URLSearchParams(location.search).getAll('compare').join(',') === keys",
+        arg=",".join(keys),
+        polling=20,
+        timeout=STEP_TIMEOUT_MS,
+    )
+    seconds = max(time.perf_counter() - start, _stopped_at(page, start))
+    _check_no_exception(page)
+    return seconds
+
+
+def measure_studio(folder: Path) -> dict[str, Any]:
+    """First visit of `/`, each page's first run on the warm server, and each bundled comparison (seconds)."""
+    from playwright.sync_api import sync_playwright
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with streamlit_server(folder, startup_timeout_s=STARTUP_TIMEOUT_S) as url, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1800})
+            page = context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            first_s = _visit(page, f"{url}/", STUDIO_PAGES[0][1])
+            logger.info("studio: first visit of / in %.1f s", first_s)
+            pages_s = {}
+            for path, heading in STUDIO_PAGES:
+                page.close()
+                page = context.new_page()  # a new session each time, as a user opening the page
+                page.set_default_timeout(STEP_TIMEOUT_MS)
+                pages_s[f"/{path}"] = _visit(page, f"{url}/{path}", heading)
+                logger.info("studio: /%s idle in %.1f s", path, pages_s[f"/{path}"])
+            # /compare again (its preselected comparison is cached by now): click every other comparison, the
+            # preselected one last (a click on what is already chosen would leave the URL as it is).
+            _visit(page, f"{url}/compare", "Compare models")
+            preselected = _compared(page)
+            comparisons = {label: [f"bundled:{stem}" for stem in stems] for label, stems in READY_MADE.items()}
+            ordered = sorted(comparisons, key=lambda label: comparisons[label] == preselected)
+            compare_s: dict[str, float] = {}
+            for label in ordered:
+                compare_s[label] = _click_comparison(page, label, comparisons[label])
+                logger.info("studio: /compare %s in %.1f s", label, compare_s[label])
+        finally:
+            browser.close()
+    return {"first_visit_s": first_s, "pages_s": pages_s, "compare_s": compare_s}
+
+
+def studio_figures(scratch: Path) -> list[Figure]:
+    """Studio latency rows: first visit of `/`, every page idle (warm server), the bundled comparisons."""
+    timings = measure_studio(scratch / "studio")
+    detail = {"model": "bundled:shapes-default"}
+    figures = [
+        Figure(
+            name="app studio: first visit of / on a fresh server",
+            value=timings["first_visit_s"],
+            target=FIRST_VISIT_TARGET_S,
+            better=LOWER,
+            unit="s",
+            baseline="absolute: seconds in Chromium from the request to the overview drawn and idle",
+            detail=detail,
+        )
+    ]
+    for path, seconds in timings["pages_s"].items():
+        figures.append(
+            Figure(
+                name=f"app studio: {path} idle, warm server",
+                value=seconds,
+                target=PAGE_IDLE_TARGET_S,
+                better=LOWER,
+                unit="s",
+                baseline="absolute: seconds in Chromium, a new session, the page's first run on this server",
+                detail=detail,
+            )
+        )
+    for label, seconds in timings["compare_s"].items():
+        figures.append(
+            Figure(
+                name=f"app studio: /compare {label}, warm server",
+                value=seconds,
+                target=COMPARE_TARGET_S,
+                better=LOWER,
+                unit="s",
+                baseline="absolute: seconds in Chromium from the click to the comparison drawn and idle",
+                detail=detail,
+            )
+        )
+    return figures

@@ -91,14 +91,39 @@ def test_tiny_run_writes_every_family_in_the_documented_schema(tmp_path: Path) -
 def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
     document = _run_bench(tmp_path, "--only", "app")
     figures = document["figures"]
-    assert [f["name"].split(":")[-1].strip() for f in figures] == [
+    rollout, studio = figures[:2], figures[2:]
+    assert [f["name"].split(":")[-1].strip() for f in rollout] == [
         "upload to rollout overlay on screen",
         "cached page switch",
     ]
-    for figure, target in zip(figures, (1.5, 0.5), strict=True):
+    for figure, target in zip(rollout, (1.5, 0.5), strict=True):
         _check_figure(figure)
         assert figure["unit"] == "s" and figure["target"] == target
         assert len(figure["detail"]["runs_s"]) >= 1
+    # Studio latency: the first visit of /, every page of app.py, every bundled comparison, with the issue's targets.
+    from vitviz.ui.compare import READY_MADE
+
+    pages = [f"/{path}" for path in _app_url_paths()]
+    expected = (
+        [("app studio: first visit of / on a fresh server", 8.0)]
+        + [(f"app studio: {path} idle, warm server", 3.0) for path in pages]
+        + [(f"app studio: /compare {label}, warm server", 5.0) for label in READY_MADE]
+    )
+    assert sorted((f["name"], f["target"]) for f in studio) == sorted(expected)
+    for figure in studio:
+        _check_figure(figure)
+        assert figure["unit"] == "s"
+
+
+def _app_url_paths() -> list[str]:
+    """The url_path of every st.Page app.py declares, read from its source ("" for the default page)."""
+    import ast
+
+    paths = []
+    for node in ast.walk(ast.parse((ROOT / "app.py").read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Page":
+            paths.append(next((k.value.value for k in node.keywords if k.arg == "url_path"), ""))
+    return paths
 
 
 def test_ratio_is_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
