@@ -481,3 +481,35 @@ def test_pointing_game_matches_reference(grid: tuple, stride: tuple, image_size:
     assert chances[2] == pytest.approx(1 / (grid[0] * grid[1]))
     assert result.hit_rate == pytest.approx(sum(hits) / batch)
     assert result.random_rate == pytest.approx(sum(chances) / batch)
+
+
+# --- precision at 1,000+ tokens ------------------------------------------------------------------------
+
+
+@functools.cache
+def _many_tokens() -> tuple[TokenLayout, list[torch.Tensor]]:
+    """A tiny-width timm ViT at 128 px with 4 px patches: 32x32 patches + class token = 1,025 tokens, peaky."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=128, patch_size=4, embed_dim=16, num_heads=2, depth=2
+    ).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * model.embed_dim].mul_(30.0)
+    layout = token_layout(model)
+    keep = KeepAllAttention()
+    capture_attention(model, torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1)), [keep])
+    return layout, keep.result()
+
+
+def test_distance_and_rollout_hold_1e_5_of_float64_at_1025_tokens() -> None:
+    layout, attentions = _many_tokens()
+    assert layout.num_tokens == 1025 and attentions[0].dtype == torch.float32
+    assert max(float(a.max()) for a in attentions) > 0.5  # peaky: a wrong weighting would show
+    layers = _numpy_layers(attentions)  # float64 copies of the same float32 maps
+    want = reference_mean_distance(layers, layout.num_prefix_tokens, layout.grid, layout.stride, "paper")
+    got = mean_attention_distance(attentions, layout, "paper").per_image.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    want_maps = reference_rollout(layers, layout.num_prefix_tokens, True, layout.grid, "mean", 0, 0)
+    got_maps = attention_rollout(attentions, layout).numpy()
+    np.testing.assert_allclose(got_maps, want_maps, rtol=1e-5, atol=1e-12)
