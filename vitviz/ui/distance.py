@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz.errors import VitvizError
-from vitviz.pipeline import DISTANCE_MODES, AnalysisOptions
+from vitviz.pipeline import DISTANCE_MODES, AnalysisOptions, attention_not_applicable
 from vitviz.plots import interactive, paper
 from vitviz.ui import exports, widgets
 from vitviz.ui.analyses import attention_distance
@@ -27,6 +27,10 @@ def render() -> None:
     )
     images = widgets.dataset_picker(key="distance")
     if not images:
+        return
+    unreadable = attention_not_applicable(loaded)
+    if unreadable is not None:  # the batch loop would hand back NotApplicable, which the cache cannot store
+        st.info(f"Not applicable: {widgets.plain(unreadable.reason)}.")
         return
     mode = st.segmented_control("Mode", DISTANCE_MODES, default="paper", key="distance.mode", help=MODE_HELP) or "paper"
 
