@@ -312,3 +312,19 @@ def test_cait_position_is_its_patch_table() -> None:
     unit = table / table.norm(dim=-1, keepdim=True)
     np.testing.assert_allclose(result.matrix(), (unit @ unit.T).numpy(), rtol=1e-6, atol=1e-9)
     assert pipeline.attention_not_applicable(_timm_loaded("vit_tiny_patch16_224", depth=1)) is None
+
+
+def test_app_analyses_of_an_unreadable_model_give_one_line_and_cache_nothing(app_cache: Path) -> None:
+    from vitviz.ui.analyses import attention_distance
+    from vitviz.ui.token_analyses import token_analyses
+
+    loaded = _timm_loaded("cait_xxs24_224", depth=2)
+    images = _input_images()[:1]
+    for run in (
+        lambda: attention_distance(loaded, images, AnalysisOptions()),
+        lambda: token_analyses(loaded, images, AnalysisOptions()),
+    ):
+        with pytest.raises(VitvizError, match="(does|do) not apply to this model: .*TalkingHeadAttn") as caught:
+            run()
+        assert "\n" not in str(caught.value)
+    assert not any(p.is_file() for p in app_cache.rglob("*"))

@@ -157,6 +157,8 @@ def attention_distance(
 
     def compute() -> DistanceResult:
         results = pipeline.image_analyses(loaded, _ModelInputs(loaded, images), ("distance",), options, progress)
+        if isinstance(results.distance, NotApplicable):  # never cached: the reason is shown as one line
+            raise VitvizError(f"attention distance does not apply to this model: {results.distance.reason}")
         assert results.distance is not None
         return results.distance
 

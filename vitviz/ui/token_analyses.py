@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitviz import pipeline
+from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
 from vitviz.pipeline import (
     AnalysisOptions,
@@ -121,6 +122,9 @@ def token_analyses(
         except (KeyError, ValueError, TypeError) as exc:
             logger.warning("recomputing cache entry %s/%s of an older layout (%s)", CACHE_NAME, key[:12], exc)
     results = pipeline.image_analyses(loaded, _ModelInputs(loaded, images), ANALYSES, options, progress)
+    for part in (results.tokens, results.head_maps):
+        if isinstance(part, NotApplicable):  # the model's attention cannot be read: say why in one line
+            raise VitvizError(f"the token analyses do not apply to this model: {part.reason}")
     assert results.tokens is not None and results.features is not None
     analyses = TokenAnalyses(
         tokens=results.tokens,
