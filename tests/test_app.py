@@ -411,7 +411,7 @@ def test_bad_checkpoint_upload_shows_an_error_and_keeps_the_model(content: bytes
 def test_unknown_timm_name_shows_an_error_and_keeps_the_model() -> None:
     at = _open("overview")
     at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz").run()
-    next(b for b in at.button if b.label == "Load timm model").click().run()
+    next(b for b in at.button if b.label == "Load model").click().run()
     _assert_clean(at)
     assert any("unknown timm model" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -424,9 +424,21 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
     at = _open("overview")
     at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224").run()
     at.checkbox(key="vv.add.pretrained").check().run()
-    next(b for b in at.button if b.label == "Load timm model").click().run()
+    next(b for b in at.button if b.label == "Load model").click().run()
     _assert_clean(at)
     assert any("need the network" in e for e in _errors(at)), _errors(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+
+
+def test_hugging_face_models_by_link_and_box_offline_give_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network
+    at = _open("overview", query={"model": "hf:google/vit-base-patch16-224"})
+    assert any("hf:google/vit-base-patch16-224" in e and "local folder" in e for e in _errors(at)), _errors(at)
+    at = _open("overview")
+    at.text_input(key="vv.add.timm").set_value("hf:../../etc").run()
+    next(b for b in at.button if b.label == "Load model").click().run()
+    _assert_clean(at)
+    assert any("not a Hugging Face model id" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
 
 

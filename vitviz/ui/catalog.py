@@ -37,6 +37,9 @@ CACHE_DIR_ENV = "VITVIZ_CACHE_DIR"
 LOGS_FOLDER = ".logs"  # under the runs folder: stdout/stderr of runs started from the app
 
 BUNDLED, RUN, TIMM, TIMM_PRETRAINED, UPLOAD = "bundled", "run", "timm", "timm-pretrained", "upload"
+HF = "hf"
+# A Hugging Face Hub id, owner/name: links and the add-model box never name a local folder.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 _MASK_SUFFIXES = ("-mask", "_mask")
@@ -62,16 +65,19 @@ class ModelEntry:
 
     key: str  # stable id, used in the URL query
     label: str  # what the picker shows
-    kind: str  # BUNDLED, RUN, TIMM, TIMM_PRETRAINED or UPLOAD
+    kind: str  # BUNDLED, RUN, TIMM, TIMM_PRETRAINED, HF or UPLOAD
     path: Path | None = None  # the checkpoint file (None for timm)
     timm_name: str | None = None
     run_dir: Path | None = None  # the run folder a run checkpoint belongs to
+    hub_id: str | None = None  # a Hugging Face Hub repository, owner/name
 
     @property
     def source(self) -> str:
         """What `vitviz.models.load_model` takes for this entry."""
         if self.timm_name is not None:
             return f"timm:{self.timm_name}"
+        if self.hub_id is not None:
+            return f"hf:{self.hub_id}"
         return str(self.path)
 
     @property
@@ -152,6 +158,21 @@ def timm_entry(name: str, *, pretrained: bool = False) -> ModelEntry:
     return ModelEntry(key=f"{kind}:{name}", label=f"timm {name} ({what})", kind=kind, timm_name=name)
 
 
+def hf_entry(hub_id: str) -> ModelEntry:
+    """A Hugging Face Hub model by its id (owner/name); only the spelling is checked here (loading does the rest)."""
+    hub_id = hub_id.strip().removeprefix(f"{HF}:").strip()
+    if not _HUB_ID.match(hub_id) or ".." in hub_id:
+        raise VitvizError(f"{hub_id!r} is not a Hugging Face model id (owner/name), e.g. google/vit-base-patch16-224")
+    return ModelEntry(key=f"{HF}:{hub_id}", label=f"Hugging Face {hub_id}", kind=HF, hub_id=hub_id)
+
+
+def named_entry(text: str, *, pretrained: bool = False) -> ModelEntry:
+    """What the add-model box means by `text`: `hf:owner/name`, or a timm name (bare, `timm:` or `timm-pretrained:`)."""
+    if text.strip().startswith(f"{HF}:"):
+        return hf_entry(text)
+    return timm_entry(text, pretrained=pretrained)
+
+
 def upload_entry(upload_id: str, original_name: str = "") -> ModelEntry | None:
     """An uploaded checkpoint kept in the cache folder, or None when it is not (or no longer) there."""
     if not _UPLOAD_ID.match(upload_id):
@@ -174,6 +195,11 @@ def resolve_key(key: str, entries: list[ModelEntry]) -> ModelEntry | None:
     if kind in (TIMM, TIMM_PRETRAINED):
         try:
             return timm_entry(rest, pretrained=kind == TIMM_PRETRAINED)
+        except VitvizError:
+            return None
+    if kind == HF:
+        try:
+            return hf_entry(rest)
         except VitvizError:
             return None
     if kind == UPLOAD:

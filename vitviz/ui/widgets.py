@@ -112,7 +112,7 @@ def _on_timm() -> None:
     name = st.session_state.get("vv.add.timm", "")
     pretrained = bool(st.session_state.get("vv.add.pretrained", False))
     try:
-        entry = catalog.timm_entry(name, pretrained=pretrained)
+        entry = catalog.named_entry(name, pretrained=pretrained)
     except VitvizError as exc:
         st.session_state[keys.MODEL_MESSAGE] = ("error", str(exc))
         return
@@ -217,17 +217,18 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
 def _add_model_controls() -> None:
     with st.expander("Add a model"):
         st.text_input(
-            "timm model name",
+            "timm or Hugging Face model",
             key="vv.add.timm",
             placeholder="vit_tiny_patch16_224",
-            help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224.",
+            help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224, or a Hugging Face "
+            "model as hf:google/vit-base-patch16-224 (downloaded once, needs the network).",
         )
         st.checkbox(
             "Pretrained weights (needs the network)",
             key="vv.add.pretrained",
             help="Without it the architecture gets a seeded random initialisation, which works offline.",
         )
-        st.button("Load timm model", on_click=_on_timm, width="stretch")
+        st.button("Load model", on_click=_on_timm, width="stretch")
         st.file_uploader(
             "Checkpoint (.safetensors)",
             type=["safetensors"],
