@@ -67,11 +67,13 @@ STUDIO_PAGES = (
 )
 QUIET_CHECKS = 4  # running indicator absent this many checks in a row: the script has stopped
 
-# A short hash of the first chart's heatmap (the rollout overlay's map), or "" while there is none.
+# A short hash of the first heatmap in the page's charts (the rollout overlay's map; the input beside it is a
+# chart without one), or "" while there is none.
 _OVERLAY_FINGERPRINT_JS = """() => {
-  const plot = document.querySelector('[data-testid="stMain"] [data-testid="stPlotlyChart"] .js-plotly-plot');
-  if (!plot || !plot.data) return "";
-  const heat = plot.data.find((trace) => trace.type === "heatmap");
+  const plots = document.querySelectorAll('[data-testid="stMain"] [data-testid="stPlotlyChart"] .js-plotly-plot');
+  const heat = Array.from(plots)
+    .flatMap((plot) => plot.data || [])
+    .find((trace) => trace.type === "heatmap");
   if (!heat) return "";
   const text = JSON.stringify(heat.z);
   let hash = 0;
