@@ -35,6 +35,7 @@ _FONT = {"size": 12}
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 GRID_TILE_PX = 64  # screen pixels per tile of the layers x heads view: readable whatever the model's shape
 GRID_COLORBAR_PX = 110  # right margin of that view, wide enough for its colour bar and title
+GRID_MIN_WIDTH_PX = 560  # that view's narrowest figure (the tiles keep their size; the rest stays blank)
 
 
 def filters_figure(
@@ -404,7 +405,8 @@ def attention_grid_figure(
     cell_px = tile_px / max(gh + 1, gw + 1)
     margin = {**_MARGIN, "r": GRID_COLORBAR_PX}
     fig.update_layout(
-        width=round(margin["l"] + margin["r"] + cell_px * (heads * (gw + 1) - 1)),
+        # at least GRID_MIN_WIDTH_PX wide, so the toolbar does not cover the title of a 2- or 3-head model
+        width=max(GRID_MIN_WIDTH_PX, round(margin["l"] + margin["r"] + cell_px * (heads * (gw + 1) - 1))),
         height=round(margin["t"] + margin["b"] + cell_px * (depth * (gh + 1) - 1)),
         margin=margin,
     )

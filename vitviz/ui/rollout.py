@@ -171,7 +171,7 @@ def render() -> None:
         "A model view for image patches, like bertviz's for text: rows are layers, columns are heads, and "
         "each tile shows the attention of the chosen query token over the patches."
     )
-    kind_col, row_col, col_col, layers_col, scale_col = st.columns([2, 2, 2, 2, 2], vertical_alignment="bottom")
+    kind_col, row_col, col_col, scale_col, layers_col = st.columns([2, 2, 2, 3, 2], vertical_alignment="bottom")
     query_choices = ([CLASS_TOKEN] if layout.has_class_token else []) + ["a patch"]
     query_kind = kind_col.radio("Query token", query_choices, key="rollout.query.kind", horizontal=True)
     query_index, query_label, query_patch = 0, CLASS_TOKEN, None
