@@ -290,7 +290,6 @@ def test_metrics_with_a_torn_last_line_and_garbled_lines_keep_the_complete_recor
     ]
     (run / "metrics.jsonl").write_bytes(b"\n".join(lines))
     assert runs.read_metrics(run) == [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}]
-    assert catalog.read_metrics(run) == runs.read_metrics(run)  # the pages' name for the same reader
 
 
 def test_summary_rows_that_are_torn_or_the_wrong_width_are_skipped(tmp_path: Path) -> None:
