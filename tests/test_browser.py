@@ -31,15 +31,19 @@ PAGE_TITLES = {
     "position": "Position embeddings",
     "distance": "Mean attention distance",
     "rollout": "Attention rollout",
+    "tokens": "What tokens carry",
+    "trust": "Which map to trust?",
     "compare": "Compare models",
     "train": "Train",
 }
 PAGE_CONTENT = {  # an element each page shows once its analysis is drawn
-    "": "[data-testid='stDataFrame']",
+    "": "[data-testid='stTable']",
     "filters": ".js-plotly-plot",
     "position": ".js-plotly-plot",
     "distance": ".js-plotly-plot",
     "rollout": ".js-plotly-plot",
+    "tokens": "[data-testid='stImage']",
+    "trust": "[data-testid='stDataFrame']",
     "compare": "[data-testid='stDataFrame']",
     "train": "[data-testid='stForm']",
 }
