@@ -59,20 +59,27 @@ def parse_overrides(text: str) -> tuple[str, ...]:
     return tuple(overrides)
 
 
+def _finetune_args(request: RunRequest) -> list[str]:
+    """The fine-tuning arguments of a request (none for training from scratch)."""
+    if request.command != "finetune":
+        return []
+    if not request.source:
+        raise VitvizError("fine-tuning needs a checkpoint to start from")
+    args = ["--from", request.source]
+    if request.img_size is not None:
+        args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
+    if request.freeze_blocks:
+        args += ["--freeze-blocks", str(request.freeze_blocks)]
+    return args
+
+
 def command_line(request: RunRequest) -> list[str]:
     """The argument list of the training process (no shell: every value is one argument)."""
     if request.command not in ("train", "finetune"):
         raise VitvizError(f"unknown training command {request.command!r}")
     check_run_id(request.run_id)
     args = [sys.executable, "-m", "training", request.command, "--preset", request.preset]
-    if request.command == "finetune":
-        if not request.source:
-            raise VitvizError("fine-tuning needs a checkpoint to start from")
-        args += ["--from", request.source]
-        if request.img_size is not None:
-            args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
-        if request.freeze_blocks:
-            args += ["--freeze-blocks", str(request.freeze_blocks)]
+    args += _finetune_args(request)
     args += ["--runs-dir", str(request.runs_dir), "--run-id", request.run_id, "--no-progress"]
     if request.max_steps:
         args += ["--max-steps", str(request.max_steps)]
@@ -84,14 +91,7 @@ def command_line(request: RunRequest) -> list[str]:
 def check_command_line(request: RunRequest) -> list[str]:
     """`python -m training check` with the request's preset, source and overrides (what the run would resolve)."""
     args = [sys.executable, "-m", "training", "check", "--kind", request.command, "--preset", request.preset]
-    if request.command == "finetune":
-        if not request.source:
-            raise VitvizError("fine-tuning needs a checkpoint to start from")
-        args += ["--from", request.source]
-        if request.img_size is not None:
-            args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
-        if request.freeze_blocks:
-            args += ["--freeze-blocks", str(request.freeze_blocks)]
+    args += _finetune_args(request)
     for override in request.overrides:
         args += ["--set", override]
     return args
