@@ -368,9 +368,7 @@ def test_model_in_the_url_is_selected_and_shown() -> None:
     other = _other_bundled()
     at = _open("overview", query={"model": f"bundled:{other.stem}"})
     assert at.sidebar.selectbox(key="vv.model.widget").value == f"bundled:{other.stem}"
-    rows = at.dataframe[0].value
-    pos_embed = _meta(other)["config"]["pos_embed"]
-    assert rows.loc[rows["property"] == "position embedding", "value"].item() == pos_embed
+    assert _card_rows(at)["position embedding"] == _meta(other)["config"]["pos_embed"]
 
 
 def test_unknown_model_in_the_url_falls_back_to_the_default_with_a_warning() -> None:
@@ -387,8 +385,7 @@ def test_uploaded_checkpoint_becomes_the_selection() -> None:
     selected = at.sidebar.selectbox(key="vv.model.widget").value
     assert selected.startswith("upload:")
     assert _query(at, "model") == [selected]
-    rows = at.dataframe[0].value
-    assert rows.loc[rows["property"] == "position embedding", "value"].item() == _meta(other)["config"]["pos_embed"]
+    assert _card_rows(at)["position embedding"] == _meta(other)["config"]["pos_embed"]
 
 
 @pytest.mark.parametrize(
