@@ -1,6 +1,6 @@
 """Figure 1, capture: forward + every layer's attention + rollout + mean attention distance vs a plain forward.
 
-Measured: `vitviz.pipeline.run_image_analyses` with the analyses "rollout" and "distance" (what
+Measured: `vitviz.pipeline.image_analyses` with the analyses "rollout" and "distance" (what
 `python -m vitviz analyze` runs per batch: one streamed forward feeding both accumulators, logits kept for
 the top-5). Baseline: the same timm model called on the same batch under `torch.inference_mode()`, with
 timm's fused attention (`scaled_dot_product_attention`) on, as a user of timm would run it.
@@ -15,7 +15,7 @@ import torch
 from bench.common import LOWER, Figure, paired_timing, random_images
 from vitviz.capture import attention_modules
 from vitviz.models import LoadedModel, load_model
-from vitviz.pipeline import AnalysisOptions, run_image_analyses
+from vitviz.pipeline import AnalysisOptions, image_analyses
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def capture_figure(
             model(images)
 
     def analysed() -> None:
-        results = run_image_analyses(loaded, images, analyses, options)
+        results = image_analyses(loaded, images, analyses, options)
         assert results.rollout_maps is not None and results.distance is not None
 
     logger.info("capture: %s batch %d", source, batch)

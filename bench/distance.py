@@ -1,6 +1,6 @@
 """Figure 3, distance: mean attention distance over a set of images vs plain forwards of the same images.
 
-Measured: `vitviz.pipeline.run_image_analyses(..., ["distance"])` over all images in the pipeline's batches
+Measured: `vitviz.pipeline.image_analyses(..., ["distance"])` over all images in the pipeline's batches
 (what `python -m vitviz analyze --analyses distance` runs). Baseline: the model's forward under
 `torch.inference_mode()` over the same batches, fused attention on.
 """
@@ -13,7 +13,7 @@ import torch
 
 from bench.common import LOWER, Figure, paired_timing, random_images
 from vitviz.models import load_model
-from vitviz.pipeline import AnalysisOptions, run_image_analyses
+from vitviz.pipeline import AnalysisOptions, image_analyses
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def distance_figure(
                 model(images[start : start + batch])
 
     def distance() -> None:
-        results = run_image_analyses(loaded, images, ["distance"], options)
+        results = image_analyses(loaded, images, ["distance"], options)
         assert results.distance is not None and results.distance.num_images == num_images
 
     logger.info("distance: %s, %d images in batches of %d", source, num_images, batch)

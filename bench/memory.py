@@ -9,7 +9,7 @@ getrusage's ru_maxrss, which also counts the model's initialisation, and says so
 
 Ways:
     plain      the model's forward under torch.inference_mode() (timm's fused attention)
-    streaming  vitviz.pipeline.run_image_analyses(..., ["rollout"]): capture_attention streaming each
+    streaming  vitviz.pipeline.image_analyses(..., ["rollout"]): capture_attention streaming each
                layer into a RolloutAccumulator (one layer's attention alive at a time)
     naive      timm.utils.AttentionExtract with fused attention off (hooks on every attn_drop), every
                layer's maps kept, then rollout over the kept list
@@ -75,7 +75,7 @@ def probe(way: str, source: str, batch: int) -> dict[str, Any]:
     """Peak memory of one way, measured in this process (call it in a fresh one)."""
     from vitviz.analysis import attention_rollout
     from vitviz.models import load_model
-    from vitviz.pipeline import AnalysisOptions, run_image_analyses
+    from vitviz.pipeline import AnalysisOptions, image_analyses
     from vitviz.tokens import token_layout
 
     loaded = load_model(source)
@@ -94,7 +94,7 @@ def probe(way: str, source: str, batch: int) -> dict[str, Any]:
         with torch.inference_mode():
             model(images)
     elif way == "streaming":
-        run_image_analyses(loaded, images, ["rollout"], AnalysisOptions(batch_size=batch))
+        image_analyses(loaded, images, ["rollout"], AnalysisOptions(batch_size=batch))
     elif way == "naive":
         with torch.inference_mode():
             maps = extractor(images)  # every layer's [B, H, N, N], kept

@@ -873,7 +873,3 @@ def gradient_rollout_map(
     if isinstance(gradients, NotApplicable):
         raise VitvizError(gradients.reason)
     return gradients[0]
-
-
-# `bench/` measures the batch loop under its earlier name.
-run_image_analyses = image_analyses
