@@ -68,6 +68,7 @@ BUNDLES: tuple[Bundle, ...] = (
     Bundle("shapes-sincos", ("train", "--preset", "shapes-sincos")),
     Bundle("shapes-nopos", ("train", "--preset", "shapes-nopos")),
     Bundle("shapes-hybrid", ("train", "--preset", "shapes-hybrid")),
+    Bundle("shapes-reg4", ("train", "--preset", "shapes-reg4")),
     Bundle(
         "mnist-small",
         ("train", "--preset", "mnist-small"),

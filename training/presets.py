@@ -122,6 +122,12 @@ def shapes_hybrid() -> TrainConfig:
     return _shapes_variant("shapes-hybrid", stem="hybrid", hybrid_layers=(1,), patch_size=4)
 
 
+def shapes_reg4() -> TrainConfig:
+    """shapes-default plus 4 register tokens (Darcet et al. 2024) after the class token: the same data,
+    schedule and width, so its token norms and attention sinks can be set beside the default's."""
+    return _shapes_variant("shapes-reg4", reg_tokens=4)
+
+
 def shapes_masked() -> TrainConfig:
     """Self-supervised masked patch prediction on shapes (no labels used); fine-tune the result after."""
     base = shapes_default()
@@ -216,6 +222,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "shapes-nopos": shapes_nopos,
     "shapes-relative": shapes_relative,
     "shapes-hybrid": shapes_hybrid,
+    "shapes-reg4": shapes_reg4,
     "shapes-masked": shapes_masked,
     "finetune": finetune,
     "shapes-finetune-hires": shapes_finetune_hires,
