@@ -26,7 +26,7 @@ from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
-FAMILIES = ("capture", "memory", "distance", "train", "app")
+FAMILIES = ("capture", "families", "memory", "distance", "tokens", "faithfulness", "train", "app")
 
 
 FULL = Plan(
@@ -106,6 +106,13 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
                     )
                 )
                 _log(figures[-1])
+    # Each of these modules sizes its own figures from plan.label ("full", "quick" or "tiny").
+    if "families" in families:
+        from bench.families import family_figures
+
+        for figure in family_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
     if "memory" in families:
         from bench.memory import memory_figures
 
@@ -126,6 +133,18 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
             )
         )
         _log(figures[-1])
+    if "tokens" in families:
+        from bench.tokens import token_figures
+
+        for figure in token_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    if "faithfulness" in families:
+        from bench.faithfulness import faithfulness_figures
+
+        for figure in faithfulness_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
     if "train" in families:
         from bench.train import train_figures
 
