@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from training.data.base import VisionDataset
-from training.data.transforms import TransformedDataset
+from vitviz.data.base import VisionDataset
+from vitviz.data.transforms import TransformedDataset
 from vitviz.images import to_model_channels
 
 log = logging.getLogger(__name__)

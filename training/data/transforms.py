@@ -1,8 +1,8 @@
-"""Image transforms for training and evaluation, and the dataset wrapper that applies them.
+"""Image transforms for training, and the evaluation transform and dataset wrapper re-exported from the core.
 
-- `eval_transform` is `vitviz.images.preprocess`, the analysis preprocessing of docs/design.md (the model's
-  channels, a direct bicubic resize to the input size, no crop, [0, 1], normalise), so a model is
-  evaluated on exactly the pixels the studio explains.
+- `eval_transform` (defined in `vitviz.data.transforms`) is `vitviz.images.preprocess`, the analysis
+  preprocessing of docs/design.md (the model's channels, a direct bicubic resize to the input size, no crop,
+  [0, 1], normalise), so a model is evaluated on exactly the pixels the studio explains.
 - `train_transform` is timm's training pipeline (`timm.data.create_transform(is_training=True)`), which
   also works for grey (1-channel) models: the augmentations run on an RGB copy, then the image goes back
   to grey before it becomes a tensor. timm's augmentations draw from Python's and NumPy's global RNGs; the
@@ -21,11 +21,28 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from training.data.base import VisionDataset
+from vitviz.data.transforms import (
+    AnalysisPreprocess,
+    TransformedDataset,
+    check_channels,
+    eval_transform,
+    input_hw,
+)
 from vitviz.errors import VitvizError
-from vitviz.images import preprocess, to_model_channels
+from vitviz.images import to_model_channels
+
+__all__ = [
+    "AUGMENT_OPTIONS",
+    "AUGMENT_PRESETS",
+    "AnalysisPreprocess",
+    "TorchSeededTransform",
+    "TransformedDataset",
+    "augment_options",
+    "eval_transform",
+    "input_hw",
+    "train_transform",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,57 +95,6 @@ AUGMENT_OPTIONS = frozenset(
 )
 # Prefixes of timm's auto-augment policy strings, accepted as `augment` on their own (over "light").
 _AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
-
-
-def input_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
-    """(H, W) from an int, an (H, W) pair or timm's (C, H, W)."""
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    size = tuple(int(s) for s in input_size)
-    if len(size) not in (2, 3) or min(size[-2:]) <= 0:
-        raise VitvizError(f"input size must be an int, (H, W) or (C, H, W) with positive sides, got {input_size!r}")
-    return size[-2], size[-1]
-
-
-def _check_channels(
-    in_chans: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if in_chans not in (1, 3):
-        raise VitvizError(f"models take 1 (grey) or 3 (RGB) channels, not {in_chans}")
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != in_chans or len(std) != in_chans:
-        raise VitvizError(
-            f"mean and std need {in_chans} value(s) each for a {in_chans}-channel model, got {mean} and {std}"
-        )
-    if min(std) <= 0:
-        raise VitvizError(f"std values must be positive, got {std}")
-    return mean, std
-
-
-class AnalysisPreprocess:
-    """`vitviz.images.preprocess` with its options bound: a picklable transform for DataLoader workers."""
-
-    def __init__(
-        self, *, input_size: tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
-    ) -> None:
-        self.input_size = input_size
-        self.in_chans = in_chans
-        self.mean = mean
-        self.std = std
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return preprocess(image, input_size=self.input_size, mean=self.mean, std=self.std, in_chans=self.in_chans)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(input_size={self.input_size}, in_chans={self.in_chans}, mean={self.mean}, std={self.std})"
-
-
-def eval_transform(
-    *, input_size: int | Sequence[int], in_chans: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform: PIL image -> normalised tensor [in_chans, H, W], exactly as the studio preprocesses."""
-    mean, std = _check_channels(in_chans, mean, std)
-    return AnalysisPreprocess(input_size=input_hw(input_size), in_chans=in_chans, mean=mean, std=std)
 
 
 class TorchSeededTransform:
@@ -196,7 +162,7 @@ def train_transform(
     from timm.data import create_transform
 
     height, width = input_hw(input_size)
-    mean, std = _check_channels(in_chans, mean, std)
+    mean, std = check_channels(in_chans, mean, std)
     options = augment_options(augment)
     if options is None:
         return eval_transform(input_size=(height, width), in_chans=in_chans, mean=mean, std=std)
@@ -220,22 +186,3 @@ def train_transform(
     from torchvision.transforms import Compose
 
     return TorchSeededTransform(Compose(steps))
-
-
-class TransformedDataset(Dataset):
-    """A VisionDataset seen through a transform: item i is (transform(image), label)."""
-
-    def __init__(self, dataset: VisionDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.dataset = dataset
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        return self.transform(image), label
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names

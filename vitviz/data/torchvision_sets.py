@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.base import VisionDataset
+from vitviz.data.base import VisionDataset
 from vitviz.errors import VitvizError
 
 log = logging.getLogger(__name__)

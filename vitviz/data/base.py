@@ -1,6 +1,7 @@
 """The dataset base class and the split grammar shared by every built-in dataset.
 
-Every dataset yields raw PIL images and integer labels; transforms live in `training.data.transforms`.
+Every dataset yields raw PIL images and integer labels; the analysis transform lives in `vitviz.data.transforms`,
+the training augmentations in `training.data.transforms`.
 Splits are named "train", "val" or "test", optionally followed by an HF-style slice: "test[:8000]",
 "test[8000:]", "train[100:200]", "train[-500:]", "train[:10%]".
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.base import VisionDataset
+from vitviz.data.base import VisionDataset
 from vitviz.errors import VitvizError
 from vitviz.images import ALLOWED_FORMATS, decode_image
 

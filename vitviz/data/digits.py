@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data.base import GreyDigitsDataset
+from vitviz.data.base import GreyDigitsDataset
 
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 _PARTITION_SEED = 0  # fixed forever: changing it changes every reported digits number
