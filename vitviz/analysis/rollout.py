@@ -69,15 +69,6 @@ def patch_grid(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return values[..., layout.num_prefix_tokens :].reshape(*values.shape[:-1], *layout.grid)
 
 
-def _readout(rollout: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Map [B, gh, gw] from a rollout matrix [B, N, N]."""
-    prefix = layout.num_prefix_tokens
-    if layout.has_class_token:
-        return patch_grid(rollout[:, 0, :], layout)  # timm puts the class token first
-    patch_rows_mean = rollout[:, prefix:, prefix:].mean(dim=1)  # (B, num_patches)
-    return patch_rows_mean.reshape(rollout.shape[0], *layout.grid)
-
-
 def check_discard_ratio(discard_ratio: float) -> None:
     """Refuse a discard ratio outside [0, 1): discarding every entry would leave nothing to roll out."""
     if not 0.0 <= discard_ratio < 1.0:
@@ -229,15 +220,21 @@ def attention_rollout(
 def gradient_rollout(
     attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor], layout: TokenLayout
 ) -> torch.Tensor:
-    """Raw gradient-weighted rollout maps [B, gh, gw] from L attentions and their gradients [B, H, N, N]."""
+    """Raw gradient-weighted rollout maps [B, gh, gw] from L attentions and their gradients [B, H, N, N].
+
+    R = (I + W_L) ... (I + W_1) with W_l = mean over heads of (grad * attn)^+; the map is one row of R (the
+    class token's, or the mean of the patch rows), so R is never formed: that row vector u is pulled through
+    the factors from the last layer to the first, u R = ((u (I + W_L)) (I + W_(L-1))) ... (I + W_1): L
+    vector-matrix products, O(L N^2) per image instead of L [N, N] matrix products (O(L N^3)).
+    """
     if len(attentions) != len(gradients) or not attentions:
         raise ValueError(f"need one gradient per attention, got {len(attentions)} and {len(gradients)}")
-    batch, _, num_tokens, _ = attentions[0].shape
-    rollout = torch.eye(num_tokens, dtype=torch.float64, device=attentions[0].device).repeat(batch, 1, 1)
-    for attn, grad in zip(attentions, gradients):
+    batch = attentions[0].shape[0]
+    row = _readout_row(layout, batch, attentions[0].device)  # (B, N)
+    for attn, grad in zip(reversed(attentions), reversed(gradients)):
         weighted = (grad.to(torch.float64) * attn.to(torch.float64)).clamp(min=0).mean(dim=1)  # (B, N, N)
-        rollout = rollout + weighted @ rollout
-    return _readout(rollout, layout)
+        row = row + torch.bmm(row.unsqueeze(1), weighted).squeeze(1)
+    return patch_grid(row, layout)
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor, stride: tuple[int, int]) -> PointingGame:
