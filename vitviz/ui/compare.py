@@ -1,5 +1,6 @@
 """Page `/compare`: two or more checkpoints, every analysis side by side on the same inputs, shared colour
-scales, difference maps where the patch grids match, overlaid distance curves and a table of numbers."""
+scales, difference maps where the patch grids match, overlaid distance curves, each model's deletion and
+insertion AUCs (through `vitviz.ui.analyses.faithfulness`, as /trust) and a table of numbers."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from vitviz.errors import VitvizError
+from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult
 from vitviz.models import LoadedModel
 from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, top_k
+from vitviz.plots import faithfulness as faithfulness_plots
 from vitviz.plots import interactive, paper, scale_by_max
 from vitviz.ui import cached, catalog, exports, keys, widgets
-from vitviz.ui.analyses import attention_distance, display_picture, gradient_map, image_attention
+from vitviz.ui.analyses import attention_distance, display_picture, faithfulness, gradient_map, image_attention
 from vitviz.ui.catalog import ModelEntry
 
 FILTER_COMPONENTS = 16
 DISTANCE_IMAGES = 16
+FAITHFULNESS_IMAGES = 4
+FAITHFULNESS_METHODS = ("rollout", "gradient-rollout", "attention-last", "random")  # /trust's default
 # Comparisons of the bundled checkpoints, offered as one click each when all of their checkpoints are there.
 # The ablation runs share the default's data, steps and model except for the one thing named.
 READY_MADE: dict[str, tuple[str, ...]] = {
@@ -38,6 +43,7 @@ TAB_FIGURES: dict[str, tuple[str, ...] | None] = {
     "Position embeddings": ("position similarity",),
     "Attention distance": ("attention distance",),
     "Rollout": ("rollout",),
+    "Faithfulness": ("faithfulness",),
 }
 POSITION_FIXED = "−1 … 1"
 POSITION_AUTO = "automatic"
@@ -66,7 +72,7 @@ def render() -> None:
         return
 
     tabs = st.tabs(list(TAB_FIGURES), key="compare.tab", on_change="rerun")
-    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab = tabs
+    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab, faithfulness_tab = tabs
     open_tab = next((label for label, tab in zip(TAB_FIGURES, tabs) if tab.open), "Summary")
     figures: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -79,6 +85,9 @@ def render() -> None:
         _distance(models, rows, figures, arrays)
     with rollout_tab:
         _rollout(models, rows, figures, arrays)
+    if faithfulness_tab.open:  # 2(S+1) forwards per image, method and model: computed only when asked for
+        with faithfulness_tab:
+            _faithfulness(models, rows, figures, arrays)
     with summary_tab:
         widgets.table(_transposed(rows))
         st.caption(
@@ -437,6 +446,92 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
                 arrays[f"{model.name}_gradient_rollout"] = gradient.map
     _differences(rollouts, "rollout, each map ÷ its maximum", figures, arrays, key="rollout")
     _differences(gradients, "gradient rollout, each map ÷ its maximum", figures, arrays, key="gradient")
+
+
+def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
+    """Each model's deletion and insertion AUCs of the chosen methods on the same images, from the cached
+    `vitviz.ui.analyses.faithfulness` (the numbers of /trust and `python -m vitviz faithfulness`)."""
+    st.caption(
+        "Deletion removes each map's top-ranked patches first (a faithful map makes the target class's probability "
+        "fall fast: low AUC); insertion restores them into a blank image (it should rise fast: high AUC). Each model "
+        "explains its own prediction; S = min(patches, 50) for each model, as on /trust (Petsiuk et al. 2018)."
+    )
+    methods = st.multiselect("Methods", METHODS, default=list(FAITHFULNESS_METHODS), key="compare.faithfulness.methods")
+    images = widgets.dataset_picker(key="compare.faithfulness", default_count=FAITHFULNESS_IMAGES)
+    if not methods:
+        st.warning("Choose at least one method above to compare.", icon=":material/info:")
+        return
+    if not images:
+        return
+    options = FaithfulnessOptions(methods=tuple(methods))
+    bar = st.progress(0.0, text="Computing the curves…")
+    results: dict[str, FaithfulnessResult] = {}
+    for index, model in enumerate(models):
+
+        def report(method: str, done: int, index: int = index) -> None:
+            bar.progress(
+                min((index + done / len(images)) / len(models), 1.0),
+                text=f"model {index + 1} of {len(models)}, {method}: {done} / {len(images)} images",
+            )
+
+        try:
+            results[model.name] = faithfulness(model.loaded, images, options, progress=report)
+        except VitvizError as exc:
+            widgets.show_error(exc)
+    bar.empty()
+    if not results:
+        return
+    table = [
+        {
+            "model": name,
+            "method": method,
+            "deletion AUC": values.deletion_auc,
+            "insertion AUC": values.insertion_auc,
+            "steps S": result.steps,
+        }
+        for name, result in results.items()
+        for method, values in result.methods.items()
+    ]
+    st.markdown("##### Area under the curves, per model")
+    widgets.table(
+        table,
+        column_config={
+            "deletion AUC": st.column_config.NumberColumn(
+                "deletion AUC ↓", format="%.4f", help="Lower is better: the prediction falls faster."
+            ),
+            "insertion AUC": st.column_config.NumberColumn(
+                "insertion AUC ↑", format="%.4f", help="Higher is better: the prediction returns faster."
+            ),
+        },
+    )
+    for name, result in results.items():
+        best_deletion = min(result.methods, key=lambda m: result.methods[m].deletion_auc)
+        best_insertion = max(result.methods, key=lambda m: result.methods[m].insertion_auc)
+        st.caption(f"**{name}**: lowest deletion AUC {best_deletion}, highest insertion AUC {best_insertion}.")
+        for method, values in result.methods.items():
+            rows[name][f"{method} deletion AUC"] = round(values.deletion_auc, 4)
+            rows[name][f"{method} insertion AUC"] = round(values.insertion_auc, 4)
+    st.caption(f"Mean over {len(images)} image{'s' if len(images) != 1 else ''}; each model's predicted class.")
+    for column, model in zip(_columns(models), models):
+        if model.name not in results:
+            continue
+        result = results[model.name]
+        deletion = {n: np.stack([c.deletion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
+        insertion = {n: np.stack([c.insertion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
+        with column:
+            st.markdown(_header(model))
+            widgets.plotly(
+                interactive.faithfulness_curves_figure(deletion, insertion),
+                key=f"compare.faithfulness.{model.name}",
+                height=FIGURE_HEIGHT,
+            )
+        title = f"{model.name}: {len(images)} image(s), S = {result.steps}"
+        figures[f"{model.name} faithfulness"] = _bind(
+            faithfulness_plots.curves_figure, deletion, insertion, title=title
+        )
+        for method in result.methods:
+            arrays[f"{model.name}_{method}_deletion"] = deletion[method]
+            arrays[f"{model.name}_{method}_insertion"] = insertion[method]
 
 
 def _transposed(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
