@@ -4,8 +4,9 @@ a per-patch logit lens, computed while the model runs (docs/design.md, "What tok
 Block outputs are read by forward hooks on ``model.blocks`` (and the final features by a hook on
 ``model.norm``) installed with `block_outputs`; attention arrives through `vitviz.capture`'s consumers. Every
 accumulator here sums over images, so its memory does not grow with their number, except where it says so
-(the PCA keeps each image's final patch features for the projection; the head maps keep one [H, gh, gw] map
-per image). Several forwards in a row (batches of one image set) combine into one result.
+(the head maps keep one [H, gh, gw] map per image; the PCA keeps its [gh, gw, k] projections per image,
+computed in a second pass once the components are known). Several forwards in a row (batches of one image set)
+combine into one result.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FeatureMoments",
+    "FeaturePCA",
+    "FeatureProjections",
     "HeadMapAccumulator",
     "LogitLens",
     "Outliers",
@@ -266,35 +269,77 @@ def mass_threshold_masks(maps: np.ndarray, share: float) -> np.ndarray:
 
 
 class FeatureMoments:
-    """Features consumer: Σx and Σxxᵀ in float64 over the final features' patch tokens of every image, and each
-    image's patch features (float32, on the CPU) kept for the projection once the components are known."""
+    """Features consumer, first pass: Σx and Σxxᵀ in float64 over the final features' patch tokens of every image.
+
+    It also holds the patch features of the latest forward only (one batch, replaced by the next forward's), so
+    the projection need not recompute that batch: memory is D + D² float64 numbers plus one batch's [B, P, D],
+    whatever the number of images.
+    """
 
     def __init__(self, layout: TokenLayout) -> None:
         self.layout = layout
-        self.count = 0
+        self.count = 0  # patch tokens summed
+        self.images = 0
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
-        self._kept: list[torch.Tensor] = []
+        self.latest: torch.Tensor | None = None  # [B, P, D] of the latest forward, as it came
 
     def consume_features(self, features: torch.Tensor) -> None:
         patches = features[:, self.layout.num_prefix_tokens :].detach()  # (B, P, D)
         flat = patches.reshape(-1, patches.shape[-1]).double()
-        if self.sum is None:
+        if self.sum is None or self.outer is None:
             self.sum = torch.zeros(flat.shape[1], dtype=torch.float64, device=flat.device)
             self.outer = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=flat.device)
         self.sum += flat.sum(dim=0)
         self.outer += flat.T @ flat
         self.count += flat.shape[0]
-        self._kept.append(patches.float().cpu())
+        self.images += patches.shape[0]
+        self.latest = patches
 
-    def result(self, components: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(explained_variance_ratio [k], projections [B, gh, gw, k], components [k, D], mean [D])."""
+    def pca(self, components: int = 3) -> FeaturePCA:
+        """The mean, the top `components` components and their explained variance ratios."""
         if self.sum is None or self.outer is None:
             raise ValueError("no features were consumed")
         mean, basis, ratio = pca_from_moments(self.sum, self.outer, self.count, components)
-        projections = [((x.double() - mean.cpu()) @ basis.cpu().T) for x in self._kept]
-        stacked = torch.cat(projections).reshape(-1, *self.layout.grid, basis.shape[0])
-        return ratio.cpu().numpy(), stacked.numpy(), basis.cpu().numpy(), mean.cpu().numpy()
+        return FeaturePCA(mean=mean, components=basis, explained_variance_ratio=ratio)
+
+
+@dataclass(frozen=True)
+class FeaturePCA:
+    """The PCA of the patch features: mean [D], components [k, D] and explained variance ratios [k], float64."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance_ratio: torch.Tensor
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """(x − μ)·v_i for patch features [..., D]: [..., k] float64 on the CPU."""
+        x = patches.detach().to(self.mean.device, torch.float64)
+        return ((x - self.mean) @ self.components.T).cpu()
+
+
+class FeatureProjections:
+    """Features consumer, second pass: each image's patch features projected on the known components; only the
+    projections [B, gh, gw, k] float64 are kept (the features of each forward are dropped once projected)."""
+
+    def __init__(self, layout: TokenLayout, pca: FeaturePCA) -> None:
+        self.layout = layout
+        self.pca = pca
+        self._parts: list[torch.Tensor] = []
+
+    def consume_features(self, features: torch.Tensor) -> None:
+        self.consume_patches(features[:, self.layout.num_prefix_tokens :])
+
+    def consume_patches(self, patches: torch.Tensor) -> None:
+        """Project patch features [B, P, D] (prefix tokens already dropped)."""
+        projected = self.pca.project(patches)  # (B, P, k)
+        self._parts.append(projected.reshape(projected.shape[0], *self.layout.grid, projected.shape[-1]))
+
+    def result(self) -> np.ndarray:
+        """[B, gh, gw, k] float64 for every image consumed, in order."""
+        if not self._parts:
+            raise ValueError("no features were projected")
+        return torch.cat(self._parts).numpy()
 
 
 def pca_from_moments(
