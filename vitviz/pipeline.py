@@ -34,14 +34,7 @@ from vitviz.analysis.tokens import (
     mass_threshold_masks,
     token_names,
 )
-from vitviz.capture import (
-    QueryAttention,
-    attention_gradients,
-    attention_modules,
-    capture_attention,
-    class_attention_layers,
-    unreadable_reason,
-)
+from vitviz.capture import QueryAttention, attention_gradients, capture_attention, unreadable_reason
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
 from vitviz.tokens import TokenLayout, token_layout
@@ -51,14 +44,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ANALYSES",
     "ATTENTION_ANALYSES",
-    "DATASET_ANALYSES",
     "DEFAULT_ANALYSES",
     "DISTANCE_MODES",
     "HEAD_FUSIONS",
     "IMAGE_ANALYSES",
     "TOP_K",
     "AnalysisOptions",
-    "DatasetResults",
     "DistanceResult",
     "FeaturesResult",
     "FilterResult",
@@ -78,7 +69,6 @@ __all__ = [
     "TokensResult",
     "TopK",
     "attention_not_applicable",
-    "dataset_analyses",
     "filters",
     "gradient_rollout_map",
     "image_analyses",
@@ -140,7 +130,7 @@ class AnalysisOptions:
         """Refuse options that do not fit this model (a start layer past the last, a class it does not have)."""
         model = loaded.model
         if "rollout" in analyses:
-            depth = _attention_depth(model)
+            depth = len(getattr(model, "blocks", []))
             if self.start_layer >= depth:
                 raise VitvizError(f"--start-layer {self.start_layer} is past the last layer ({depth - 1})")
         num_classes = int(getattr(model, "num_classes", 0))
@@ -233,19 +223,6 @@ class ModelCard:
         }
 
 
-def _attention_depth(model: nn.Module) -> int:
-    """Attention layers: the blocks, plus CaiT's class-attention blocks (when vitviz reads the attention)."""
-    return len(getattr(model, "blocks", [])) if unreadable_reason(model) is not None else len(attention_modules(model))
-
-
-def _num_heads(block: nn.Module) -> int:
-    """Heads of a block's attention as the analyses see them: timm's parallel blocks hold them themselves, and
-    ParallelThingsBlock's branches are side by side (K branches x H heads)."""
-    if hasattr(block, "attns"):
-        return sum(_num_heads(branch) for branch in block.attns)
-    return int(getattr(block, "num_heads", None) or block.attn.num_heads)
-
-
 def model_card(loaded: LoadedModel) -> ModelCard:
     """The card of a loaded model."""
     model, meta = loaded.model, loaded.meta
@@ -259,7 +236,7 @@ def model_card(loaded: LoadedModel) -> ModelCard:
         stride=tuple(layout.stride),
         num_prefix_tokens=layout.num_prefix_tokens,
         depth=len(blocks),
-        num_heads=_num_heads(blocks[0]) if len(blocks) else 0,
+        num_heads=int(blocks[0].attn.num_heads) if len(blocks) else 0,
         embed_dim=int(getattr(model, "embed_dim", 0)),
         num_classes=int(getattr(model, "num_classes", 0)),
         parameters=count_parameters(model),
@@ -370,8 +347,6 @@ class DistanceResult:
     fraction: np.ndarray  # [L, H] pixels / image width
     per_image: np.ndarray  # [L, B, H] per-image values
     num_images: int
-    layers: tuple[int, ...] = ()  # the model layer of each row (() from old caches: 0 .. L-1)
-    not_applicable_layers: tuple[tuple[int, str], ...] = ()  # (layer, why): CaiT's class-attention layers
 
     @classmethod
     def of(cls, distance: AttentionDistance) -> DistanceResult:
@@ -382,8 +357,6 @@ class DistanceResult:
             fraction=distance.fraction.cpu().numpy(),
             per_image=distance.per_image.cpu().numpy(),
             num_images=int(distance.num_images),
-            layers=tuple(distance.layers) or tuple(range(distance.pixels.shape[0])),
-            not_applicable_layers=tuple(distance.not_applicable),
         )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -393,15 +366,11 @@ class DistanceResult:
             "std": self.std,
             "fraction": self.fraction,
             "per_image": self.per_image,
-            "layers": np.asarray(self.layers, dtype=np.int64),
-            "not_applicable_layers": np.asarray([layer for layer, _ in self.not_applicable_layers], dtype=np.int64),
-            "not_applicable_reasons": np.asarray([why for _, why in self.not_applicable_layers], dtype=str),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> DistanceResult:
         per_image = np.asarray(arrays["per_image"])
-        skipped = zip(arrays.get("not_applicable_layers", ()), arrays.get("not_applicable_reasons", ()))
         return cls(
             mode=str(arrays["mode"]),
             pixels=np.asarray(arrays["pixels"]),
@@ -409,8 +378,6 @@ class DistanceResult:
             fraction=np.asarray(arrays["fraction"]),
             per_image=per_image,
             num_images=int(per_image.shape[1]),
-            layers=tuple(int(layer) for layer in arrays.get("layers", range(per_image.shape[0]))),
-            not_applicable_layers=tuple((int(layer), str(why)) for layer, why in skipped),
         )
 
 
@@ -675,11 +642,7 @@ def image_analyses(
         if skipped:
             logger.info("%s not applicable: %s", ", ".join(skipped), unreadable.reason)
         analyses = [name for name in analyses if name not in ATTENTION_ANALYSES]
-    distance_acc = (
-        DistanceAccumulator(layout, options.distance_mode, class_attention_layers(model))
-        if "distance" in analyses
-        else None
-    )
+    distance_acc = DistanceAccumulator(layout, mode=options.distance_mode) if "distance" in analyses else None
     rollout_acc = (
         RolloutAccumulator(
             layout,
@@ -693,9 +656,8 @@ def image_analyses(
     query_acc = QueryAttention(query_index) if query_index is not None else None
     depth = len(getattr(model, "blocks", []))
     norms_acc = TokenNorms(layout, depth, options.outlier_factor) if "tokens" in analyses else None
-    attention_depth = _attention_depth(model)  # CaiT: its class-attention layers follow the blocks
-    prefix_acc = PrefixAttention(layout, attention_depth) if "tokens" in analyses else None
-    head_acc = HeadMapAccumulator(layout, attention_depth) if "head-maps" in analyses else None
+    prefix_acc = PrefixAttention(layout, depth) if "tokens" in analyses else None
+    head_acc = HeadMapAccumulator(layout, depth) if "head-maps" in analyses else None
     moments = FeatureMoments(layout) if "features" in analyses else None
     lens_applicable = "logit-lens" in analyses and has_classifier_head(model)
     lens = LogitLens(model, layout) if lens_applicable else None
@@ -751,7 +713,7 @@ def image_analyses(
                     lens.finish_batch(logits.argmax(dim=-1))
                 else:
                     lens.finish_batch(torch.full((batch.shape[0],), options.target_class, dtype=torch.long))
-        if "gradient-rollout" in analyses and has_classifier_head(model):
+        if "gradient-rollout" in analyses:
             grads = attention_gradients(model, batch, options.target_class)
             gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout).cpu().numpy())
             targets.extend(int(t) for t in torch.as_tensor(grads.target_class).expand(batch.shape[0]).tolist())
@@ -789,8 +751,6 @@ def image_analyses(
             for b in range(rows.shape[1])
         )
     gradients: tuple[GradientRolloutResult, ...] | NotApplicable = not_run("gradient-rollout", ())
-    if "gradient-rollout" in analyses and not has_classifier_head(model):  # no class logit to differentiate
-        gradients = NotApplicable(NO_CLASSIFIER_HEAD)
     if gradient_maps:
         gradients = tuple(
             GradientRolloutResult(map=m, target_class=t) for m, t in zip(np.concatenate(gradient_maps), targets)
@@ -934,166 +894,3 @@ def gradient_rollout_map(
     if isinstance(gradients, NotApplicable):
         raise VitvizError(gradients.reason)
     return gradients[0]
-
-
-# --- a data set, streamed (docs/design.md, "Data sets and torchrun") -----------------------------------
-
-# What a data-set run computes: per image only small summaries are kept (each image's distance per layer
-# and head, its label, prediction and gradient target), never a map; the maps are averaged over the images.
-DATASET_ANALYSES = ("distance", "rollout", "gradient-rollout")
-
-
-@dataclass(frozen=True)
-class DatasetResults:
-    """The image analyses of a data-set slice, combined over batches (and torchrun ranks) in image order.
-
-    Per image (index order, [N]): the image's position in the slice, its label, and, when rollout ran, the
-    predicted class and its softmax probability; when gradient rollout ran, the class it followed.
-    """
-
-    num_images: int
-    indices: np.ndarray  # [N] int64, 0..N-1
-    labels: np.ndarray  # [N] int64
-    distance: DistanceResult | NotApplicable | None  # per_image [L, N, H] as for image_analyses
-    rollout_mean: np.ndarray | NotApplicable | None  # [gh, gw] float64: the mean of the raw rollout maps
-    gradient_mean: np.ndarray | NotApplicable | None  # [gh, gw] float64: the mean of the raw gradient-rollout maps
-    predicted: np.ndarray | None = None  # [N] int64 (with rollout)
-    probability: np.ndarray | None = None  # [N] float64: the predicted class's probability (float32 softmax)
-    gradient_targets: np.ndarray | None = None  # [N] int64 (with gradient rollout)
-
-    def accuracy(self) -> float | None:
-        """Share of images whose prediction is their label; None without predictions."""
-        if self.predicted is None or self.num_images == 0:
-            return None
-        return float(np.count_nonzero(self.predicted == self.labels)) / self.num_images
-
-
-def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, indices) of a vitviz.data.stream.DatasetBatch or of an (images, labels, indices) tuple."""
-    if hasattr(batch, "images"):
-        return batch.images, batch.labels, batch.indices
-    images, labels, indices = batch
-    return images, torch.as_tensor(labels), torch.as_tensor(indices)
-
-
-def _dataset_record(results: ImageResults, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
-    """What one batch leaves behind: small per-image numbers and the float64 sums of its maps."""
-    record: dict[str, Any] = {
-        "indices": indices.to(torch.int64).tolist(),
-        "labels": labels.to(torch.int64).tolist(),
-    }
-    for key, value in (("distance", results.distance), ("rollout", results.rollouts), ("gradient", results.gradients)):
-        if isinstance(value, NotApplicable):
-            record[f"{key}_not_applicable"] = value
-    if isinstance(results.distance, DistanceResult):
-        record["distance"] = results.distance.per_image  # [L, b, H] float64
-    maps = results.rollout_maps
-    if maps is not None and results.probabilities is not None:
-        record["rollout_sum"] = maps.astype(np.float64).sum(axis=0)
-        record["predicted"] = results.probabilities.argmax(axis=1).astype(np.int64).tolist()
-        record["probability"] = results.probabilities.max(axis=1).astype(np.float64).tolist()
-    if not isinstance(results.gradients, NotApplicable) and results.gradients:
-        record["gradient_sum"] = np.stack([g.map for g in results.gradients]).astype(np.float64).sum(axis=0)
-        record["gradient_targets"] = [g.target_class for g in results.gradients]
-    return record
-
-
-def _in_image_order(parts: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Every rank's batch records, ordered by their first image; the images must be 0..N-1, each once."""
-    records = sorted((r for part in parts for r in part), key=lambda r: r["indices"][0])
-    order = [i for r in records for i in r["indices"]]
-    if order != list(range(len(order))):
-        raise ValueError("the batches do not hold the images 0..N-1 once each, in order")
-    return records
-
-
-def dataset_analyses(
-    loaded: LoadedModel,
-    batches: Any,
-    analyses: Sequence[str],
-    options: AnalysisOptions,
-    progress: Callable[[int], None] | None = None,
-    *,
-    ranks: Any = None,
-) -> DatasetResults:
-    """DATASET_ANALYSES over a stream of batches, memory independent of the number of images.
-
-    Args:
-        batches: an iterable of vitviz.data.stream.DatasetBatch (or (images, labels, indices) tuples): the
-            preprocessed images [b, C, H, W], their labels and their positions in the slice. Under torchrun each
-            rank passes its own batches (vitviz.data.stream.dataset_batches).
-        analyses: names from DATASET_ANALYSES; filters and position are not image analyses and are ignored here;
-            the other image analyses keep per-image maps and are refused (VitvizError).
-        progress: called with the number of images after each batch.
-        ranks: a vitviz.data.stream.Ranks under torchrun; its `gather` collects every rank's per-batch records,
-            which are combined in image order, so every rank returns what one process would.
-
-    Each batch goes through `image_analyses` on its own; a batch's per-image numbers therefore equal those of a
-    one-process run with the same batches. The means add the batches' float64 sums in image order.
-    """
-    refused = [name for name in analyses if name in IMAGE_ANALYSES and name not in DATASET_ANALYSES]
-    if refused:
-        raise VitvizError(
-            f"{', '.join(refused)} keep(s) a map per image: run it on --images; a data-set run computes "
-            f"{', '.join(DATASET_ANALYSES)}"
-        )
-    wanted = [name for name in analyses if name in DATASET_ANALYSES]
-    if not wanted:
-        raise VitvizError(f"nothing to compute over a data set: ask for one of {', '.join(DATASET_ANALYSES)}")
-    options.check_model(loaded, wanted)
-    records: list[dict[str, Any]] = []
-    for batch in batches:
-        images, labels, indices = _batch_parts(batch)
-        results = image_analyses(loaded, images, wanted, options)
-        records.append(_dataset_record(results, labels, indices))
-        if progress is not None:
-            progress(len(indices))
-    parts = ranks.gather(records) if ranks is not None else [records]
-    ordered = _in_image_order(parts)
-    if not ordered:
-        raise VitvizError("no images to analyse")
-    count = sum(len(r["indices"]) for r in ordered)
-
-    def not_applicable(key: str) -> NotApplicable | None:
-        return next((r[f"{key}_not_applicable"] for r in ordered if f"{key}_not_applicable" in r), None)
-
-    def mean_map(key: str) -> np.ndarray | NotApplicable | None:
-        skipped = not_applicable("rollout" if key == "rollout_sum" else "gradient")
-        if skipped is not None:
-            return skipped
-        if key not in ordered[0]:
-            return None
-        total = ordered[0][key].copy()
-        for record in ordered[1:]:
-            total += record[key]
-        return total / count
-
-    distance: DistanceResult | NotApplicable | None = not_applicable("distance")
-    if distance is None and "distance" in ordered[0]:
-        per_image = torch.from_numpy(np.concatenate([r["distance"] for r in ordered], axis=1))  # (L, N, H)
-        pixels = per_image.mean(dim=1)
-        distance = DistanceResult.of(
-            AttentionDistance(
-                mode=options.distance_mode,
-                pixels=pixels,
-                std=per_image.std(dim=1, correction=0),
-                fraction=pixels / token_layout(loaded.model).img_size[1],
-                per_image=per_image,
-                num_images=count,
-            )
-        )
-
-    def per_image(key: str, dtype: type) -> np.ndarray | None:
-        return np.asarray([v for r in ordered for v in r[key]], dtype=dtype) if key in ordered[0] else None
-
-    return DatasetResults(
-        num_images=count,
-        indices=np.arange(count, dtype=np.int64),
-        labels=per_image("labels", np.int64),
-        distance=distance,
-        rollout_mean=mean_map("rollout_sum"),
-        gradient_mean=mean_map("gradient_sum"),
-        predicted=per_image("predicted", np.int64),
-        probability=per_image("probability", np.float64),
-        gradient_targets=per_image("gradient_targets", np.int64),
-    )
