@@ -207,9 +207,6 @@ def test_an_unreadable_model_gets_one_line_naming_model_and_attention_class(what
     ("name", "attention_class", "why"),
     [
         ("cait_xxs24_224", "cait.TalkingHeadAttn", "talking-heads"),
-        ("samvit_base_patch16", "vision_transformer_sam.Attention", "windowed"),
-        ("vit_dwee_patch16_reg1_gap_256", "diff_attention.DiffAttention", "differential"),
-        ("vit_dpwee_patch16_reg1_gap_256", "vision_transformer.DiffParallelScalingBlock", "differential"),
         ("vit_small_patch16_18x2_224", "vision_transformer.ParallelThingsBlock", "parallel attention branches"),
     ],
 )

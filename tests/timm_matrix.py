@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer_sam import Block as SamBlock
 from torch import nn
 
 from vitviz.analysis.distance import DistanceAccumulator
@@ -116,7 +118,8 @@ def build_small(name: str) -> tuple[nn.Module, str]:
 
 def eager_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """timm's own eager probabilities per block: a copy with fused_attn off everywhere, read at each block's
-    attn_drop (where timm's non-fused path passes them)."""
+    attn_drop (where timm's non-fused path passes them), as docs/design.md defines the map: SAM's windows placed
+    on the grid, differential attention's S1 - lambda S2."""
     eager = copy.deepcopy(model)
     for module in eager.modules():
         if hasattr(module, "fused_attn"):
@@ -126,10 +129,34 @@ def eager_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor
         drops = [module for name, module in block.named_modules() if name.rsplit(".", 1)[-1] == "attn_drop"]
         if len(drops) != 1:
             raise RuntimeError(f"{len(drops)} attn_drop modules in a {type(block).__name__}")
-        drops[0].register_forward_hook(lambda _m, _a, out: kept.append(out))
+        drops[0].register_forward_hook(functools.partial(_keep_as_defined, block, kept))
+        if isinstance(block, SamBlock):
+            block.register_forward_pre_hook(lambda module, args: setattr(module, "grid_seen", args[0].shape[:3]))
     with torch.no_grad():
         eager.forward_features(images)
     return kept
+
+
+def _keep_as_defined(block: nn.Module, kept: list[torch.Tensor], _module: nn.Module, _args: Any, out: Any) -> None:
+    """attn_drop's output as the map vitviz defines for the block's family."""
+    differential = block if hasattr(block, "lambda_init") else getattr(block, "attn", None)
+    if hasattr(differential, "lambda_init"):  # two maps per head, heads 2h and 2h + 1
+        pairs = out.unflatten(1, (-1, 2))
+        out = pairs[:, :, 0] - differential._compute_lambda().type_as(out) * pairs[:, :, 1]
+    elif isinstance(block, SamBlock) and block.window_size == 0:  # global: [B * heads, N, N]
+        out = out.reshape(block.grid_seen[0], block.attn.num_heads, *out.shape[-2:])
+    elif isinstance(block, SamBlock):  # windows [B * windows * heads, n, n] -> [B, heads, H*W, H*W]
+        batch, height, width = block.grid_seen
+        size, heads = block.window_size, block.attn.num_heads
+        rows, cols = -(-height // size), -(-width // size)
+        windows = out.reshape(batch, rows * cols, heads, size * size, size * size)
+        padded = out.new_zeros(batch, heads, rows * size, cols * size, rows * size, cols * size)
+        for index in range(rows * cols):
+            top, left = index // cols * size, index % cols * size
+            tile = windows[:, index].reshape(batch, heads, size, size, size, size)
+            padded[:, :, top : top + size, left : left + size, top : top + size, left : left + size] = tile
+        out = padded[:, :, :height, :width, :height, :width].reshape(batch, heads, height * width, height * width)
+    kept.append(out)
 
 
 def _exactness(model: nn.Module, images: torch.Tensor, captured: list[torch.Tensor]) -> str:

@@ -10,6 +10,8 @@ probabilities [B, H, N, N] are handed over and the module continues with the sam
 computed once, not fused and then again for capture. A module whose ``fused_attn`` is off is read where timm's
 non-fused path passes its probabilities, through ``attn_drop``. A wrapped Hugging Face model
 (``vitviz.models.hf``, eager attention) is read from what each attention module returns, (output, probabilities).
+Differential attention hands over S1 - lambda S2, the map that multiplies v, and SAM's windowed attention its
+windows placed on the real token grid (docs/design.md, "Attention in every timm family").
 
 Each layer's attention is handed to the consumers as soon as it exists and then dropped, so the extra memory
 is about one layer's attention whatever the depth. A consumer is any object with
@@ -51,10 +53,13 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention, AttentionRope, maybe_add_mask, resolve_self_attn_mask
+from timm.layers.diff_attention import DiffAttention
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
+from timm.models.vision_transformer_sam import Attention as SamAttention
+from timm.models.vision_transformer_sam import Block as SamBlock
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -92,6 +97,10 @@ class _AttentionSite:
     exit: nn.Module
     drop: nn.Module
     returns_probabilities: bool = False  # owner returns (output, probabilities): read them there (Hugging Face)
+    # "differential" or "windowed": read by a mode of its own (_DifferentialAttention, _WindowedAttention) from
+    # ``enter`` (fused path) or ``drop`` (non-fused path) to ``exit``; ``block`` is SAM's block (its input grid)
+    reader: str | None = None
+    block: nn.Module | None = None
 
 
 def _site(block: nn.Module) -> _AttentionSite | None:
@@ -99,6 +108,9 @@ def _site(block: nn.Module) -> _AttentionSite | None:
     if type(block).forward is ParallelScalingBlock.forward:
         # Fused qkv + MLP input projection; the attention output goes through a reshape to the MLP activation.
         return _AttentionSite(block, block.k_norm, False, block.mlp_act, block.attn_drop)
+    if type(block).forward is DiffParallelScalingBlock.forward:
+        # Differential attention in a parallel block: S1 - lambda S2 is applied to v before sub_norm.
+        return _AttentionSite(block, block.k_norm, False, block.sub_norm, block.attn_drop, reader="differential")
     attn = getattr(block, "attn", None)
     if attn is None:
         return None
@@ -110,15 +122,17 @@ def _site(block: nn.Module) -> _AttentionSite | None:
         # No k_norm, and the qkv projection may run as F.linear: the mode spans the whole forward up to proj;
         # the relative-position bias (own table plus the shared one) reaches the call as its float mask.
         return _AttentionSite(attn, attn, True, attn.proj, attn.attn_drop)
+    if forward is DiffAttention.forward:
+        return _AttentionSite(attn, attn.k_norm, False, attn.sub_norm, attn.attn_drop, reader="differential")
+    if forward is SamAttention.forward and type(block).forward is SamBlock.forward:
+        # Windowed (or global) attention over SAM's [B, H, W, C] grid; the block holds the window size.
+        return _AttentionSite(attn, attn.k_norm, False, attn.proj, attn.attn_drop, reader="windowed", block=block)
     return None
 
 
 # Attention classes known not to be read yet, with why (the one-line refusal says it).
 _NOT_READ_YET = {
-    "vision_transformer_sam.Attention": "windowed attention with decomposed relative position (SAM) is not read yet",
     "cait.TalkingHeadAttn": "talking-heads attention (CaiT) mixes heads after the softmax; it is not read yet",
-    "diff_attention.DiffAttention": "differential attention (two softmax maps per head) is not read yet",
-    "vision_transformer.DiffParallelScalingBlock": "differential attention (two softmax maps per head) is not read yet",
     "vision_transformer.ParallelThingsBlock": "parallel attention branches in one block are not read yet",
 }
 
@@ -249,6 +263,21 @@ def _explicit_attention(
     enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scaled_dot_product_attention`` as timm's non-fused path computes it: (probabilities, output)."""
+    attn = _explicit_probabilities(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
+
+
+def _explicit_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The probabilities [B, H, N, N] of ``scaled_dot_product_attention`` (same arguments; value is not read)."""
     if dropout_p != 0.0 or enable_gqa:
         raise RuntimeError("attention capture needs dropout off and one key/value head per query head")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -277,7 +306,7 @@ def _explicit_attention(
         # docs/benchmarks.md), it is as fast as a softmax into a new tensor when freed memory is kept for
         # reuse and faster when the allocator hands the new tensor out as fresh pages.
         attn = torch.softmax(scores, dim=-1, out=scores)
-    return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
+    return attn
 
 
 class _ExplicitAttention(TorchFunctionMode):
@@ -295,6 +324,185 @@ class _ExplicitAttention(TorchFunctionMode):
         attn, output = _explicit_attention(*args, **kwargs)
         self.deliver(attn)
         return output
+
+
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+_MULTIPLY = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+_SUBTRACT = (torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
+
+
+def _sdpa_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of one ``scaled_dot_product_attention`` call by name."""
+    return {**dict(zip(_SDPA_ARGUMENTS, args)), **kwargs}
+
+
+class _DifferentialAttention(_ExplicitAttention):
+    """Differential attention (timm's DiffAttention and DiffParallelScalingBlock): head h has two softmax maps,
+    S1 from query/key heads 2h and S2 from 2h + 1, one value v, and its output is (S1 - lambda S2) @ v, with one
+    lambda per module. Hands over M = S1 - lambda S2 [B, H, N, N], the map that multiplies v.
+
+    Fused path (entered after k_norm): the two attention calls are computed explicitly and answer stand-ins;
+    the forward's ``lambda_full * attn2`` gives lambda (the very scalar the forward uses) and its
+    ``attn1 - ...`` answers M @ v, as timm's non-fused path computes it. Non-fused path (entered after
+    attn_drop, where timm's softmax is done): the first product in the span is timm's own M @ v; M is read there.
+    """
+
+    def __init__(self, deliver: Callable[[torch.Tensor], None], fused: bool) -> None:
+        super().__init__(deliver)
+        self.fused = fused
+        self._reset()
+
+    def _reset(self) -> None:
+        self._calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (S, v, stand-in) per call
+        self._weighted: tuple[torch.Tensor, torch.Tensor] | None = None  # (lambda, stand-in for lambda * attn2)
+        self._done = False
+
+    def __enter__(self) -> _DifferentialAttention:
+        self._reset()
+        return super().__enter__()
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self._done:
+            return func(*args, **kwargs)
+        if not self.fused:
+            if func in _MATMUL:
+                self._done = True
+                self.deliver(args[0])
+            return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            if len(self._calls) == 2:
+                raise RuntimeError("differential attention made more than two attention calls")
+            named = _sdpa_arguments(args, kwargs)
+            probabilities = _explicit_probabilities(**named)
+            value = named["value"]
+            stand_in = value.new_zeros(()).expand(*probabilities.shape[:-1], value.shape[-1])
+            self._calls.append((probabilities, value, stand_in))
+            return stand_in
+        if len(self._calls) == 2 and self._weighted is None and func in _MULTIPLY and len(args) == 2:
+            second = self._calls[1][2]
+            if args[0] is second or args[1] is second:
+                weight = args[1] if args[0] is second else args[0]
+                self._weighted = (weight, second.view(second.shape))  # a new object to recognise
+                return self._weighted[1]
+        weighted = self._weighted
+        if weighted is not None and func in _SUBTRACT and len(args) == 2 and args[1] is weighted[1]:
+            if args[0] is not self._calls[0][2]:
+                raise RuntimeError("differential attention subtracted something else than its first map")
+            (first, value, _), (second, _, _) = self._calls
+            self._reset()
+            self._done = True
+            # timm's expression S1 - lambda S2; without autograd in place (the same values, no third tensor)
+            grad = torch.is_grad_enabled()
+            attn = first - weighted[0] * second if grad else first.sub_(second.mul_(weighted[0]))
+            self.deliver(attn)
+            return attn @ value
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _window_pairs(
+    height: int, width: int, window: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAM's windows over an H x W grid (padded at the bottom and right to whole windows, windows in row-major
+    order, tokens row-major inside each, as timm's window_partition does): (src, dst, real) where src indexes the
+    (query, key) pairs of real tokens in the flat windows' maps [num_windows * n * n], dst the same pairs in the
+    flat grid map [N * N] (N = H * W), and real is the bool mask of src over the windows' maps."""
+    padded_h, padded_w = -(-height // window) * window, -(-width // window) * window
+    ys = torch.arange(padded_h)[:, None]
+    xs = torch.arange(padded_w)[None, :]
+    position = torch.where((ys < height) & (xs < width), ys * width + xs, -1)  # grid index, -1 on padding
+    tokens = window * window
+    windows = position.view(padded_h // window, window, padded_w // window, window).permute(0, 2, 1, 3)
+    windows = windows.reshape(-1, tokens)  # (num_windows, n)
+    queries, keys = windows[:, :, None].expand(-1, -1, tokens), windows[:, None, :].expand(-1, tokens, -1)
+    real = ((queries >= 0) & (keys >= 0)).reshape(-1)
+    src = torch.nonzero(real).squeeze(1)
+    dst = (queries * (height * width) + keys).reshape(-1)[real]
+    return src.to(device), dst.to(device), real.to(device)
+
+
+class _WindowedAttention(_ExplicitAttention):
+    """SAM's attention (timm's vision_transformer_sam): a block attends within windows of w x w tokens of its
+    [B, H, W, C] grid, padded with zero tokens to whole windows (or, with window size 0, over the whole grid),
+    with the decomposed relative-position bias added to the logits. Hands over the map over the real grid,
+    [B, heads, N, N] with N = H * W: a global block's probabilities as they are; a windowed block's windows
+    placed at their tokens' grid positions, zero between windows, pad keys left out (so a query row of a window
+    that holds padding sums to 1 minus what it gives the pad tokens).
+
+    Fused path (entered after k_norm): the attention call is computed explicitly. Non-fused path (entered after
+    attn_drop): the first product in the span is timm's own probabilities @ v. Either way the output is the
+    windows' probabilities @ v as timm's non-fused path computes it; under autograd the windows are read back
+    from the grid map (pad keys from the probabilities), so the grid map's gradient is the model's.
+    """
+
+    def __init__(self, deliver: Callable[[torch.Tensor], None], heads: int, window: int, fused: bool) -> None:
+        super().__init__(deliver)
+        self.heads = heads
+        self.window = window
+        self.fused = fused
+        self.grid: tuple[int, int, int] | None = None  # (B, H, W) of the block's input, set by its pre-hook
+        self._done = False
+
+    def __enter__(self) -> _WindowedAttention:
+        self._done = False
+        return super().__enter__()
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self._done:
+            return func(*args, **kwargs)
+        if self.fused and func is F.scaled_dot_product_attention:
+            named = _sdpa_arguments(args, kwargs)  # q, k, v [B' * heads, n, d]; the bias [B' * heads, n, n]
+            query, key, value = named.pop("query"), named.pop("key"), named.pop("value")
+            tokens = query.shape[-2]
+            if named.get("attn_mask") is not None:
+                named["attn_mask"] = named["attn_mask"].reshape(-1, self.heads, tokens, tokens)
+            probabilities = _explicit_probabilities(
+                query.reshape(-1, self.heads, tokens, query.shape[-1]),
+                key.reshape(-1, self.heads, tokens, key.shape[-1]),
+                **named,
+            )
+            return self._read(probabilities, value)
+        if not self.fused and func in _MATMUL:
+            probabilities, value = args[0], args[1]
+            tokens = probabilities.shape[-1]
+            return self._read(probabilities.reshape(-1, self.heads, tokens, tokens), value)
+        return func(*args, **kwargs)
+
+    def _read(self, probabilities: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Deliver the grid map of the windows' probabilities [B', heads, n, n]; return them @ v."""
+        self._done = True
+        if self.grid is None:
+            raise RuntimeError("SAM block input grid not recorded")
+        batch, height, width = self.grid
+        tokens = probabilities.shape[-1]
+        if self.window == 0:
+            self.deliver(probabilities)  # the whole grid: [B, heads, N, N]
+        else:
+            src, dst, real = _window_pairs(height, width, self.window, probabilities.device)
+            num_windows = probabilities.shape[0] // batch
+            flat = tokens * tokens
+            windows = probabilities.reshape(batch, num_windows, self.heads, flat).transpose(1, 2)
+            windows = windows.reshape(batch, self.heads, num_windows * flat)
+            pairs = windows.index_select(-1, src)
+            num_tokens = height * width
+            grid_map = probabilities.new_zeros(batch, self.heads, num_tokens * num_tokens)
+            if not torch.is_grad_enabled():
+                grid_map.index_copy_(-1, dst, pairs)
+                self.deliver(grid_map.view(batch, self.heads, num_tokens, num_tokens))
+            else:
+                square = grid_map.index_copy(-1, dst, pairs).view(batch, self.heads, num_tokens, num_tokens)
+                self.deliver(square)
+                # The windows again, real pairs read from the delivered map: the same values, and the output
+                # depends on that map, so autograd gives its gradient (zero between windows).
+                again = square.reshape(batch, self.heads, num_tokens * num_tokens).index_select(-1, dst)
+                windows = windows.masked_fill(real, 0.0).index_copy(-1, src, again)
+                probabilities = windows.view(batch, self.heads, num_windows, tokens, tokens).transpose(1, 2)
+                probabilities = probabilities.reshape(batch * num_windows, self.heads, tokens, tokens)
+        output = probabilities @ value.reshape(-1, self.heads, tokens, value.shape[-1])
+        return output.reshape(*value.shape[:-1], value.shape[-1])
 
 
 class _CaptureSession:
@@ -355,6 +563,37 @@ class _CaptureSession:
 
         return hook
 
+    def _reader_hooks(self, layer_index: int, site: _AttentionSite) -> list[torch.utils.hooks.RemovableHandle]:
+        """Differential and windowed attention: their own mode spans the attention call(s) to the product with v,
+        from k_norm's output (fused path) or attn_drop's (non-fused path, after timm's softmax) to ``exit``."""
+        fused = bool(site.owner.fused_attn)
+        deliver = functools.partial(self._deliver, layer_index)
+        handles = []
+        mode: _ExplicitAttention
+        if site.reader == "differential":
+            mode = _DifferentialAttention(deliver, fused)
+        else:
+            assert site.block is not None
+            windowed = _WindowedAttention(deliver, site.owner.num_heads, int(site.block.window_size), fused)
+
+            def grid_hook(module: nn.Module, args: Any, *_rest: Any) -> None:
+                if threading.get_ident() == self.owner:
+                    windowed.grid = tuple(args[0].shape[:3])  # the block's input [B, H, W, C]
+                return None
+
+            handles.append(site.block.register_forward_pre_hook(grid_hook))
+            mode = windowed
+
+        def enter(module: nn.Module, *_rest: Any) -> None:
+            if threading.get_ident() == self.owner:
+                mode.__enter__()
+                self.active_modes.append(mode)
+            return None
+
+        handles.append((site.enter if fused else site.drop).register_forward_hook(enter))
+        handles.append(site.exit.register_forward_pre_hook(self._exit_hook))
+        return handles
+
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Install the hooks for the duration of the block; they are removed however it exits."""
@@ -364,6 +603,9 @@ class _CaptureSession:
                 for layer_index, site in enumerate(self.sites):
                     if site.returns_probabilities:
                         handles.append(site.owner.register_forward_hook(self._returned_hook(layer_index)))
+                        continue
+                    if site.reader is not None:
+                        handles.extend(self._reader_hooks(layer_index, site))
                         continue
                     if not site.owner.fused_attn:
                         handles.append(site.drop.register_forward_hook(self._unfused_hook(layer_index)))

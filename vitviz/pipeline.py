@@ -713,7 +713,7 @@ def image_analyses(
                     lens.finish_batch(logits.argmax(dim=-1))
                 else:
                     lens.finish_batch(torch.full((batch.shape[0],), options.target_class, dtype=torch.long))
-        if "gradient-rollout" in analyses:
+        if "gradient-rollout" in analyses and has_classifier_head(model):
             grads = attention_gradients(model, batch, options.target_class)
             gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout).cpu().numpy())
             targets.extend(int(t) for t in torch.as_tensor(grads.target_class).expand(batch.shape[0]).tolist())
@@ -751,6 +751,8 @@ def image_analyses(
             for b in range(rows.shape[1])
         )
     gradients: tuple[GradientRolloutResult, ...] | NotApplicable = not_run("gradient-rollout", ())
+    if "gradient-rollout" in analyses and not has_classifier_head(model):  # no class logit to differentiate
+        gradients = NotApplicable(NO_CLASSIFIER_HEAD)
     if gradient_maps:
         gradients = tuple(
             GradientRolloutResult(map=m, target_class=t) for m, t in zip(np.concatenate(gradient_maps), targets)

@@ -75,7 +75,7 @@ def query_attention_distance(attn: torch.Tensor, layout: TokenLayout, mode: str 
         row_sums = weights.sum(dim=-1) if mode == "renormalised" else None
         per_query = weights.mul_(distances).sum(dim=-1)  # (B, h, n)
         if row_sums is not None:
-            per_query = per_query / torch.where(row_sums > 0, row_sums, 1.0)
+            per_query = per_query / torch.where(row_sums != 0, row_sums, 1.0)  # signed maps: any sign
         chunks.append(per_query)
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 

@@ -4,6 +4,8 @@ Attention rollout (Abnar & Zuidema 2020), for each layer from ``start_layer`` to
 fuse heads (mean, max or min) into F [N, N]; if ``discard_ratio`` r (0 <= r < 1) is above 0, set the
 floor(r*N*N) smallest entries of F to zero, per image, except entry (0, 0), which is kept if it is among them
 (as vit-explain does); A = 0.5 F + 0.5 I; divide each row of A by its sum; R = A @ R, R starting as I.
+A row of A that does not sum to a positive number (signed maps: differential attention, docs/design.md) makes
+the rollout undefined; it is refused with one line.
 floor(r*N*N) is taken exactly from r's decimal value (0.29 * 100 is 29 here, 28 in float arithmetic), and
 ties among the smallest entries go to the lower flat index.
 
@@ -109,7 +111,17 @@ def _rollout_factor(fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
         fused = flat.masked_fill(drop, 0.0).reshape(batch, num_tokens, num_tokens)
     mixed = fused.mul_(0.5)
     mixed.diagonal(dim1=-2, dim2=-1).add_(0.5)
-    return mixed.div_(mixed.sum(dim=-1, keepdim=True))
+    return mixed.div_(_positive_rows(mixed.sum(dim=-1, keepdim=True)))
+
+
+def _positive_rows(sums: torch.Tensor) -> torch.Tensor:
+    """The row sums of 0.5 F + 0.5 I (any positive multiple), refused when one is not positive."""
+    if bool((sums <= 0).any()):
+        raise VitvizError(
+            "attention rollout is undefined for this attention: a row of 0.5 F + 0.5 I does not sum to a positive "
+            "number (a signed map, e.g. differential attention with head fusion min); try head fusion mean"
+        )
+    return sums
 
 
 def _pull_through(row: torch.Tensor, fused: torch.Tensor, scale: float, discard_ratio: float) -> torch.Tensor:
@@ -124,7 +136,7 @@ def _pull_through(row: torch.Tensor, fused: torch.Tensor, scale: float, discard_
         heads_fused = fused.to(torch.float64) / scale
         return (row[:, None, :] @ _rollout_factor(heads_fused, discard_ratio))[:, 0, :]
     fused = fused.to(torch.float64)
-    w = (row / fused.sum(dim=-1).add_(scale))[:, None, :]  # (B, 1, N)
+    w = (row / _positive_rows(fused.sum(dim=-1).add_(scale)))[:, None, :]  # (B, 1, N)
     return torch.baddbmm(w, w, fused, beta=scale)[:, 0, :]  # c w + w S
 
 
