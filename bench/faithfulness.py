@@ -1,12 +1,157 @@
-"""Bench figures: deletion/insertion curve cost and data-set memory."""
+"""Bench figures: what the faithfulness curves and integrated gradients cost (`vitviz.faithfulness`).
+
+faithfulness curves     `deletion_insertion_curves` of one image: building the 2(S+1) masked inputs, their
+                        forwards in batches of ``batch_size`` and the softmax, against plain forwards of the same
+                        2(S+1) inputs (built once beforehand) in the same batches under `torch.inference_mode()`.
+                        Target: at most 1.10, i.e. masking and reading out the curves cost at most a tenth of the
+                        forwards they need. The map is random (content does not change the work), S = min(n, 50).
+integrated gradients    `explanation_maps(..., "integrated-gradients")` (Captum, `ig_steps` = 50 interpolation
+                        points per image, each a forward and a backward) against plain forwards of the same number
+                        of inputs (ig_steps per image) in the same batches: what the backward passes and Captum add.
+                        For information; the detail gives seconds per image.
+
+Timing: `bench.common.paired_timing`, alternating rounds, the figure is the median of the per-round ratios.
+Sizes come from plan.label: "full" the bundled default checkpoint and timm's vit_tiny_patch16_224 (random
+weights, no download), "quick" the bundled default only, "tiny" the plan's tiny checkpoint.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from bench.common import Figure, Plan
+import torch
+
+from bench.common import LOWER, Figure, Plan, paired_timing, random_images
+from vitviz.faithfulness import (
+    FaithfulnessOptions,
+    default_steps,
+    deletion_insertion_curves,
+    explanation_maps,
+    masked_inputs,
+    step_counts,
+)
+from vitviz.models import LoadedModel, load_model
+from vitviz.tokens import token_layout
+
+logger = logging.getLogger(__name__)
+
+CURVES_TARGET = 1.10
+BUNDLED_DEFAULT = str(Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "shapes-default.safetensors")
+IG_IMAGES = {"full": 4, "quick": 4, "tiny": 2}
+
+
+def _sources(plan: Plan) -> tuple[str, ...]:
+    if plan.label == "full":
+        return (BUNDLED_DEFAULT, "timm:vit_tiny_patch16_224")
+    if plan.label == "quick":
+        return (BUNDLED_DEFAULT,)
+    return plan.capture_sources[:1]  # tiny: the plan's tiny checkpoint
+
+
+def _label(source: str, loaded: LoadedModel) -> str:
+    name = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
+    return f"{name} {'x'.join(str(s) for s in loaded.meta.input_size)}"
+
+
+def _plain_forwards(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> None:
+    with torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            model(inputs[start : start + batch_size])
+
+
+def curves_figure(source: str, plan: Plan) -> Figure:
+    """One image's deletion and insertion curves vs plain forwards of the same 2(S+1) inputs, same batches."""
+    loaded = load_model(source)
+    model = loaded.model
+    layout = token_layout(model)
+    batch_size = FaithfulnessOptions().batch_size
+    steps = default_steps(layout.num_patches)
+    image = random_images(1, loaded.meta)[0]
+    relevance = torch.rand(layout.grid, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    deletion, insertion = masked_inputs(image, relevance, step_counts(layout.num_patches, steps), layout.stride)
+    inputs = torch.cat([deletion, insertion])  # the same inputs the curves build, made once for the baseline
+
+    def plain() -> None:
+        _plain_forwards(model, inputs, batch_size)
+
+    def curves() -> None:
+        deletion_insertion_curves(model, image, relevance, 0, steps, layout.stride, batch_size=batch_size)
+
+    logger.info("faithfulness curves: %s, S = %d", source, steps)
+    timing = paired_timing(
+        plain, curves, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock, min_round_s=plan.round_s
+    )
+    count = inputs.shape[0]
+    return Figure(
+        name=f"faithfulness curves {_label(source, loaded)}: {count} masked inputs of one image",
+        value=timing.ratio,
+        target=CURVES_TARGET,
+        better=LOWER,
+        unit="ratio",
+        baseline=(
+            f"{count} plain forwards of the same inputs in batches of {batch_size}: "
+            f"{timing.baseline_s * 1000:.1f} ms {timing.clock} time"
+        ),
+        detail={
+            **timing.detail(),
+            "steps": steps,
+            "patches": layout.num_patches,
+            "inputs": count,
+            "batch_size": batch_size,
+            "source": source,
+        },
+    )
+
+
+def integrated_gradients_figure(source: str, plan: Plan) -> Figure:
+    """Integrated-gradients maps of a few images vs plain forwards of as many inputs as it interpolates."""
+    loaded = load_model(source)
+    model = loaded.model
+    options = FaithfulnessOptions()
+    images = random_images(IG_IMAGES.get(plan.label, 2), loaded.meta)
+    count = images.shape[0]
+    targets = torch.zeros(count, dtype=torch.long)
+    interpolated = images.repeat_interleave(options.ig_steps, dim=0)  # ig_steps inputs per image, as Captum's
+
+    def plain() -> None:
+        _plain_forwards(model, interpolated, options.batch_size)
+
+    def integrated() -> None:
+        explanation_maps(
+            model,
+            images,
+            "integrated-gradients",
+            targets,
+            batch_size=options.batch_size,
+            ig_steps=options.ig_steps,
+        )
+
+    logger.info("faithfulness integrated gradients: %s, %d images", source, count)
+    timing = paired_timing(plain, integrated, warmup=min(plan.warmup, 1), repeats=plan.repeats, clock=plan.clock)
+    return Figure(
+        name=f"faithfulness integrated gradients {_label(source, loaded)}: cost per image",
+        value=timing.ratio,
+        target=None,
+        better=LOWER,
+        unit="ratio",
+        baseline=(
+            f"{options.ig_steps} plain forwards per image in batches of {options.batch_size}: "
+            f"{timing.baseline_s / count * 1000:.1f} ms per image {timing.clock} time"
+        ),
+        detail={
+            **timing.detail(),
+            "seconds_per_image": round(timing.measured_s / count, 5),
+            "images": count,
+            "ig_steps": options.ig_steps,
+            "batch_size": options.batch_size,
+            "source": source,
+        },
+    )
 
 
 def faithfulness_figures(plan: Plan, scratch: Path) -> list[Figure]:
     """The figures for plan.label ("full", "quick" or "tiny")."""
-    return []
+    figures = [curves_figure(source, plan) for source in _sources(plan)]
+    figures += [integrated_gradients_figure(source, plan) for source in _sources(plan)]
+    return figures

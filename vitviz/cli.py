@@ -9,6 +9,11 @@
     python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
         [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
 
+Instead of --images, both analyze and faithfulness take a slice of a data set, streamed in batches:
+    --dataset shapes|digits|mnist|cifar10|folder:PATH [--split test] [--limit N] [--root DIR] [--download]
+and then also run under `torchrun --nproc_per_node=K`, the images shared out between the processes and the
+JSON (written by rank 0) the one a single process writes (docs/design.md, "Data sets and torchrun").
+
 MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>. A user's mistake prints one
 line on stderr and exits with status 2; progress goes to stderr, results to the files asked for (or the
 JSON to stdout with `--json -`).
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="run the paper's analyses and write JSON and figures")
     add_model(analyze)
     analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
+    add_dataset_arguments(analyze)
     analyze.add_argument(
         "--analyses",
         help="comma-separated subset of filters,position,distance,rollout,gradient-rollout (the default: all five)"
@@ -86,6 +92,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_faithfulness_parser(sub, add_model)
     return parser
+
+
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """--dataset, --split, --limit, --root, --download: a data-set slice instead of --images."""
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="a data set instead of --images: shapes, digits, mnist, cifar10 (or fashion-mnist, cifar100), folder:PATH",
+    )
+    p.add_argument("--split", default="test", help="train, val or test, optionally sliced: test[:500] (test)")
+    p.add_argument("--limit", type=int, help="only the first N images of the split")
+    p.add_argument("--root", help="where mnist/cifar10 are (mnist: default the bundled test set; cifar10: ./data)")
+    p.add_argument("--download", action="store_true", help="let torchvision download cifar10 (needs the network)")
+
+
+def _dataset_slice(args: argparse.Namespace) -> Any:
+    """The DatasetSlice that --dataset asks for, or None; --images with --dataset, or torchrun without it, is refused."""
+    import os
+
+    if args.dataset is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise VitvizError("under torchrun, pass --dataset: the processes share out a data set's images")
+        for name in ("limit", "root"):
+            if getattr(args, name) is not None:
+                raise VitvizError(f"--{name} needs --dataset")
+        return None
+    if args.images:
+        raise VitvizError("pass --images or --dataset, not both")
+    from vitviz.data.stream import DatasetSlice
+
+    return DatasetSlice.parse(args.dataset, split=args.split, limit=args.limit, root=args.root)
+
+
+def _open_slice(slice_: Any, loaded: LoadedModel, download: bool) -> Any:
+    """The slice preprocessed as `loaded` expects (its input size, channels and normalisation)."""
+    from vitviz.data.stream import open_dataset
+
+    meta = loaded.meta
+    return open_dataset(
+        slice_, input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std, download=download
+    )
 
 
 def collect_images(paths: Sequence[str]) -> list[Path]:
@@ -322,6 +369,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    slice_ = _dataset_slice(args)
+    if slice_ is not None:
+        return analyze_dataset(args, slice_, analyses, options)
     files = collect_images(args.images)
     wanted_image_analyses = [a for a in analyses if a in IMAGE_ANALYSES]
     if wanted_image_analyses and not files:
@@ -379,7 +429,8 @@ def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentPars
         "faithfulness", help="deletion/insertion curves of explanation maps and the cascading-randomisation check"
     )
     add_model(p)
-    p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
+    add_dataset_arguments(p)
     p.add_argument(
         "--methods",
         help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
@@ -410,6 +461,11 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     )
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    slice_ = _dataset_slice(args)
+    if slice_ is not None:
+        return faithfulness_dataset(args, slice_, options)
+    if not args.images:
+        raise VitvizError("faithfulness needs images: pass --images PATH ... or --dataset NAME")
     files = collect_images(args.images)
     loaded = _load(args)
     images = _load_images(files, loaded)
@@ -430,6 +486,177 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         written = write_faithfulness_figures(Path(args.figures), result)
         logger.info("wrote %d figures to %s", len(written), args.figures)
     return 0
+
+
+# --- data sets, streamed, and torchrun (docs/design.md, "Data sets and torchrun") ----------------------
+
+
+def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], options: Any) -> dict[str, Any]:
+    """The JSON's "dataset", "distance", "rollout" and "gradient_rollout" sections of a data-set run.
+
+    `class_names` are the data set's; the accuracy is given only when they are the model's classes.
+    """
+    from vitviz.pipeline import DistanceResult, NotApplicable
+
+    per_image: list[dict[str, Any]] = []
+    for position, (index, label) in enumerate(zip(results.indices.tolist(), results.labels.tolist())):
+        entry: dict[str, Any] = {"image": slice_.image_name(index), "index": index, "label": label}
+        if results.predicted is not None:
+            entry["predicted"] = int(results.predicted[position])
+            entry["probability"] = float(results.probability[position])
+        if results.gradient_targets is not None:
+            entry["gradient_target"] = int(results.gradient_targets[position])
+        per_image.append(entry)
+    sections: dict[str, Any] = {
+        "dataset": {
+            **slice_.describe(),
+            "num_images": results.num_images,
+            "class_names": list(class_names),
+            "accuracy": results.accuracy() if list(class_names) == list(options["model_classes"]) else None,
+            "per_image": per_image,
+        }
+    }
+    if isinstance(results.distance, NotApplicable):
+        sections["distance"] = {"not_applicable": results.distance.reason}
+    elif isinstance(results.distance, DistanceResult):
+        d = results.distance
+        sections["distance"] = {
+            "mode": d.mode,
+            "pixels": d.pixels.tolist(),
+            "std": d.std.tolist(),
+            "fraction": d.fraction.tolist(),
+            "num_images": d.num_images,
+        }
+    for key, mean, extra in (
+        ("rollout", results.rollout_mean, options["rollout"]),
+        ("gradient_rollout", results.gradient_mean, options["gradient_rollout"]),
+    ):
+        if isinstance(mean, NotApplicable):
+            sections[key] = {"not_applicable": mean.reason}
+        elif mean is not None:
+            sections[key] = {**extra, "num_images": results.num_images, "mean_map": mean.tolist()}
+    return sections
+
+
+def _quiet_unless_main(ranks: Any) -> None:
+    """Under torchrun only rank 0 reports: the other ranks' notes are dropped (their errors still print)."""
+    if not ranks.is_main:
+        logger.setLevel(logging.WARNING)
+
+
+def _progress_bar(total: int, desc: str, unit: str, ranks: Any) -> Any:
+    """tqdm on stderr for rank 0 (its share of the work under torchrun), disabled on the other ranks."""
+    from tqdm import tqdm
+
+    if ranks.world_size > 1:
+        desc = f"{desc} (rank 0 of {ranks.world_size})"
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if ranks.is_main else True)
+
+
+def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], options: Any) -> int:
+    """`analyze --dataset`: filters and position once, the image analyses streamed over the slice (and ranks)."""
+    from vitviz.data.stream import Ranks, dataset_batches, rank_batches
+    from vitviz.pipeline import IMAGE_ANALYSES, DistanceResult, dataset_analyses, filters, model_card, position
+
+    ranks = Ranks.from_environment()
+    _quiet_unless_main(ranks)
+    try:
+        loaded = _load(args)
+        options.check_model(loaded, analyses)
+        data = _open_slice(slice_, loaded, args.download)
+        result: dict[str, Any] = {"model": model_card(loaded).model_section()}
+        filter_result = position_result = None
+        if "filters" in analyses:
+            filter_result = filters(loaded, options.components)
+            result["filters"] = filters_section(filter_result)
+        if "position" in analyses:
+            position_result = position(loaded)
+            result["position"] = position_section(position_result)
+        image_results = None
+        if any(a in IMAGE_ANALYSES for a in analyses):
+            mine = sum(len(b) for b in rank_batches(len(data), options.batch_size, ranks.rank, ranks.world_size))
+            with _progress_bar(mine, f"analysing {slice_.name} {slice_.split}", "img", ranks) as bar:
+                image_results = dataset_analyses(
+                    loaded,
+                    dataset_batches(data, options.batch_size, ranks=ranks),
+                    analyses,
+                    options,
+                    progress=bar.update,
+                    ranks=ranks,
+                )
+            target = "predicted" if options.target_class is None else options.target_class
+            section_options = {
+                "model_classes": list(loaded.meta.class_names),
+                "rollout": {
+                    "head_fusion": options.head_fusion,
+                    "discard_ratio": options.discard_ratio,
+                    "start_layer": options.start_layer,
+                },
+                "gradient_rollout": {"target_class": target},
+            }
+            result.update(dataset_sections(image_results, slice_, data.class_names, section_options))
+        if not ranks.is_main:
+            return 0
+        if args.json_out is not None:
+            write_json(result, args.json_out)
+        if args.figures is not None:
+            folder = Path(args.figures)
+            written = write_figures(folder, loaded, filter_result, position_result, None, None, [])
+            if image_results is not None and isinstance(image_results.distance, DistanceResult):
+                from vitviz.plots import paper
+
+                d = image_results.distance
+                written += paper.save_figure(paper.distance_figure(d.pixels, std=d.std), folder / "distance")
+            logger.info("wrote %d figures to %s", len(written), args.figures)
+        return 0
+    finally:
+        ranks.close()
+
+
+def faithfulness_dataset(args: argparse.Namespace, slice_: Any, options: Any) -> int:
+    """`faithfulness --dataset`: the curves streamed over the slice (and ranks), per image only the AUCs."""
+    from vitviz.data.stream import Ranks, dataset_batches, rank_batches
+    from vitviz.faithfulness import dataset_faithfulness
+    from vitviz.pipeline import model_card
+
+    ranks = Ranks.from_environment()
+    _quiet_unless_main(ranks)
+    try:
+        if options.sanity:
+            raise VitvizError("--sanity keeps every map of every randomisation stage: run it on --images")
+        loaded = _load(args)
+        data = _open_slice(slice_, loaded, args.download)
+        # The curves' batch is --batch-size masked inputs; the images come 16 at a time (the maps' batch).
+        images_per_batch = min(options.batch_size, 16)
+        mine = sum(len(b) for b in rank_batches(len(data), images_per_batch, ranks.rank, ranks.world_size))
+        with _progress_bar(mine * len(options.methods), "faithfulness", "map", ranks) as bar:
+            result = dataset_faithfulness(
+                loaded.model,
+                dataset_batches(data, images_per_batch, ranks=ranks),
+                options,
+                image_name=slice_.image_name,
+                dataset=slice_.describe(),
+                ranks=ranks,
+                progress=bar.update,
+            )
+        if not ranks.is_main:
+            return 0
+        if args.json_out is not None:
+            write_json(result.to_json(model_card(loaded).model_section()), args.json_out)
+        if args.figures is not None:
+            from vitviz.plots import faithfulness as plots
+            from vitviz.plots.paper import save_figure
+
+            deletion = {name: m.mean_deletion.numpy() for name, m in result.methods.items()}
+            insertion = {name: m.mean_insertion.numpy() for name, m in result.methods.items()}
+            title = f"{slice_.name} {slice_.split}: {result.dataset['num_images']} image(s), S = {result.steps}"
+            written = save_figure(
+                plots.curves_figure(deletion, insertion, title=title), Path(args.figures) / "faithfulness-curves"
+            )
+            logger.info("wrote %d figures to %s", len(written), args.figures)
+        return 0
+    finally:
+        ranks.close()
 
 
 def write_faithfulness_figures(folder: Path, result: Any) -> list[Path]:

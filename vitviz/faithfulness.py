@@ -35,6 +35,7 @@ Public API:
     METHODS, DEFAULT_METHODS, parse_methods(text) -> list of method names
     FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps)
     run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section))
+    dataset_faithfulness(model, batches, options, ...) -> DatasetFaithfulnessResult: a data set streamed in batches
     explanation_maps(model, images, method, targets, ...) -> [B, gh, gw] float64
     deletion_insertion_curves(model, image, relevance, target, steps, stride) -> (deletion, insertion) [S+1]
     sanity_check(model, images, original_maps, targets, options) -> {method: SanityResult}
@@ -66,6 +67,9 @@ __all__ = [
     "BASELINE",
     "DEFAULT_METHODS",
     "METHODS",
+    "DatasetFaithfulnessResult",
+    "DatasetImage",
+    "DatasetMethodResult",
     "FaithfulnessOptions",
     "FaithfulnessResult",
     "ImageCurves",
@@ -74,6 +78,7 @@ __all__ = [
     "SanityResult",
     "cascading_randomisation",
     "curve_auc",
+    "dataset_faithfulness",
     "default_steps",
     "deletion_insertion_curves",
     "explanation_maps",
@@ -658,3 +663,184 @@ def sanity_check(
 
 def _any_training(model: nn.Module) -> bool:
     return any(module.training for module in model.modules())
+
+
+# ---------------------------------------------------------------- a data set, streamed
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """One image of a data-set run under one method: its numbers, without its map and curves."""
+
+    image: str
+    index: int  # position in the slice
+    label: int
+    target_class: int
+    deletion_auc: float
+    insertion_auc: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "index": self.index,
+            "label": self.label,
+            "target_class": self.target_class,
+            "deletion_auc": self.deletion_auc,
+            "insertion_auc": self.insertion_auc,
+        }
+
+
+@dataclass(frozen=True)
+class DatasetMethodResult:
+    """One method over a data-set slice: mean AUCs, mean curves, and per image its AUCs (no maps, no curves)."""
+
+    method: str
+    deletion_auc: float
+    insertion_auc: float
+    seconds_per_image: float  # wall time of the maps and curves summed over the ranks, per image
+    mean_deletion: torch.Tensor  # [S+1] float64, the mean of the images' curves
+    mean_insertion: torch.Tensor  # [S+1] float64
+    per_image: tuple[DatasetImage, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deletion_auc": self.deletion_auc,
+            "insertion_auc": self.insertion_auc,
+            "seconds_per_image": self.seconds_per_image,
+            "mean_deletion": self.mean_deletion.tolist(),
+            "mean_insertion": self.mean_insertion.tolist(),
+            "per_image": [image.to_json() for image in self.per_image],
+        }
+
+
+@dataclass(frozen=True)
+class DatasetFaithfulnessResult:
+    """What dataset_faithfulness computed; `dataset` describes the slice (its JSON "dataset" section)."""
+
+    steps: int
+    baseline: str
+    target_class: int | None
+    methods: Mapping[str, DatasetMethodResult]
+    dataset: Mapping[str, Any]
+
+    def to_json(self, model_section: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "model": dict(model_section),
+            "dataset": dict(self.dataset),
+            "protocol": {
+                "steps": self.steps,
+                "baseline": self.baseline,
+                "target": "predicted" if self.target_class is None else self.target_class,
+            },
+            "methods": {name: result.to_json() for name, result in self.methods.items()},
+        }
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def dataset_faithfulness(
+    model: nn.Module,
+    batches: Any,
+    options: FaithfulnessOptions | None = None,
+    *,
+    image_name: Callable[[int], str] = str,
+    dataset: Mapping[str, Any] | None = None,
+    ranks: Any = None,
+    progress: Callable[[int], None] | None = None,
+) -> DatasetFaithfulnessResult:
+    """run_faithfulness over a stream of batches, keeping per image only its AUCs: memory independent of N.
+
+    Args:
+        batches: an iterable of vitviz.data.stream.DatasetBatch (images, labels, indices); under torchrun, this
+            rank's batches (vitviz.data.stream.dataset_batches).
+        image_name: the name of the image at a position of the slice, for the JSON.
+        dataset: the slice's description (DatasetSlice.describe()); num_images is added.
+        ranks: a vitviz.data.stream.Ranks under torchrun: every rank's per-batch records are gathered and combined
+            in image order, so every rank returns what one process would (but for the wall times).
+        progress: called with the number of maps finished (images x methods) after each batch.
+
+    Each batch is one run_faithfulness call with the images' positions as the random map's seeds, so an image's
+    numbers do not depend on the batch or rank it falls in. The mean AUCs sum the images' AUCs in image order;
+    the mean curves add the batches' float64 sums in image order. The sanity check keeps every map of every
+    stage and is refused here (run it on --images).
+    """
+    options = options or FaithfulnessOptions()
+    if options.sanity:
+        raise VitvizError("--sanity keeps every map of every randomisation stage: run it on --images, not --dataset")
+    if _any_training(model):
+        raise ValueError("faithfulness needs model.eval()")
+    layout = token_layout(model)
+    steps = default_steps(layout.num_patches) if options.steps is None else options.steps
+    device = _parameter_device(model)
+    records: list[dict[str, Any]] = []
+    for batch in batches:
+        if hasattr(batch, "images"):
+            images, labels, indices = batch.images, batch.labels, batch.indices
+        else:
+            images, labels, indices = batch
+        positions = [int(i) for i in torch.as_tensor(indices).tolist()]
+        result = run_faithfulness(
+            model,
+            images.to(device),
+            [image_name(i) for i in positions],
+            options,
+            image_indices=positions,
+        )
+        methods = {}
+        for name, method in result.methods.items():
+            methods[name] = {
+                "targets": [c.target_class for c in method.per_image],
+                "deletion_auc": [c.deletion_auc for c in method.per_image],
+                "insertion_auc": [c.insertion_auc for c in method.per_image],
+                "deletion_sum": torch.stack([c.deletion for c in method.per_image]).sum(dim=0),
+                "insertion_sum": torch.stack([c.insertion for c in method.per_image]).sum(dim=0),
+                "seconds": method.seconds_per_image * len(positions),
+            }
+        labels_list = [int(v) for v in torch.as_tensor(labels).tolist()]
+        records.append({"indices": positions, "labels": labels_list, "methods": methods})
+        if progress is not None:
+            progress(len(positions) * len(options.methods))
+        del batch, images, result  # nothing of a batch is held while the next one is read
+    parts = ranks.gather(records) if ranks is not None else [records]
+    ordered = sorted((r for part in parts for r in part), key=lambda r: r["indices"][0])
+    order = [i for r in ordered for i in r["indices"]]
+    if not order:
+        raise VitvizError("faithfulness needs at least one image")
+    if order != list(range(len(order))):
+        raise ValueError("the batches do not hold the images 0..N-1 once each, in order")
+    count = len(order)
+    results: dict[str, DatasetMethodResult] = {}
+    for name in options.methods:
+        per_image = []
+        deletion = ordered[0]["methods"][name]["deletion_sum"].clone()
+        insertion = ordered[0]["methods"][name]["insertion_sum"].clone()
+        for position, record in enumerate(ordered):
+            entry = record["methods"][name]
+            if position:
+                deletion += entry["deletion_sum"]
+                insertion += entry["insertion_sum"]
+            for index, label, target, d_auc, i_auc in zip(
+                record["indices"], record["labels"], entry["targets"], entry["deletion_auc"], entry["insertion_auc"]
+            ):
+                per_image.append(DatasetImage(image_name(index), index, label, target, d_auc, i_auc))
+        results[name] = DatasetMethodResult(
+            method=name,
+            deletion_auc=sum(image.deletion_auc for image in per_image) / count,
+            insertion_auc=sum(image.insertion_auc for image in per_image) / count,
+            seconds_per_image=sum(r["methods"][name]["seconds"] for r in ordered) / count,
+            mean_deletion=deletion / count,
+            mean_insertion=insertion / count,
+            per_image=tuple(per_image),
+        )
+        logger.info("%s: deletion AUC %.4f, insertion AUC %.4f over %d images", name,
+                    results[name].deletion_auc, results[name].insertion_auc, count)  # fmt: skip
+    return DatasetFaithfulnessResult(
+        steps=steps,
+        baseline=BASELINE,
+        target_class=options.target_class,
+        methods=results,
+        dataset={**(dataset or {}), "num_images": count},
+    )

@@ -44,12 +44,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ANALYSES",
     "ATTENTION_ANALYSES",
+    "DATASET_ANALYSES",
     "DEFAULT_ANALYSES",
     "DISTANCE_MODES",
     "HEAD_FUSIONS",
     "IMAGE_ANALYSES",
     "TOP_K",
     "AnalysisOptions",
+    "DatasetResults",
     "DistanceResult",
     "FeaturesResult",
     "FilterResult",
@@ -69,6 +71,7 @@ __all__ = [
     "TokensResult",
     "TopK",
     "attention_not_applicable",
+    "dataset_analyses",
     "filters",
     "gradient_rollout_map",
     "image_analyses",
@@ -896,3 +899,168 @@ def gradient_rollout_map(
     if isinstance(gradients, NotApplicable):
         raise VitvizError(gradients.reason)
     return gradients[0]
+
+
+# --- a data set, streamed (docs/design.md, "Data sets and torchrun") -----------------------------------
+
+# What a data-set run computes: per image only small summaries are kept (each image's distance per layer
+# and head, its label, prediction and gradient target), never a map; the maps are averaged over the images.
+DATASET_ANALYSES = ("distance", "rollout", "gradient-rollout")
+
+
+@dataclass(frozen=True)
+class DatasetResults:
+    """The image analyses of a data-set slice, combined over batches (and torchrun ranks) in image order.
+
+    Per image (index order, [N]): the image's position in the slice, its label, and, when rollout ran, the
+    predicted class and its softmax probability; when gradient rollout ran, the class it followed.
+    """
+
+    num_images: int
+    indices: np.ndarray  # [N] int64, 0..N-1
+    labels: np.ndarray  # [N] int64
+    distance: DistanceResult | NotApplicable | None  # per_image [L, N, H] as for image_analyses
+    rollout_mean: np.ndarray | NotApplicable | None  # [gh, gw] float64: the mean of the raw rollout maps
+    gradient_mean: np.ndarray | NotApplicable | None  # [gh, gw] float64: the mean of the raw gradient-rollout maps
+    predicted: np.ndarray | None = None  # [N] int64 (with rollout)
+    probability: np.ndarray | None = None  # [N] float64: the predicted class's probability (float32 softmax)
+    gradient_targets: np.ndarray | None = None  # [N] int64 (with gradient rollout)
+
+    def accuracy(self) -> float | None:
+        """Share of images whose prediction is their label; None without predictions."""
+        if self.predicted is None or self.num_images == 0:
+            return None
+        return float(np.count_nonzero(self.predicted == self.labels)) / self.num_images
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, indices) of a vitviz.data.stream.DatasetBatch or of an (images, labels, indices) tuple."""
+    if hasattr(batch, "images"):
+        return batch.images, batch.labels, batch.indices
+    images, labels, indices = batch
+    return images, torch.as_tensor(labels), torch.as_tensor(indices)
+
+
+def _dataset_record(results: ImageResults, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
+    """What one batch leaves behind: small per-image numbers and the float64 sums of its maps."""
+    record: dict[str, Any] = {
+        "indices": indices.to(torch.int64).tolist(),
+        "labels": labels.to(torch.int64).tolist(),
+    }
+    for key, value in (("distance", results.distance), ("rollout", results.rollouts), ("gradient", results.gradients)):
+        if isinstance(value, NotApplicable):
+            record[f"{key}_not_applicable"] = value
+    if isinstance(results.distance, DistanceResult):
+        record["distance"] = results.distance.per_image  # [L, b, H] float64
+    maps = results.rollout_maps
+    if maps is not None and results.probabilities is not None:
+        record["rollout_sum"] = maps.astype(np.float64).sum(axis=0)
+        record["predicted"] = results.probabilities.argmax(axis=1).astype(np.int64).tolist()
+        record["probability"] = results.probabilities.max(axis=1).astype(np.float64).tolist()
+    if not isinstance(results.gradients, NotApplicable) and results.gradients:
+        record["gradient_sum"] = np.stack([g.map for g in results.gradients]).astype(np.float64).sum(axis=0)
+        record["gradient_targets"] = [g.target_class for g in results.gradients]
+    return record
+
+
+def _in_image_order(parts: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every rank's batch records, ordered by their first image; the images must be 0..N-1, each once."""
+    records = sorted((r for part in parts for r in part), key=lambda r: r["indices"][0])
+    order = [i for r in records for i in r["indices"]]
+    if order != list(range(len(order))):
+        raise ValueError("the batches do not hold the images 0..N-1 once each, in order")
+    return records
+
+
+def dataset_analyses(
+    loaded: LoadedModel,
+    batches: Any,
+    analyses: Sequence[str],
+    options: AnalysisOptions,
+    progress: Callable[[int], None] | None = None,
+    *,
+    ranks: Any = None,
+) -> DatasetResults:
+    """DATASET_ANALYSES over a stream of batches, memory independent of the number of images.
+
+    Args:
+        batches: an iterable of vitviz.data.stream.DatasetBatch (or (images, labels, indices) tuples): the
+            preprocessed images [b, C, H, W], their labels and their positions in the slice. Under torchrun each
+            rank passes its own batches (vitviz.data.stream.dataset_batches).
+        analyses: names from DATASET_ANALYSES; filters and position are not image analyses and are ignored here;
+            the other image analyses keep per-image maps and are refused (VitvizError).
+        progress: called with the number of images after each batch.
+        ranks: a vitviz.data.stream.Ranks under torchrun; its `gather` collects every rank's per-batch records,
+            which are combined in image order, so every rank returns what one process would.
+
+    Each batch goes through `image_analyses` on its own; a batch's per-image numbers therefore equal those of a
+    one-process run with the same batches. The means add the batches' float64 sums in image order.
+    """
+    refused = [name for name in analyses if name in IMAGE_ANALYSES and name not in DATASET_ANALYSES]
+    if refused:
+        verb = "keeps" if len(refused) == 1 else "keep"
+        raise VitvizError(
+            f"{', '.join(refused)} {verb} a map per image: run on --images for that; a data-set run computes "
+            f"{', '.join(DATASET_ANALYSES)}"
+        )
+    wanted = [name for name in analyses if name in DATASET_ANALYSES]
+    if not wanted:
+        raise VitvizError(f"nothing to compute over a data set: ask for one of {', '.join(DATASET_ANALYSES)}")
+    options.check_model(loaded, wanted)
+    records: list[dict[str, Any]] = []
+    for batch in batches:
+        images, labels, indices = _batch_parts(batch)
+        results = image_analyses(loaded, images, wanted, options)
+        records.append(_dataset_record(results, labels, indices))
+        if progress is not None:
+            progress(len(indices))
+        del batch, images, results  # nothing of a batch is held while the next one is read
+    parts = ranks.gather(records) if ranks is not None else [records]
+    ordered = _in_image_order(parts)
+    if not ordered:
+        raise VitvizError("no images to analyse")
+    count = sum(len(r["indices"]) for r in ordered)
+
+    def not_applicable(key: str) -> NotApplicable | None:
+        return next((r[f"{key}_not_applicable"] for r in ordered if f"{key}_not_applicable" in r), None)
+
+    def mean_map(key: str) -> np.ndarray | NotApplicable | None:
+        skipped = not_applicable("rollout" if key == "rollout_sum" else "gradient")
+        if skipped is not None:
+            return skipped
+        if key not in ordered[0]:
+            return None
+        total = ordered[0][key].copy()
+        for record in ordered[1:]:
+            total += record[key]
+        return total / count
+
+    distance: DistanceResult | NotApplicable | None = not_applicable("distance")
+    if distance is None and "distance" in ordered[0]:
+        per_image = torch.from_numpy(np.concatenate([r["distance"] for r in ordered], axis=1))  # (L, N, H)
+        pixels = per_image.mean(dim=1)
+        distance = DistanceResult.of(
+            AttentionDistance(
+                mode=options.distance_mode,
+                pixels=pixels,
+                std=per_image.std(dim=1, correction=0),
+                fraction=pixels / token_layout(loaded.model).img_size[1],
+                per_image=per_image,
+                num_images=count,
+            )
+        )
+
+    def per_image(key: str, dtype: type) -> np.ndarray | None:
+        return np.asarray([v for r in ordered for v in r[key]], dtype=dtype) if key in ordered[0] else None
+
+    return DatasetResults(
+        num_images=count,
+        indices=np.arange(count, dtype=np.int64),
+        labels=per_image("labels", np.int64),
+        distance=distance,
+        rollout_mean=mean_map("rollout_sum"),
+        gradient_mean=mean_map("gradient_sum"),
+        predicted=per_image("predicted", np.int64),
+        probability=per_image("probability", np.float64),
+        gradient_targets=per_image("gradient_targets", np.int64),
+    )
