@@ -86,6 +86,24 @@ def test_tiny_run_writes_every_family_in_the_documented_schema(tmp_path: Path) -
         assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
 
 
+def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
+    figures = _run_bench(tmp_path, "--only", "faithfulness")["figures"]
+    for figure in figures:
+        _check_figure(figure)
+    curves = [f for f in figures if f["name"].startswith("faithfulness curves ")]
+    integrated = [f for f in figures if f["name"].startswith("faithfulness integrated gradients ")]
+    assert len(curves) == len(integrated) == 1 and len(figures) == 2  # the tiny plan: one model
+    (curve,) = curves
+    assert (curve["better"], curve["target"], curve["unit"]) == ("lower", 1.10, "ratio")
+    detail = curve["detail"]
+    assert detail["steps"] == min(detail["patches"], 50) and detail["inputs"] == 2 * (detail["steps"] + 1)
+    rounds = detail["round_ratios"]
+    assert curve["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
+    (ig,) = integrated
+    assert ig["target"] is None and ig["met"] is None and ig["unit"] == "ratio"
+    assert ig["detail"]["seconds_per_image"] > 0 and ig["detail"]["ig_steps"] == 50
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs the system Chromium at /usr/bin/chromium")
 def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
