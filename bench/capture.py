@@ -28,11 +28,24 @@ def fused_attention_on(loaded: LoadedModel) -> bool:
 
 
 def capture_figure(
-    source: str, batch: int, *, warmup: int, repeats: int, clock: str = "wall", round_s: float = 0.0
+    source: str | LoadedModel,
+    batch: int,
+    *,
+    warmup: int,
+    repeats: int,
+    clock: str = "wall",
+    round_s: float = 0.0,
+    plain_model: torch.nn.Module | None = None,
+    name: str | None = None,
+    baseline_label: str = "plain timm forward, fused attention, same batch",
 ) -> Figure:
-    """Ratio of forward + capture + rollout + distance to a plain fused forward, for one model and batch."""
-    loaded = load_model(source)
-    model = loaded.model
+    """Ratio of forward + capture + rollout + distance to a plain fused forward, for one model and batch.
+
+    `source` is a model source or an already loaded model; `plain_model` (default: the loaded model itself)
+    runs the baseline, for models whose plain form differs from the one vitviz reads (a Hugging Face model
+    runs its default attention plainly and its eager attention under vitviz)."""
+    loaded = load_model(source) if isinstance(source, str) else source
+    model = loaded.model if plain_model is None else plain_model
     images = random_images(batch, loaded.meta)
     options = AnalysisOptions(batch_size=batch)
     analyses = ("distance", "rollout")
@@ -45,17 +58,15 @@ def capture_figure(
         results = image_analyses(loaded, images, analyses, options)
         assert results.rollout_maps is not None and results.distance is not None
 
-    logger.info("capture: %s batch %d", source, batch)
+    logger.info("capture: %s batch %d", loaded.source, batch)
     timing = paired_timing(plain, analysed, warmup=warmup, repeats=repeats, clock=clock, min_round_s=round_s)
     size = "x".join(str(s) for s in loaded.meta.input_size)
     return Figure(
-        name=f"capture {loaded.meta.arch} {size} batch {batch}",
+        name=name or f"capture {loaded.meta.arch} {size} batch {batch}",
         value=timing.ratio,
         target=TARGET,
         better=LOWER,
         unit="ratio",
-        baseline=(
-            f"plain timm forward, fused attention, same batch: {timing.baseline_s * 1000:.1f} ms {timing.clock} time"
-        ),
-        detail={**timing.detail(), "fused_attention": fused_attention_on(loaded), "source": source},
+        baseline=f"{baseline_label}: {timing.baseline_s * 1000:.1f} ms {timing.clock} time",
+        detail={**timing.detail(), "fused_attention": fused_attention_on(loaded), "source": loaded.source},
     )

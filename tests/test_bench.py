@@ -86,6 +86,34 @@ def test_tiny_run_writes_every_family_in_the_documented_schema(tmp_path: Path) -
         assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
 
 
+def test_family_figures_cover_each_newer_family_and_gradient_rollout(tmp_path: Path) -> None:
+    figures = _run_bench(tmp_path, "--only", "families")["figures"]
+    for figure in figures:
+        _check_figure(figure)
+    capture = [f for f in figures if f["name"].startswith("families capture")]
+    labels = [f["name"].removeprefix("families capture ").split(":")[0].split(" (")[0] for f in capture]
+    assert labels == ["EVA-02", "rope ViT", "BEiT", "DINOv2 + 4 registers", "hf ViTForImageClassification"]
+    assert all((f["better"], f["target"]) == ("lower", 1.10) for f in capture)
+    assert capture[-1]["baseline"].startswith("plain transformers forward, sdpa attention")
+    assert capture[0]["detail"]["fused_attention"] is True  # timm's baseline is the fused path
+    (gradient,) = [f for f in figures if f["name"].startswith("families gradient rollout")]
+    assert gradient["target"] is None and "forward + backward" in gradient["baseline"]
+
+
+def test_token_figures_are_the_memory_of_tokens_and_features_and_the_time_of_tokens(tmp_path: Path) -> None:
+    memory, timing = _run_bench(tmp_path, "--only", "tokens")["figures"]
+    for figure in (memory, timing):
+        _check_figure(figure)
+    assert memory["name"] == "tokens memory tiny batch 1: tokens + features"
+    assert (memory["better"], memory["target"]) == ("lower", 1.25) and memory["unit"] == "ratio"
+    assert memory["detail"]["analyses"] == ["tokens", "features"] and memory["detail"]["peak_mib"] > 0
+    assert memory["value"] == pytest.approx(memory["detail"]["peak_mib"] / memory["detail"]["plain_peak_mib"], rel=1e-3)
+    assert timing["name"] == "tokens time tiny 32x32 batch 2: tokens"
+    assert (timing["better"], timing["target"]) == ("lower", 1.10) and timing["detail"]["analyses"] == ["tokens"]
+    rounds = timing["detail"]["round_ratios"]
+    assert timing["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
+
+
 def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
     figures = _run_bench(tmp_path, "--only", "faithfulness")["figures"]
     for figure in figures:
