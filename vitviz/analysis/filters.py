@@ -28,19 +28,32 @@ class FilterPCA:
 
 def filters_applicable(model: nn.Module) -> tuple[bool, str]:
     """Whether the model's patch projection acts on pixels; the reason when it does not."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None:
-        return False, f"{type(model).__name__} has no patch embedding"
-    if hasattr(patch_embed, "backbone"):
-        return False, (
-            "hybrid stem: tokens come from a CNN feature map, so the patch projection has no pixel-space filters"
-        )
-    proj = getattr(patch_embed, "proj", None)
+    proj = _projection(model)
+    if proj is None:
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is None:
+            return False, f"{type(model).__name__} has no patch embedding"
+        if hasattr(patch_embed, "backbone"):
+            return False, (
+                "hybrid stem: tokens come from a CNN feature map, so the patch projection has no pixel-space filters"
+            )
     if not isinstance(proj, nn.Conv2d) or proj.weight.dim() != 4:
         return False, f"the patch projection is a {type(proj).__name__}, not a convolution over pixels"
     if tuple(proj.kernel_size) != tuple(proj.stride):
         return False, "the patch projection's kernel and stride differ, so its filters are not patches"
     return True, ""
+
+
+def _projection(model: nn.Module) -> nn.Module | None:
+    """The patch projection: timm's ``patch_embed.proj`` (not a hybrid's), or what a wrapped model (Hugging Face)
+    names as its ``patch_projection()``."""
+    own = getattr(model, "patch_projection", None)
+    if callable(own):
+        return own()
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or hasattr(patch_embed, "backbone"):
+        return None
+    return getattr(patch_embed, "proj", None)
 
 
 def patch_embedding_filters(source: torch.Tensor | nn.Module) -> torch.Tensor:
@@ -49,7 +62,7 @@ def patch_embedding_filters(source: torch.Tensor | nn.Module) -> torch.Tensor:
         applicable, reason = filters_applicable(source)
         if not applicable:
             raise VitvizError(f"patch-embedding filters are not available: {reason}")
-        weight = source.patch_embed.proj.weight
+        weight = _projection(source).weight
     else:
         weight = source
     if weight.dim() != 4:

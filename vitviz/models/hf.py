@@ -132,6 +132,45 @@ class HFVisionTransformer(nn.Module):
         """The attention module of every layer, in order; each returns (output, probabilities [B, H, N, N])."""
         return list(self._attention)
 
+    def patch_projection(self) -> nn.Conv2d:
+        """The embeddings' patch convolution (read by `vitviz.analysis.filters`): ViT, DeiT, BEiT and DINOv2's
+        ``patch_embeddings.projection``, CLIP and SigLIP's ``patch_embedding``."""
+        return _patch_convolution(self.hf)
+
+    def patch_position_table(self) -> torch.Tensor | None:
+        """The absolute position embeddings of the patch positions only, [gh*gw, D] in row-major grid order, as
+        the embeddings add them for this model's input size (read by `vitviz.models.patch_position_embeddings`).
+
+        ViT, DeiT, DINOv2 and BEiT (with ``use_absolute_position_embeddings``) keep a [1, prefix + n, D]
+        parameter ``position_embeddings``; CLIP and SigLIP an ``nn.Embedding`` ``position_embedding`` whose rows
+        are the positions in order. The class (and DeiT's distillation) entries come first and are dropped;
+        DINOv2's registers have no position. DINOv2 resamples its table to the input's grid with its own
+        ``interpolate_pos_encoding`` (bicubic), which gives the table here when the grid differs from the
+        trained one. None when the embeddings have no absolute table (BEiT's relative-position bias).
+        """
+        embeddings = _embeddings(self.hf)
+        layout = self.fixed_token_layout
+        parameter = getattr(embeddings, "position_embeddings", None)
+        embedding = getattr(embeddings, "position_embedding", None)
+        if isinstance(parameter, torch.Tensor):
+            table = parameter.detach()[0]  # (entries, D)
+        elif isinstance(embedding, nn.Embedding):
+            table = embedding.weight.detach()
+        else:
+            return None
+        with_position = int(layout.has_class_token) + int(layout.has_dist_token)  # prefix tokens with an entry
+        if self.family.interpolates:  # what the embeddings add at this input size (the table itself at its own)
+            tokens = torch.zeros(1, with_position + layout.num_patches, table.shape[-1], dtype=table.dtype)
+            with torch.no_grad():
+                table = embeddings.interpolate_pos_encoding(tokens, *layout.img_size).detach()[0]
+        extra = table.shape[0] - layout.num_patches
+        if extra != with_position:
+            raise VitvizError(
+                f"the position-embedding table has {table.shape[0]} entries but the model has a "
+                f"{layout.grid[0]}x{layout.grid[1]} patch grid and {with_position} prefix tokens with a position"
+            )
+        return table[extra:].clone()
+
     def _base(self) -> nn.Module:
         return self.hf.base_model
 
@@ -174,14 +213,19 @@ def _embeddings(hf_model: nn.Module) -> nn.Module:
     raise VitvizError(f"{type(hf_model).__name__} has no embeddings module; not supported")
 
 
+def _patch_convolution(hf_model: nn.Module) -> nn.Conv2d:
+    """The one Conv2d of the embeddings: the patch projection."""
+    convs = [m for m in _embeddings(hf_model).modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 1:
+        raise VitvizError(f"{type(hf_model).__name__} has {len(convs)} convolutions in its embeddings; not supported")
+    return convs[0]
+
+
 def hf_token_layout(hf_model: nn.Module, img_size: tuple[int, int]) -> TokenLayout:
     """The token layout read from the embeddings: the patch convolution's stride, the class token
     (``cls_token`` or CLIP's ``class_embedding``), DeiT's ``distillation_token`` and DINOv2's ``register_tokens``."""
     embeddings = _embeddings(hf_model)
-    conv = next((m for m in embeddings.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise VitvizError(f"{type(hf_model).__name__} has no patch convolution; not supported")
-    stride = _pair(conv.stride)
+    stride = _pair(_patch_convolution(hf_model).stride)
     has_cls = getattr(embeddings, "cls_token", None) is not None or hasattr(embeddings, "class_embedding")
     has_dist = getattr(embeddings, "distillation_token", None) is not None
     registers = getattr(embeddings, "register_tokens", None)

@@ -106,6 +106,9 @@ def patch_position_embeddings(model: nn.Module) -> torch.Tensor | None:
     """
     if isinstance(model, FactorisedPosEmbedViT):
         return model.factorised_table()[0].detach()
+    own = getattr(model, "patch_position_table", None)
+    if callable(own):  # a wrapped model (Hugging Face) reads its own table
+        return own()
     pos_embed = getattr(model, "pos_embed", None)
     if not isinstance(pos_embed, torch.Tensor):
         return None
