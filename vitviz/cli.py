@@ -496,7 +496,7 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
 
     `class_names` are the data set's; the accuracy is given only when they are the model's classes.
     """
-    from vitviz.pipeline import DistanceResult, NotApplicable
+    from vitviz.pipeline import ImageResults, NotApplicable
 
     per_image: list[dict[str, Any]] = []
     for position, (index, label) in enumerate(zip(results.indices.tolist(), results.labels.tolist())):
@@ -516,17 +516,11 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
             "per_image": per_image,
         }
     }
-    if isinstance(results.distance, NotApplicable):
-        sections["distance"] = {"not_applicable": results.distance.reason}
-    elif isinstance(results.distance, DistanceResult):
-        d = results.distance
-        sections["distance"] = {
-            "mode": d.mode,
-            "pixels": d.pixels.tolist(),
-            "std": d.std.tolist(),
-            "fraction": d.fraction.tolist(),
-            "num_images": d.num_images,
-        }
+    if results.distance is not None:  # serialised as for --images
+        only_distance = ImageResults(
+            distance=results.distance, rollouts=(), probabilities=None, top5=(), gradients=(), queries=()
+        )
+        sections.update(image_sections(only_distance, []))
     for key, mean, extra in (
         ("rollout", results.rollout_mean, options["rollout"]),
         ("gradient_rollout", results.gradient_mean, options["gradient_rollout"]),

@@ -9,6 +9,7 @@ writes files.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -951,7 +952,7 @@ def _dataset_record(results: ImageResults, labels: torch.Tensor, indices: torch.
         if isinstance(value, NotApplicable):
             record[f"{key}_not_applicable"] = value
     if isinstance(results.distance, DistanceResult):
-        record["distance"] = results.distance.per_image  # [L, b, H] float64
+        record["distance"] = results.distance  # per_image [L, b, H] float64
     maps = results.rollout_maps
     if maps is not None and results.probabilities is not None:
         record["rollout_sum"] = maps.astype(np.float64).sum(axis=0)
@@ -1037,17 +1038,16 @@ def dataset_analyses(
 
     distance: DistanceResult | NotApplicable | None = not_applicable("distance")
     if distance is None and "distance" in ordered[0]:
-        per_image = torch.from_numpy(np.concatenate([r["distance"] for r in ordered], axis=1))  # (L, N, H)
+        per_image = torch.from_numpy(np.concatenate([r["distance"].per_image for r in ordered], axis=1))  # (L, N, H)
         pixels = per_image.mean(dim=1)
-        distance = DistanceResult.of(
-            AttentionDistance(
-                mode=options.distance_mode,
-                pixels=pixels,
-                std=per_image.std(dim=1, correction=0),
-                fraction=pixels / token_layout(loaded.model).img_size[1],
-                per_image=per_image,
-                num_images=count,
-            )
+        # The first batch's result with the statistics over all images (its other fields describe the layers).
+        distance = dataclasses.replace(
+            ordered[0]["distance"],
+            pixels=pixels.numpy(),
+            std=per_image.std(dim=1, correction=0).numpy(),
+            fraction=(pixels / token_layout(loaded.model).img_size[1]).numpy(),
+            per_image=per_image.numpy(),
+            num_images=count,
         )
 
     def per_image(key: str, dtype: type) -> np.ndarray | None:
