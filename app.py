@@ -3,6 +3,7 @@
 import streamlit as st
 
 from vitviz.allocator import tune_malloc
+from vitviz.ui import runs
 
 tune_malloc()  # once per process: freed tensor memory stays for the next analysis (vitviz/allocator.py)
 
@@ -22,4 +23,8 @@ PAGES = [
     st.Page("vitviz/ui/train.py", title="Train", url_path="train"),
 ]
 
-st.navigation(PAGES).run()
+try:
+    st.navigation(PAGES).run()
+finally:
+    # After the page is drawn (or stopped): /train's preset list is read in the background, once per server.
+    runs.prefetch_presets()

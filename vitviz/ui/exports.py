@@ -7,10 +7,13 @@ import io
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGURE_DPI = 150
 MIME = {
@@ -20,6 +23,14 @@ MIME = {
     "npz": "application/octet-stream",
     "json": "application/json",
 }
+
+
+def paper_figures() -> ModuleType:
+    """`vitviz.plots.paper`, imported on first use. It brings matplotlib (most of a second of CPU to import),
+    which pages need only to render a download, so a page is drawn without it."""
+    from vitviz.plots import paper
+
+    return paper
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:

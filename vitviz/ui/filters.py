@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz.pipeline import NotApplicable, scaled_for_display
-from vitviz.plots import interactive, paper, tile_mosaic
+from vitviz.plots import interactive, tile_mosaic
 from vitviz.ui import cached, exports, widgets
 
 RAW_FILTERS_SHOWN = 64
@@ -49,7 +49,9 @@ def render() -> None:
 
     widgets.downloads(
         selection.entry.key,
-        figures={"filters": lambda: paper.filters_figure(components[:k], ratio[:k], max_components=k)},
+        figures={
+            "filters": lambda: exports.paper_figures().filters_figure(components[:k], ratio[:k], max_components=k)
+        },
         numbers={
             "explained-variance.csv": lambda: exports.matrix_csv_bytes(
                 np.stack([ratio, np.cumsum(ratio)], axis=1), "component", ["explained_variance_ratio", "cumulative"]

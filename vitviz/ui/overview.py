@@ -9,7 +9,7 @@ import streamlit as st
 
 from vitviz import runs as run_folders
 from vitviz.pipeline import ModelCard
-from vitviz.plots import interactive, paper
+from vitviz.plots import interactive
 from vitviz.tokens import TokenLayout, token_layout
 from vitviz.ui import cached, catalog, exports, widgets
 
@@ -108,7 +108,7 @@ def render() -> None:
     figures = {}
     if records:
         numbers["metrics.csv"] = lambda: exports.records_csv_bytes(records)
-        figures["training-curves"] = lambda: paper.training_curves_figure(records, x="step")
+        figures["training-curves"] = lambda: exports.paper_figures().training_curves_figure(records, x="step")
     widgets.downloads(entry.key, figures=figures, numbers=numbers, key="overview")
 
     st.divider()

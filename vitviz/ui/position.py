@@ -8,7 +8,7 @@ import streamlit as st
 
 from vitviz.errors import VitvizError
 from vitviz.pipeline import NotApplicable
-from vitviz.plots import interactive, paper
+from vitviz.plots import interactive
 from vitviz.tokens import token_layout
 from vitviz.ui import cached, exports, widgets
 
@@ -106,7 +106,7 @@ def render() -> None:
                     key="position.resampled",
                 )
 
-    figures = {"position-similarity": lambda: paper.position_similarity_figure(similarity)}
+    figures = {"position-similarity": lambda: exports.paper_figures().position_similarity_figure(similarity)}
     numbers = {
         "position-similarity.csv": lambda: exports.matrix_csv_bytes(
             similarity.reshape(gh * gw, gh * gw), "patch", [f"patch_{i + 1}" for i in range(gh * gw)]
@@ -114,7 +114,7 @@ def render() -> None:
         "position-similarity.npz": lambda: exports.npz_bytes(_arrays(similarity, resampled)),
     }
     if resampled is not None:
-        figures["position-similarity-resampled"] = lambda: paper.position_similarity_figure(
+        figures["position-similarity-resampled"] = lambda: exports.paper_figures().position_similarity_figure(
             resampled, title=f"Position embedding similarity, resampled to {new_grid[0]}×{new_grid[1]}"
         )
     widgets.downloads(selection.entry.key, figures=figures, numbers=numbers, key="position")

@@ -10,7 +10,7 @@ from PIL import Image
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
 from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, top_k
-from vitviz.plots import interactive, paper
+from vitviz.plots import interactive
 from vitviz.tokens import token_layout
 from vitviz.ui import exports, widgets
 from vitviz.ui.analyses import InputImage, display_picture, gradient_map, image_attention
@@ -224,8 +224,10 @@ def render() -> None:
     )
 
     figures = {
-        "rollout": lambda: paper.rollout_overlay_figure(picture, rollout_map, alpha=opacity, cmap=colorscale.lower()),
-        "attention-grid": lambda: paper.attention_grid_figure(
+        "rollout": lambda: exports.paper_figures().rollout_overlay_figure(
+            picture, rollout_map, alpha=opacity, cmap=colorscale.lower()
+        ),
+        "attention-grid": lambda: exports.paper_figures().attention_grid_figure(
             grid, query=query_patch, per_tile=per_tile, title=f"Attention of the {query_label}"
         ),
     }
@@ -236,7 +238,7 @@ def render() -> None:
         "query_index": np.asarray(query_index),
     }
     if gradient is not None:
-        figures["gradient-rollout"] = lambda: paper.rollout_overlay_figure(
+        figures["gradient-rollout"] = lambda: exports.paper_figures().rollout_overlay_figure(
             picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity, cmap=colorscale.lower()
         )
         arrays["gradient_rollout"] = gradient.map
@@ -301,7 +303,9 @@ def _gallery(
         with columns[index % len(columns)]:
             pixels = _thumbnail(image.pixels)
             st.image(
-                paper.overlay_image(pixels, relevance, cmap=colorscale.lower(), alpha=opacity, blocks=True, vmax=vmax),
+                exports.paper_figures().overlay_image(
+                    pixels, relevance, cmap=colorscale.lower(), alpha=opacity, blocks=True, vmax=vmax
+                ),
                 width="stretch",
                 output_format="PNG",  # lossless: JPEG would blur the token blocks' edges
             )

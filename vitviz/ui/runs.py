@@ -8,7 +8,6 @@ created by the training process (which refuses an existing non-empty one).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -222,9 +221,40 @@ def log_tail(runs_dir: Path, run_id: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-@functools.lru_cache(maxsize=1)
+_PRESETS_LOCK = threading.Lock()  # one `python -m training presets` at a time: a second caller waits for it
+_PRESETS: dict[str, dict[str, dict]] = {}  # "configs": the presets, once read
+_PREFETCH: list[threading.Thread] = []
+
+
 def _preset_configs() -> dict[str, dict]:
-    """Every preset's config, from `python -m training presets --json` (the app never imports the backend)."""
+    """Every preset's config, read once per server (see `prefetch_presets`); a read that timed out (a very
+    busy machine) is not kept, so the next page run tries again."""
+    with _PRESETS_LOCK:
+        if "configs" not in _PRESETS:
+            configs = _read_preset_configs()
+            if configs is None:
+                return {}
+            _PRESETS["configs"] = configs
+        return _PRESETS["configs"]
+
+
+def prefetch_presets() -> None:
+    """Read the presets in a background thread, once per server, so /train does not wait for them.
+
+    The subprocess imports the training backend (torch and timm: seconds of CPU); the app calls this after
+    its first page is drawn, so by the time /train is opened the list is usually there already.
+    """
+    with _LOCK:
+        if _PREFETCH:
+            return
+        thread = threading.Thread(target=_preset_configs, name="vitviz-presets", daemon=True)
+        _PREFETCH.append(thread)
+    thread.start()
+
+
+def _read_preset_configs() -> dict[str, dict] | None:
+    """Every preset's config, from `python -m training presets --json` (the app never imports the backend);
+    {} when the backend cannot list them, None when it did not answer in time."""
     try:
         done = subprocess.run(
             [sys.executable, "-m", "training", "presets", "--json"],
@@ -235,7 +265,10 @@ def _preset_configs() -> dict[str, dict]:
             check=False,
         )
         data = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired as exc:
+        logger.warning("could not list the training presets: %s", exc)
+        return None
+    except (OSError, ValueError) as exc:
         logger.warning("could not list the training presets: %s", exc)
         return {}
     if not isinstance(data, dict):

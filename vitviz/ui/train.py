@@ -10,7 +10,7 @@ import streamlit as st
 
 from vitviz import runs as run_folders
 from vitviz.errors import VitvizError
-from vitviz.plots import interactive, paper
+from vitviz.plots import interactive
 from vitviz.ui import catalog, exports, keys, runs, widgets
 
 REFRESH_SECONDS = 2.0
@@ -267,7 +267,11 @@ def _live_view(run_id: str, was_active: bool) -> None:
     if records:
         widgets.downloads(
             run_id,
-            figures={"training-curves": lambda: paper.training_curves_figure(records, x="step", title=f"Run {run_id}")},
+            figures={
+                "training-curves": lambda: exports.paper_figures().training_curves_figure(
+                    records, x="step", title=f"Run {run_id}"
+                )
+            },
             numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)},
             key="train",
         )

@@ -11,16 +11,19 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import streamlit as st
-from matplotlib.figure import Figure
 
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, read_checkpoint_meta
 from vitviz.ui import cached, catalog, exports, keys
 from vitviz.ui.analyses import InputImage, pixels_digest
 from vitviz.ui.catalog import ModelEntry
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # figures are made only when their download is clicked
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 MAX_IMAGE_UPLOAD_MB = 50
