@@ -284,18 +284,25 @@ def test_real_entry_point_runs_as_a_module(checkpoint: Path, tmp_path: Path) -> 
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
-def test_unreadable_attention_gives_not_applicable_sections(workdir: Path, capsys) -> None:
+def test_cait_sections_are_computed_or_not_applicable_with_a_reason(workdir: Path, capsys) -> None:
     analyses = "filters,position,distance,rollout,gradient-rollout,tokens,features,head-maps,logit-lens"
     images = str(workdir / "images" / "a.png")
     argv = ["analyze", "timm:cait_xxs24_224", "--images", images, "--analyses", analyses, "--json", "-"]
     code, out, err = run_cli(capsys, *argv, "--figures", str(workdir / "cait-figures"))
     assert code == 0, err
     doc = json.loads(out)
-    for section in ("distance", "rollout", "gradient_rollout", "tokens", "head_maps"):
-        assert "TalkingHeadAttn" in doc[section]["not_applicable"], section
-    assert "tokens" in doc["logit_lens"]["not_applicable"]
+    # 24 self-attention layers have a distance; the 2 class-attention layers are listed, not reported as zeros
+    assert doc["distance"]["layers"] == list(range(24))
+    assert np.asarray(doc["distance"]["pixels"]).shape == (24, 4)
+    assert [entry["layer"] for entry in doc["distance"]["not_applicable_layers"]] == [24, 25]
+    assert all("class-attention" in entry["reason"] for entry in doc["distance"]["not_applicable_layers"])
+    for section in ("rollout", "gradient_rollout", "head_maps"):
+        assert len(doc[section]) == 1, section
+    for section in ("tokens", "logit_lens"):  # the self-attention blocks' outputs are the patches alone
+        assert "196 tokens" in doc[section]["not_applicable"], section
     assert len(doc["position"]["similarity"]) == 14 * 14 and "explained_variance_ratio" in doc["filters"]
     assert np.asarray(doc["features"]["projections"]).shape == (1, 14, 14, 3)
+    stems = ("filters", "position", "distance", "rollout-000-a", "gradient-rollout-000-a", "head-maps-000-a")
     assert sorted(p.name for p in (workdir / "cait-figures").iterdir()) == sorted(
-        f"{stem}.{ext}" for stem in ("filters", "position", "features-000-a") for ext in ("png", "svg")
+        f"{stem}.{ext}" for stem in (*stems, "features-000-a") for ext in ("png", "svg")
     )

@@ -268,17 +268,37 @@ def _timm_loaded(name: str, **overrides: object) -> LoadedModel:
     return LoadedModel(model=model, meta=timm_meta(name, model), source=f"timm:{name}", content_hash=name)
 
 
+class _OpaqueAttention(torch.nn.Module):
+    """An attention vitviz has never seen: capture must refuse it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x)
+
+
+def _unreadable(loaded: LoadedModel) -> LoadedModel:
+    """The model with its first block's attention (the first branch's, in a parallel block) made opaque."""
+    block = loaded.model.blocks[0]
+    owner = block.attns[0] if hasattr(block, "attns") else block
+    owner.attn = _OpaqueAttention(loaded.model.embed_dim)
+    loaded.model.eval()
+    return loaded
+
+
 @pytest.mark.parametrize(
     ("name", "overrides", "lens_applies"),
     [
-        ("cait_xxs24_224", dict(depth=2), False),  # talking heads; blocks run on the patches only
+        ("cait_xxs24_224", dict(depth=2), False),  # blocks run on the patches only
         ("vit_small_patch16_18x2_224", dict(depth=2), True),  # parallel attention branches
     ],
 )
 def test_unreadable_attention_leaves_the_other_analyses_running(name: str, overrides: dict, lens_applies: bool) -> None:
     from vitviz.capture import unreadable_reason
 
-    loaded = _timm_loaded(name, **overrides)
+    loaded = _unreadable(_timm_loaded(name, **overrides))
     reason = unreadable_reason(loaded.model)
     assert reason is not None and name in reason
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -318,13 +338,13 @@ def test_app_analyses_of_an_unreadable_model_give_one_line_and_cache_nothing(app
     from vitviz.ui.analyses import attention_distance
     from vitviz.ui.token_analyses import token_analyses
 
-    loaded = _timm_loaded("cait_xxs24_224", depth=2)
+    loaded = _unreadable(_timm_loaded("cait_xxs24_224", depth=2))
     images = _input_images()[:1]
     for run in (
         lambda: attention_distance(loaded, images, AnalysisOptions()),
         lambda: token_analyses(loaded, images, AnalysisOptions()),
     ):
-        with pytest.raises(VitvizError, match="(does|do) not apply to this model: .*TalkingHeadAttn") as caught:
+        with pytest.raises(VitvizError, match="(does|do) not apply to this model: .*_OpaqueAttention") as caught:
             run()
         assert "\n" not in str(caught.value)
     assert not any(p.is_file() for p in app_cache.rglob("*"))

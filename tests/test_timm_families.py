@@ -201,22 +201,3 @@ def test_an_unreadable_model_gets_one_line_naming_model_and_attention_class(what
         message = str(caught.value)
         assert "\n" not in message
         assert "vit_tiny_patch16_224" in message and expected in message and "block 1" in message
-
-
-@pytest.mark.parametrize(
-    ("name", "attention_class", "why"),
-    [
-        ("cait_xxs24_224", "cait.TalkingHeadAttn", "talking-heads"),
-        ("vit_small_patch16_18x2_224", "vision_transformer.ParallelThingsBlock", "parallel attention branches"),
-    ],
-)
-def test_families_not_read_yet_are_refused_in_one_line_with_the_reason(
-    name: str, attention_class: str, why: str
-) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, depth=1, img_size=64, num_classes=10).eval()
-    with pytest.raises(VitvizError) as caught:
-        capture_attention(model, torch.zeros(1, 3, 64, 64), [])
-    message = str(caught.value)
-    assert "\n" not in message and name in message and attention_class in message and why in message
-    assert unreadable_reason(model) == message

@@ -116,6 +116,45 @@ def build_small(name: str) -> tuple[nn.Module, str]:
     raise failure
 
 
+def _keep_cait_or_branches(block: nn.Module, kept: list[torch.Tensor]) -> bool:
+    """Hooks keeping the map docs/design.md defines for CaiT's blocks and timm's ParallelThingsBlock; False for any
+    other block. CaiT self-attention: the softmax before the heads are mixed (proj_w's input), the class token its
+    own row; class attention: the class token's row, patch rows identity; parallel: branches side by side."""
+    attn = getattr(block, "attn", None)
+    if hasattr(block, "attns"):
+        parts: list[torch.Tensor] = []
+        for branch in block.attns:
+            branch.attn.attn_drop.register_forward_hook(lambda _m, _a, out: parts.append(out))
+
+        def join(_module: nn.Module, _args: Any, _out: torch.Tensor) -> None:
+            kept.append(torch.cat(parts, dim=1))
+            parts.clear()
+
+        block.register_forward_hook(join)
+        return True
+    if hasattr(attn, "proj_w"):
+
+        def talking_heads(_module: nn.Module, args: Any) -> None:
+            patches = args[0].permute(0, 3, 1, 2)  # [B, n, n, H] -> [B, H, n, n]
+            full = patches.new_zeros(*patches.shape[:2], patches.shape[-1] + 1, patches.shape[-1] + 1)
+            full[:, :, 0, 0] = 1.0
+            full[:, :, 1:, 1:] = patches
+            kept.append(full)
+
+        attn.proj_w.register_forward_pre_hook(talking_heads)
+        return True
+    if type(attn).__name__ == "ClassAttn":
+
+        def class_row(_module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            full = torch.eye(out.shape[-1], dtype=out.dtype).expand(*out.shape[:2], -1, -1).clone()
+            full[:, :, :1] = out
+            kept.append(full)
+
+        attn.attn_drop.register_forward_hook(class_row)
+        return True
+    return False
+
+
 def eager_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """timm's own eager probabilities per block: a copy with fused_attn off everywhere, read at each block's
     attn_drop (where timm's non-fused path passes them), as docs/design.md defines the map: SAM's windows placed
@@ -125,7 +164,9 @@ def eager_attention(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     kept: list[torch.Tensor] = []
-    for block in eager.blocks:
+    for block in [*eager.blocks, *(getattr(eager, "blocks_token_only", None) or ())]:
+        if _keep_cait_or_branches(block, kept):
+            continue
         drops = [module for name, module in block.named_modules() if name.rsplit(".", 1)[-1] == "attn_drop"]
         if len(drops) != 1:
             raise RuntimeError(f"{len(drops)} attn_drop modules in a {type(block).__name__}")

@@ -26,6 +26,7 @@ Public API:
     attention_modules(model) -> the attention module of every block, checked to be capturable (a module vitviz
         cannot read exactly is refused with one line naming the model and the attention class)
     unreadable_reason(model) -> None, or that line: lets a caller mark the attention analyses not applicable
+    class_attention_layers(model) -> the layers in which only the class token queries (CaiT's class attention)
     KeepAllAttention, QueryAttention: consumers (analysis/ holds the rollout and distance accumulators)
 
 Sharing one model: the app serves several sessions from one cached model in several threads. Hooks are
@@ -55,8 +56,9 @@ import torch.nn.functional as F
 from timm.layers.attention import Attention, AttentionRope, maybe_add_mask, resolve_self_attn_mask
 from timm.layers.diff_attention import DiffAttention
 from timm.models.beit import Attention as BeitAttention
+from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 from timm.models.eva import EvaAttention
-from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import Block as SamBlock
@@ -76,6 +78,7 @@ __all__ = [
     "attention_maps",
     "attention_modules",
     "capture_attention",
+    "class_attention_layers",
     "unreadable_reason",
 ]
 
@@ -101,10 +104,19 @@ class _AttentionSite:
     # ``enter`` (fused path) or ``drop`` (non-fused path) to ``exit``; ``block`` is SAM's block (its input grid)
     reader: str | None = None
     block: nn.Module | None = None
+    # Layers read as several tensors, or as one that is not yet the map over the whole sequence (parallel branches,
+    # CaiT): ``assemble(read, maps)`` makes the layer's map from what was read (maps=True) and, from the gradients
+    # of those tensors, the map's gradient (maps=False: zero where the map is fixed, such as identity rows).
+    parts: tuple[_AttentionSite, ...] = ()  # the branches' own plain sites, read in order (ParallelThingsBlock)
+    heads_last: bool = False  # the probabilities are ``drop``'s input [B, N, N, H] (CaiT's talking heads: proj_w)
+    assemble: Callable[[Sequence[torch.Tensor], bool], torch.Tensor] | None = None
+    class_queries_only: bool = False  # only the class token queries (CaiT's class attention)
 
 
 def _site(block: nn.Module) -> _AttentionSite | None:
     """The attention site of one block, or None when vitviz cannot read its attention exactly."""
+    if type(block).forward is ParallelThingsBlock.forward:
+        return _parallel_branches_site(block)
     if type(block).forward is ParallelScalingBlock.forward:
         # Fused qkv + MLP input projection; the attention output goes through a reshape to the MLP activation.
         return _AttentionSite(block, block.k_norm, False, block.mlp_act, block.attn_drop)
@@ -130,10 +142,79 @@ def _site(block: nn.Module) -> _AttentionSite | None:
     return None
 
 
+def _branches_side_by_side(read: Sequence[torch.Tensor], maps: bool) -> torch.Tensor:
+    """ParallelThingsBlock: the K branches' maps [B, H, N, N], in branch order, side by side along the head axis,
+    [B, K*H, N, N]: head k*H + h is branch k's head h."""
+    return torch.cat(list(read), dim=1)
+
+
+def _talking_heads_with_class(read: Sequence[torch.Tensor], maps: bool) -> torch.Tensor:
+    """CaiT self-attention: the softmax probabilities over the patches as proj_w takes them, [B, n, n, H] (before
+    the heads are mixed), as the map over [class, patches], [B, H, 1 + n, 1 + n]. The class token is not in the
+    sequence yet: it is its own row (1 at (0, 0); 0 in a gradient) and no patch attends to it."""
+    (probabilities,) = read
+    patches = probabilities.detach().permute(0, 3, 1, 2)
+    batch, heads, num_patches, _ = patches.shape
+    full = patches.new_zeros(batch, heads, num_patches + 1, num_patches + 1)
+    if maps:
+        full[:, :, 0, 0] = 1.0
+    full[:, :, 1:, 1:] = patches
+    return full
+
+
+def _talking_heads_alone(read: Sequence[torch.Tensor], maps: bool) -> torch.Tensor:
+    """CaiT self-attention of a model without a class token (pruned): the probabilities, heads first."""
+    (probabilities,) = read
+    return probabilities.detach().permute(0, 3, 1, 2).contiguous()
+
+
+def _class_row_over_patches(read: Sequence[torch.Tensor], maps: bool) -> torch.Tensor:
+    """CaiT class attention: the class token's probabilities over [class, patches], [B, H, 1, 1 + n], as row 0 of
+    [B, H, 1 + n, 1 + n]. The patch tokens pass through the block unchanged: each is its own row (identity; 0 in a
+    gradient)."""
+    (row,) = read
+    row = row.detach()
+    batch, heads, _, num_tokens = row.shape
+    full = row.new_zeros(batch, heads, num_tokens, num_tokens)
+    if maps:
+        full.diagonal(dim1=-2, dim2=-1)[..., 1:].fill_(1.0)
+    full[:, :, :1] = row
+    return full
+
+
+def _parallel_branches_site(block: nn.Module) -> _AttentionSite | None:
+    """timm's ParallelThingsBlock, x + sum_k branch_k(x) with branch_k = ls(attn(norm(x))): each branch's attention
+    is read as a plain site, the layer's map is the branches' maps side by side along the head axis."""
+    parts = []
+    for branch in block.attns:
+        attn = getattr(branch, "attn", None)
+        if attn is None or type(attn).forward not in _KNORM_TO_PROJ:
+            return None
+        parts.append(_AttentionSite(attn, attn.k_norm, False, attn.proj, attn.attn_drop))
+    return _AttentionSite(block, block, False, block, block, parts=tuple(parts), assemble=_branches_side_by_side)
+
+
+def _cait_site(block: nn.Module, model: nn.Module) -> _AttentionSite | None:
+    """A block of timm's CaiT (cait.py), or None. Self-attention blocks (model.blocks) run on the patches with
+    talking heads: softmax(mix_l(q k^T s)), then mix_w, then @ v; their map is the softmax, read as proj_w's input.
+    Class-attention blocks (model.blocks_token_only) take [class, patches] and only the class token queries; they
+    call scaled_dot_product_attention after the v projection (no k_norm), read as any attention call."""
+    attn = getattr(block, "attn", None)
+    forward = type(attn).forward if attn is not None else None
+    if type(block).forward is LayerScaleBlock.forward and forward is TalkingHeadAttn.forward:
+        has_class = getattr(model, "cls_token", None) is not None
+        assemble = _talking_heads_with_class if has_class else _talking_heads_alone
+        return _AttentionSite(attn, attn, False, attn.proj, attn.proj_w, heads_last=True, assemble=assemble)
+    if type(block).forward is LayerScaleBlockClassAttn.forward and forward is ClassAttn.forward:
+        return _AttentionSite(
+            attn, attn.v, False, attn.proj, attn.attn_drop, assemble=_class_row_over_patches, class_queries_only=True
+        )
+    return None
+
+
 # Attention classes known not to be read yet, with why (the one-line refusal says it).
 _NOT_READ_YET = {
-    "cait.TalkingHeadAttn": "talking-heads attention (CaiT) mixes heads after the softmax; it is not read yet",
-    "vision_transformer.ParallelThingsBlock": "parallel attention branches in one block are not read yet",
+    "vision_transformer.ParallelThingsBlock": "its parallel attention branches are of a kind vitviz does not read",
 }
 
 
@@ -163,8 +244,10 @@ def _attention_sites(model: nn.Module) -> list[_AttentionSite]:
             "vitviz reads attention from timm VisionTransformer-family models"
         )
     sites = []
-    for index, block in enumerate(blocks):
-        site = _site(block)
+    cait = isinstance(model, Cait)  # its class-attention blocks follow model.blocks: layers depth, depth + 1, ...
+    every_block = [*blocks, *(model.blocks_token_only or ())] if cait else blocks
+    for index, block in enumerate(every_block):
+        site = _cait_site(block, model) if cait else _site(block)
         if site is None:
             attn = getattr(block, "attn", None)
             if attn is None:
@@ -192,6 +275,12 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention module of every transformer block (the block itself for parallel blocks), in order;
     refuses models it cannot capture exactly with a one-line VitvizError."""
     return [site.owner for site in _attention_sites(model)]
+
+
+def class_attention_layers(model: nn.Module) -> tuple[int, ...]:
+    """The layers in which only the class token queries (CaiT's class-attention blocks, whose patch rows are the
+    identity); refuses models it cannot capture exactly with a one-line VitvizError."""
+    return tuple(index for index, site in enumerate(_attention_sites(model)) if site.class_queries_only)
 
 
 # torch's RemovableHandle ids and hook dictionaries are updated without a lock; serialise our own updates.
@@ -508,16 +597,57 @@ class _WindowedAttention(_ExplicitAttention):
 class _CaptureSession:
     """Hooks for one capture: they act only in the thread that created the session."""
 
-    def __init__(self, sites: Sequence[_AttentionSite], on_attention: Callable[[int, torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        sites: Sequence[_AttentionSite],
+        on_attention: Callable[[int, torch.Tensor], None],
+        keep_read: bool = False,
+    ) -> None:
         self.sites = list(sites)
         self.on_attention = on_attention
+        self.pending: dict[int, list[torch.Tensor]] = {}  # a layer's tensors read so far (assembled sites)
+        self.read: list[list[torch.Tensor]] | None = [] if keep_read else None  # per layer, the tensors read
         self.owner = threading.get_ident()
         self.active_modes: list[_ExplicitAttention] = []
         self.layers_seen: list[int] = []
 
     def _deliver(self, layer_index: int, attn: torch.Tensor) -> None:
+        site = self.sites[layer_index]
+        if site.assemble is None:
+            read = [attn]
+        else:  # the layer's map is made from its tensors once all have been read
+            read = self.pending.setdefault(layer_index, [])
+            read.append(attn)
+            if len(read) < max(1, len(site.parts)):
+                return
+            del self.pending[layer_index]
+            attn = site.assemble(read, True)
+        if self.read is not None:
+            self.read.append(read)
         self.layers_seen.append(layer_index)
         self.on_attention(layer_index, attn)
+
+    def _input_hook(self, layer_index: int) -> Callable[..., None]:
+        # A forward pre-hook of the module that takes the probabilities (CaiT's proj_w, heads last).
+        def hook(module: nn.Module, args: Any, *_rest: Any) -> None:
+            if threading.get_ident() == self.owner:
+                self._deliver(layer_index, args[0])
+            return None
+
+        return hook
+
+    def _assembled_hooks(self, layer_index: int, site: _AttentionSite) -> list[torch.utils.hooks.RemovableHandle]:
+        """CaiT's talking heads (read at proj_w's input) and parallel branches (each read as a plain site)."""
+        if site.heads_last:
+            return [site.drop.register_forward_pre_hook(self._input_hook(layer_index))]
+        handles = []
+        for part in site.parts:
+            if not part.owner.fused_attn:
+                handles.append(part.drop.register_forward_hook(self._unfused_hook(layer_index)))
+                continue
+            handles.append(part.enter.register_forward_hook(self._enter_hook(layer_index)))
+            handles.append(part.exit.register_forward_pre_hook(self._exit_hook))
+        return handles
 
     def _enter_hook(self, layer_index: int) -> Callable[..., None]:
         # A forward hook of the attention's k_norm: q, k and v exist and the attention call comes next.
@@ -603,6 +733,9 @@ class _CaptureSession:
                 for layer_index, site in enumerate(self.sites):
                     if site.returns_probabilities:
                         handles.append(site.owner.register_forward_hook(self._returned_hook(layer_index)))
+                        continue
+                    if site.parts or site.heads_last:
+                        handles.extend(self._assembled_hooks(layer_index, site))
                         continue
                     if site.reader is not None:
                         handles.extend(self._reader_hooks(layer_index, site))
@@ -697,6 +830,22 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
     return keep.result()
 
 
+def _map_gradients(
+    output: torch.Tensor, sites: Sequence[_AttentionSite], read: Sequence[Sequence[torch.Tensor]]
+) -> list[torch.Tensor]:
+    """d output / d map for every layer: autograd with respect to the tensors each layer was read as (the ones its
+    forward used), assembled as the maps were (zero where a map is fixed); zero for a tensor the output does not
+    use (a class attention a model that pools patch tokens never reads)."""
+    flat = [tensor for tensors in read for tensor in tensors]
+    flat_gradients = torch.autograd.grad(output, flat, allow_unused=True, materialize_grads=True)
+    gradients, start = [], 0
+    for site, tensors in zip(sites, read):
+        layer = flat_gradients[start : start + len(tensors)]
+        start += len(tensors)
+        gradients.append(layer[0] if site.assemble is None else site.assemble(layer, False))
+    return gradients
+
+
 def attention_gradients(
     model: nn.Module,
     images: torch.Tensor,
@@ -713,7 +862,7 @@ def attention_gradients(
     if getattr(model, "grad_checkpointing", False):
         raise ValueError("attention gradients need gradient checkpointing off (it re-runs blocks in backward)")
     attentions: list[torch.Tensor] = []
-    session = _CaptureSession(sites, lambda _layer, attn: attentions.append(attn))
+    session = _CaptureSession(sites, lambda _layer, attn: attentions.append(attn), keep_read=True)
     # The input, not the parameters, carries requires_grad, so every attention joins the graph even when
     # the parameters are frozen, and no parameter is touched.
     with torch.inference_mode(False), torch.enable_grad():
@@ -729,7 +878,7 @@ def attention_gradients(
         if bool(((target < 0) | (target >= num_classes)).any()):
             raise VitvizError(f"target class {target.tolist()} is out of range: the model has {num_classes} classes")
         chosen = logits.gather(1, target[:, None]).sum()  # images are independent, so one backward serves all
-        gradients = torch.autograd.grad(chosen, attentions)
+        gradients = _map_gradients(chosen, sites, session.read or [])
     return AttentionGradients(
         logits=logits.detach(),
         target_class=target.detach().clone(),

@@ -258,6 +258,11 @@ def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
             "fraction": d.fraction.tolist(),
             "num_images": d.num_images,
         }
+        if d.not_applicable_layers:  # CaiT's class-attention layers: the rows are the other layers
+            sections["distance"]["layers"] = list(d.layers)
+            sections["distance"]["not_applicable_layers"] = [
+                {"layer": layer, "reason": why} for layer, why in d.not_applicable_layers
+            ]
     if (skipped := _not_applicable(results.rollouts)) is not None:
         sections["rollout"] = skipped
     elif results.rollouts:

@@ -35,7 +35,14 @@ from vitviz.analysis.tokens import (
     mass_threshold_masks,
     token_names,
 )
-from vitviz.capture import QueryAttention, attention_gradients, capture_attention, unreadable_reason
+from vitviz.capture import (
+    QueryAttention,
+    attention_gradients,
+    attention_modules,
+    capture_attention,
+    class_attention_layers,
+    unreadable_reason,
+)
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, patch_position_embeddings, resample_input_size
 from vitviz.tokens import TokenLayout, token_layout
@@ -134,7 +141,7 @@ class AnalysisOptions:
         """Refuse options that do not fit this model (a start layer past the last, a class it does not have)."""
         model = loaded.model
         if "rollout" in analyses:
-            depth = len(getattr(model, "blocks", []))
+            depth = _attention_depth(model)
             if self.start_layer >= depth:
                 raise VitvizError(f"--start-layer {self.start_layer} is past the last layer ({depth - 1})")
         num_classes = int(getattr(model, "num_classes", 0))
@@ -227,6 +234,19 @@ class ModelCard:
         }
 
 
+def _attention_depth(model: nn.Module) -> int:
+    """Attention layers: the blocks, plus CaiT's class-attention blocks (when vitviz reads the attention)."""
+    return len(getattr(model, "blocks", [])) if unreadable_reason(model) is not None else len(attention_modules(model))
+
+
+def _num_heads(block: nn.Module) -> int:
+    """Heads of a block's attention as the analyses see them: timm's parallel blocks hold them themselves, and
+    ParallelThingsBlock's branches are side by side (K branches x H heads)."""
+    if hasattr(block, "attns"):
+        return sum(_num_heads(branch) for branch in block.attns)
+    return int(getattr(block, "num_heads", None) or block.attn.num_heads)
+
+
 def model_card(loaded: LoadedModel) -> ModelCard:
     """The card of a loaded model."""
     model, meta = loaded.model, loaded.meta
@@ -240,7 +260,7 @@ def model_card(loaded: LoadedModel) -> ModelCard:
         stride=tuple(layout.stride),
         num_prefix_tokens=layout.num_prefix_tokens,
         depth=len(blocks),
-        num_heads=int(blocks[0].attn.num_heads) if len(blocks) else 0,
+        num_heads=_num_heads(blocks[0]) if len(blocks) else 0,
         embed_dim=int(getattr(model, "embed_dim", 0)),
         num_classes=int(getattr(model, "num_classes", 0)),
         parameters=count_parameters(model),
@@ -351,6 +371,8 @@ class DistanceResult:
     fraction: np.ndarray  # [L, H] pixels / image width
     per_image: np.ndarray  # [L, B, H] per-image values
     num_images: int
+    layers: tuple[int, ...] = ()  # the model layer of each row (() from old caches: 0 .. L-1)
+    not_applicable_layers: tuple[tuple[int, str], ...] = ()  # (layer, why): CaiT's class-attention layers
 
     @classmethod
     def of(cls, distance: AttentionDistance) -> DistanceResult:
@@ -361,6 +383,8 @@ class DistanceResult:
             fraction=distance.fraction.cpu().numpy(),
             per_image=distance.per_image.cpu().numpy(),
             num_images=int(distance.num_images),
+            layers=tuple(distance.layers) or tuple(range(distance.pixels.shape[0])),
+            not_applicable_layers=tuple(distance.not_applicable),
         )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -370,11 +394,15 @@ class DistanceResult:
             "std": self.std,
             "fraction": self.fraction,
             "per_image": self.per_image,
+            "layers": np.asarray(self.layers, dtype=np.int64),
+            "not_applicable_layers": np.asarray([layer for layer, _ in self.not_applicable_layers], dtype=np.int64),
+            "not_applicable_reasons": np.asarray([why for _, why in self.not_applicable_layers], dtype=str),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> DistanceResult:
         per_image = np.asarray(arrays["per_image"])
+        skipped = zip(arrays.get("not_applicable_layers", ()), arrays.get("not_applicable_reasons", ()))
         return cls(
             mode=str(arrays["mode"]),
             pixels=np.asarray(arrays["pixels"]),
@@ -382,6 +410,8 @@ class DistanceResult:
             fraction=np.asarray(arrays["fraction"]),
             per_image=per_image,
             num_images=int(per_image.shape[1]),
+            layers=tuple(int(layer) for layer in arrays.get("layers", range(per_image.shape[0]))),
+            not_applicable_layers=tuple((int(layer), str(why)) for layer, why in skipped),
         )
 
 
@@ -646,7 +676,11 @@ def image_analyses(
         if skipped:
             logger.info("%s not applicable: %s", ", ".join(skipped), unreadable.reason)
         analyses = [name for name in analyses if name not in ATTENTION_ANALYSES]
-    distance_acc = DistanceAccumulator(layout, mode=options.distance_mode) if "distance" in analyses else None
+    distance_acc = (
+        DistanceAccumulator(layout, options.distance_mode, class_attention_layers(model))
+        if "distance" in analyses
+        else None
+    )
     rollout_acc = (
         RolloutAccumulator(
             layout,
@@ -660,8 +694,9 @@ def image_analyses(
     query_acc = QueryAttention(query_index) if query_index is not None else None
     depth = len(getattr(model, "blocks", []))
     norms_acc = TokenNorms(layout, depth, options.outlier_factor) if "tokens" in analyses else None
-    prefix_acc = PrefixAttention(layout, depth) if "tokens" in analyses else None
-    head_acc = HeadMapAccumulator(layout, depth) if "head-maps" in analyses else None
+    attention_depth = _attention_depth(model)  # CaiT: its class-attention layers follow the blocks
+    prefix_acc = PrefixAttention(layout, attention_depth) if "tokens" in analyses else None
+    head_acc = HeadMapAccumulator(layout, attention_depth) if "head-maps" in analyses else None
     moments = FeatureMoments(layout) if "features" in analyses else None
     lens_applicable = "logit-lens" in analyses and has_classifier_head(model)
     lens = LogitLens(model, layout) if lens_applicable else None

@@ -8,13 +8,18 @@ mode "renormalised" divides each row of w by its sum first (a row summing to 0 g
 The spread over images is the population standard deviation (0 for one image). Mode "renormalised" sums in
 float64; mode "paper" sums blocks of whole query rows in the attention's precision and the blocks in float64
 (float32 attention: relative error about 2e-6 at any token count, see _image_distance).
+
+A layer in which only the class token queries (CaiT's class-attention layers; their patch rows are the identity,
+the patches pass through unchanged) has no distance: the value is a mean over patch queries and no patch queries
+there, while the class token has no position in the image. Such layers, named by the caller, are left out of the
+[L, H] tables (``layers`` gives the layer of each row) and listed in ``not_applicable`` with that reason.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,7 @@ from vitviz.tokens import TokenLayout
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLASS_ATTENTION_LAYER",
     "DISTANCE_MODES",
     "AttentionDistance",
     "DistanceAccumulator",
@@ -33,11 +39,15 @@ __all__ = [
 ]
 
 DISTANCE_MODES = ("paper", "renormalised")
+CLASS_ATTENTION_LAYER = (
+    "a class-attention layer: only the class token queries, and it has no position in the image "
+    "(the patch tokens pass through unchanged)"
+)
 
 
 @dataclass(frozen=True)
 class AttentionDistance:
-    """Mean attention distance of every head of every layer."""
+    """Mean attention distance of every head of every layer (that has one: see ``not_applicable``)."""
 
     mode: str
     pixels: torch.Tensor  # [L, H] mean over queries, then images
@@ -45,6 +55,8 @@ class AttentionDistance:
     fraction: torch.Tensor  # [L, H] pixels / image width
     per_image: torch.Tensor  # [L, B, H] per-image values (mean over queries)
     num_images: int
+    layers: tuple[int, ...] = ()  # the model layer of each row; () when the rows are layers 0 .. L-1
+    not_applicable: tuple[tuple[int, str], ...] = ()  # (layer, why) for layers without a distance
 
 
 def _check_mode(mode: str) -> None:
@@ -133,17 +145,26 @@ def _image_distance(attn: torch.Tensor, layout: TokenLayout, mode: str, weights:
 
 
 class DistanceAccumulator:
-    """Streaming consumer: keeps only [B, H] numbers per layer. Several forwards add images."""
+    """Streaming consumer: keeps only [B, H] numbers per layer. Several forwards add images.
 
-    def __init__(self, layout: TokenLayout, mode: str = "paper") -> None:
+    ``class_attention_layers``: the layers in which only the class token queries; they are not computed and are
+    reported as not applicable.
+    """
+
+    def __init__(self, layout: TokenLayout, mode: str = "paper", class_attention_layers: Iterable[int] = ()) -> None:
         _check_mode(mode)
         self.layout = layout
         self.mode = mode
+        self.class_attention_layers = frozenset(int(layer) for layer in class_attention_layers)
+        self._skipped: set[int] = set()
         self._per_layer: dict[int, list[torch.Tensor]] = {}
         self._padded = _padded_patch_distances(layout)  # shared, read only
         self._weights: torch.Tensor | None = None  # _padded in the precision and on the device of the attention
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        if layer_index in self.class_attention_layers:
+            self._skipped.add(layer_index)
+            return
         dtype = _sum_dtype(attn)
         weights = self._weights
         if weights is None or weights.device != attn.device or weights.dtype != dtype:
@@ -153,10 +174,10 @@ class DistanceAccumulator:
 
     def result(self) -> AttentionDistance:
         if not self._per_layer:
-            raise ValueError("no attention was consumed")
+            raise ValueError("no attention was consumed" if not self._skipped else "no layer has a distance")
         layers = sorted(self._per_layer)
-        if layers != list(range(len(layers))):
-            raise ValueError(f"layers {layers} are not every layer from 0")
+        if sorted([*layers, *self._skipped]) != list(range(len(layers) + len(self._skipped))):
+            raise ValueError(f"layers {sorted([*layers, *self._skipped])} are not every layer from 0")
         parts = [self._per_layer[layer] for layer in layers]
         per_image = torch.stack([p[0] if len(p) == 1 else torch.cat(p, dim=0) for p in parts])  # (L, B, H)
         pixels = per_image.mean(dim=1)
@@ -167,14 +188,19 @@ class DistanceAccumulator:
             fraction=pixels / self.layout.img_size[1],
             per_image=per_image,
             num_images=per_image.shape[1],
+            layers=tuple(layers),
+            not_applicable=tuple((layer, CLASS_ATTENTION_LAYER) for layer in sorted(self._skipped)),
         )
 
 
 def mean_attention_distance(
-    attentions: Sequence[torch.Tensor], layout: TokenLayout, mode: str = "paper"
+    attentions: Sequence[torch.Tensor],
+    layout: TokenLayout,
+    mode: str = "paper",
+    class_attention_layers: Iterable[int] = (),
 ) -> AttentionDistance:
     """Mean attention distance from a list of L attention tensors [B, H, N, N] (one forward)."""
-    accumulator = DistanceAccumulator(layout, mode)
+    accumulator = DistanceAccumulator(layout, mode, class_attention_layers)
     for layer_index, attn in enumerate(attentions):
         accumulator.consume(layer_index, attn)
     return accumulator.result()
