@@ -96,6 +96,29 @@ def test_a_shapes_slice_is_what_training_evaluate_reads(checkpoint: Path) -> Non
     np.testing.assert_allclose(undone, raw, atol=1e-6)
 
 
+def test_the_bundled_default_scores_on_a_slice_what_training_evaluate_scores(tmp_path: Path) -> None:
+    """The top-1 accuracy of `analyze --dataset` over the first 100 shapes test images, and each prediction,
+    agree with `python -m training evaluate` on those images (its confusion matrix)."""
+    from training.evaluate import evaluate_checkpoint
+
+    default = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
+    out = tmp_path / "out.json"
+    code = main(["analyze", str(default), "--dataset", "shapes", "--limit", "100", "--analyses", "rollout"])
+    assert code == 2  # nothing to write
+    assert main(["analyze", str(default), "--dataset", "shapes", "--limit", "100", "--analyses", "rollout",
+                 "--json", str(out)]) == 0  # fmt: skip
+    section = json.loads(out.read_text())["dataset"]
+    evaluated = evaluate_checkpoint(
+        str(default), dataset="shapes", split="test", num_samples=100, device="cpu", faithfulness_images=0
+    )
+    assert section["num_images"] == evaluated["num_images"] == 100
+    assert section["accuracy"] == evaluated["accuracy"]
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    for entry in section["per_image"]:
+        confusion[entry["label"], entry["predicted"]] += 1
+    assert confusion.tolist() == evaluated["confusion_matrix"]
+
+
 @pytest.mark.parametrize("num_images", [1, 7, 16, 17])
 @pytest.mark.parametrize("batch_size", [1, 4, 8])
 def test_ranks_take_whole_one_process_batches_each_image_once(num_images: int, batch_size: int) -> None:
