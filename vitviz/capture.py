@@ -11,7 +11,12 @@ computed once, not fused and then again for capture. A module whose ``fused_attn
 non-fused path passes its probabilities, through ``attn_drop``. A wrapped Hugging Face model
 (``vitviz.models.hf``, eager attention) is read from what each attention module returns, (output, probabilities).
 Differential attention hands over S1 - lambda S2, the map that multiplies v, and SAM's windowed attention its
-windows placed on the real token grid (docs/design.md, "Attention in every timm family").
+windows placed on the real token grid (docs/design.md, "Attention in every timm family"). A ParallelThingsBlock's
+branches are each read as above and handed over side by side along the head axis, [B, K*H, N, N]. CaiT has no
+attention call in its self-attention blocks: their softmax before the heads are mixed is read where proj_w takes
+it (timm's own tensor); its class-attention blocks are read as any attention call. Every CaiT layer is handed over
+as a map over [class, patches]: the class token its own row while it is not in the sequence, the patches their
+own rows in the class-attention layers (which come after model.blocks: L = depth + depth_token_only).
 
 Each layer's attention is handed to the consumers as soon as it exists and then dropped, so the extra memory
 is about one layer's attention whatever the depth. A consumer is any object with
