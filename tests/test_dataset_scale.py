@@ -324,3 +324,14 @@ def test_ranks_without_torchrun_are_one_process() -> None:
     ranks = Ranks.from_environment()
     assert (ranks.rank, ranks.world_size, ranks.is_main) == (0, 1, True)
     assert ranks.gather({"a": 1}) == [{"a": 1}]
+
+
+def test_figures_of_a_data_set_run(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = [str(checkpoint), "--dataset", "mnist", "--limit", "3", "--figures"]
+    assert main(["analyze", *common, str(tmp_path / "a"), "--analyses", "filters,distance"]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "distance.png", "distance.svg", "filters.png", "filters.svg",
+    ]  # fmt: skip
+    assert main(["faithfulness", *common, str(tmp_path / "f"), "--methods", "random", "--steps", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["faithfulness-curves.png", "faithfulness-curves.svg"]
+    capsys.readouterr()
