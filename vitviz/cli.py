@@ -8,6 +8,7 @@
         [--outlier-factor F] [--mass-share S]   (also: tokens,features,head-maps,logit-lens in --analyses)
     python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
         [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
+    python -m vitviz models [--json | --markdown] [--refresh [--exact]]
 
 Instead of --images, both analyze and faithfulness take a slice of a data set, streamed in batches:
     --dataset shapes|digits|mnist|cifar10|folder:PATH [--split test] [--limit N] [--root DIR] [--download]
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_faithfulness_parser(sub, add_model)
+    models = sub.add_parser("models", help="print which ViT architectures vitviz analyses (the support table)")
+    models.add_argument("--json", action="store_true", help="print the table as JSON")
+    models.add_argument("--markdown", action="store_true", help="print the table as Markdown (README.md's block)")
+    models.add_argument("--refresh", action="store_true", help="re-run the survey (minutes) and store the table")
+    models.add_argument("--exact", action="store_true", help="with --refresh: compare with each model's eager maps")
     return parser
 
 
@@ -424,6 +430,33 @@ def write_json(document: dict[str, Any], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out), text)
     logger.info("wrote %s", out)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the support table (vitviz/support_table.json); --refresh re-runs the survey first."""
+    from vitviz import support
+
+    if args.json and args.markdown:
+        raise VitvizError("choose one of --json and --markdown")
+    if args.exact and not args.refresh:
+        raise VitvizError("--exact applies to --refresh (the stored table says whether it was checked)")
+    if args.refresh:
+
+        def progress(row: support.Row, done: int, total: int) -> None:
+            print(support.progress_line(row, done, total), file=sys.stderr, flush=True)
+
+        table = support.survey(exact=args.exact, progress=progress)
+        support.save_table(table)
+        logger.info("wrote %s (%d rows, %d s)", support.TABLE_PATH, len(table["rows"]), table["seconds"])
+        if support.update_readme(table):
+            logger.info("updated the support table in %s", support.README_PATH)
+    else:
+        table = support.load_table()
+    if args.json:
+        print(json.dumps(support.json_table(table), indent=1))
+    else:
+        print(support.markdown_table(table) if args.markdown else support.text_table(table), end="")
+    return 0
 
 
 def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -792,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "faithfulness":
             return cmd_faithfulness(args)
+        if args.command == "models":
+            return cmd_models(args)
         return cmd_analyze(args)
     except VitvizError as exc:
         print(f"vitviz: error: {exc}", file=sys.stderr)
