@@ -9,15 +9,25 @@ integrated gradients    `explanation_maps(..., "integrated-gradients")` (Captum,
                         points per image, each a forward and a backward) against plain forwards of the same number
                         of inputs (ig_steps per image) in the same batches: what the backward passes and Captum add.
                         For information; the detail gives seconds per image.
+data-set memory         whole-process peak resident memory (the child's ru_maxrss, from os.wait4) of
+                        `python -m vitviz faithfulness MODEL --dataset shapes --split train --limit N` (method
+                        rollout, S = 2, --json) and of `python -m vitviz analyze ... --analyses
+                        distance,rollout`, each in a fresh child process, for the large N against the small N
+                        (full and quick: 1,024 vs 64 images; tiny: 16 vs 4). Target: at most 1.05, i.e. the
+                        streamed run does not grow with the number of images. Both sides run the same code path and
+                        differ only in --limit; the peak includes the interpreter, libraries and the model.
 
 Timing: `bench.common.paired_timing`, alternating rounds, the figure is the median of the per-round ratios.
-Sizes come from plan.label: "full" the bundled default checkpoint and timm's vit_tiny_patch16_224 (random
-weights, no download), "quick" the bundled default only, "tiny" the plan's tiny checkpoint.
+Sizes come from plan.label: "full" the bundled default and hybrid checkpoints (the models the studio ships),
+"quick" the bundled default only, "tiny" the plan's tiny checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -37,13 +47,21 @@ from vitviz.tokens import token_layout
 logger = logging.getLogger(__name__)
 
 CURVES_TARGET = 1.10
-BUNDLED_DEFAULT = str(Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "shapes-default.safetensors")
-IG_IMAGES = {"full": 4, "quick": 4, "tiny": 2}
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+BUNDLED_DEFAULT = str(BUNDLED / "shapes-default.safetensors")
+BUNDLED_HYBRID = str(BUNDLED / "shapes-hybrid.safetensors")  # the ResNetV2 stem: a dearer forward per token
+IG_IMAGES = {"full": 4, "quick": 4, "tiny": 1}
+MEMORY_TARGET = 1.05
+MEMORY_IMAGES = {"full": (64, 1024), "quick": (64, 1024), "tiny": (4, 16)}  # (baseline, measured) --limit
+MEMORY_RUNS = {
+    "faithfulness": ("--methods", "rollout", "--steps", "2"),
+    "analyze": ("--analyses", "distance,rollout"),
+}
 
 
 def _sources(plan: Plan) -> tuple[str, ...]:
     if plan.label == "full":
-        return (BUNDLED_DEFAULT, "timm:vit_tiny_patch16_224")
+        return (BUNDLED_DEFAULT, BUNDLED_HYBRID)
     if plan.label == "quick":
         return (BUNDLED_DEFAULT,)
     return plan.capture_sources[:1]  # tiny: the plan's tiny checkpoint
@@ -150,8 +168,58 @@ def integrated_gradients_figure(source: str, plan: Plan) -> Figure:
     )
 
 
+def peak_rss_kib(command: list[str], cwd: Path) -> int:
+    """Run `command` as a child process and return its peak resident memory (KiB, ru_maxrss from os.wait4)."""
+    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    with child.stderr:
+        errors = child.stderr.read()  # read to the end first, so a full pipe cannot block the child
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        last = errors.decode(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError(f"{' '.join(command[2:4])} failed with status {child.returncode}: {last}")
+    return int(usage.ru_maxrss)
+
+
+def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) -> Figure:
+    """Peak memory of a data-set run of the large --limit against the same run of the small one."""
+    small, large = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
+    root = Path(__file__).resolve().parents[1]
+
+    def run(limit: int) -> int:
+        out = scratch / f"{command}-{limit}.json"
+        argv = [sys.executable, "-m", "vitviz", command, source, "--dataset", "shapes", "--split", "train"]
+        argv += ["--limit", str(limit), *MEMORY_RUNS[command], "--json", str(out)]
+        logger.info("faithfulness memory: %s --limit %d", command, limit)
+        peak = peak_rss_kib(argv, root)
+        out.unlink(missing_ok=True)
+        return peak
+
+    baseline, measured = run(small), run(large)
+    name = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
+    return Figure(
+        name=f"faithfulness memory {name}: {command} --dataset of {large} vs {small} images",
+        value=measured / baseline,
+        target=MEMORY_TARGET,
+        better=LOWER,
+        unit="ratio",
+        baseline=f"peak of the same run with --limit {small}, a fresh process: {baseline / 1024:.0f} MiB",
+        detail={
+            "peak_mib": round(measured / 1024, 1),
+            "baseline_peak_mib": round(baseline / 1024, 1),
+            "images": large,
+            "baseline_images": small,
+            "arguments": " ".join(MEMORY_RUNS[command]),
+            "method": "ru_maxrss of the child from os.wait4 (whole-process peak)",
+            "source": source,
+        },
+    )
+
+
 def faithfulness_figures(plan: Plan, scratch: Path) -> list[Figure]:
     """The figures for plan.label ("full", "quick" or "tiny")."""
     figures = [curves_figure(source, plan) for source in _sources(plan)]
     figures += [integrated_gradients_figure(source, plan) for source in _sources(plan)]
+    figures += [dataset_memory_figure(command, _sources(plan)[0], plan, scratch) for command in MEMORY_RUNS]
     return figures

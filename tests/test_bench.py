@@ -120,7 +120,8 @@ def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
         _check_figure(figure)
     curves = [f for f in figures if f["name"].startswith("faithfulness curves ")]
     integrated = [f for f in figures if f["name"].startswith("faithfulness integrated gradients ")]
-    assert len(curves) == len(integrated) == 1 and len(figures) == 2  # the tiny plan: one model
+    memory = [f for f in figures if f["name"].startswith("faithfulness memory ")]
+    assert len(curves) == len(integrated) == 1 and len(memory) == 2 and len(figures) == 4  # tiny: one model
     (curve,) = curves
     assert (curve["better"], curve["target"], curve["unit"]) == ("lower", 1.10, "ratio")
     detail = curve["detail"]
@@ -130,6 +131,12 @@ def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
     (ig,) = integrated
     assert ig["target"] is None and ig["met"] is None and ig["unit"] == "ratio"
     assert ig["detail"]["seconds_per_image"] > 0 and ig["detail"]["ig_steps"] == 50
+    assert [f["name"].split(": ")[1].split()[0] for f in memory] == ["faithfulness", "analyze"]
+    for figure in memory:
+        assert (figure["better"], figure["target"], figure["unit"]) == ("lower", 1.05, "ratio")
+        detail = figure["detail"]
+        assert (detail["baseline_images"], detail["images"]) == (4, 16) and detail["baseline_peak_mib"] > 0
+        assert figure["value"] == pytest.approx(detail["peak_mib"] / detail["baseline_peak_mib"], rel=1e-3)
 
 
 @pytest.mark.browser
