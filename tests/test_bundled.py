@@ -55,6 +55,7 @@ EXPECTED = {
         "grid": (8, 8),
         "classes": SHAPES,
     },
+    "shapes-reg4": {"pos_embed": "learned", "stem": "patch", "img_size": (32, 32), "grid": (8, 8), "classes": SHAPES},
     "shapes-finetune-hires": {
         "pos_embed": "learned",
         "stem": "patch",
@@ -70,8 +71,10 @@ EXPECTED = {
         "classes": [str(d) for d in range(10)],
     },
 }
-# The position-embedding variants and the hybrid are the paper's ablation: the default's recipe with one change.
-ABLATION = ("shapes-2d", "shapes-sincos", "shapes-nopos", "shapes-hybrid")
+# The position-embedding variants and the hybrid are the paper's ablation: the default's recipe with one change;
+# the registers checkpoint is the same kind of variant (4 register tokens after the class token).
+ABLATION = ("shapes-2d", "shapes-sincos", "shapes-nopos", "shapes-hybrid", "shapes-reg4")
+REG4_DOCUMENTED_ACCURACY = 0.936  # 936 of 1,000 test images (README, docs/training.md)
 SNAPSHOT_PREFIX = "shapes-default-epoch-"
 
 
@@ -112,9 +115,18 @@ def test_ablation_checkpoints_change_one_thing_at_the_default_budget(stem: str) 
     default, variant = read_checkpoint_meta(DEFAULT), read_checkpoint_meta(CHECKPOINTS / f"{stem}.safetensors")
     assert default.config is not None and variant.config is not None
     changed = {k for k, v in variant.config.to_dict().items() if default.config.to_dict()[k] != v}
-    assert changed <= {"pos_embed", "stem", "hybrid_layers", "patch_size"} and changed
+    assert changed <= {"pos_embed", "stem", "hybrid_layers", "patch_size", "reg_tokens"} and changed
     for key in ("dataset", "train_split", "steps", "epochs"):
         assert variant.training[key] == default.training[key], key
+
+
+def test_registers_checkpoint_has_four_registers_and_reproduces_its_documented_accuracy() -> None:
+    path = CHECKPOINTS / "shapes-reg4.safetensors"
+    layout = token_layout(load_model(str(path)).model)
+    assert (layout.has_class_token, layout.num_reg_tokens, layout.num_prefix_tokens) == (True, 4, 5)
+    result = evaluate_checkpoint(str(path), dataset="shapes", split="test", num_samples=DOCUMENTED_SUBSET, device="cpu")
+    assert result["num_images"] == DOCUMENTED_SUBSET
+    assert result["accuracy"] == pytest.approx(REG4_DOCUMENTED_ACCURACY, abs=TOLERANCE)
 
 
 def test_hires_checkpoint_is_the_default_resampled_in_2d() -> None:

@@ -32,6 +32,7 @@ READY_MADE: dict[str, tuple[str, ...]] = {
     "Early vs late": ("shapes-default-epoch-001", "shapes-default-epoch-002", "shapes-default"),
     "Position embeddings": ("shapes-default", "shapes-2d", "shapes-sincos", "shapes-nopos"),
     "ViT vs hybrid": ("shapes-default", "shapes-hybrid"),
+    "Default vs registers": ("shapes-default", "shapes-reg4"),
     "Base vs fine-tuned": ("shapes-default", "shapes-finetune-hires"),
 }
 
