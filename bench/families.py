@@ -43,7 +43,8 @@ TIMM_FAMILIES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("BEiT", "beit_base_patch16_224", {"embed_dim": 384, "num_heads": 6}),  # timm has no ViT-S BEiT name
     ("DINOv2 + 4 registers", "vit_small_patch14_reg4_dinov2", {"img_size": 224}),
 )
-GRADIENT_MODEL = ("vit_small_patch14_dinov2", {"img_size": 518})  # 37 x 37 patches + class token = 1,370 tokens
+# 37 x 37 patches + class token = 1,370 tokens; a 1000-class head, since gradient rollout follows a class logit.
+GRADIENT_MODEL = ("vit_small_patch14_dinov2", {"img_size": 518, "num_classes": 1000})
 
 
 def _sizes(plan: Plan) -> tuple[dict[str, Any], tuple[int, ...], dict[str, Any]]:
@@ -131,7 +132,7 @@ def _gradient_figure(plan: Plan, overrides: dict[str, Any]) -> Figure:
 
     def analysed() -> None:
         results = image_analyses(loaded, image, ("gradient-rollout",), options)
-        assert results.gradients
+        assert isinstance(results.gradients, tuple) and len(results.gradients) == 1, results.gradients
 
     logger.info("families: gradient rollout %s", name)
     timing = paired_timing(

@@ -21,7 +21,7 @@ from vitviz import support
 from vitviz.cli import main
 from vitviz.models import load_model
 from vitviz.models.hf import FAMILIES as HF_CLASSES
-from vitviz.pipeline import NO_CLASSIFIER_HEAD, AnalysisOptions, NotApplicable, image_analyses
+from vitviz.pipeline import NO_CLASS_LOGITS, AnalysisOptions, NotApplicable, image_analyses
 
 TABLE = support.load_table()
 ROWS = {row.name: row for row in support.rows_of(TABLE)}
@@ -251,8 +251,8 @@ def test_hf_rollout_distance_and_gradient_rollout_equal_the_definitions_on_trans
     np.testing.assert_allclose(results.distance.pixels, _distance(attentions, prefix), rtol=1e-5, atol=1e-6)
 
     if isinstance(results.gradients, NotApplicable):  # no per-class logit the gradient could follow
-        assert results.gradients.reason == NO_CLASSIFIER_HEAD
-        assert loaded.model.head is None
+        assert results.gradients.reason == NO_CLASS_LOGITS
+        assert loaded.model.num_classes == 0
         return
     logits = out.logits
     target = logits.argmax(dim=-1)

@@ -381,7 +381,7 @@ def test_every_section_is_computed_or_not_applicable_with_a_reason(key: str, hea
     if head:
         assert len(results.gradients) == 3 and results.gradients[0].map.shape == layout.grid
     else:
-        assert results.gradients == pipeline.NotApplicable(pipeline.NO_CLASSIFIER_HEAD)
+        assert results.gradients == pipeline.NotApplicable(pipeline.NO_CLASS_LOGITS)
     assert results.features is not None and results.features.projections.shape == (3, *layout.grid, 3)
     assert len(results.head_maps) == 3
     for section in (results.tokens, results.logit_lens):

@@ -494,6 +494,14 @@ class QueryAttentionResult:
 
 
 NO_CLASSIFIER_HEAD = "the model has no classification head"
+NO_CLASS_LOGITS = "the model has no classification head: it outputs features, not class logits"
+
+
+def has_class_logits(model: nn.Module) -> bool:
+    """Whether the model's output is class logits (gradient rollout differentiates one). Unlike the logit lens,
+    which needs one head module applied to tokens, any classifier counts: a distilled model's two heads, or a
+    Hugging Face classifier that pools before its head."""
+    return int(getattr(model, "num_classes", 0) or 0) > 0
 
 
 @dataclass(frozen=True)
@@ -752,7 +760,7 @@ def image_analyses(
                     lens.finish_batch(logits.argmax(dim=-1))
                 else:
                     lens.finish_batch(torch.full((batch.shape[0],), options.target_class, dtype=torch.long))
-        if "gradient-rollout" in analyses and has_classifier_head(model):
+        if "gradient-rollout" in analyses and has_class_logits(model):
             grads = attention_gradients(model, batch, options.target_class)
             gradient_maps.append(gradient_rollout(grads.attentions, grads.gradients, layout).cpu().numpy())
             targets.extend(int(t) for t in torch.as_tensor(grads.target_class).expand(batch.shape[0]).tolist())
@@ -790,8 +798,8 @@ def image_analyses(
             for b in range(rows.shape[1])
         )
     gradients: tuple[GradientRolloutResult, ...] | NotApplicable = not_run("gradient-rollout", ())
-    if "gradient-rollout" in analyses and not has_classifier_head(model):  # no class logit to differentiate
-        gradients = NotApplicable(NO_CLASSIFIER_HEAD)
+    if "gradient-rollout" in analyses and not has_class_logits(model):  # no class logit to differentiate
+        gradients = NotApplicable(NO_CLASS_LOGITS)
     if gradient_maps:
         gradients = tuple(
             GradientRolloutResult(map=m, target_class=t) for m, t in zip(np.concatenate(gradient_maps), targets)
