@@ -9,13 +9,17 @@ integrated gradients    `explanation_maps(..., "integrated-gradients")` (Captum,
                         points per image, each a forward and a backward) against plain forwards of the same number
                         of inputs (ig_steps per image) in the same batches: what the backward passes and Captum add.
                         For information; the detail gives seconds per image.
-data-set memory         whole-process peak resident memory (the child's ru_maxrss, from os.wait4) of
-                        `python -m vitviz faithfulness MODEL --dataset shapes --split train --limit N` (method
-                        rollout, S = 2, --json) and of `python -m vitviz analyze ... --analyses
-                        distance,rollout`, each in a fresh child process, for the large N against the small N
-                        (full and quick: 1,024 vs 64 images; tiny: 16 vs 4). Target: at most 1.05, i.e. the
+data-set memory         peak resident memory of `python -m vitviz faithfulness MODEL --dataset shapes --split
+                        train --limit N` (method rollout, S = 2, --json) and of `python -m vitviz analyze ...
+                        --analyses distance,rollout`, each in a fresh child process (`python -m bench.faithfulness
+                        COMMAND ARGS...`: imports the libraries, resets the kernel's high-water mark as
+                        bench/memory.py does, calls `vitviz.cli.main`, reads VmHWM), for the large N against the
+                        small N (full and quick: 1,024 vs 64 images; tiny: 16 vs 4). Target: at most 1.05, i.e. the
                         streamed run does not grow with the number of images. Both sides run the same code path and
-                        differ only in --limit; the peak includes the interpreter, libraries and the model.
+                        differ only in --limit; the peak includes the interpreter and libraries (resident at the
+                        reset), the model and the run; the detail gives the working memory above the reset.
+                        (Without the reset, the peak of importing the libraries hides the run's: a child's
+                        ru_maxrss was the same 947 MiB for 64 and 1,024 images.)
 
 Timing: `bench.common.paired_timing`, alternating rounds, the figure is the median of the per-round ratios.
 Sizes come from plan.label: "full" the bundled default and hybrid checkpoints (the models the studio ships),
@@ -24,8 +28,8 @@ Sizes come from plan.label: "full" the bundled default and hybrid checkpoints (t
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,35 +172,51 @@ def integrated_gradients_figure(source: str, plan: Plan) -> Figure:
     )
 
 
-def peak_rss_kib(command: list[str], cwd: Path) -> int:
-    """Run `command` as a child process and return its peak resident memory (KiB, ru_maxrss from os.wait4)."""
-    child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert child.stderr is not None
-    with child.stderr:
-        errors = child.stderr.read()  # read to the end first, so a full pipe cannot block the child
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        last = errors.decode(errors="replace").strip().splitlines()[-1:]
-        raise RuntimeError(f"{' '.join(command[2:4])} failed with status {child.returncode}: {last}")
-    return int(usage.ru_maxrss)
+def probe(argv: list[str]) -> dict[str, object]:
+    """Peak memory of `python -m vitviz ARGV` run in this process (call it in a fresh one), libraries imported first."""
+    import timm  # noqa: F401  (imported before the reset: both sides import the same libraries)
+
+    import vitviz.cli
+    import vitviz.data.stream
+    import vitviz.faithfulness
+    import vitviz.pipeline
+    from bench.memory import _current_kib, _peak_kib, _reset_peak
+
+    method = _reset_peak()
+    start_kib = _current_kib()
+    status = vitviz.cli.main(argv)
+    if status != 0:
+        raise SystemExit(status)
+    return {"peak_kib": _peak_kib(method), "start_kib": start_kib, "method": method}
+
+
+def run_probe(argv: list[str]) -> dict:
+    """`probe(argv)` in a fresh interpreter."""
+    command = [sys.executable, "-m", "bench.faithfulness", *argv]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed with status {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) -> Figure:
     """Peak memory of a data-set run of the large --limit against the same run of the small one."""
     small, large = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
-    root = Path(__file__).resolve().parents[1]
 
-    def run(limit: int) -> int:
+    def run(limit: int) -> dict:
         out = scratch / f"{command}-{limit}.json"
-        argv = [sys.executable, "-m", "vitviz", command, source, "--dataset", "shapes", "--split", "train"]
-        argv += ["--limit", str(limit), *MEMORY_RUNS[command], "--json", str(out)]
+        argv = [command, source, "--dataset", "shapes", "--split", "train", "--limit", str(limit)]
         logger.info("faithfulness memory: %s --limit %d", command, limit)
-        peak = peak_rss_kib(argv, root)
+        probed = run_probe([*argv, *MEMORY_RUNS[command], "--json", str(out)])
         out.unlink(missing_ok=True)
-        return peak
+        return probed
 
-    baseline, measured = run(small), run(large)
+    small_run, large_run = run(small), run(large)
+    baseline, measured = small_run["peak_kib"], large_run["peak_kib"]
+
+    def working(probed: dict) -> float | None:
+        return None if probed["start_kib"] is None else round((probed["peak_kib"] - probed["start_kib"]) / 1024, 1)
+
     name = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
     return Figure(
         name=f"faithfulness memory {name}: {command} --dataset of {large} vs {small} images",
@@ -210,8 +230,10 @@ def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) 
             "baseline_peak_mib": round(baseline / 1024, 1),
             "images": large,
             "baseline_images": small,
+            "working_mib": working(large_run),
+            "baseline_working_mib": working(small_run),
             "arguments": " ".join(MEMORY_RUNS[command]),
-            "method": "ru_maxrss of the child from os.wait4 (whole-process peak)",
+            "method": large_run["method"],
             "source": source,
         },
     )
@@ -223,3 +245,8 @@ def faithfulness_figures(plan: Plan, scratch: Path) -> list[Figure]:
     figures += [integrated_gradients_figure(source, plan) for source in _sources(plan)]
     figures += [dataset_memory_figure(command, _sources(plan)[0], plan, scratch) for command in MEMORY_RUNS]
     return figures
+
+
+if __name__ == "__main__":
+    # python -m bench.faithfulness COMMAND ARGS...: one memory probe of `python -m vitviz COMMAND ARGS...`.
+    print(json.dumps(probe(sys.argv[1:])))
