@@ -137,7 +137,9 @@ def open_dataset(
     A data set, split or folder that is not there, or a download that fails, is a VitvizError of one line.
     """
     size = tuple(int(s) for s in input_size)[-2:]
-    source = build_dataset(slice_.name, split=slice_.split, img_size=size, root=_default_root(slice_), download=download)
+    source = build_dataset(
+        slice_.name, split=slice_.split, img_size=size, root=_default_root(slice_), download=download
+    )
     if slice_.limit is not None and slice_.limit < len(source):
         source = IndexedView(source, range(slice_.limit))
     transform = eval_transform(input_size=size, in_chans=in_chans, mean=mean, std=std)
@@ -208,9 +210,7 @@ def rank_batches(num_images: int, batch_size: int, rank: int = 0, world_size: in
     if batch_size < 1:
         raise VitvizError(f"--batch-size must be at least 1, got {batch_size}")
     count = math.ceil(num_images / batch_size)
-    return [
-        list(range(j * batch_size, min((j + 1) * batch_size, num_images))) for j in range(rank, count, world_size)
-    ]
+    return [list(range(j * batch_size, min((j + 1) * batch_size, num_images))) for j in range(rank, count, world_size)]
 
 
 def dataset_batches(
