@@ -31,11 +31,15 @@ PAGES = {  # file name -> URL path and query (the bundled checkpoints)
     "distance": "distance",
     "rollout": "rollout",
     "compare": "compare?compare=bundled:shapes-default&compare=bundled:shapes-sincos",
+    "tokens": "tokens?model=bundled:shapes-reg4",
+    "trust": "trust",
     "train": "train",
 }
 READY = {
     "overview": "[data-testid='stDataFrame']",
     "compare": "[data-testid='stDataFrame']",
+    "tokens": "[data-testid='stImage']",
+    "trust": "[data-testid='stDataFrame']",
     "train": "[data-testid='stForm']",
 }
 TIMEOUT_S = 180.0
