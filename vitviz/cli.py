@@ -38,7 +38,14 @@ from vitviz.fileio import atomic_write_text
 
 if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast
     from vitviz.models import LoadedModel
-    from vitviz.pipeline import FilterResult, ImageResults, ModelCard, NotApplicable, PositionResult
+    from vitviz.pipeline import (
+        AnalysisOptions,
+        FilterResult,
+        ImageResults,
+        ModelCard,
+        NotApplicable,
+        PositionResult,
+    )
 
 logger = logging.getLogger("vitviz")
 
@@ -353,17 +360,31 @@ def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[st
     return sections
 
 
+def _model_sections(
+    loaded: LoadedModel, analyses: Sequence[str], options: AnalysisOptions
+) -> tuple[dict[str, Any], FilterResult | None, PositionResult | None]:
+    """The JSON's model, filters and position sections (what needs no image), and the two results for figures."""
+    from vitviz.pipeline import filters, model_card, position
+
+    result: dict[str, Any] = {"model": model_card(loaded).model_section()}
+    filter_result = position_result = None
+    if "filters" in analyses:
+        filter_result = filters(loaded, options.components)
+        result["filters"] = filters_section(filter_result)
+    if "position" in analyses:
+        position_result = position(loaded)
+        result["position"] = position_section(position_result)
+    return result, filter_result, position_result
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vitviz.pipeline import (
         IMAGE_ANALYSES,
         AnalysisOptions,
-        filters,
         image_analyses,
-        model_card,
         parse_analyses,
-        position,
     )
 
     analyses = parse_analyses(args.analyses)
@@ -393,14 +414,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     options.check_model(loaded, analyses)
-    result: dict[str, Any] = {"model": model_card(loaded).model_section()}
-    filter_result = position_result = None
-    if "filters" in analyses:
-        filter_result = filters(loaded, options.components)
-        result["filters"] = filters_section(filter_result)
-    if "position" in analyses:
-        position_result = position(loaded)
-        result["position"] = position_section(position_result)
+    result, filter_result, position_result = _model_sections(loaded, analyses, options)
     images = None
     image_results = None
     if any(a in IMAGE_ANALYSES for a in analyses):
@@ -588,7 +602,7 @@ def _progress_bar(total: int, desc: str, unit: str, ranks: Any) -> Any:
 def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], options: Any) -> int:
     """`analyze --dataset`: filters and position once, the image analyses streamed over the slice (and ranks)."""
     from vitviz.data.stream import Ranks, dataset_batches, rank_batches
-    from vitviz.pipeline import IMAGE_ANALYSES, DistanceResult, dataset_analyses, filters, model_card, position
+    from vitviz.pipeline import IMAGE_ANALYSES, DistanceResult, dataset_analyses
 
     ranks = Ranks.from_environment()
     _quiet_unless_main(ranks)
@@ -596,14 +610,7 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
         loaded = _load(args)
         options.check_model(loaded, analyses)
         data = _open_slice(slice_, loaded, args.download)
-        result: dict[str, Any] = {"model": model_card(loaded).model_section()}
-        filter_result = position_result = None
-        if "filters" in analyses:
-            filter_result = filters(loaded, options.components)
-            result["filters"] = filters_section(filter_result)
-        if "position" in analyses:
-            position_result = position(loaded)
-            result["position"] = position_section(position_result)
+        result, filter_result, position_result = _model_sections(loaded, analyses, options)
         image_results = None
         if any(a in IMAGE_ANALYSES for a in analyses):
             mine = sum(len(b) for b in rank_batches(len(data), options.batch_size, ranks.rank, ranks.world_size))
