@@ -9,14 +9,17 @@ sides of a round alike instead of biasing one of them.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,3 +258,14 @@ def random_images(count: int, meta: ModelMeta, seed: int = 0) -> torch.Tensor:
     """Preprocessed-looking inputs [count, C, H, W]; content does not change the work a ViT does."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(count, meta.in_chans, *meta.input_size, generator=generator)
+
+
+def probe_in_child(module: str, args: Sequence[str], what: str) -> dict[str, Any]:
+    """Run `python -m <module> <args>` in a fresh interpreter (so a memory probe's peak is its own) and return
+    the JSON object its last line of output prints; a failed run raises with `what` and its last error line."""
+    command = [sys.executable, "-m", module, *args]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed with status {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

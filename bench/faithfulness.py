@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from bench.common import LOWER, Figure, Plan, paired_timing, random_images
+from bench.common import LOWER, Figure, Plan, paired_timing, probe_in_child, random_images
 from vitviz.faithfulness import (
     FaithfulnessOptions,
     default_steps,
@@ -192,11 +191,7 @@ def probe(argv: list[str]) -> dict[str, object]:
 
 def run_probe(argv: list[str]) -> dict:
     """`probe(argv)` in a fresh interpreter."""
-    command = [sys.executable, "-m", "bench.faithfulness", *argv]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed with status {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return probe_in_child("bench.faithfulness", argv, argv[0])
 
 
 def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) -> Figure:

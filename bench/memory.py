@@ -23,14 +23,13 @@ import json
 import logging
 import re
 import resource
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import LOWER, Figure, random_images
+from bench.common import LOWER, Figure, probe_in_child, random_images
 from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger(__name__)
@@ -106,12 +105,7 @@ def probe(way: str, source: str, batch: int) -> dict[str, Any]:
 
 def run_probe(way: str, source: str, batch: int) -> dict[str, Any]:
     """Run `probe` in a fresh interpreter and return what it reports."""
-    command = [sys.executable, "-m", "bench.memory", way, source, str(batch)]
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory probe {way} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return probe_in_child("bench.memory", [way, source, str(batch)], f"memory probe {way}")
 
 
 def memory_figures(source: str, batch: int) -> list[Figure]:

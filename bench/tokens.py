@@ -21,14 +21,13 @@ import argparse
 import gc
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import LOWER, Figure, Plan, paired_timing, random_images
+from bench.common import LOWER, Figure, Plan, paired_timing, probe_in_child, random_images
 from bench.memory import _current_kib, _peak_kib, _reset_peak
 from vitviz.allocator import tune_malloc
 
@@ -73,12 +72,7 @@ def probe(way: str, source: str, batch: int) -> dict[str, Any]:
 
 def run_probe(way: str, source: str, batch: int) -> dict[str, Any]:
     """Run `probe` in a fresh interpreter and return what it reports."""
-    command = [sys.executable, "-m", "bench.tokens", way, source, str(batch)]
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"tokens memory probe {way} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return probe_in_child("bench.tokens", [way, source, str(batch)], f"tokens memory probe {way}")
 
 
 def _arch(source: str) -> str:
