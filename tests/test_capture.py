@@ -17,6 +17,7 @@ import torch
 from timm.utils import AttentionExtract
 from torch.overrides import _get_current_function_mode_stack
 
+from tests.fakes import OpaqueAttention
 from vitviz.analysis.rollout import RolloutAccumulator
 from vitviz.capture import (
     KeepAllAttention,
@@ -234,26 +235,15 @@ def test_function_mode_spans_only_the_attention_call() -> None:
     assert len(maps) == len(model.blocks) and len(_get_current_function_mode_stack()) == 0
 
 
-class _OpaqueAttention(torch.nn.Module):
-    """Wraps an attention module behind a forward capture cannot see into."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return self.inner(x, **kwargs)
-
-
 def test_refuses_training_mode_and_unsupported_models() -> None:
     model = copy.deepcopy(_model("non_square_qk_norm")).train()
     with pytest.raises(ValueError, match="eval"):
         attention_maps(model, _images(model, batch=1))
     assert _hook_count(model) == 0 and model.training
     opaque = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
-    opaque.blocks[1].attn = _OpaqueAttention(opaque.blocks[1].attn)  # an attention class capture does not know
+    opaque.blocks[1].attn = OpaqueAttention(opaque.embed_dim)  # an attention class capture does not know
     opaque.eval()
-    with pytest.raises(VitvizError, match=r"vit_tiny_patch16_224.*block 1 has attention class .*_OpaqueAttention"):
+    with pytest.raises(VitvizError, match=r"vit_tiny_patch16_224.*block 1 has attention class .*OpaqueAttention"):
         attention_maps(opaque, torch.zeros(1, 3, 64, 64))
     assert _hook_count(opaque) == 0
     resnet = timm.create_model("resnet18", pretrained=False).eval()

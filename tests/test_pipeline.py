@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fakes import OpaqueAttention
 from vitviz import pipeline
 from vitviz.analysis.rollout import RolloutAccumulator
 from vitviz.cli import main
@@ -268,22 +269,11 @@ def _timm_loaded(name: str, **overrides: object) -> LoadedModel:
     return LoadedModel(model=model, meta=timm_meta(name, model), source=f"timm:{name}", content_hash=name)
 
 
-class _OpaqueAttention(torch.nn.Module):
-    """An attention vitviz has never seen: capture must refuse it."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.mix = torch.nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(x)
-
-
 def _unreadable(loaded: LoadedModel) -> LoadedModel:
     """The model with its first block's attention (the first branch's, in a parallel block) made opaque."""
     block = loaded.model.blocks[0]
     owner = block.attns[0] if hasattr(block, "attns") else block
-    owner.attn = _OpaqueAttention(loaded.model.embed_dim)
+    owner.attn = OpaqueAttention(loaded.model.embed_dim)
     loaded.model.eval()
     return loaded
 
@@ -344,7 +334,7 @@ def test_app_analyses_of_an_unreadable_model_give_one_line_and_cache_nothing(app
         lambda: attention_distance(loaded, images, AnalysisOptions()),
         lambda: token_analyses(loaded, images, AnalysisOptions()),
     ):
-        with pytest.raises(VitvizError, match="(does|do) not apply to this model: .*_OpaqueAttention") as caught:
+        with pytest.raises(VitvizError, match="(does|do) not apply to this model: .*OpaqueAttention") as caught:
             run()
         assert "\n" not in str(caught.value)
     assert not any(p.is_file() for p in app_cache.rglob("*"))

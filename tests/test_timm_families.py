@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from tests.fakes import OpaqueAttention
 from vitviz.analysis.distance import DistanceAccumulator, mean_attention_distance
 from vitviz.analysis.rollout import RolloutAccumulator, attention_rollout, gradient_rollout
 from vitviz.capture import attention_gradients, attention_modules, capture_attention, unreadable_reason
@@ -168,24 +169,13 @@ def test_parallel_block_is_its_own_attention_module() -> None:
     assert unreadable_reason(model) is None
 
 
-class _OpaqueAttention(nn.Module):
-    """An attention vitviz has never seen (no k_norm, no proj): it must be refused, not crash."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.mix = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(x)
-
-
 @pytest.mark.parametrize("what", ["foreign attention", "block without attention"])
 def test_an_unreadable_model_gets_one_line_naming_model_and_attention_class(what: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32).eval()
     if what == "foreign attention":
-        model.blocks[1].attn = _OpaqueAttention(model.embed_dim)
-        expected = "_OpaqueAttention"
+        model.blocks[1].attn = OpaqueAttention(model.embed_dim)
+        expected = "OpaqueAttention"
     else:
         del model.blocks[1].attn
         expected = "Block"

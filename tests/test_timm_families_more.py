@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from tests.fakes import OpaqueAttention
 from vitviz import pipeline
 from vitviz.analysis.distance import CLASS_ATTENTION_LAYER, mean_attention_distance
 from vitviz.analysis.rollout import attention_rollout, gradient_rollout
@@ -411,17 +412,6 @@ def test_every_image_analysis_is_computed_or_not_applicable_with_a_reason(key: s
     AnalysisOptions(start_layer=last_layer).check_model(loaded, ("rollout",))
 
 
-class _OpaqueAttention(nn.Module):
-    """An attention vitviz has never seen."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.mix = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(x)
-
-
 @pytest.mark.parametrize("key", ["cait", "parallel"])
 def test_an_unknown_attention_in_these_families_is_refused_in_one_line(key: str) -> None:
     from vitviz.errors import VitvizError
@@ -429,11 +419,11 @@ def test_an_unknown_attention_in_these_families_is_refused_in_one_line(key: str)
     model = copy.deepcopy(_model(key))
     block = model.blocks[1]
     owner = block.attns[1] if key == "parallel" else block
-    owner.attn = _OpaqueAttention(model.embed_dim)
+    owner.attn = OpaqueAttention(model.embed_dim)
     model.eval()
     reason = unreadable_reason(model)
     assert reason is not None and "\n" not in reason and "block 1" in reason
-    expected = "ParallelThingsBlock" if key == "parallel" else "_OpaqueAttention"
+    expected = "ParallelThingsBlock" if key == "parallel" else "OpaqueAttention"
     assert expected in reason
     with pytest.raises(VitvizError, match="cannot read the attention"):
         attention_maps(model, _images(model))
