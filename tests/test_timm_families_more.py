@@ -26,6 +26,7 @@ from vitviz import pipeline
 from vitviz.analysis.distance import CLASS_ATTENTION_LAYER, mean_attention_distance
 from vitviz.analysis.rollout import attention_rollout, gradient_rollout
 from vitviz.capture import (
+    KeepAllAttention,
     attention_gradients,
     attention_maps,
     attention_modules,
@@ -257,17 +258,6 @@ def _distance_reference(maps: list[torch.Tensor], layout, skip: tuple[int, ...])
 # --- the tests ---------------------------------------------------------------------------------------------
 
 
-class _Keep:
-    def __init__(self) -> None:
-        self.maps: list[torch.Tensor] = []
-
-    def consume(self, layer: int, attn: torch.Tensor) -> None:
-        self.maps.append(attn.clone())
-
-    def result(self) -> None:
-        return None
-
-
 @pytest.mark.parametrize("key", ["cait", "parallel"])
 def test_maps_equal_timm_eager_and_the_model_is_untouched(key: str) -> None:
     model = _model(key)
@@ -279,16 +269,16 @@ def test_maps_equal_timm_eager_and_the_model_is_untouched(key: str) -> None:
     with torch.no_grad():
         plain = model(images)
     want = _timm_eager(model, images)
-    keep = _Keep()
+    keep = KeepAllAttention()
     logits = capture_attention(model, images, [keep])
     depth = len(model.blocks) + len(getattr(model, "blocks_token_only", ()))
-    assert len(keep.maps) == len(want["read"]) == depth == len(attention_modules(model))
-    for layer, (got, tensors) in enumerate(zip(keep.maps, want["read"])):
+    assert len(keep.result()) == len(want["read"]) == depth == len(attention_modules(model))
+    for layer, (got, tensors) in enumerate(zip(keep.result(), want["read"])):
         expected = _full_map(model, layer, tensors)
         assert got.shape == expected.shape and got.shape[-1] == layout.num_tokens
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
         torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), rtol=0, atol=1e-5)  # probabilities
-    assert max(float(a.amax(-1).mean()) for a in keep.maps) > 3.0 / layout.num_tokens  # peaky, not uniform
+    assert max(float(a.amax(-1).mean()) for a in keep.result()) > 3.0 / layout.num_tokens  # peaky, not uniform
     torch.testing.assert_close(logits, want["logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-6)  # capture leaves the outputs alone
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
@@ -300,7 +290,7 @@ def test_maps_equal_timm_eager_and_the_model_is_untouched(key: str) -> None:
         # The map is the softmax before the heads are mixed: timm's tensor, our float64 recomputation, and what
         # the block multiplies v by (proj_w of it) all agree.
         for layer in range(CAIT_DEPTH):
-            softmax = keep.maps[layer][:, :, 1:, 1:]
+            softmax = keep.result()[layer][:, :, 1:, 1:]
             torch.testing.assert_close(softmax.double(), want["recomputed"][layer], rtol=0, atol=1e-5)
             proj_w = model.blocks[layer].attn.proj_w
             after = proj_w(softmax.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -308,7 +298,7 @@ def test_maps_equal_timm_eager_and_the_model_is_untouched(key: str) -> None:
             assert heads == softmax.shape[1]
     else:
         assert class_attention_layers(model) == ()
-        assert keep.maps[0].shape[1] == 2 * model.blocks[0].attns[0].attn.num_heads  # K branches x H heads
+        assert keep.result()[0].shape[1] == 2 * model.blocks[0].attns[0].attn.num_heads  # K branches x H heads
 
 
 @pytest.mark.parametrize("key", ["cait", "parallel"])

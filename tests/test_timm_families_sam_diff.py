@@ -30,7 +30,13 @@ from torch import nn
 from vitviz import pipeline
 from vitviz.analysis.distance import DistanceAccumulator, mean_attention_distance
 from vitviz.analysis.rollout import RolloutAccumulator, attention_rollout, gradient_rollout
-from vitviz.capture import attention_gradients, attention_maps, capture_attention, unreadable_reason
+from vitviz.capture import (
+    KeepAllAttention,
+    attention_gradients,
+    attention_maps,
+    capture_attention,
+    unreadable_reason,
+)
 from vitviz.errors import VitvizError
 from vitviz.models import timm_meta
 from vitviz.models.checkpoint import LoadedModel
@@ -206,17 +212,6 @@ def _distance_reference(maps: list[torch.Tensor], model: nn.Module, mode: str) -
     return table
 
 
-class _Keep:
-    def __init__(self) -> None:
-        self.maps: list[torch.Tensor] = []
-
-    def consume(self, layer: int, attn: torch.Tensor) -> None:
-        self.maps.append(attn.clone())
-
-    def result(self) -> None:
-        return None
-
-
 # --- tests ------------------------------------------------------------------------------------------------------
 
 
@@ -227,10 +222,10 @@ def test_capture_equals_timm_eager_maps_and_leaves_the_output_alone(key: str, fu
     layout = token_layout(model)
     images = _images(model)
     want, _, want_logits = _reference(key, images)
-    keep, rollout, distance = _Keep(), RolloutAccumulator(layout), DistanceAccumulator(layout)
+    keep, rollout, distance = KeepAllAttention(), RolloutAccumulator(layout), DistanceAccumulator(layout)
     logits = capture_attention(model, images, [keep, rollout, distance])
-    assert len(keep.maps) == len(want) == len(model.blocks)
-    for layer, (got, ref) in enumerate(zip(keep.maps, want)):
+    assert len(keep.result()) == len(want) == len(model.blocks)
+    for layer, (got, ref) in enumerate(zip(keep.result(), want)):
         assert got.shape == (2, 2, layout.num_tokens, layout.num_tokens)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
     assert max(float(a.amax(-1).mean()) for a in want) > 3.0 / layout.num_tokens  # the maps are not uniform
