@@ -14,14 +14,21 @@ then back to rollout, alternately); the clock stops when that page's heading and
 screen and the script has finished running. Median over the switches.
 
 Studio latency (`studio_figures`, the bundled default checkpoint, a second server of its own):
+- the floor: `bench/floor_app.py` (no vitviz) on a server of its own, a page with a heading and a page with one
+  Plotly chart, each opened in a new browser session (median of three): what any Streamlit page costs here
+  before a line of the studio runs. No target; the studio's new-session figures are read against it;
 - first visit of `/` on a fresh server: from the page request (server healthy, nothing loaded or cached) until
   the overview is drawn and the script has stopped running;
-- every page idle on a warm server: after that first visit, each page opened in a new browser session, from the
-  request until the page's heading is on screen and the script has stopped; the first time each page runs on
-  this server (its analyses are computed, nothing comes from a cache);
+- every page by the sidebar on a warm server: after that first visit, a click on each page's link in the
+  sidebar (as a user walks the studio), from the click until the page's heading is on screen and the page is
+  idle; the first time each page runs on this server (its analyses are computed, nothing comes from a cache);
+- every page in a new session on a warm server: each page's URL opened in a new tab (a link someone shared),
+  its analyses cached by the walk before; this pays Streamlit's front end and, on a page with a chart,
+  Plotly's JavaScript again, which is what the floor measures;
 - /compare bundled comparisons warm: on /compare, a click on each ready-made comparison's button until the
   page has stopped running; the first time each comparison is computed on this (warm) server.
-"Stopped running" is the last moment the running indicator was seen, not the end of the quiet checks after it.
+"Stopped running" is the last moment the page was seen busy (`bench.browser.busy`: its script running, or a
+chart still a skeleton), not the end of the quiet checks after it.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.browser import BUSY_SELECTOR, launch_chromium, streamlit_server, wait_idle
+from bench.browser import BUSY_JS, busy, launch_chromium, streamlit_server, wait_idle
 from bench.common import LOWER, Figure, Plan
 from vitviz.ui.compare import READY_MADE
 
@@ -65,7 +72,10 @@ STUDIO_PAGES = (
     ("compare", "Compare models"),
     ("train", "Train"),
 )
-QUIET_CHECKS = 4  # running indicator absent this many checks in a row: the script has stopped
+# The floor app's pages (bench/floor_app.py): url path and heading.
+FLOOR_PAGES = (("text", "Floor: text"), ("plotly", "Floor: one Plotly chart"))
+FLOOR_VISITS = 3
+QUIET_CHECKS = 4  # not busy this many checks in a row: the script has stopped and the page is drawn
 
 # A short hash of the first heatmap in the page's charts (the rollout overlay's map; the input beside it is a
 # chart without one), or "" while there is none.
@@ -88,8 +98,8 @@ _PAGE_READY_JS = """(heading) => {
   const titles = Array.from(main.querySelectorAll("h1")).map((h) => h.textContent.trim());
   if (!titles.some((t) => t.startsWith(heading))) return false;
   if (!main.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot .main-svg')) return false;
-  return !document.querySelector('[data-testid="stStatusWidget"]');
-}"""
+  return !(BUSY_JS)();
+}""".replace("BUSY_JS", BUSY_JS)
 
 
 def upload_image(index: int, size: tuple[int, int] = (640, 480)) -> bytes:
@@ -238,12 +248,12 @@ _HEADING_JS = """(heading) => {
 
 
 def _stopped_at(page: Any, start: float, *, interval_ms: int = 50) -> float:
-    """Seconds from `start` to the last moment the running indicator (or a skeleton) was seen, once it has
-    been absent QUIET_CHECKS checks in a row (the check's own time is not counted)."""
+    """Seconds from `start` to the last moment the page was seen busy (its script running or an element still
+    a skeleton), once it has been idle QUIET_CHECKS checks in a row (the check's own time is not counted)."""
     deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
     last_busy, quiet = time.perf_counter(), 0
     while quiet < QUIET_CHECKS:
-        if page.locator(BUSY_SELECTOR).count():
+        if busy(page):
             last_busy, quiet = time.perf_counter(), 0
         else:
             quiet += 1
@@ -285,8 +295,51 @@ def _click_comparison(page: Any, label: str, keys: list[str]) -> float:
     return seconds
 
 
+def _follow_link(page: Any, path: str, heading: str) -> float:
+    """Click the sidebar link to `/path`; seconds until its heading is on screen and the page is idle."""
+    link = page.locator(f'[data-testid="stSidebarNav"] a[href$="/{path}"]').first
+    start = time.perf_counter()
+    link.click()
+    page.wait_for_function(_HEADING_JS, arg=heading, polling=20, timeout=STEP_TIMEOUT_MS)
+    seconds = max(time.perf_counter() - start, _stopped_at(page, start))
+    _check_no_exception(page)
+    return seconds
+
+
+def _new_session(context: Any, url: str, heading: str) -> float:
+    """`url` opened in a new tab (a new Streamlit session): seconds until `heading` is shown and idle."""
+    page = context.new_page()
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    try:
+        return _visit(page, url, heading)
+    finally:
+        page.close()
+
+
+def measure_floor(folder: Path) -> dict[str, float]:
+    """Median seconds of `bench/floor_app.py`'s pages, each opened FLOOR_VISITS times in a new session."""
+    from playwright.sync_api import sync_playwright
+
+    with (
+        streamlit_server(folder, startup_timeout_s=STARTUP_TIMEOUT_S, script="bench/floor_app.py") as url,
+        sync_playwright() as playwright,
+    ):
+        browser = launch_chromium(playwright)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1800})
+            for path, heading in FLOOR_PAGES:  # the server's first run of each page (imports) is not timed
+                _new_session(context, f"{url}/{path}", heading)
+            return {
+                path: statistics.median(_new_session(context, f"{url}/{path}", heading) for _ in range(FLOOR_VISITS))
+                for path, heading in FLOOR_PAGES
+            }
+        finally:
+            browser.close()
+
+
 def measure_studio(folder: Path) -> dict[str, Any]:
-    """First visit of `/`, each page's first run on the warm server, and each bundled comparison (seconds)."""
+    """First visit of `/`; each page's first run reached by the sidebar; each page in a new session; each
+    bundled comparison (seconds)."""
     from playwright.sync_api import sync_playwright
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -298,15 +351,20 @@ def measure_studio(folder: Path) -> dict[str, Any]:
             page.set_default_timeout(STEP_TIMEOUT_MS)
             first_s = _visit(page, f"{url}/", STUDIO_PAGES[0][1])
             logger.info("studio: first visit of / in %.1f s", first_s)
-            pages_s = {}
+            # The sidebar walk, as a user goes through the studio: every other page, then back to the overview.
+            sidebar_s = {}
+            for path, heading in (*STUDIO_PAGES[1:], STUDIO_PAGES[0]):
+                sidebar_s[f"/{path}"] = _follow_link(page, path, heading)
+                logger.info("studio: /%s by the sidebar, idle in %.1f s", path, sidebar_s[f"/{path}"])
+            page.close()
+            linked_s = {}
             for path, heading in STUDIO_PAGES:
-                page.close()
-                page = context.new_page()  # a new session each time, as a user opening the page
-                page.set_default_timeout(STEP_TIMEOUT_MS)
-                pages_s[f"/{path}"] = _visit(page, f"{url}/{path}", heading)
-                logger.info("studio: /%s idle in %.1f s", path, pages_s[f"/{path}"])
-            # /compare again (its preselected comparison is cached by now): click every other comparison, the
-            # preselected one last (a click on what is already chosen would leave the URL as it is).
+                linked_s[f"/{path}"] = _new_session(context, f"{url}/{path}", heading)
+                logger.info("studio: /%s in a new session, idle in %.1f s", path, linked_s[f"/{path}"])
+            # /compare again: click every other comparison, the preselected one last (a click on what is already
+            # chosen would leave the URL as it is).
+            page = context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
             _visit(page, f"{url}/compare", "Compare models")
             preselected = _compared(page)
             comparisons = {label: [f"bundled:{stem}" for stem in stems] for label, stems in READY_MADE.items()}
@@ -317,14 +375,33 @@ def measure_studio(folder: Path) -> dict[str, Any]:
                 logger.info("studio: /compare %s in %.1f s", label, compare_s[label])
         finally:
             browser.close()
-    return {"first_visit_s": first_s, "pages_s": pages_s, "compare_s": compare_s}
+    return {"first_visit_s": first_s, "sidebar_s": sidebar_s, "linked_s": linked_s, "compare_s": compare_s}
 
 
 def studio_figures(scratch: Path) -> list[Figure]:
-    """Studio latency rows: first visit of `/`, every page idle (warm server), the bundled comparisons."""
+    """Studio latency rows: the floor, first visit of `/`, every page (by the sidebar, and in a new session on
+    a warm server), the bundled comparisons."""
+    floor = measure_floor(scratch / "floor")
     timings = measure_studio(scratch / "studio")
     detail = {"model": "bundled:shapes-default"}
+    floor_detail = {"text_page_s": round(floor["text"], 3), "plotly_page_s": round(floor["plotly"], 3)}
     figures = [
+        Figure(
+            name="app floor: a Streamlit page with a heading, new session",
+            value=floor["text"],
+            target=None,
+            better=LOWER,
+            unit="s",
+            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {FLOOR_VISITS} sessions",
+        ),
+        Figure(
+            name="app floor: a Streamlit page with one Plotly chart, new session",
+            value=floor["plotly"],
+            target=None,
+            better=LOWER,
+            unit="s",
+            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {FLOOR_VISITS} sessions",
+        ),
         Figure(
             name="app studio: first visit of / on a fresh server",
             value=timings["first_visit_s"],
@@ -333,18 +410,31 @@ def studio_figures(scratch: Path) -> list[Figure]:
             unit="s",
             baseline="absolute: seconds in Chromium from the request to the overview drawn and idle",
             detail=detail,
-        )
+        ),
     ]
-    for path, seconds in timings["pages_s"].items():
+    for path, seconds in timings["sidebar_s"].items():
         figures.append(
             Figure(
-                name=f"app studio: {path} idle, warm server",
+                name=f"app studio: {path} by the sidebar, warm server",
                 value=seconds,
                 target=PAGE_IDLE_TARGET_S,
                 better=LOWER,
                 unit="s",
-                baseline="absolute: seconds in Chromium, a new session, the page's first run on this server",
+                baseline="absolute: seconds in Chromium from the click to the page drawn and idle, its first run",
                 detail=detail,
+            )
+        )
+    for path, seconds in timings["linked_s"].items():
+        figures.append(
+            Figure(
+                name=f"app studio: {path} in a new session, warm server",
+                value=seconds,
+                target=PAGE_IDLE_TARGET_S,
+                better=LOWER,
+                unit="s",
+                baseline=f"absolute: seconds in Chromium, results cached; the floor is {floor['plotly']:.2f} s with "
+                f"a chart, {floor['text']:.2f} s without",
+                detail={**detail, **floor_detail},
             )
         )
     for label, seconds in timings["compare_s"].items():

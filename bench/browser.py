@@ -3,7 +3,12 @@
 `streamlit_server` runs `streamlit run app.py` on a free port with its own runs and cache folders and waits
 for `/_stcore/health`; `launch_chromium` starts the system Chromium (Debian's package) through Playwright,
 which must be given its path because Playwright's own browser download is not available here; `wait_idle`
-waits until a page's script has finished running.
+waits until a page's script has finished running and its elements are drawn.
+
+"Running" is read from the `data-test-script-state` attribute Streamlit keeps on its app element
+("initial", "running", "notRunning"...), not from the running indicator in the header: the indicator appears
+only about half a second after a run starts, so a page whose script draws its heading and then computes for
+a while would look idle to a check that comes before it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ CHROMIUM_ARGS = (
     "--no-first-run",
     "--disable-quic",
 )
-BUSY_SELECTOR = '[data-testid="stStatusWidget"], [data-testid="stSkeleton"]'
+# True while the page's script has not finished its run (or not started one), or an element is still a
+# skeleton (a chart whose JavaScript has not loaded yet).
+BUSY_JS = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (!app || app.getAttribute("data-test-script-state") !== "notRunning") return true;
+  return !!document.querySelector('[data-testid="stSkeleton"]');
+}"""
 
 
 class ServerDidNotStart(RuntimeError):
@@ -44,8 +55,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(folder: Path, *, startup_timeout_s: float = 180.0) -> Iterator[str]:
-    """`streamlit run app.py` on a free port, runs in `folder`/runs and its disk cache in `folder`/cache.
+def streamlit_server(folder: Path, *, startup_timeout_s: float = 180.0, script: str = "app.py") -> Iterator[str]:
+    """`streamlit run <script>` (the studio by default; a path from the repository root) on a free port, runs
+    in `folder`/runs and its disk cache in `folder`/cache.
 
     Yields the server's URL once `/_stcore/health` answers 200; the server's output is in
     `folder`/streamlit.log. The process is stopped (terminated, then killed) on exit.
@@ -55,7 +67,7 @@ def streamlit_server(folder: Path, *, startup_timeout_s: float = 180.0) -> Itera
     port = free_port()
     env = {**os.environ, "VITVIZ_RUNS_DIR": str(folder / "runs"), "VITVIZ_CACHE_DIR": str(folder / "cache")}
     command = [
-        sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+        sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
     log_path = folder / "streamlit.log"
@@ -94,12 +106,17 @@ def launch_chromium(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_ARGS))
 
 
+def busy(page: Any) -> bool:
+    """Whether the page's script is running (or has not run yet) or an element is still a skeleton."""
+    return bool(page.evaluate(BUSY_JS))
+
+
 def wait_idle(page: Any, *, timeout_s: float, quiet_checks: int = 3, interval_ms: int = 150) -> None:
-    """Until no running indicator or skeleton has been seen for `quiet_checks` checks in a row."""
+    """Until the page has not been busy (`busy`) for `quiet_checks` checks in a row."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while quiet < quiet_checks:
-        quiet = 0 if page.locator(BUSY_SELECTOR).count() else quiet + 1
+        quiet = 0 if busy(page) else quiet + 1
         if time.monotonic() > deadline:
             raise TimeoutError("the app did not finish running")
         page.wait_for_timeout(interval_ms)

@@ -543,6 +543,26 @@ def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:
 # --- compare -------------------------------------------------------------------------------------------------
 
 
+def _open_tab(at: AppTest, label: str) -> AppTest:
+    """Open /compare's tab `label` (a rerun, as a click on the tab): only the open tab draws its charts."""
+    at.session_state["compare.tab"] = label
+    at.run()
+    _assert_clean(at)
+    return at
+
+
+def test_compare_draws_only_the_open_tabs_charts() -> None:
+    other = _other_bundled(same_grid=True)
+    at = _open("compare", query={"compare": ["bundled:shapes-default", f"bundled:{other.stem}"]})
+    assert _charts(at) == []  # the summary is a table; the other tabs' charts are not sent
+    summary = at.dataframe[0].value
+    assert {"PC1 variance %", "distance layer 1 (px)", "prediction"} <= set(summary[""])  # yet all computed
+    _open_tab(at, "Filters")
+    assert _charts(at) and all("query patch" not in c["data"][0].get("hovertemplate", "") for c in _charts(at))
+    _open_tab(at, "Position embeddings")
+    assert any("query patch" in c["data"][0].get("hovertemplate", "") for c in _charts(at))
+
+
 def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
     other = _other_bundled(same_grid=True)
     keys = ["bundled:shapes-default", f"bundled:{other.stem}"]
@@ -555,6 +575,7 @@ def test_compare_two_checkpoints_side_by_side_with_difference_maps() -> None:
     assert list(row[["A", "B"]].iloc[0]) == [_meta(DEFAULT)["config"]["pos_embed"], _meta(other)["config"]["pos_embed"]]
     expected = _cosine_similarity_tiles(other) - _cosine_similarity_tiles(DEFAULT)
     gh, gw = expected.shape[:2]
+    _open_tab(at, "Position embeddings")
     differences = [
         c
         for c in _charts(at)
@@ -589,6 +610,7 @@ def test_compare_difference_maps_have_grid_axes_and_distance_curves_differ_by_hu
     at = _open("compare", query={"compare": ["bundled:shapes-default", f"bundled:{other.stem}"]})
     config = _meta(DEFAULT)["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
+    _open_tab(at, "Rollout")
     flat = next(
         c
         for c in _charts(at)
@@ -600,6 +622,7 @@ def test_compare_difference_maps_have_grid_axes_and_distance_curves_differ_by_hu
     assert flat["layout"]["yaxis"]["range"] == [gh + 0.5, 0.5] and flat["layout"]["xaxis"]["range"] == [0.5, gw + 0.5]
     assert flat["layout"]["yaxis"]["title"]["text"] == "Patch row"
     assert flat["layout"]["xaxis"]["title"]["text"] == "Patch column"
+    _open_tab(at, "Attention distance")
     curves = next(c for c in _charts(at) if [t.get("name") for t in c["data"]] == ["A", "B"])
     styles = {(t["line"]["color"], t["line"]["dash"]) for t in curves["data"]}
     assert len(curves["data"]) == 2 and len({c for c, _ in styles}) == 2 and len({d for _, d in styles}) == 2
@@ -610,6 +633,7 @@ def test_compare_resamples_differing_grids_for_the_difference_map() -> None:
     if not tuned.is_file():
         pytest.skip("needs the bundled fine-tuned checkpoint")
     at = _open("compare", query={"compare": ["bundled:shapes-default", "bundled:shapes-finetune-hires"]})
+    _open_tab(at, "Position embeddings")
     assert any("resampled from" in _text(c) for c in at.caption), [_text(c) for c in at.caption]
     config = _meta(base)["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
@@ -626,6 +650,7 @@ def test_compare_four_models_keep_legible_figures() -> None:
 
     stems = READY_MADE["Position embeddings"]
     at = _open("compare", query={"compare": [f"bundled:{s}" for s in stems]})
+    _open_tab(at, "Position embeddings")
     mosaics = [
         c
         for c in _charts(at)
@@ -643,6 +668,8 @@ def test_position_similarity_offers_an_automatic_range(page: str) -> None:
     if page == "compare":
         query["compare"] = ["bundled:shapes-sincos", "bundled:shapes-sincos"]
     at = _open(page, query=query)
+    if page == "compare":
+        _open_tab(at, "Position embeddings")
     control = next(b for b in at.get("button_group") if "automatic" in b.options)
     mosaic = next(c for c in _charts(at) if "similarity %" in c["data"][0].get("hovertemplate", ""))
     assert (mosaic["data"][0]["zmin"], mosaic["data"][0]["zmax"]) == (-1, 1)

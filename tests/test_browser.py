@@ -108,7 +108,7 @@ def page(browser: object) -> Iterator[object]:
 
 
 def _wait_idle(page: object) -> None:
-    """Until the script has stopped running: no running indicator and no skeleton for several checks."""
+    """Until the script has stopped running and no element is a skeleton, for several checks in a row."""
     wait_idle(page, timeout_s=PAGE_TIMEOUT_MS / 1000, quiet_checks=4, interval_ms=400)
 
 
@@ -207,6 +207,7 @@ def test_compare_two_checkpoints(server: dict, page: object) -> None:
         page.get_by_role("tab", name=tab).click()
         _wait_idle(page)
         _assert_no_exception(page)
+        assert page.locator('[data-testid="stMain"] .js-plotly-plot .main-svg').count(), f"no chart on {tab}"
         _shot(page, f"compare-{tab.lower().replace(' ', '-')}")
     assert page.get_by_text("Differences in rollout").count() == 1
 

@@ -4,12 +4,12 @@ insertion AUCs (through `vitviz.ui.analyses.faithfulness`, as /trust) and a tabl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
-from matplotlib.figure import Figure
 from PIL import Image
 
 from vitviz.errors import VitvizError
@@ -21,6 +21,9 @@ from vitviz.plots import interactive, paper, scale_by_max
 from vitviz.ui import cached, catalog, exports, keys, widgets
 from vitviz.ui.analyses import attention_distance, display_picture, faithfulness, gradient_map, image_attention
 from vitviz.ui.catalog import ModelEntry
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # made only when a download is clicked
 
 FILTER_COMPONENTS = 16
 DISTANCE_IMAGES = 16
@@ -78,14 +81,16 @@ def render() -> None:
     figures: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     rows = {m.name: _card(m) for m in models}
+    # Every tab computes its numbers (the summary shows them), but only the open tab draws its charts: a closed
+    # tab's charts would be built, sent and drawn by the browser for nothing, and opening a tab reruns the page.
     with filters_tab:
-        _filters(models, rows, figures, arrays)
+        _filters(models, rows, figures, arrays, shown=open_tab == "Filters")
     with position_tab:
-        _position(models, figures, arrays)
+        _position(models, figures, arrays, shown=open_tab == "Position embeddings")
     with distance_tab:
-        _distance(models, rows, figures, arrays)
+        _distance(models, rows, figures, arrays, shown=open_tab == "Attention distance")
     with rollout_tab:
-        _rollout(models, rows, figures, arrays)
+        _rollout(models, rows, figures, arrays, shown=open_tab == "Rollout")
     if faithfulness_tab.open:  # 2(S+1) forwards per image, method and model: computed only when asked for
         with faithfulness_tab:
             _faithfulness(models, rows, figures, arrays)
@@ -216,7 +221,7 @@ def _columns(models: list[Compared]) -> list[Any]:
     return columns[: len(models)]
 
 
-def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
+def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict, *, shown: bool) -> None:
     cumulative = {}
     for column, model in zip(_columns(models), models):
         with column:
@@ -227,8 +232,14 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
                 continue
             k = min(FILTER_COMPONENTS, len(result.explained_variance_ratio))
             components, ratio = result.components[:k], result.explained_variance_ratio
-            widgets.plotly(
-                interactive.filters_figure(components, ratio[:k], ncols=4, max_components=k, title=" "),
+            _chart(
+                shown,
+                interactive.filters_figure,
+                components,
+                ratio[:k],
+                ncols=4,
+                max_components=k,
+                title=" ",
                 key=f"compare.filters.{model.name}",
                 height=FIGURE_HEIGHT,
             )
@@ -240,19 +251,19 @@ def _filters(models: list[Compared], rows: dict[str, dict], figures: dict, array
             arrays[f"{model.name}_explained_variance_ratio"] = ratio
     if cumulative:
         st.markdown("##### Cumulative explained variance")
-        widgets.plotly(
-            interactive.comparison_curves_figure(
-                {name: values[:64] for name, values in cumulative.items()},
-                x_title="Principal component",
-                y_title="Cumulative explained variance",
-                y_format=".0%",
-            ),
+        _chart(
+            shown,
+            interactive.comparison_curves_figure,
+            {name: values[:64] for name, values in cumulative.items()},
+            x_title="Principal component",
+            y_title="Cumulative explained variance",
+            y_format=".0%",
             key="compare.filters.cumulative",
             height=340,
         )
 
 
-def _position(models: list[Compared], figures: dict, arrays: dict) -> None:
+def _position(models: list[Compared], figures: dict, arrays: dict, *, shown: bool) -> None:
     results = {m.name: cached.position(m.loaded.content_hash, m.loaded) for m in models}
     similarities = {name: r.similarity for name, r in results.items() if not isinstance(r, NotApplicable)}
     scale = (
@@ -279,14 +290,19 @@ def _position(models: list[Compared], figures: dict, arrays: dict) -> None:
                 st.info("No absolute position embeddings.")
                 continue
             similarity = similarities[model.name]
-            widgets.plotly(
-                interactive.position_figure(similarity, title=" ", zmin=zmin, zmax=zmax),
+            _chart(
+                shown,
+                interactive.position_figure,
+                similarity,
+                title=" ",
+                zmin=zmin,
+                zmax=zmax,
                 key=f"compare.position.{model.name}",
                 height=FIGURE_HEIGHT,
             )
             figures[f"{model.name} position similarity"] = _bind(paper.position_similarity_figure, similarity)
             arrays[f"{model.name}_position_similarity"] = similarity
-    _differences(similarities, "position similarity", figures, arrays, key="position")
+    _differences(similarities, "position similarity", figures, arrays, key="position", shown=shown)
 
 
 def _resampled(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -305,7 +321,7 @@ def _resampled(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return queries_done.transpose(2, 3, 0, 1)
 
 
-def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: dict, *, key: str) -> None:
+def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: dict, *, key: str, shown: bool) -> None:
     """Each model minus the reference (the first with a map), on one shared scale; a model whose patch grid
     differs is first resampled (bilinear) to the reference's grid, and the page says so."""
     if len(maps) < 2:
@@ -331,8 +347,11 @@ def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: 
     for column, (name, difference) in zip(_columns_for(len(pairs)), pairs.items()):
         with column:
             st.markdown(f"**{name} − {reference_name}**")
-            widgets.plotly(
-                interactive.difference_figure(difference, zmax=limit),
+            _chart(
+                shown,
+                interactive.difference_figure,
+                difference,
+                zmax=limit,
                 key=f"compare.diff.{key}.{name}",
                 height=FIGURE_HEIGHT,
             )
@@ -344,7 +363,7 @@ def _columns_for(count: int) -> list[Any]:
     return [columns[i % len(columns)] for i in range(count)]
 
 
-def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
+def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict, *, shown: bool) -> None:
     images = widgets.dataset_picker(key="compare.distance", default_count=DISTANCE_IMAGES)
     if not images:
         return
@@ -377,7 +396,7 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
         pixels, std = results[model.name].pixels, results[model.name].std
         with column:
             st.markdown(_header(model))
-            widgets.plotly(interactive.distance_figure(pixels, std=std, ymax=top), key=f"compare.distance.{model.name}")
+            _chart(shown, interactive.distance_figure, pixels, std=std, ymax=top, key=f"compare.distance.{model.name}")
         rows[model.name]["distance layer 1 (px)"] = round(float(pixels[0].mean()), 1)
         rows[model.name]["distance last layer (px)"] = round(float(pixels[-1].mean()), 1)
         rows[model.name]["distance last layer (% width)"] = round(
@@ -394,15 +413,19 @@ def _distance(models: list[Compared], rows: dict[str, dict], figures: dict, arra
     per_layer = {
         name: (r.pixels if unit == "pixels" else 100.0 * r.fraction).mean(axis=1) for name, r in results.items()
     }
-    widgets.plotly(
-        interactive.comparison_curves_figure(per_layer, x_title="Layer", y_title=f"Mean attention distance ({unit})"),
+    _chart(
+        shown,
+        interactive.comparison_curves_figure,
+        per_layer,
+        x_title="Layer",
+        y_title=f"Mean attention distance ({unit})",
         key="compare.distance.curves",
         height=340,
     )
     st.caption(f"{len(images)} images, mode {mode}.")
 
 
-def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
+def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict, *, shown: bool) -> None:
     images, _ = widgets.image_picker(key="compare.rollout")
     if not images:
         return
@@ -428,16 +451,24 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
                 st.caption(f"Predicts {widgets.plain(best.name)} ({100 * best.probability:.1f} %)")
                 rows[model.name]["prediction"] = best.name
                 rows[model.name]["probability"] = round(best.probability, 4)
-            widgets.plotly(
-                interactive.rollout_figure(picture, rollout_map, title="Attention rollout"),
+            _chart(
+                shown,
+                interactive.rollout_figure,
+                picture,
+                rollout_map,
+                title="Attention rollout",
                 key=f"compare.rollout.{model.name}",
             )
             rollouts[model.name] = scale_by_max(rollout_map)
             figures[f"{model.name} rollout"] = _bind(paper.rollout_overlay_figure, picture, rollout_map)
             arrays[f"{model.name}_rollout"] = rollout_map
             if gradient is not None:
-                widgets.plotly(
-                    interactive.rollout_figure(picture, gradient.map, title="Gradient rollout (predicted class)"),
+                _chart(
+                    shown,
+                    interactive.rollout_figure,
+                    picture,
+                    gradient.map,
+                    title="Gradient rollout (predicted class)",
                     key=f"compare.gradient.{model.name}",
                 )
                 gradients[model.name] = scale_by_max(np.clip(gradient.map, 0, None))
@@ -445,8 +476,8 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
                     paper.rollout_overlay_figure, picture, gradient.map, title="Gradient-weighted rollout"
                 )
                 arrays[f"{model.name}_gradient_rollout"] = gradient.map
-    _differences(rollouts, "rollout, each map ÷ its maximum", figures, arrays, key="rollout")
-    _differences(gradients, "gradient rollout, each map ÷ its maximum", figures, arrays, key="gradient")
+    _differences(rollouts, "rollout, each map ÷ its maximum", figures, arrays, key="rollout", shown=shown)
+    _differences(gradients, "gradient rollout, each map ÷ its maximum", figures, arrays, key="gradient", shown=shown)
 
 
 def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
@@ -547,6 +578,14 @@ def _text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _chart(
+    shown: bool, make: Callable[..., Any], *args: Any, key: str, height: int | None = None, **kwargs: Any
+) -> None:
+    """`make(*args, **kwargs)` drawn as a Plotly chart when its tab is open; nothing (not even built) otherwise."""
+    if shown:
+        widgets.plotly(make(*args, **kwargs), key=key, height=height)
 
 
 def _bind(make: Any, *args: Any, **kwargs: Any) -> Any:
