@@ -180,3 +180,32 @@ def test_presets_that_timed_out_are_read_again(monkeypatch: pytest.MonkeyPatch) 
     assert runs.available_presets() == ["tiny"]
     assert runs.preset_config("tiny") == {}
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("width_in", [4.0, 12.0])
+def test_matplotlib_figures_are_saved_at_a_width_streamlit_keeps(
+    width_in: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """widgets.pyplot saves a figure once into a PNG no wider than Streamlit keeps as it is (st.pyplot's 200 dpi
+    makes a 12-inch figure 2400 px, which Streamlit resizes and encodes again) and hands those bytes to st.image."""
+    import io
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from vitviz.ui import widgets
+
+    fig = Figure(figsize=(width_in, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(np.arange(64.0).reshape(8, 8))
+    ax.set_title("a title that must stay on the canvas")
+    saves = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saves.append(k), original(self, *a, **k))[1])
+    shown: list[bytes] = []
+    monkeypatch.setattr(widgets.st, "image", lambda data, **kwargs: shown.append(data))
+    widgets.pyplot(fig)
+    assert len(saves) == 1 and "bbox_inches" not in saves[0] and len(shown) == 1
+    with Image.open(io.BytesIO(shown[0])) as picture:
+        assert picture.format == "PNG" and picture.width <= widgets.FIGURE_MAX_PIXELS
+        assert picture.width == round(width_in * min(widgets.FIGURE_DPI, widgets.FIGURE_MAX_PIXELS / width_in))

@@ -81,7 +81,7 @@ def render() -> None:
         "patches in row-major order."
     )
     norm_fig = plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens)
-    st.pyplot(norm_fig, width="stretch")
+    widgets.pyplot(norm_fig)
 
     outlier_col, prefix_col = st.columns(2)
     layers = tokens.norms.shape[0]
@@ -101,20 +101,20 @@ def render() -> None:
             grid,
             title=f"Norm > {outlier_factor:g} × median, {choice}",
         )
-        st.pyplot(outlier_fig, width="stretch")
+        widgets.pyplot(outlier_fig)
         counts = ", ".join(f"{layer + 1}: {count}" for layer, count in enumerate(tokens.outlier_counts))
         st.caption(f"Outliers per layer over all images — {counts}")
     with prefix_col:
         st.markdown("##### Attention to prefix tokens")
         prefix_fig = plots.prefix_attention_figure(tokens.prefix_attention, tokens.num_prefix_tokens)
-        st.pyplot(prefix_fig, width="stretch")
+        widgets.pyplot(prefix_fig)
         if not tokens.num_prefix_tokens:
             st.caption("The model has no prefix tokens, so the share is 0 everywhere.")
 
     st.markdown("##### Patch features, first three principal components as RGB")
     rgb = plots.features_rgb(features.projections, foreground=foreground)
     features_fig = plots.features_figure(picture, rgb[index], features.explained_variance_ratio)
-    st.pyplot(features_fig, width="stretch")
+    widgets.pyplot(features_fig)
     st.caption(
         "PCA over the final features' patch tokens of all chosen images; each component is min-max scaled over all "
         "images, so colours compare across images."
@@ -125,7 +125,7 @@ def render() -> None:
     if not heads.uses_class_token:
         st.info("The model has no class token: the maps show the mean attention of all patch queries.")
     heads_fig = plots.head_maps_figure(heads.attention, heads.masks, query=heads.query, mass_share=heads.mass_share)
-    st.pyplot(heads_fig, width="stretch")
+    widgets.pyplot(heads_fig)
 
     st.markdown("##### Logit lens")
     lens_fig = None
@@ -135,7 +135,7 @@ def render() -> None:
         lens = result.logit_lens[index]
         name = class_names[lens.target_class] if lens.target_class < len(class_names) else str(lens.target_class)
         lens_fig = plots.logit_lens_figure(lens.probabilities, name)
-        st.pyplot(lens_fig, width="stretch")
+        widgets.pyplot(lens_fig)
         st.caption(f"The predicted class, {widgets.plain(name)}, followed through every layer.")
 
     figures = {
