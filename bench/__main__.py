@@ -46,6 +46,7 @@ FULL = Plan(
     train_bf16=True,
     app_source="timm:vit_small_patch16_224",
     app_uploads=5,
+    studio_repeats=3,
     warmup=2,
     repeats=7,
 )
@@ -65,6 +66,7 @@ QUICK = Plan(
     train_bf16=False,
     app_source="timm:vit_tiny_patch16_224",
     app_uploads=2,
+    studio_repeats=3,
     warmup=1,
     repeats=5,
 )
@@ -87,6 +89,7 @@ def tiny_plan(checkpoint: Path) -> Plan:
         train_steps=3,
         app_source=source,
         app_uploads=1,
+        studio_repeats=1,
         repeats=3,
         round_s=0.01,
     )
@@ -157,7 +160,7 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
         for figure in app_figures(plan, scratch):
             figures.append(figure)
             _log(figure)
-        for figure in studio_figures(scratch):  # the studio on the bundled default, whatever the plan's model
+        for figure in studio_figures(plan, scratch):  # the studio on the bundled default, whatever the plan's model
             figures.append(figure)
             _log(figure)
     return figures

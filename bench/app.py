@@ -14,11 +14,13 @@ then back to rollout, alternately); the clock stops when that page's heading and
 screen and the script has finished running. Median over the switches.
 
 Studio latency (`studio_figures`, the bundled default checkpoint, a second server of its own):
-- the floor: `bench/floor_app.py` (no vitviz) on a server of its own, a page with a heading and a page with one
-  Plotly chart, each opened in a new browser session (median of three): what any Streamlit page costs here
-  before a line of the studio runs. No target; the studio's new-session figures are read against it;
+- the floor: `bench/floor_app.py` (no vitviz) on a server of its own, a page with a heading and a page with
+  one Plotly chart, each opened in a new browser session, and `import torch, timm` in a fresh interpreter
+  (each the median of the plan's `studio_repeats`): what any Streamlit page, and any model, costs here before
+  a line of the studio runs. No target; the studio's figures are read against it;
 - first visit of `/` on a fresh server: from the page request (server healthy, nothing loaded or cached) until
-  the overview is drawn and the script has stopped running;
+  the overview is drawn and the script has stopped running; the median of `studio_repeats` fresh servers,
+  each with a fresh browser;
 - every page by the sidebar on a warm server: after that first visit, a click on each page's link in the
   sidebar (as a user walks the studio), from the click until the page's heading is on screen and the page is
   idle; the first time each page runs on this server (its analyses are computed, nothing comes from a cache);
@@ -37,6 +39,8 @@ import io
 import logging
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -74,7 +78,6 @@ STUDIO_PAGES = (
 )
 # The floor app's pages (bench/floor_app.py): url path and heading.
 FLOOR_PAGES = (("text", "Floor: text"), ("plotly", "Floor: one Plotly chart"))
-FLOOR_VISITS = 3
 QUIET_CHECKS = 4  # not busy this many checks in a row: the script has stopped and the page is drawn
 
 # A short hash of the first heatmap in the page's charts (the rollout overlay's map; the input beside it is a
@@ -316,8 +319,20 @@ def _new_session(context: Any, url: str, heading: str) -> float:
         page.close()
 
 
-def measure_floor(folder: Path) -> dict[str, float]:
-    """Median seconds of `bench/floor_app.py`'s pages, each opened FLOOR_VISITS times in a new session."""
+def import_floor_s(runs: int) -> float:
+    """Median wall seconds of a fresh interpreter importing torch and timm: what a fresh server's first page
+    imports before it can build a model (timm imports torchvision, which imports torch._dynamo)."""
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, timm"], check=True)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def measure_floor(folder: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of `bench/floor_app.py`'s pages, each opened `repeats` times in a new session, and of
+    importing torch and timm (`import_floor_s`)."""
     from playwright.sync_api import sync_playwright
 
     with (
@@ -329,10 +344,25 @@ def measure_floor(folder: Path) -> dict[str, float]:
             context = browser.new_context(viewport={"width": 1400, "height": 1800})
             for path, heading in FLOOR_PAGES:  # the server's first run of each page (imports) is not timed
                 _new_session(context, f"{url}/{path}", heading)
-            return {
-                path: statistics.median(_new_session(context, f"{url}/{path}", heading) for _ in range(FLOOR_VISITS))
+            pages = {
+                path: statistics.median(_new_session(context, f"{url}/{path}", heading) for _ in range(repeats))
                 for path, heading in FLOOR_PAGES
             }
+        finally:
+            browser.close()
+    return {**pages, "imports": import_floor_s(repeats)}
+
+
+def first_visit_s(folder: Path) -> float:
+    """Seconds of the first visit of `/` on a fresh server (empty caches) in a fresh browser."""
+    from playwright.sync_api import sync_playwright
+
+    with streamlit_server(folder, startup_timeout_s=STARTUP_TIMEOUT_S) as url, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            return _visit(page, f"{url}/", STUDIO_PAGES[0][1])
         finally:
             browser.close()
 
@@ -378,11 +408,14 @@ def measure_studio(folder: Path) -> dict[str, Any]:
     return {"first_visit_s": first_s, "sidebar_s": sidebar_s, "linked_s": linked_s, "compare_s": compare_s}
 
 
-def studio_figures(scratch: Path) -> list[Figure]:
+def studio_figures(plan: Plan, scratch: Path) -> list[Figure]:
     """Studio latency rows: the floor, first visit of `/`, every page (by the sidebar, and in a new session on
     a warm server), the bundled comparisons."""
-    floor = measure_floor(scratch / "floor")
+    repeats = plan.studio_repeats  # the first visit varies by seconds from one fresh server to the next here
+    floor = measure_floor(scratch / "floor", repeats)
+    first_s = [first_visit_s(scratch / f"first-{index}") for index in range(repeats - 1)]
     timings = measure_studio(scratch / "studio")
+    first_s.append(timings["first_visit_s"])
     detail = {"model": "bundled:shapes-default"}
     floor_detail = {"text_page_s": round(floor["text"], 3), "plotly_page_s": round(floor["plotly"], 3)}
     figures = [
@@ -392,7 +425,7 @@ def studio_figures(scratch: Path) -> list[Figure]:
             target=None,
             better=LOWER,
             unit="s",
-            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {FLOOR_VISITS} sessions",
+            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {repeats} sessions",
         ),
         Figure(
             name="app floor: a Streamlit page with one Plotly chart, new session",
@@ -400,16 +433,30 @@ def studio_figures(scratch: Path) -> list[Figure]:
             target=None,
             better=LOWER,
             unit="s",
-            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {FLOOR_VISITS} sessions",
+            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {repeats} sessions",
+        ),
+        Figure(
+            name="app floor: import torch and timm in a fresh interpreter",
+            value=floor["imports"],
+            target=None,
+            better=LOWER,
+            unit="s",
+            baseline=f"absolute: python -c 'import torch, timm'; median of {repeats} processes",
         ),
         Figure(
             name="app studio: first visit of / on a fresh server",
-            value=timings["first_visit_s"],
+            value=statistics.median(first_s),
             target=FIRST_VISIT_TARGET_S,
             better=LOWER,
             unit="s",
-            baseline="absolute: seconds in Chromium from the request to the overview drawn and idle",
-            detail=detail,
+            baseline=f"absolute: seconds in Chromium from the request to the overview drawn and idle; the floor is "
+            f"{floor['imports']:.2f} s of imports plus {floor['plotly']:.2f} s for a page with a chart",
+            detail={
+                **detail,
+                **floor_detail,
+                "imports_s": round(floor["imports"], 3),
+                "runs_s": [round(v, 3) for v in first_s],
+            },
         ),
     ]
     for path, seconds in timings["sidebar_s"].items():

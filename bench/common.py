@@ -83,6 +83,7 @@ class Plan:
     train_bf16: bool  # also compare bf16 autocast with fp32
     app_source: str
     app_uploads: int  # timed uploads (and page switches) after a warm-up one
+    studio_repeats: int  # fresh servers for the first visit, sessions and processes for each floor figure
     warmup: int  # untimed rounds before timing
     repeats: int  # timed rounds; the figure is their median
     round_s: float = 0.3  # capture: each round times enough consecutive calls to last this long (baseline)

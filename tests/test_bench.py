@@ -161,6 +161,7 @@ def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
         [
             ("app floor: a Streamlit page with a heading, new session", None),
             ("app floor: a Streamlit page with one Plotly chart, new session", None),
+            ("app floor: import torch and timm in a fresh interpreter", None),
             ("app studio: first visit of / on a fresh server", 8.0),
         ]
         + [(f"app studio: {path} by the sidebar, warm server", 3.0) for path in pages]
@@ -172,7 +173,10 @@ def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
         _check_figure(figure)
         assert figure["unit"] == "s"
     floor = {f["name"]: f["value"] for f in studio if f["name"].startswith("app floor")}
-    assert all(value > 0 for value in floor.values())
+    assert len(floor) == 3 and all(value > 0 for value in floor.values())
+    (first,) = [f for f in studio if "first visit" in f["name"]]
+    runs = first["detail"]["runs_s"]
+    assert len(runs) == 1 and first["value"] == pytest.approx(runs[0], abs=1e-3)  # the tiny plan: one fresh server
 
 
 SLOW_SCRIPT = """
@@ -271,3 +275,23 @@ def test_met_follows_the_direction_of_the_target() -> None:
 def test_unknown_family_is_refused_with_one_line() -> None:
     with pytest.raises(SystemExit, match="unknown figure family nope"):
         main(["--tiny", "--only", "nope"])
+
+
+def test_the_first_visit_is_the_median_of_fresh_servers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """One fresh server's first visit varies by seconds here: the figure is the median of `studio_repeats`
+    servers (two of their own, then the one the walk continues on), with every run in the detail."""
+    import bench.app as app
+    from bench.__main__ import QUICK
+
+    visits = iter([9.0, 15.0])
+    monkeypatch.setattr(app, "measure_floor", lambda folder, repeats: {"text": 1.5, "plotly": 3.0, "imports": 7.0})
+    monkeypatch.setattr(app, "first_visit_s", lambda folder: next(visits))
+    walk = {"first_visit_s": 11.0, "sidebar_s": {"/filters": 1.0}, "linked_s": {"/filters": 4.0}, "compare_s": {}}
+    monkeypatch.setattr(app, "measure_studio", lambda folder: walk)
+    figures = {f.name: f for f in app.studio_figures(QUICK, tmp_path)}
+    first = figures["app studio: first visit of / on a fresh server"]
+    assert first.value == 11.0 and first.detail["runs_s"] == [9.0, 15.0, 11.0] and not first.met
+    assert figures["app floor: import torch and timm in a fresh interpreter"].value == 7.0
+    assert figures["app studio: /filters by the sidebar, warm server"].met
+    linked = figures["app studio: /filters in a new session, warm server"]
+    assert not linked.met and linked.detail["plotly_page_s"] == 3.0
