@@ -32,6 +32,7 @@ ROW_HEIGHT = 35  # pixels per row of st.dataframe, to size small tables without 
 PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 FIGURE_DPI = 150  # matplotlib figures on the page (their downloads have their own resolution)
 FIGURE_MAX_PIXELS = 1460  # Streamlit resizes and re-encodes any image wider than this
+FIGURE_FIT_PIXELS = 1400  # the figure's own width at most, leaving room for what a tight bounding box adds
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=^&\"'])")
 UPLOAD_SET = "my uploads"
 PHOTOS_SET = "natural photos"
@@ -64,14 +65,14 @@ def plotly(fig: object, *, key: str | None = None, height: int | None = None, st
 def pyplot(fig: Figure, *, dpi: int = FIGURE_DPI) -> None:
     """A matplotlib figure across the column, as a PNG that Streamlit sends as it is.
 
-    `st.pyplot` saves at 200 dpi with bbox_inches="tight"; a figure wider than the page (1460 px) is then
-    decoded, resized and encoded again by Streamlit. Here the figure is saved once at a resolution that fits
-    (the figures use constrained layout, which keeps their labels on the canvas) with fast PNG compression:
-    about 40% less CPU for /tokens' figures (docs/benchmarks.md, "Studio latency").
+    `st.pyplot` saves at 200 dpi, so a 12-inch figure becomes 2400 px, which Streamlit then decodes, resizes to
+    the page (1460 px) and encodes again. Here the figure is saved at a resolution that fits, with fast PNG
+    compression: about 25% less CPU for /tokens' figures (docs/benchmarks.md, "Studio latency"). The bounding
+    box stays tight, as st.pyplot's: a title wider than its axes is kept whole, not cut at the canvas.
     """
     buffer = io.BytesIO()
-    dpi_fits = min(float(dpi), FIGURE_MAX_PIXELS / fig.get_figwidth())
-    fig.savefig(buffer, format="png", dpi=dpi_fits, pil_kwargs={"compress_level": 1})
+    dpi_fits = min(float(dpi), FIGURE_FIT_PIXELS / fig.get_figwidth())
+    fig.savefig(buffer, format="png", dpi=dpi_fits, bbox_inches="tight", pil_kwargs={"compress_level": 1})
     st.image(buffer.getvalue(), width="stretch")
 
 
