@@ -36,7 +36,7 @@ PAGES = {  # file name -> URL path and query (the bundled checkpoints)
     "train": "train",
 }
 READY = {
-    "overview": "[data-testid='stTable']",
+    "overview": "[data-testid='stMarkdown'] table",
     "compare": "[data-testid='stDataFrame']",
     "tokens": "[data-testid='stImage']",
     "trust": "[data-testid='stDataFrame']",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -205,11 +206,16 @@ def test_overview_card_reports_the_checkpoints_architecture() -> None:
 
 
 def _card_rows(at: AppTest) -> dict[str, str]:
-    """The model card's property/value rows (both static tables, so long values wrap instead of being cut)."""
+    """The model card's property/value rows (both Markdown tables, so long values wrap instead of being cut)."""
     rows: dict[str, str] = {}
-    for table in at.table:
-        frame = table.value
-        rows.update(zip(frame["property"], frame["value"]))
+    for block in at.markdown:
+        lines = block.value.splitlines()
+        if not lines or lines[0] != "| property | value |":
+            continue
+        for line in lines[2:]:
+            cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # cells between unescaped pipes
+            assert len(cells) == 2, line
+            rows[_text(cells[0]).strip()] = _text(cells[1]).strip()
     return rows
 
 

@@ -24,9 +24,10 @@ from vitviz.ui import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
-# Needed by no part of drawing the overview: matplotlib only renders downloads (and /tokens' figures), the
-# others belong to other pages or to the training backend, which the app never imports.
-DEFERRED = ("matplotlib", "transformers", "captum", "sklearn", "training")
+# Needed by no part of drawing the overview: matplotlib only renders downloads (and /tokens' figures), pandas
+# and pyarrow only data tables (the card's tables are Markdown), the others belong to other pages or to the
+# training backend, which the app never imports.
+DEFERRED = ("matplotlib", "pandas", "pyarrow", "transformers", "captum", "sklearn", "training")
 # Pages whose drawing needs no matplotlib (their downloads import it when clicked).
 PLOTLY_PAGES = ("overview", "filters", "position", "rollout", "train")
 

@@ -37,7 +37,7 @@ PAGE_TITLES = {
     "train": "Train",
 }
 PAGE_CONTENT = {  # an element each page shows once its analysis is drawn
-    "": "[data-testid='stTable']",
+    "": "[data-testid='stMarkdown'] table",
     "filters": ".js-plotly-plot",
     "position": ".js-plotly-plot",
     "distance": ".js-plotly-plot",

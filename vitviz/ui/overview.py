@@ -173,8 +173,12 @@ def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[dict[str, s
 
 
 def _property_table(rows: list[dict[str, str]]) -> None:
-    """Property/value rows as a static table: long values (paths, class lists) wrap instead of being cut."""
-    st.table(rows, hide_index=True, hide_header=True, border="horizontal")
+    """Property/value rows as a Markdown table: long values (paths, class lists) wrap instead of being cut, and
+    the first page a user sees imports neither pandas nor pyarrow (about a second of a fresh server's first
+    visit) and needs none of Streamlit's Arrow JavaScript, which a data table would."""
+    lines = ["| property | value |", "| --- | --- |"]
+    lines += [f"| {widgets.plain(row['property'])} | {widgets.plain(row['value'])} |" for row in rows]
+    st.markdown("\n".join(lines))
 
 
 def _checkpoint_name(entry: catalog.ModelEntry) -> str | None:
