@@ -408,6 +408,13 @@ def measure_studio(folder: Path) -> dict[str, Any]:
     return {"first_visit_s": first_s, "sidebar_s": sidebar_s, "linked_s": linked_s, "compare_s": compare_s}
 
 
+def _seconds(name: str, value: float, target: float | None, baseline: str, detail: dict | None = None) -> Figure:
+    """A studio latency row: seconds, lower is better."""
+    return Figure(
+        name=name, value=value, target=target, better=LOWER, unit="s", baseline=baseline, detail=dict(detail or {})
+    )
+
+
 def studio_figures(plan: Plan, scratch: Path) -> list[Figure]:
     """Studio latency rows: the floor, first visit of `/`, every page (by the sidebar, and in a new session on
     a warm server), the bundled comparisons."""
@@ -418,40 +425,23 @@ def studio_figures(plan: Plan, scratch: Path) -> list[Figure]:
     first_s.append(timings["first_visit_s"])
     detail = {"model": "bundled:shapes-default"}
     floor_detail = {"text_page_s": round(floor["text"], 3), "plotly_page_s": round(floor["plotly"], 3)}
+    floor_app = f"absolute: bench/floor_app.py, no vitviz; median of {repeats} sessions"
     figures = [
-        Figure(
-            name="app floor: a Streamlit page with a heading, new session",
-            value=floor["text"],
-            target=None,
-            better=LOWER,
-            unit="s",
-            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {repeats} sessions",
+        _seconds("app floor: a Streamlit page with a heading, new session", floor["text"], None, floor_app),
+        _seconds("app floor: a Streamlit page with one Plotly chart, new session", floor["plotly"], None, floor_app),
+        _seconds(
+            "app floor: import torch and timm in a fresh interpreter",
+            floor["imports"],
+            None,
+            f"absolute: python -c 'import torch, timm'; median of {repeats} processes",
         ),
-        Figure(
-            name="app floor: a Streamlit page with one Plotly chart, new session",
-            value=floor["plotly"],
-            target=None,
-            better=LOWER,
-            unit="s",
-            baseline=f"absolute: bench/floor_app.py, no vitviz; median of {repeats} sessions",
-        ),
-        Figure(
-            name="app floor: import torch and timm in a fresh interpreter",
-            value=floor["imports"],
-            target=None,
-            better=LOWER,
-            unit="s",
-            baseline=f"absolute: python -c 'import torch, timm'; median of {repeats} processes",
-        ),
-        Figure(
-            name="app studio: first visit of / on a fresh server",
-            value=statistics.median(first_s),
-            target=FIRST_VISIT_TARGET_S,
-            better=LOWER,
-            unit="s",
-            baseline=f"absolute: seconds in Chromium from the request to the overview drawn and idle; the floor is "
+        _seconds(
+            "app studio: first visit of / on a fresh server",
+            statistics.median(first_s),
+            FIRST_VISIT_TARGET_S,
+            f"absolute: seconds in Chromium from the request to the overview drawn and idle; the floor is "
             f"{floor['imports']:.2f} s of imports plus {floor['plotly']:.2f} s for a page with a chart",
-            detail={
+            {
                 **detail,
                 **floor_detail,
                 "imports_s": round(floor["imports"], 3),
@@ -459,41 +449,35 @@ def studio_figures(plan: Plan, scratch: Path) -> list[Figure]:
             },
         ),
     ]
-    for path, seconds in timings["sidebar_s"].items():
-        figures.append(
-            Figure(
-                name=f"app studio: {path} by the sidebar, warm server",
-                value=seconds,
-                target=PAGE_IDLE_TARGET_S,
-                better=LOWER,
-                unit="s",
-                baseline="absolute: seconds in Chromium from the click to the page drawn and idle, its first run",
-                detail=detail,
-            )
+    figures += [
+        _seconds(
+            f"app studio: {path} by the sidebar, warm server",
+            seconds,
+            PAGE_IDLE_TARGET_S,
+            "absolute: seconds in Chromium from the click to the page drawn and idle, its first run",
+            detail,
         )
-    for path, seconds in timings["linked_s"].items():
-        figures.append(
-            Figure(
-                name=f"app studio: {path} in a new session, warm server",
-                value=seconds,
-                target=PAGE_IDLE_TARGET_S,
-                better=LOWER,
-                unit="s",
-                baseline=f"absolute: seconds in Chromium, results cached; the floor is {floor['plotly']:.2f} s with "
-                f"a chart, {floor['text']:.2f} s without",
-                detail={**detail, **floor_detail},
-            )
+        for path, seconds in timings["sidebar_s"].items()
+    ]
+    figures += [
+        _seconds(
+            f"app studio: {path} in a new session, warm server",
+            seconds,
+            PAGE_IDLE_TARGET_S,
+            f"absolute: seconds in Chromium, results cached; the floor is {floor['plotly']:.2f} s with a chart, "
+            f"{floor['text']:.2f} s without",
+            {**detail, **floor_detail},
         )
-    for label, seconds in timings["compare_s"].items():
-        figures.append(
-            Figure(
-                name=f"app studio: /compare {label}, warm server",
-                value=seconds,
-                target=COMPARE_TARGET_S,
-                better=LOWER,
-                unit="s",
-                baseline="absolute: seconds in Chromium from the click to the comparison drawn and idle",
-                detail=detail,
-            )
+        for path, seconds in timings["linked_s"].items()
+    ]
+    figures += [
+        _seconds(
+            f"app studio: /compare {label}, warm server",
+            seconds,
+            COMPARE_TARGET_S,
+            "absolute: seconds in Chromium from the click to the comparison drawn and idle",
+            detail,
         )
+        for label, seconds in timings["compare_s"].items()
+    ]
     return figures
