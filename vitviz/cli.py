@@ -40,11 +40,8 @@ if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay f
     from vitviz.models import LoadedModel
     from vitviz.pipeline import (
         AnalysisOptions,
-        FilterResult,
         ImageResults,
         ModelCard,
-        NotApplicable,
-        PositionResult,
     )
 
 logger = logging.getLogger("vitviz")
@@ -77,26 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(analyze)
     analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
     add_dataset_arguments(analyze)
-    analyze.add_argument(
-        "--analyses",
-        help="comma-separated subset of filters,position,distance,rollout,gradient-rollout (the default: all five)"
-        ",tokens,features,head-maps,logit-lens",
-    )
-    analyze.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
-    analyze.add_argument("--figures", metavar="DIR", help="write the paper-style figures as PNG and SVG")
-    analyze.add_argument("--components", type=int, default=28, help="principal components of the filters (28)")
-    analyze.add_argument("--distance-mode", default="paper", help="paper (default) or renormalised")
-    analyze.add_argument("--head-fusion", default="mean", help="rollout head fusion: mean (default), max or min")
-    analyze.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: share of weakest links dropped")
-    analyze.add_argument("--start-layer", type=int, default=0, help="rollout: first layer multiplied in")
-    analyze.add_argument("--target-class", type=int, help="gradient rollout class (default: the prediction)")
-    analyze.add_argument("--batch-size", type=int, default=16, help="images per forward (16)")
-    analyze.add_argument(
-        "--outlier-factor", type=float, default=2.0, help="tokens: outlier above F x the median patch norm (2)"
-    )
-    analyze.add_argument(
-        "--mass-share", type=float, default=0.6, help="head maps: share of a head's attention its mask holds (0.6)"
-    )
+    add_analysis_arguments(analyze)
 
     add_faithfulness_parser(sub, add_model)
     models = sub.add_parser("models", help="print which ViT architectures vitviz analyses (the support table)")
@@ -105,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--refresh", action="store_true", help="re-run the survey (minutes) and store the table")
     models.add_argument("--exact", action="store_true", help="with --refresh: compare with each model's eager maps")
     return parser
+
+
+def add_analysis_arguments(p: argparse.ArgumentParser) -> None:
+    """--analyses, --json, --figures and every analysis option, read from the registry (vitviz/analyses)."""
+    from vitviz import analyses as registry
+
+    listed = ", ".join(a.name + (" (default)" if a.default else "") for a in registry.analyses())
+    p.add_argument("--analyses", help=f"comma-separated subset of: {listed}")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--figures", metavar="DIR", help="write the paper-style figures as PNG and SVG")
+    for option in registry.options():
+        default = "" if option.default is None else f" ({option.default})"
+        p.add_argument(
+            option.flag, dest=option.name, type=option.type, default=option.default, help=option.help + default
+        )
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,178 +220,40 @@ def _load_images(files: Sequence[Path], loaded: LoadedModel) -> torch.Tensor:
 # --- the JSON contract (README, "The JSON") ------------------------------------------------------------
 
 
-def filters_section(result: FilterResult | NotApplicable) -> dict[str, Any]:
-    """The JSON's "filters" section."""
-    from vitviz.pipeline import NotApplicable
+def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
+    """The JSON sections of the image analyses that ran (or `{"not_applicable": reason}` for those that do not
+    apply to the model), each as its analysis declares it."""
+    from vitviz import analyses as registry
 
-    if isinstance(result, NotApplicable):
-        return {"not_applicable": result.reason}
-    components = result.components
     return {
-        "explained_variance_ratio": result.explained_variance_ratio.tolist(),
-        "components": components.reshape(components.shape[0], -1).tolist(),
+        a.section: registry.section(a, results[a.name], image_names)
+        for a in registry.analyses()
+        if a.name in results.by_name
     }
 
 
-def position_section(result: PositionResult | NotApplicable) -> dict[str, Any]:
-    """The JSON's "position" section."""
-    from vitviz.pipeline import NotApplicable
+def _model_sections(loaded: LoadedModel, analyses: Sequence[str], options: AnalysisOptions) -> tuple[dict, dict]:
+    """The JSON's model section and the sections of the analyses of the weights, and their results for figures."""
+    from vitviz import analyses as registry
+    from vitviz.pipeline import model_card
 
-    if isinstance(result, NotApplicable):
-        return {"not_applicable": result.reason}
-    return {"similarity": result.matrix().tolist()}
-
-
-def _not_applicable(result: Any) -> dict[str, Any] | None:
-    """`{"not_applicable": reason}` for a NotApplicable result, else None."""
-    from vitviz.pipeline import NotApplicable
-
-    return {"not_applicable": result.reason} if isinstance(result, NotApplicable) else None
-
-
-def image_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON's "distance", "rollout" and "gradient_rollout" sections, for the analyses that ran (or
-    `{"not_applicable": reason}` for those that do not apply to the model)."""
-    sections: dict[str, Any] = {}
-    if (skipped := _not_applicable(results.distance)) is not None:
-        sections["distance"] = skipped
-    elif results.distance is not None:
-        d = results.distance
-        sections["distance"] = {
-            "mode": d.mode,
-            "pixels": d.pixels.tolist(),
-            "std": d.std.tolist(),
-            "fraction": d.fraction.tolist(),
-            "num_images": d.num_images,
-        }
-        if d.not_applicable_layers:  # CaiT's class-attention layers: the rows are the other layers
-            sections["distance"]["layers"] = list(d.layers)
-            sections["distance"]["not_applicable_layers"] = [
-                {"layer": layer, "reason": why} for layer, why in d.not_applicable_layers
-            ]
-    if (skipped := _not_applicable(results.rollouts)) is not None:
-        sections["rollout"] = skipped
-    elif results.rollouts:
-        sections["rollout"] = [
-            {
-                "image": name,
-                "head_fusion": rollout.head_fusion,
-                "discard_ratio": rollout.discard_ratio,
-                "start_layer": rollout.start_layer,
-                "map": rollout.map.tolist(),
-                "top5": [[p.name, round(p.probability, 6)] for p in top5],
-            }
-            for name, rollout, top5 in zip(image_names, results.rollouts, results.top5)
-        ]
-    if (skipped := _not_applicable(results.gradients)) is not None:
-        sections["gradient_rollout"] = skipped
-    elif results.gradients:
-        sections["gradient_rollout"] = [
-            {"image": name, "target_class": gradient.target_class, "map": gradient.map.tolist()}
-            for name, gradient in zip(image_names, results.gradients)
-        ]
-    sections.update(token_sections(results, image_names))
-    return sections
-
-
-def token_sections(results: ImageResults, image_names: Sequence[str]) -> dict[str, Any]:
-    """The JSON's "tokens", "features", "head_maps" and "logit_lens" sections, for the analyses that ran (or
-    `{"not_applicable": reason}`)."""
-    sections: dict[str, Any] = {}
-    if (skipped := _not_applicable(results.tokens)) is not None:
-        sections["tokens"] = skipped
-    elif results.tokens is not None:
-        t = results.tokens
-        sections["tokens"] = {
-            "token_names": list(t.token_names),
-            "num_prefix_tokens": t.num_prefix_tokens,
-            "num_images": t.num_images,
-            "norms": t.norms.tolist(),
-            "prefix_attention": t.prefix_attention.tolist(),
-            "outlier_factor": t.outlier_factor,
-            "outlier_counts": t.outlier_counts.tolist(),
-            "outliers": [
-                {"image": image_names[i], "layer": int(layer), "row": int(r), "col": int(c), "norm": n, "ratio": q}
-                for i, layer, r, c, n, q in zip(
-                    t.outlier_image.tolist(),
-                    t.outlier_layer,
-                    t.outlier_row,
-                    t.outlier_col,
-                    t.outlier_norm.tolist(),
-                    t.outlier_ratio.tolist(),
-                )
-            ],
-        }
-    if results.features is not None:
-        f = results.features
-        sections["features"] = {
-            "images": list(image_names),
-            "explained_variance_ratio": f.explained_variance_ratio.tolist(),
-            "projections": f.projections.tolist(),
-        }
-    if (skipped := _not_applicable(results.head_maps)) is not None:
-        sections["head_maps"] = skipped
-    elif results.head_maps:
-        sections["head_maps"] = [
-            {
-                "image": name,
-                "query": maps.query,
-                "uses_class_token": maps.uses_class_token,
-                "mass_share": maps.mass_share,
-                "attention": maps.attention.tolist(),
-                "masks": maps.masks.astype(int).tolist(),
-            }
-            for name, maps in zip(image_names, results.head_maps)
-        ]
-    if (skipped := _not_applicable(results.logit_lens)) is not None:
-        sections["logit_lens"] = skipped
-    elif results.logit_lens:
-        sections["logit_lens"] = [
-            {"image": name, "target_class": lens.target_class, "probabilities": lens.probabilities.tolist()}
-            for name, lens in zip(image_names, results.logit_lens)
-        ]
-    return sections
-
-
-def _model_sections(
-    loaded: LoadedModel, analyses: Sequence[str], options: AnalysisOptions
-) -> tuple[dict[str, Any], FilterResult | None, PositionResult | None]:
-    """The JSON's model, filters and position sections (what needs no image), and the two results for figures."""
-    from vitviz.pipeline import filters, model_card, position
-
-    result: dict[str, Any] = {"model": model_card(loaded).model_section()}
-    filter_result = position_result = None
-    if "filters" in analyses:
-        filter_result = filters(loaded, options.components)
-        result["filters"] = filters_section(filter_result)
-    if "position" in analyses:
-        position_result = position(loaded)
-        result["position"] = position_section(position_result)
-    return result, filter_result, position_result
+    document: dict[str, Any] = {"model": model_card(loaded).model_section()}
+    results: dict[str, Any] = {}
+    for analysis in registry.analyses():
+        if analysis.name in analyses and analysis.compute is not None:
+            results[analysis.name] = analysis.compute(loaded, options)
+            document[analysis.section] = registry.section(analysis, results[analysis.name], [])
+    return document, results
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vitviz.pipeline import (
-        IMAGE_ANALYSES,
-        AnalysisOptions,
-        image_analyses,
-        parse_analyses,
-    )
+    from vitviz import analyses as registry
+    from vitviz.pipeline import IMAGE_ANALYSES, image_analyses
 
-    analyses = parse_analyses(args.analyses)
-    options = AnalysisOptions(
-        components=args.components,
-        distance_mode=args.distance_mode,
-        head_fusion=args.head_fusion,
-        discard_ratio=args.discard_ratio,
-        start_layer=args.start_layer,
-        target_class=args.target_class,
-        batch_size=args.batch_size,
-        outlier_factor=args.outlier_factor,
-        mass_share=args.mass_share,
-    )
+    analyses = registry.parse(args.analyses)
+    options = registry.AnalysisOptions(**{o.name: getattr(args, o.name) for o in registry.options()})
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
     slice_ = _dataset_slice(args)
@@ -414,7 +269,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     options.check_model(loaded, analyses)
-    result, filter_result, position_result = _model_sections(loaded, analyses, options)
+    result, weight_results = _model_sections(loaded, analyses, options)
     images = None
     image_results = None
     if any(a in IMAGE_ANALYSES for a in analyses):
@@ -428,9 +283,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json_out is not None:
         write_json(result, args.json_out)
     if args.figures is not None:
-        written = write_figures(
-            Path(args.figures), loaded, filter_result, position_result, images, image_results, files
-        )
+        written = write_figures(Path(args.figures), loaded, weight_results, images, image_results, files)
         logger.info("wrote %d figures to %s", len(written), args.figures)
     return 0
 
@@ -548,7 +401,8 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
 
     `class_names` are the data set's; the accuracy is given only when they are the model's classes.
     """
-    from vitviz.pipeline import ImageResults, NotApplicable
+    from vitviz import analyses as registry
+    from vitviz.pipeline import NotApplicable
 
     per_image: list[dict[str, Any]] = []
     for position, (index, label) in enumerate(zip(results.indices.tolist(), results.labels.tolist())):
@@ -569,10 +423,7 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
         }
     }
     if results.distance is not None:  # serialised as for --images
-        only_distance = ImageResults(
-            distance=results.distance, rollouts=(), probabilities=None, top5=(), gradients=(), queries=()
-        )
-        sections.update(image_sections(only_distance, []))
+        sections["distance"] = registry.section(registry.get("distance"), results.distance, [])
     for key, mean, extra in (
         ("rollout", results.rollout_mean, options["rollout"]),
         ("gradient_rollout", results.gradient_mean, options["gradient_rollout"]),
@@ -602,7 +453,7 @@ def _progress_bar(total: int, desc: str, unit: str, ranks: Any) -> Any:
 def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], options: Any) -> int:
     """`analyze --dataset`: filters and position once, the image analyses streamed over the slice (and ranks)."""
     from vitviz.data.stream import Ranks, dataset_batches, rank_batches
-    from vitviz.pipeline import IMAGE_ANALYSES, DistanceResult, dataset_analyses
+    from vitviz.pipeline import IMAGE_ANALYSES, dataset_analyses
 
     ranks = Ranks.from_environment()
     _quiet_unless_main(ranks)
@@ -610,7 +461,7 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
         loaded = _load(args)
         options.check_model(loaded, analyses)
         data = _open_slice(slice_, loaded, args.download)
-        result, filter_result, position_result = _model_sections(loaded, analyses, options)
+        result, weight_results = _model_sections(loaded, analyses, options)
         image_results = None
         if any(a in IMAGE_ANALYSES for a in analyses):
             mine = sum(len(b) for b in rank_batches(len(data), options.batch_size, ranks.rank, ranks.world_size))
@@ -640,12 +491,9 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
             write_json(result, args.json_out)
         if args.figures is not None:
             folder = Path(args.figures)
-            written = write_figures(folder, loaded, filter_result, position_result, None, None, [])
-            if image_results is not None and isinstance(image_results.distance, DistanceResult):
-                from vitviz.plots import paper
-
-                d = image_results.distance
-                written += paper.save_figure(paper.distance_figure(d.pixels, std=d.std), folder / "distance")
+            if image_results is not None and image_results.distance is not None:
+                weight_results["distance"] = image_results.distance  # the mean maps have no figure
+            written = write_figures(folder, loaded, weight_results, None, None, [])
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
     finally:
@@ -726,87 +574,34 @@ def write_faithfulness_figures(folder: Path, result: Any) -> list[Path]:
 def write_figures(
     folder: Path,
     loaded: LoadedModel,
-    filter_result: FilterResult | NotApplicable | None,
-    position_result: PositionResult | NotApplicable | None,
+    weight_results: dict[str, Any],
     images: torch.Tensor | None,
     image_results: ImageResults | None,
     files: Sequence[Path],
 ) -> list[Path]:
-    """The paper-style matplotlib figures for every analysis that ran, as PNG and SVG."""
+    """The paper-style matplotlib figures of every analysis that ran and has figures, as PNG and SVG."""
+    from vitviz import analyses as registry
     from vitviz.images import to_display
-    from vitviz.pipeline import DistanceResult, FilterResult, NotApplicable, PositionResult
     from vitviz.plots import paper
 
-    written: list[Path] = []
     meta = loaded.meta
-    if isinstance(filter_result, FilterResult):
-        fig = paper.filters_figure(filter_result.components, filter_result.explained_variance_ratio)
-        written += paper.save_figure(fig, folder / "filters")
-    if isinstance(position_result, PositionResult):
-        fig = paper.position_similarity_figure(position_result.similarity)
-        written += paper.save_figure(fig, folder / "position")
-    if image_results is None or images is None:
-        return written
-    if isinstance(image_results.distance, DistanceResult):
-        d = image_results.distance
-        fig = paper.distance_figure(d.pixels, std=d.std)
-        written += paper.save_figure(fig, folder / "distance")
-    written += _token_figures(folder, loaded, images, image_results, files)
-    for kind, results in (("rollout", image_results.rollouts), ("gradient-rollout", image_results.gradients)):
-        maps = [] if isinstance(results, NotApplicable) else [r.map for r in results]
-        for index, (path, relevance) in enumerate(zip(files, maps)):
-            picture = to_display(images[index], meta.mean, meta.std)
-            title = "Attention rollout" if kind == "rollout" else "Gradient-weighted rollout"
-            fig = paper.rollout_overlay_figure(picture, relevance, title=f"{title}: {path.name}")
-            written += paper.save_figure(fig, folder / f"{kind}-{index:03d}-{path.stem}")
-    return written
-
-
-def _token_figures(
-    folder: Path, loaded: LoadedModel, images: torch.Tensor, results: ImageResults, files: Sequence[Path]
-) -> list[Path]:
-    """The Tokens page's figures for the token analyses that ran: norms, prefix attention, and per image the
-    outlier patches, PCA features as RGB, head maps and the logit lens."""
-    from vitviz.images import to_display
-    from vitviz.pipeline import NotApplicable
-    from vitviz.plots import paper
-    from vitviz.plots import tokens as plots
-    from vitviz.tokens import token_layout
-
+    pictures = [to_display(image, meta.mean, meta.std) for image in images] if images is not None else []
+    context = registry.FigureContext(
+        loaded,
+        pictures=pictures,
+        stems=[f"{index:03d}-{path.stem}" for index, path in enumerate(files)],
+        names=[path.name for path in files],
+    )
+    results = dict(weight_results)
+    if image_results is not None:
+        results.update(image_results.by_name)
     written: list[Path] = []
-    meta = loaded.meta
-    grid = token_layout(loaded.model).grid
-    tokens = None if isinstance(results.tokens, NotApplicable) else results.tokens
-    head_maps = () if isinstance(results.head_maps, NotApplicable) else results.head_maps
-    if tokens is not None:
-        fig = plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens)
-        written += paper.save_figure(fig, folder / "token-norms")
-        fig = plots.prefix_attention_figure(tokens.prefix_attention, tokens.num_prefix_tokens)
-        written += paper.save_figure(fig, folder / "prefix-attention")
-    rgb = plots.features_rgb(results.features.projections) if results.features is not None else None
-    for index, path in enumerate(files):
-        picture = to_display(images[index], meta.mean, meta.std)
-        stem = f"{index:03d}-{path.stem}"
-        if tokens is not None:
-            chosen = tokens.outlier_image == index
-            fig = plots.outliers_figure(
-                picture, tokens.outlier_row[chosen], tokens.outlier_col[chosen], tokens.outlier_ratio[chosen], grid
-            )
-            written += paper.save_figure(fig, folder / f"outliers-{stem}")
-        if rgb is not None and results.features is not None:
-            fig = plots.features_figure(picture, rgb[index], results.features.explained_variance_ratio)
-            written += paper.save_figure(fig, folder / f"features-{stem}")
-        if index < len(head_maps):
-            heads = head_maps[index]
-            fig = plots.head_maps_figure(heads.attention, heads.masks, query=heads.query, mass_share=heads.mass_share)
-            written += paper.save_figure(fig, folder / f"head-maps-{stem}")
-        if not isinstance(results.logit_lens, NotApplicable) and index < len(results.logit_lens):
-            lens = results.logit_lens[index]
-            names = meta.class_names
-            name = names[lens.target_class] if lens.target_class < len(names) else str(lens.target_class)
-            written += paper.save_figure(
-                plots.logit_lens_figure(lens.probabilities, name), folder / f"logit-lens-{stem}"
-            )
+    for analysis in registry.analyses():
+        result = results.get(analysis.name)
+        if analysis.figures is None or result is None or isinstance(result, registry.NotApplicable):
+            continue
+        for stem, figure in analysis.figures(result, context):
+            written += paper.save_figure(figure, folder / stem)
     return written
 
 

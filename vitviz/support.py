@@ -136,10 +136,10 @@ HF_PREFIX = "hf:"
 
 
 def sections() -> tuple[str, ...]:
-    """The analyses each architecture is surveyed for: all of `pipeline.ANALYSES`, in its order."""
-    from vitviz.pipeline import ANALYSES
+    """The analyses each architecture is surveyed for: every registered analysis, in the registry's order."""
+    from vitviz import analyses as registry
 
-    return tuple(ANALYSES)
+    return registry.names()
 
 
 def timm_family(name: str) -> str | None:
@@ -261,42 +261,33 @@ def _section_status(result: Any, refused_reason: str | None) -> str:
     return "ok" if _finite(result) else "error: non-finite values"
 
 
-_IMAGE_FIELDS = {
-    "distance": "distance",
-    "rollout": "rollouts",
-    "gradient-rollout": "gradients",
-    "tokens": "tokens",
-    "features": "features",
-    "head-maps": "head_maps",
-    "logit-lens": "logit_lens",
-}
-
-
 def analyse(loaded: Any, images: torch.Tensor) -> dict[str, str]:
-    """Every section's status for a loaded model, through the real pipeline (`pipeline.filters`,
-    `pipeline.position`, `pipeline.image_analyses`). One section's failure never hides the others: when the
+    """Every section's status for a loaded model, through the registry and the real pipeline (each analysis of
+    the weights' `compute`, `pipeline.image_analyses`). One section's failure never hides the others: when the
     image analyses fail together, each is re-run alone to say which one fails."""
+    from vitviz import analyses as registry
     from vitviz import pipeline
 
     status: dict[str, str] = {}
     refused = pipeline.attention_not_applicable(loaded)
     refused_reason = refused.reason if refused is not None else None
-    for name, run in (("filters", pipeline.filters), ("position", pipeline.position)):
-        try:
-            status[name] = _section_status(run(loaded), refused_reason)
-        except Exception as error:
-            status[name] = _status(error)
-    image_sections = [name for name in sections() if name in _IMAGE_FIELDS]
-    options = pipeline.AnalysisOptions(batch_size=images.shape[0])
+    options = registry.AnalysisOptions(batch_size=images.shape[0])
+    for analysis in registry.analyses():
+        if analysis.compute is not None:
+            try:
+                status[analysis.name] = _section_status(analysis.compute(loaded, options), refused_reason)
+            except Exception as error:
+                status[analysis.name] = _status(error)
+    image_sections = list(registry.image_names())
     try:
         results = pipeline.image_analyses(loaded, images, image_sections, options)
         for name in image_sections:
-            status[name] = _section_status(getattr(results, _IMAGE_FIELDS[name]), refused_reason)
+            status[name] = _section_status(results[name], refused_reason)
     except Exception:
         for name in image_sections:
             try:
                 alone = pipeline.image_analyses(loaded, images, [name], options)
-                status[name] = _section_status(getattr(alone, _IMAGE_FIELDS[name]), refused_reason)
+                status[name] = _section_status(alone[name], refused_reason)
             except Exception as error:
                 status[name] = _status(error)
     return {name: status[name] for name in sections()}
