@@ -580,8 +580,7 @@ class _Run:
     """The step loop of one run, from a set-up run (`_Run.start`) to the final status; only rank 0 writes.
 
     Its resume state is the composition of its stateful attributes, the components that
-    `training.resume.COMPONENTS` declares (checked when the run is made): position, schedule, model,
-    optimizer, rng, guard, metrics and history.
+    `training.resume.COMPONENTS` declares (checked when the run is made).
     """
 
     def __init__(
