@@ -1,11 +1,11 @@
-"""The resume state's schema: every declared field is written and read back unchanged, the files keep the
-layout earlier runs wrote, and a resumed run holds exactly the state it was resumed from."""
+"""The resume state's schema: every declared component's state is written and read back unchanged, the
+files keep the layout earlier runs wrote, and a resumed run holds exactly the state it was resumed from."""
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from training import engine, presets
 from training.distributed import DistContext
 from training.engine import RunOptions, run
-from training.resume import ResumeState
+from training.resume import COMPONENTS, Fields, ResumeState, capture
 from training.runfolder import RunFolder
 from vitviz.errors import VitvizError
 
@@ -74,53 +74,85 @@ def _sums(scale: float) -> dict[str, float]:
     return {"loss_sum": 1.5 * scale, "correct": 7.0 * scale, "count": 9.0, "images": 16.0, "skipped": 1.0, "steps": 2.0}
 
 
-# Two different values for every field, none of them what a fresh run starts with.
-SAMPLES: dict[str, tuple[Any, Any]] = {
-    "step": (6, 11),
-    "model": (
-        {"weight": torch.arange(6.0).reshape(3, 2), "bias": torch.tensor([1, 2], dtype=torch.int64)},
-        {"weight": torch.ones(3, 2), "bias": torch.tensor([5, 6], dtype=torch.int64)},
-    ),
-    "optimizer": (_optimizer_state("adamw", 2), _optimizer_state("sgd", 3)),
-    "rng_torch": (torch.Generator().manual_seed(1).get_state(), torch.Generator().manual_seed(2).get_state()),
-    "rng_cuda": (
-        (torch.arange(8, dtype=torch.uint8),),
-        (torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)),
-    ),
-    "rng_python": (_python_state(1), _python_state(2)),
-    "rng_numpy": (_numpy_state(1, 1), _numpy_state(2, 3)),
-    "total_steps": (40, 80),
-    "warmup_steps": (3, 5),
-    "steps_per_epoch": (4, 5),
-    "epoch_sums": (_sums(1.0), _sums(2.0)),
-    "window_sums": (_sums(3.0), _sums(4.0)),
-    "best": (0.75, 0.5),
-    "consecutive_bad": (2, 3),
-    "skipped_total": (5, 9),
-    "last_eval": ({"epoch": 1, "loss": 0.5, "accuracy": 0.75, "count": 32}, {"epoch": 2, "loss": 0.25}),
-    "last_train": ({"kind": "epoch", "epoch": 1, "train_loss": 1.25}, {"kind": "epoch", "epoch": 2, "lr": None}),
-    "resolution_history": (
-        [{"method": "bicubic", "old_grid": [4, 4], "new_grid": [6, 6]}],
-        [{"method": "none", "old_grid": [2, 2], "new_grid": [2, 2]}, {"method": "bicubic"}],
-    ),
-    "log_sizes": ({"metrics": 1234, "summary": 56}, {"metrics": 7, "summary": 0}),
+# Two different values for every field of every component (a component stored by one codec is one field),
+# none of them what a fresh run starts with.
+SAMPLES: dict[str, dict[str | None, tuple[Any, Any]]] = {
+    "position": {"step": (6, 11), "steps_per_epoch": (4, 5)},
+    "schedule": {"total_steps": (40, 80), "warmup_steps": (3, 5)},
+    "model": {
+        None: (
+            {"weight": torch.arange(6.0).reshape(3, 2), "bias": torch.tensor([1, 2], dtype=torch.int64)},
+            {"weight": torch.ones(3, 2), "bias": torch.tensor([5, 6], dtype=torch.int64)},
+        )
+    },
+    "optimizer": {None: (_optimizer_state("adamw", 2), _optimizer_state("sgd", 3))},
+    "rng": {
+        "torch": (torch.Generator().manual_seed(1).get_state(), torch.Generator().manual_seed(2).get_state()),
+        "cuda": (
+            (torch.arange(8, dtype=torch.uint8),),
+            (torch.zeros(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)),
+        ),
+        "python": (_python_state(1), _python_state(2)),
+        "numpy": (_numpy_state(1, 1), _numpy_state(2, 3)),
+    },
+    "guard": {"consecutive_bad": (2, 3), "skipped_total": (5, 9)},
+    "metrics": {
+        "epoch_sums": (_sums(1.0), _sums(2.0)),
+        "window_sums": (_sums(3.0), _sums(4.0)),
+        "best": (0.75, 0.5),
+        "last_eval": ({"epoch": 1, "loss": 0.5, "accuracy": 0.75, "count": 32}, {"epoch": 2, "loss": 0.25}),
+        "last_train": ({"kind": "epoch", "epoch": 1, "train_loss": 1.25}, {"kind": "epoch", "epoch": 2, "lr": None}),
+        "log_sizes": ({"metrics": 1234, "summary": 56}, {"metrics": 7, "summary": 0}),
+    },
+    "history": {
+        "resolution_history": (
+            [{"method": "bicubic", "old_grid": [4, 4], "new_grid": [6, 6]}],
+            [{"method": "none", "old_grid": [2, 2], "new_grid": [2, 2]}, {"method": "bicubic"}],
+        )
+    },
 }
 
 
+FIELDS = [(name, key) for name, values in SAMPLES.items() for key in values]
+
+
+def _component(name: str, which: int) -> Any:
+    values = SAMPLES[name]
+    if None in values:
+        return values[None][which]
+    return {key: pair[which] for key, pair in values.items()}
+
+
 def _state(which: int = 0) -> ResumeState:
-    return ResumeState(**{name: values[which] for name, values in SAMPLES.items()})
+    return ResumeState({name: _component(name, which) for name in SAMPLES})
+
+
+def _changed(state: ResumeState, component: str, **values: Any) -> ResumeState:
+    """`state` with some fields of one component replaced."""
+    return ResumeState({**state.parts, component: {**state[component], **values}})
+
+
+def _with(state: ResumeState, name: str, key: str | None, value: Any) -> ResumeState:
+    if key is None:
+        return ResumeState({**state.parts, name: value})
+    return _changed(state, name, **{key: value})
 
 
 def _assert_same_state(got: ResumeState, expected: ResumeState) -> None:
-    for f in fields(ResumeState):
-        assert _same(getattr(got, f.name), getattr(expected, f.name)), f.name
+    assert got.parts.keys() == expected.parts.keys()
+    for name in expected.parts:
+        assert _same(dict(got[name]), dict(expected[name])), name
 
 
 def test_every_field_has_samples() -> None:
-    """A field added to ResumeState must be added here too, so that the round trips below cover it."""
-    assert set(SAMPLES) == {f.name for f in fields(ResumeState)}
-    for name, (first, second) in SAMPLES.items():
-        assert not _same(first, second), name
+    """A component added to COMPONENTS must be added here too, so that the round trips below cover it."""
+    assert set(SAMPLES) == set(COMPONENTS)
+    for name, codec in COMPONENTS.items():
+        if isinstance(codec, Fields):
+            assert set(SAMPLES[name]) == set(codec.codecs), name
+    for name, key in FIELDS:
+        first, second = SAMPLES[name][key]
+        assert not _same(first, second), (name, key)
 
 
 def test_every_field_round_trips_through_the_run_folder(tmp_path: Path) -> None:
@@ -133,18 +165,18 @@ def test_every_field_round_trips_through_the_run_folder(tmp_path: Path) -> None:
     assert sorted(p.suffix for p in folder.state_dir.iterdir()) == [".json", ".safetensors"]  # no pickle
 
 
-@pytest.mark.parametrize("name", [f.name for f in fields(ResumeState)])
-def test_each_field_reaches_the_files_and_comes_back(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "key"), FIELDS)
+def test_each_field_reaches_the_files_and_comes_back(tmp_path: Path, name: str, key: str | None) -> None:
     """Changing one field changes what is written, and reading gives back the changed value: a field that
     the schema writes but does not read (or the reverse) fails here."""
     base = _state()
-    changed = replace(base, **{name: SAMPLES[name][1]})
+    changed = _with(base, name, key, SAMPLES[name][key][1])
     base_tensors, base_info = base.encode()
     tensors, info = changed.encode()
     differs = tensors.keys() != base_tensors.keys() or any(
         not torch.equal(tensors[k], base_tensors[k]) for k in tensors
     )
-    assert differs or info != base_info or name == "step"  # the run folder writes the step itself
+    assert differs or info != base_info or key == "step"  # the run folder writes the step itself
     folder = RunFolder.create(tmp_path, "r")
     changed.to_files(folder)
     loaded = ResumeState.from_files(folder)
@@ -153,7 +185,7 @@ def test_each_field_reaches_the_files_and_comes_back(tmp_path: Path, name: str) 
 
 
 def test_no_best_score_yet_round_trips() -> None:
-    state = replace(_state(), best=None, last_eval={}, last_train={}, rng_cuda=())
+    state = _changed(_changed(_state(), "metrics", best=None, last_eval={}, last_train={}), "rng", cuda=())
     loaded = ResumeState.decode(state.step, *state.encode())
     _assert_same_state(loaded, state)
 
@@ -207,11 +239,12 @@ def test_a_state_written_before_the_schema_is_read(tmp_path: Path) -> None:
     folder = RunFolder.create(tmp_path, "old")
     folder.save_state(5, tensors, info)
     state = ResumeState.from_files(folder)
-    assert state is not None and state.step == 5 and state.steps_per_epoch == 4 and state.skipped_total == 1
-    assert torch.equal(state.model["weight"], torch.ones(2, 2)) and state.rng_cuda == ()
-    assert state.optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
-    assert torch.equal(state.optimizer["state"][0]["exp_avg"], torch.full((2, 2), 0.5))
-    assert state.rng_python == python_state and state.rng_numpy == numpy_state
+    assert state is not None and state.step == 5 and state["position"]["steps_per_epoch"] == 4
+    assert state["guard"]["skipped_total"] == 1
+    assert torch.equal(state["model"]["weight"], torch.ones(2, 2)) and state["rng"]["cuda"] == ()
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.full((2, 2), 0.5))
+    assert state["rng"]["python"] == python_state and state["rng"]["numpy"] == numpy_state
 
 
 def test_a_state_that_lacks_a_field_is_refused_by_name(tmp_path: Path) -> None:
@@ -233,29 +266,31 @@ def test_a_resumed_run_holds_exactly_the_state_it_was_resumed_from(tmp_path: Pat
     assert run(cfg, RunOptions(runs_dir=tmp_path, run_id="r", device="cpu", max_steps=6)).step == 6
     folder = RunFolder(tmp_path / "r")
     saved = ResumeState.from_files(folder)
-    assert saved is not None and saved.step == 6 and saved.last_eval and saved.best is not None
+    assert (
+        saved is not None and saved.step == 6 and saved["metrics"]["last_eval"] and saved["metrics"]["best"] is not None
+    )
     sizes = folder.log_sizes()
     options = RunOptions(resume=folder.path, device="cpu")
 
-    replace(saved, warmup_steps=saved.warmup_steps + 1).to_files(folder)
+    _changed(saved, "schedule", warmup_steps=saved["schedule"]["warmup_steps"] + 1).to_files(folder)
     with pytest.raises(VitvizError, match="schedule"):
         engine._Run.start(None, options, CPU)
 
-    changed = replace(
+    changed = _changed(
         saved,
+        "metrics",
         epoch_sums=_sums(5.0),
         window_sums=_sums(6.0),
         best=0.125,
-        consecutive_bad=1,
-        skipped_total=3,
         last_eval={"epoch": 1, "loss": 9.0, "accuracy": 0.125, "count": 32},
-        last_train={**saved.last_train, "train_loss": 9.0},
+        last_train={**saved["metrics"]["last_train"], "train_loss": 9.0},
         log_sizes={"metrics": sizes["metrics"] - 1, "summary": sizes["summary"] - 1},
     )
+    changed = _changed(changed, "guard", consecutive_bad=1, skipped_total=3)
     changed.to_files(folder)
     resumed = engine._Run.start(None, options, CPU)
-    assert resumed.step == 6
-    captured = resumed._capture(resumed.step)
+    assert resumed.position.step == 6
+    captured = capture(resumed)
     _assert_same_state(ResumeState.decode(6, *captured.encode()), ResumeState.decode(6, *changed.encode()))
 
     attributes = set(vars(resumed))

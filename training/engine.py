@@ -7,17 +7,18 @@ any step and resumed continues exactly as if it had never stopped (bitwise on CP
 - augmentation of sample i in epoch e runs under torch's RNG seeded by (seed, e, i);
 - masking for masked patch prediction at global step t is drawn from a generator seeded by (seed, t);
 - dropout and stochastic depth at step t run under torch's RNG seeded by (seed, t, rank);
-and the resume state holds the model, the optimiser, the step (the schedule is a pure function of it),
-the running metric sums, and every global RNG state as well.
+and the resume state holds the model, the optimiser, the data position (the step; the schedule is a pure
+function of it), the running metric sums, the guard's counts, and every global RNG state as well.
 
-The resume state's fields and file layout are declared once in `training.resume`; the step and epoch
-records, and the sums behind them, are `training.metrics`; this module sets a run up and runs its loop.
+The run's resume state is the composition of its components, each saving and restoring itself, declared
+once in `training.resume.COMPONENTS`; the step and epoch records, and the sums behind them, are
+`training.metrics`; the position and the schedule `training.schedule`; the non-finite-step guard
+`training.guard`; this module sets a run up and runs its loop.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -42,10 +43,13 @@ from training import distributed
 from training.config import TrainConfig
 from training.data.memory import InMemoryImages
 from training.distributed import DistContext
+from training.guard import StepGuard, TrainingFailed
 from training.masked import Corruption, MaskedPatchModel, colour_class_names, colour_targets, sample_corruption
 from training.metrics import MetricsLog, StepOutcome
-from training.resume import ResumeState, rng_states, set_rng_states
+from training.resume import ProcessRng, ResumeState, capture, check_components, restore
 from training.runfolder import RunFolder, default_run_id
+from training.schedule import DataPosition, Schedule
+from training.schedule import lr_factor as lr_factor  # part of this module's interface
 from vitviz.errors import VitvizError
 from vitviz.models import (
     ModelMeta,
@@ -62,10 +66,6 @@ logger = logging.getLogger(__name__)
 
 # Salts that keep the seeded streams for different purposes apart.
 _ORDER_STREAM, _AUGMENT_STREAM, _MASK_STREAM, _STEP_STREAM, _EVAL_MASK_STREAM = range(5)
-
-
-class TrainingFailed(Exception):
-    """A run that had to stop (e.g. the loss stayed non-finite); the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -152,17 +152,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at (0-based) optimiser step `step`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
 def freeze_early_layers(vit: nn.Module, num_blocks: int) -> int:
     """Freeze the stem (patch embedding, prefix tokens, position embeddings) and the first `num_blocks` blocks.
 
@@ -230,8 +219,12 @@ class Trainer:
         self.module: nn.Module = MaskedPatchModel(vit, cfg.masked) if cfg.objective == "masked" else vit
         self.module.to(ctx.device)
         self.optimizer = build_optimizer(self.module, vit, cfg)
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
+        self.schedule = Schedule(
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            decay=cfg.schedule.decay,
+            min_ratio=cfg.schedule.min_lr_ratio,
+        )
         self.mean = torch.tensor(mean, dtype=torch.float32, device=ctx.device)
         self.std = torch.tensor(std, dtype=torch.float32, device=ctx.device)
         self._wrapped: nn.Module | None = None
@@ -258,13 +251,7 @@ class Trainer:
         return nullcontext()
 
     def set_lr(self, step: int) -> float:
-        factor = lr_factor(
-            step,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            decay=self.cfg.schedule.decay,
-            min_ratio=self.cfg.schedule.min_lr_ratio,
-        )
+        factor = self.schedule.factor(step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * group["lr_scale"] * factor
         return self.cfg.optim.lr * factor
@@ -356,20 +343,6 @@ class Trainer:
         totals = distributed.all_reduce_sum(totals, self.ctx)
         count = max(1.0, float(totals[2]))
         return {"loss": float(totals[0]) / count, "accuracy": float(totals[1]) / count, "count": int(totals[2])}
-
-    # --- resume state -----------------------------------------------------------------------------------
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """The trained module's state_dict (the masked-prediction wrapper's, for that objective)."""
-        return dict(self.module.state_dict())
-
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state(self, model: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any]) -> None:
-        """Continue from saved model and optimiser states (before the first forward pass under DDP)."""
-        self.module.load_state_dict(dict(model), strict=True)
-        self.optimizer.load_state_dict(dict(optimizer))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -531,8 +504,84 @@ def _open_folder(
     return folder
 
 
+class ResolutionHistory:
+    """The model's resolution history (checkpoint metadata), a component of the resume state so that a
+    resumed run writes the same metadata."""
+
+    def __init__(self, entries: Sequence[Mapping[str, Any]] = ()) -> None:
+        self.entries = [dict(e) for e in entries]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resolution_history": list(self.entries)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.entries = [dict(e) for e in state["resolution_history"]]
+
+
+class _Feed:
+    """The batches of a run: this rank's share of an epoch's training steps, and of the evaluation split."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, data: DataSetup) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.data = data
+        self.memory: dict[str, InMemoryImages] = {}  # splits prepared in memory, made on first use
+
+    def prepare(self) -> None:
+        """Prepare the training split in memory now (when the config asks for it), before the clocks start."""
+        if self.cfg.data.in_memory:
+            self._in_memory("train")
+
+    def train(self, epoch: int, start: int, stop: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches for steps [start, stop) of epoch `epoch`."""
+        cfg, ctx = self.cfg, self.ctx
+        order = epoch_order(len(self.data.train), cfg.seed, epoch)
+        batches = rank_batches(order, cfg.batch_size, ctx, start, stop)
+        if cfg.data.in_memory:
+            return map(self._in_memory("train").batch, batches)
+        from training.data import train_transform
+
+        transform = train_transform(
+            input_size=cfg.model.img_size, in_chans=cfg.model.in_chans, mean=self.data.mean, std=self.data.std,
+            augment=cfg.data.augment,
+        )  # fmt: skip
+        samples = EpochSamples(self.data.train, transform, cfg.seed, randomised=cfg.data.augment != "none")
+        return make_loader(samples, epoch, batches, cfg.data.num_workers, pin=ctx.device.type == "cuda")
+
+    def eval(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the evaluation split, in batches."""
+        from training.data import eval_transform
+
+        cfg = self.cfg
+        positions = distributed.shard(range(len(self.data.eval)), self.ctx)
+        size = max(1, cfg.batch_size // self.ctx.world_size)
+        batches = [positions[i : i + size] for i in range(0, len(positions), size)]
+        if cfg.data.in_memory:
+            return map(self._in_memory("eval").batch, batches)
+        transform = eval_transform(
+            input_size=cfg.model.img_size, in_chans=cfg.model.in_chans, mean=self.data.mean, std=self.data.std
+        )
+        samples = EpochSamples(self.data.eval, transform, cfg.seed, randomised=False)
+        return iter(make_loader(samples, 0, batches, cfg.data.num_workers, pin=self.ctx.device.type == "cuda"))
+
+    def _in_memory(self, which: str) -> InMemoryImages:
+        """The train or eval split prepared once into memory (kept for the rest of the run)."""
+        cache = self.memory.get(which)
+        if cache is None:
+            dataset = self.data.train if which == "train" else self.data.eval
+            cache = self.memory[which] = InMemoryImages(
+                dataset, input_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
+                mean=self.data.mean, std=self.data.std, num_workers=self.cfg.data.num_workers,
+            )  # fmt: skip
+        return cache
+
+
 class _Run:
-    """The step loop of one run, from a set-up run (`_Run.start`) to the final status; only rank 0 writes."""
+    """The step loop of one run, from a set-up run (`_Run.start`) to the final status; only rank 0 writes.
+
+    Its resume state is the composition of its stateful attributes, the components that
+    `training.resume.COMPONENTS` declares (checked when the run is made).
+    """
 
     def __init__(
         self,
@@ -544,21 +593,25 @@ class _Run:
         history: list[dict[str, Any]],
         folder: RunFolder | None,
         trainer: Trainer,
-        log: MetricsLog,
         steps_per_epoch: int,
     ) -> None:
         self.cfg = cfg  # resolved
         self.options = options
         self.ctx = ctx
         self.data = data
-        self.history = history  # the model's resolution history (checkpoint metadata)
         self.folder = folder  # None on the other ranks of a fresh run
         self.trainer = trainer
-        self.log = log
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg.epochs * steps_per_epoch
-        self.memory: dict[str, InMemoryImages] = {}  # splits prepared in memory, made on first use
-        self.step = 0  # optimiser steps done
+        self.feed = _Feed(cfg, ctx, data)
+        # The components of the resume state.
+        self.position = DataPosition(steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+        self.schedule = trainer.schedule
+        self.model = trainer.module
+        self.optimizer = trainer.optimizer
+        self.rng = ProcessRng()
+        self.guard = StepGuard(cfg.max_bad_steps)
+        self.metrics = MetricsLog(ctx, folder, steps_per_epoch, self.guard)
+        self.history = ResolutionHistory(history)
+        check_components(self)
 
     @classmethod
     def start(cls, cfg: TrainConfig | None, options: RunOptions, ctx: DistContext) -> _Run:
@@ -578,10 +631,10 @@ class _Run:
                 f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                 f"({ctx.world_size} x {cfg.grad_accum})"
             )
-        if state is not None:  # the config was resolved when the run started
+        history: list[dict[str, Any]] = []
+        if state is not None:  # the config was resolved when the run started; the state holds the history
             data = _datasets_for_resolved(cfg)
             vit = build_model(cfg.model)
-            history = list(state.resolution_history)
         else:
             cfg, vit, data, history = _resolve(cfg)
         if cfg.finetune.source is not None and cfg.finetune.freeze_blocks:
@@ -605,190 +658,92 @@ class _Run:
             history=history,
             folder=folder,
             trainer=trainer,
-            log=MetricsLog(ctx, folder, steps_per_epoch),
             steps_per_epoch=steps_per_epoch,
         )
         if state is not None:
-            run._restore(state)
+            restore(run, state)
+            logger.info("resuming %s at step %d", folder.path if folder else "", state.step)
         return run
 
     def execute(self) -> RunResult:
         """Train to the end (or to --max-steps, or to a stop signal); a failure is recorded in status.json."""
         if self.ctx.is_main:
             assert self.folder is not None
-            self.folder.write_status("running", **self._progress(self.step))
+            self.folder.write_status("running", progress=self.position.progress())
         try:
             with _StopRequest() as stop:
                 return self._loop(stop)
         except TrainingFailed as exc:
-            self._status("failed", reason=str(exc), step=self.step)
+            self._status("failed", reason=str(exc))
             raise
         except BaseException as exc:
-            self._status("failed", reason=f"{type(exc).__name__}: {exc}".splitlines()[0], step=self.step)
+            self._status("failed", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
             raise
 
-    # --- resume state ------------------------------------------------------------------------------------
-
-    def _capture(self, step: int) -> ResumeState:
-        """The resume state at `step` (main process). Its tensors may be the live ones: write it before
-        the next step."""
-        assert self.folder is not None
-        rng_torch, rng_cuda, rng_python, rng_numpy = rng_states()
-        log = self.log
-        return ResumeState(
-            step=step,
-            model=self.trainer.model_state(),
-            optimizer=self.trainer.optimizer_state(),
-            rng_torch=rng_torch,
-            rng_cuda=rng_cuda,
-            rng_python=rng_python,
-            rng_numpy=rng_numpy,
-            total_steps=self.total_steps,
-            warmup_steps=self.trainer.warmup_steps,
-            steps_per_epoch=self.steps_per_epoch,
-            epoch_sums=dict(log.epoch_sums.values),
-            window_sums=dict(log.window.values),
-            best=log.best,
-            consecutive_bad=log.consecutive_bad,
-            skipped_total=log.skipped_total,
-            last_eval=dict(log.last_eval),
-            last_train=dict(log.last_train),
-            resolution_history=list(self.history),
-            log_sizes=self.folder.log_sizes(),
-        )
-
-    def _restore(self, state: ResumeState) -> None:
-        """Continue from `state` (its resolution history was taken at set-up): checks that the data and the
-        schedule are the ones it was saved with, then model, optimiser, RNGs, metrics, logs and step."""
-        if state.steps_per_epoch != self.steps_per_epoch:
-            raise VitvizError(
-                f"cannot resume exactly: the training split now gives {self.steps_per_epoch} steps per epoch, "
-                f"but the run started with {state.steps_per_epoch} (did the dataset files change?)"
-            )
-        if (state.total_steps, state.warmup_steps) != (self.total_steps, self.trainer.warmup_steps):
-            raise VitvizError(
-                f"cannot resume exactly: the schedule now has {self.total_steps} steps ({self.trainer.warmup_steps} "
-                f"of warm-up), but the run started with {state.total_steps} ({state.warmup_steps})"
-            )
-        self.trainer.load_state(state.model, state.optimizer)
-        set_rng_states(state)
-        self.log.restore(
-            epoch_sums=state.epoch_sums,
-            window_sums=state.window_sums,
-            best=state.best,
-            consecutive_bad=state.consecutive_bad,
-            skipped_total=state.skipped_total,
-            last_eval=state.last_eval,
-            last_train=state.last_train,
-        )
+    def _save_state(self) -> None:
+        """Write the resume state at the current step (main process)."""
         if self.ctx.is_main and self.folder is not None:
-            self.folder.truncate_logs(state.log_sizes)
-        self.step = state.step
-        logger.info("resuming %s at step %d", self.folder.path if self.folder else "", state.step)
-
-    def _save_state(self, step: int) -> None:
-        if self.ctx.is_main and self.folder is not None:
-            self._capture(step).to_files(self.folder)
+            capture(self).to_files(self.folder)
 
     # --- the loop ------------------------------------------------------------------------------------
 
     def _loop(self, stop: _StopRequest) -> RunResult:
-        """Train from `self.step` to the end (or to --max-steps, or to a stop signal), then write the final status."""
-        stop_at = self.total_steps if self.options.max_steps is None else min(self.total_steps, self.options.max_steps)
+        """Train from the current step to the end (or to --max-steps, or to a stop signal), then write the
+        final status."""
+        position = self.position
+        total = position.total_steps
+        stop_at = total if self.options.max_steps is None else min(total, self.options.max_steps)
         bar = tqdm(
-            total=self.total_steps, initial=self.step, file=sys.stderr, dynamic_ncols=True, unit="step",
+            total=total, initial=position.step, file=sys.stderr, dynamic_ncols=True, unit="step",
             disable=not (self.options.progress and self.ctx.is_main),
         )  # fmt: skip
         # While the bar is shown, log lines go through tqdm so that they do not break it.
         with bar, logging_redirect_tqdm() if not bar.disable else nullcontext():
             signalled = self._train_until(stop_at, stop, bar)
-        step = self.step
+        step = position.step
         run_dir = self.folder.path if self.folder else None
-        if step >= self.total_steps:
-            self._status("finished", step=step)
-            return RunResult(run_dir, "finished", step, self.log.final_metrics())
-        if step % self.steps_per_epoch and step % self.cfg.resume_every:  # otherwise saved at this step already
-            self._save_state(step)
-        self._save_model(self._last_path(), step)
+        if step >= total:
+            self._status("finished")
+            return RunResult(run_dir, "finished", step, self.metrics.final_metrics())
+        if position.batch and step % self.cfg.resume_every:  # otherwise saved at this step already
+            self._save_state()
+        self._save_model(self.folder.last_path if self.folder is not None else None)
         why = "a stop signal" if signalled else f"--max-steps {self.options.max_steps}"
         reason = (
-            f"stopped at step {step} of {self.total_steps} by {why}; "
-            f"continue with: python -m training train --resume {run_dir}"
+            f"stopped at step {step} of {total} by {why}; continue with: python -m training train --resume {run_dir}"
         )
-        self._status("failed", reason=reason, step=step, resumable=True)
-        return RunResult(run_dir, "stopped", step, self.log.final_metrics())
+        self._status("failed", reason=reason, resumable=True)
+        return RunResult(run_dir, "stopped", step, self.metrics.final_metrics())
 
     def _train_until(self, stop_at: int, stop: _StopRequest, bar: tqdm) -> bool:
-        """The step loop, advancing `self.step`; returns whether a stop signal ended it."""
-        cfg, ctx, spe = self.cfg, self.ctx, self.steps_per_epoch
-        randomised = cfg.data.augment != "none"
-        samples = EpochSamples(self.data.train, self._train_transform(), cfg.seed, randomised=randomised)
-        memory = self._in_memory("train") if cfg.data.in_memory else None
+        """The step loop, advancing the data position; returns whether a stop signal ended it."""
+        cfg, ctx, position = self.cfg, self.ctx, self.position
+        spe = position.steps_per_epoch
         per_rank = cfg.batch_size // ctx.world_size
-        self.log.start_clocks()
-        while self.step < stop_at:
-            epoch = self.step // spe
-            order = epoch_order(len(self.data.train), cfg.seed, epoch)
-            batches = rank_batches(order, cfg.batch_size, ctx, self.step % spe, min(spe, stop_at - epoch * spe))
-            if memory is not None:
-                loader: Iterable[tuple[torch.Tensor, torch.Tensor]] = map(memory.batch, batches)
-            else:
-                loader = make_loader(samples, epoch, batches, cfg.data.num_workers, pin=ctx.device.type == "cuda")
-            for images, labels in loader:
-                outcome = self.trainer.train_step(images, labels, self.step)
-                self.step += 1
-                step = self.step
-                self.log.add(outcome, per_rank)
-                self._guard(outcome, step)
+        self.feed.prepare()
+        self.metrics.start_clocks()
+        while position.step < stop_at:
+            epoch = position.epoch
+            for images, labels in self.feed.train(epoch, position.batch, min(spe, stop_at - epoch * spe)):
+                outcome = self.trainer.train_step(images, labels, position.step)
+                step = position.advance()
+                self.metrics.add(outcome, per_rank)
+                self.guard.record(outcome, step)
                 bar.update(1)
                 if step % cfg.log_every == 0:
-                    self._log_step(step, outcome.lr, bar)
-                if step % spe == 0:
-                    self._end_epoch(step, outcome.lr)
+                    self._log_step(outcome.lr, bar)
+                if position.batch == 0:
+                    self._end_epoch(outcome.lr)
                 elif step % cfg.resume_every == 0:
-                    self._save_state(step)
+                    self._save_state()
                 if distributed.broadcast_flag(stop.signal is not None, ctx):
                     return True
         return False
 
-    def _in_memory(self, which: str) -> InMemoryImages:
-        """The train or eval split prepared once into memory (kept for the rest of the run)."""
-        cache = self.memory.get(which)
-        if cache is None:
-            dataset = self.data.train if which == "train" else self.data.eval
-            cache = self.memory[which] = InMemoryImages(
-                dataset, input_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
-                mean=self.data.mean, std=self.data.std, num_workers=self.cfg.data.num_workers,
-            )  # fmt: skip
-        return cache
-
-    def _train_transform(self) -> Callable[[Any], torch.Tensor]:
-        from training.data import train_transform
-
-        return train_transform(
-            input_size=self.cfg.model.img_size,
-            in_chans=self.cfg.model.in_chans,
-            mean=self.data.mean,
-            std=self.data.std,
-            augment=self.cfg.data.augment,
-        )
-
-    def _guard(self, outcome: StepOutcome, step: int) -> None:
-        """Warn about a skipped (non-finite) step; stop the run after max_bad_steps in a row."""
-        if not outcome.skipped:
-            return
-        in_a_row = self.log.consecutive_bad
-        logger.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, in_a_row)
-        if in_a_row >= self.cfg.max_bad_steps:
-            raise TrainingFailed(
-                f"loss or gradient was not finite for {in_a_row} steps in a row (last at step {step}); "
-                "lower optim.lr, set grad_clip, or check the data"
-            )
-
-    def _log_step(self, step: int, lr: float, bar: tqdm) -> None:
-        record = self.log.step_record(step, lr)
+    def _log_step(self, lr: float, bar: tqdm) -> None:
+        record = self.metrics.step_record(self.position.step, lr)
         if self.ctx.is_main and self.folder is not None:
-            self.folder.write_status("running", **self._progress(step), last=record)
+            self.folder.write_status("running", progress=self.position.progress(), last=record)
             postfix = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan"}
             if record["accuracy"] is not None:
                 postfix["acc"] = f"{record['accuracy']:.3f}"
@@ -796,35 +751,21 @@ class _Run:
                 postfix["img/s"] = f"{record['images_per_s']:.0f}"
             bar.set_postfix(postfix, refresh=False)
 
-    def _eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from training.data import eval_transform
-
-        transform = eval_transform(
-            input_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans, mean=self.data.mean, std=self.data.std
-        )
-        samples = EpochSamples(self.data.eval, transform, self.cfg.seed, randomised=False)
-        positions = distributed.shard(range(len(self.data.eval)), self.ctx)
-        size = max(1, self.cfg.batch_size // self.ctx.world_size)
-        batches = [positions[i : i + size] for i in range(0, len(positions), size)]
-        if self.cfg.data.in_memory:
-            return map(self._in_memory("eval").batch, batches)
-        return iter(make_loader(samples, 0, batches, self.cfg.data.num_workers, pin=self.ctx.device.type == "cuda"))
-
-    def _end_epoch(self, step: int, lr: float) -> None:
+    def _end_epoch(self, lr: float) -> None:
         """Evaluate when due, record the epoch, write the checkpoints it calls for and a resume state."""
-        cfg = self.cfg
-        epoch = step // self.steps_per_epoch  # 1-based count of completed epochs
+        cfg, step = self.cfg, self.position.step
+        epoch = self.position.epoch  # 1-based count of completed epochs
         last_epoch = epoch == cfg.epochs
         evaluation = None
         if self.data.eval is not None and (epoch % cfg.eval_every == 0 or last_epoch):
-            evaluation = self.trainer.evaluate(self._eval_batches())
-        record, improved = self.log.epoch_record(step, lr, evaluation, has_eval_split=self.data.eval is not None)
+            evaluation = self.trainer.evaluate(self.feed.eval())
+        record, improved = self.metrics.epoch_record(step, lr, evaluation, has_eval_split=self.data.eval is not None)
         if self.ctx.is_main and self.folder is not None:
             if epoch % cfg.checkpoint_every == 0 or last_epoch:
-                self._save_model(self.folder.epoch_checkpoint_path(epoch), step)
+                self._save_model(self.folder.epoch_checkpoint_path(epoch))
             if improved:
-                self._save_model(self.folder.best_path, step)
-            self._save_model(self.folder.last_path, step)
+                self._save_model(self.folder.best_path)
+            self._save_model(self.folder.last_path)
             logger.info(
                 "epoch %d/%d: train loss %s acc %s; eval loss %s acc %s",
                 epoch,
@@ -834,22 +775,19 @@ class _Run:
                 _fmt(record["eval_loss"]),
                 _fmt(record["eval_accuracy"]),
             )
-        self._save_state(step)
+        self._save_state()
 
     # --- checkpoints and status ------------------------------------------------------------------------
 
-    def _last_path(self) -> Path | None:
-        return self.folder.last_path if self.folder is not None else None
-
-    def _save_model(self, path: Path | None, step: int) -> None:
+    def _save_model(self, path: Path | None) -> None:
         if not self.ctx.is_main or path is None:
             return
         try:
-            save_checkpoint(path, self.trainer.vit, self._meta(step))
+            save_checkpoint(path, self.trainer.vit, self._meta())
         except VitvizError as exc:
             raise TrainingFailed(f"checkpoint not saved: {exc}") from None
 
-    def _meta(self, step: int) -> ModelMeta:
+    def _meta(self) -> ModelMeta:
         cfg = self.cfg
         training = {
             "run_id": self.folder.run_id if self.folder else None,
@@ -857,11 +795,11 @@ class _Run:
             "dataset": cfg.data.dataset,
             "train_split": cfg.data.train_split,
             "objective": cfg.objective,
-            "epochs": step // self.steps_per_epoch,
+            "epochs": self.position.epoch,
             "epochs_planned": cfg.epochs,
-            "steps": step,
+            "steps": self.position.step,
             "finetuned_from": cfg.finetune.source,
-            "metrics": self.log.final_metrics(),
+            "metrics": self.metrics.final_metrics(),
         }
         return ModelMeta(
             arch=PROJECT_ARCH,
@@ -872,26 +810,17 @@ class _Run:
             mean=tuple(self.data.mean),
             std=tuple(self.data.std),
             training=training,
-            resolution_history=list(self.history),
+            resolution_history=list(self.history.entries),
         )
 
-    def _progress(self, step: int) -> dict[str, Any]:
-        return {
-            "progress": {
-                "step": step,
-                "total_steps": self.total_steps,
-                "epoch": step // self.steps_per_epoch,
-                "epochs": self.cfg.epochs,
-                "fraction": step / self.total_steps if self.total_steps else 0.0,
-            }
-        }
-
-    def _status(self, status: str, *, reason: str | None = None, step: int = 0, **fields: Any) -> None:
+    def _status(self, status: str, *, reason: str | None = None, **fields: Any) -> None:
         if not self.ctx.is_main or self.folder is None:
             return
         try:
-            progress = self._progress(step)
-            self.folder.write_status(status, reason=reason, **progress, metrics=self.log.final_metrics(), **fields)
+            progress = self.position.progress()
+            self.folder.write_status(
+                status, reason=reason, progress=progress, metrics=self.metrics.final_metrics(), **fields
+            )
         except OSError as exc:
             if status != "failed":
                 raise

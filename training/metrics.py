@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -62,58 +62,61 @@ class Sums:
         }
 
 
+class SkipCounts(Protocol):
+    """What the records need of the guard against non-finite steps (`training.guard.StepGuard`)."""
+
+    skipped_total: int
+
+
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
 class MetricsLog:
-    """Sums since the last step record and over the epoch, skipped-step counts, the best score, and the
-    records written to metrics.jsonl and summary.csv."""
+    """Sums since the last step record and over the epoch, the best score, the latest records, and the
+    records written to metrics.jsonl and summary.csv; a component of the resume state, whose state includes
+    how long those two files were (a resumed run cuts them back to it, so replayed steps are logged once)."""
 
-    def __init__(self, ctx: DistContext, folder: RunFolder | None, steps_per_epoch: int) -> None:
+    def __init__(self, ctx: DistContext, folder: RunFolder | None, steps_per_epoch: int, guard: SkipCounts) -> None:
         self.ctx = ctx
         self.writer = folder if ctx.is_main else None  # only the main process writes
         self.steps_per_epoch = steps_per_epoch
+        self.guard = guard  # its count of skipped steps goes into the records
         self.epoch_sums = Sums()
         self.window = Sums()
         self.best: float | None = None
-        self.consecutive_bad = 0
-        self.skipped_total = 0
         self.last_eval: dict[str, Any] = {}
         self.last_train: dict[str, Any] = {}
         self._window_start = self._epoch_start = time.perf_counter()
 
-    def restore(
-        self,
-        *,
-        epoch_sums: Mapping[str, float],
-        window_sums: Mapping[str, float],
-        best: float | None,
-        consecutive_bad: int,
-        skipped_total: int,
-        last_eval: Mapping[str, Any],
-        last_train: Mapping[str, Any],
-    ) -> None:
-        """Continue from a resume state's values."""
-        self.epoch_sums = Sums(epoch_sums)
-        self.window = Sums(window_sums)
-        self.best = best
-        self.consecutive_bad = consecutive_bad
-        self.skipped_total = skipped_total
-        self.last_eval = dict(last_eval)
-        self.last_train = dict(last_train)
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's sums, the best score, the latest evaluation and epoch record ({} before the first),
+        and the byte length of the logs (main process)."""
+        return {
+            "epoch_sums": dict(self.epoch_sums.values),
+            "window_sums": dict(self.window.values),
+            "best": self.best,
+            "last_eval": dict(self.last_eval),
+            "last_train": dict(self.last_train),
+            "log_sizes": self.writer.log_sizes() if self.writer is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a resume state's values; the main process cuts the logs back to their saved length."""
+        self.epoch_sums = Sums(state["epoch_sums"])
+        self.window = Sums(state["window_sums"])
+        self.best = state["best"]
+        self.last_eval = dict(state["last_eval"])
+        self.last_train = dict(state["last_train"])
+        if self.writer is not None:
+            self.writer.truncate_logs(state["log_sizes"])
 
     def start_clocks(self) -> None:
         """Start timing the first window and epoch (wall-clock fields only)."""
         self._window_start = self._epoch_start = time.perf_counter()
 
     def add(self, outcome: StepOutcome, images: int) -> None:
-        """Count one step of this rank (`images` of its images) into the window, the epoch and the skip counts."""
-        if outcome.skipped:
-            self.consecutive_bad += 1
-            self.skipped_total += 1
-        else:
-            self.consecutive_bad = 0
+        """Count one step of this rank (`images` of its images) into the window and the epoch."""
         self.epoch_sums.add(outcome, images)
         self.window.add(outcome, images)
 
@@ -130,7 +133,7 @@ class MetricsLog:
             "accuracy": reduced["accuracy"],
             "lr": lr,
             "images_per_s": reduced["images"] / elapsed if elapsed > 0 else None,  # type: ignore[operator]
-            "skipped_steps": self.skipped_total,
+            "skipped_steps": self.guard.skipped_total,
         }
         if self.writer is not None:
             self.writer.append_metrics(record)
@@ -157,7 +160,7 @@ class MetricsLog:
             "eval_loss": evaluated.get("loss"),
             "eval_accuracy": evaluated.get("accuracy"),
             "lr": lr,
-            "skipped_steps": self.skipped_total,
+            "skipped_steps": self.guard.skipped_total,
             "seconds": round(time.perf_counter() - self._epoch_start, 3),  # wall time of the epoch (this process)
         }
         self._epoch_start = time.perf_counter()
@@ -179,5 +182,5 @@ class MetricsLog:
             "eval_loss": self.last_eval.get("loss"),
             "eval_accuracy": self.last_eval.get("accuracy"),
             "best_accuracy": self.best,
-            "skipped_steps": self.skipped_total,
+            "skipped_steps": self.guard.skipped_total,
         }

@@ -1,20 +1,27 @@
-"""The resume state: one declared schema that is both what is written and what is read back.
+"""The resume state: the composition of the run's stateful components, declared once in `COMPONENTS`.
 
-`ResumeState` lists every field a run needs to continue exactly. Each field (except `step`, which the run
-folder puts into the file names and the JSON itself) carries the codec that stores it: where its tensors
-go in the safetensors file and where its JSON goes in the .json file. `encode` and `decode` walk the same
-list of fields, so a field cannot be written without being read, or read without being written; a field
-declared without a codec fails at import.
+A component is an object of the run with `state_dict()` and `load_state_dict(state)` (the `Stateful`
+idea of torchtitan): the model, the optimiser, the learning-rate schedule, the data position, the process
+RNGs, the guard against non-finite steps, the metrics log and the resolution history each save and
+restore themselves. `COMPONENTS` names them (by their attribute name on the run) and gives each the codec
+that stores its state_dict: where its tensors go in the safetensors file and where its JSON goes in the
+.json file. `capture` and `restore` walk that one list, `ResumeState.encode` and `decode` walk it as well,
+so a component cannot be saved without being restored, or stored without being read back; and
+`check_components` refuses a run whose stateful attributes are not exactly the declared ones.
+
+Adding a component: write it with `state_dict` / `load_state_dict`, make it an attribute of the run, and
+add its name and codec to `COMPONENTS`.
 
 The files are the ones `RunFolder.save_state` / `RunFolder.latest_state` write and read (safetensors +
-JSON, no pickle); the layout is the one used before this schema existed, so earlier states stay readable:
+JSON, no pickle); the layout is the one used before components owned their state, so earlier states stay
+readable and later code can read what this code writes:
 
     tensors  model.<name>                      model state_dict
              optimizer.<param id>.<key>        optimiser state tensors
              rng.torch, rng.cuda.<device>      torch RNG states
-    JSON     optimizer {param_groups, scalars}, rng {python, numpy}, scheduler {total_steps, warmup_steps},
-             data {steps_per_epoch}, epoch_sums, window_sums, best, consecutive_bad, skipped_total,
-             last_eval, last_train, resolution_history, log_sizes
+    JSON     step (written by the run folder), optimizer {param_groups, scalars}, rng {python, numpy},
+             scheduler {total_steps, warmup_steps}, data {steps_per_epoch}, epoch_sums, window_sums, best,
+             consecutive_bad, skipped_total, last_eval, last_train, resolution_history, log_sizes
              (scheduler.step, data.epoch and data.batch are written as functions of the step, for people
              reading the file; they are not read back)
 """
@@ -23,8 +30,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,7 +47,7 @@ class MissingField(KeyError):
     """A resume state file lacks a field of the schema (written by other code)."""
 
 
-class _Codec(Protocol):
+class Codec(Protocol):
     def encode(self, value: Any, tensors: Tensors, info: Info) -> None: ...
 
     def decode(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> Any: ...
@@ -66,7 +73,7 @@ def _identity(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class _Json:
+class Json:
     """A JSON value at `path` in the .json file; `read` turns the parsed JSON back into the field's type."""
 
     path: tuple[str, ...]
@@ -80,7 +87,7 @@ class _Json:
 
 
 @dataclass(frozen=True)
-class _TensorMap:
+class TensorMap:
     """A name -> tensor mapping stored as tensors `<prefix><name>`."""
 
     prefix: str
@@ -97,7 +104,7 @@ class _TensorMap:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     """One tensor under `key`."""
 
     key: str
@@ -112,7 +119,7 @@ class _Tensor:
 
 
 @dataclass(frozen=True)
-class _TensorList:
+class TensorList:
     """A sequence of tensors stored as `<prefix>0`, `<prefix>1`, ... (possibly none)."""
 
     prefix: str
@@ -127,7 +134,7 @@ class _TensorList:
 
 
 @dataclass(frozen=True)
-class _Optimizer:
+class OptimizerState:
     """A torch optimiser state_dict: its tensors as `optimizer.<param id>.<key>`, the rest as JSON."""
 
     prefix: str = "optimizer."
@@ -208,65 +215,153 @@ def _ints(values: Mapping[str, Any]) -> dict[str, int]:
     return {str(k): int(v) for k, v in values.items()}
 
 
-def _stored_as(codec: _Codec | None) -> dict[str, _Codec | None]:
-    """A field's metadata: the codec that writes and reads it."""
-    return {"codec": codec}
+@dataclass(frozen=True)
+class Fields:
+    """A state_dict of named values, each stored by its own codec; its keys must be exactly the declared ones."""
+
+    codecs: Mapping[str, Codec]
+
+    def encode(self, value: Mapping[str, Any], tensors: Tensors, info: Info) -> None:
+        if set(value) != set(self.codecs):
+            raise TypeError(f"a state_dict with keys {sorted(value)} where the layout declares {sorted(self.codecs)}")
+        for key, codec in self.codecs.items():
+            codec.encode(value[key], tensors, info)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: codec.decode(tensors, info) for key, codec in self.codecs.items()}
+
+
+@dataclass(frozen=True)
+class _DataPosition:
+    """The data position {step, steps_per_epoch}: the step is the JSON's "step" (the run folder writes it and
+    names the files after it), the epoch length data.steps_per_epoch; data.epoch, data.batch and
+    scheduler.step are written from them for whoever reads the file, and not read back."""
+
+    def encode(self, value: Mapping[str, Any], tensors: Tensors, info: Info) -> None:
+        step, steps_per_epoch = int(value["step"]), int(value["steps_per_epoch"])
+        _put(info, ("step",), step)
+        _put(info, ("scheduler", "step"), step)
+        _put(info, ("data", "epoch"), step // steps_per_epoch)
+        _put(info, ("data", "batch"), step % steps_per_epoch)
+        _put(info, ("data", "steps_per_epoch"), steps_per_epoch)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
+        return {"step": int(_get(info, ("step",))), "steps_per_epoch": int(_get(info, ("data", "steps_per_epoch")))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The process-wide random number generators
+
+
+class ProcessRng:
+    """The process-wide RNGs (torch, CUDA, random, numpy) as a component of the resume state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state, the CUDA ones (one per GPU; empty unless CUDA was in use), random's, numpy's legacy one."""
+        cuda: tuple[torch.Tensor, ...] = ()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = tuple(torch.cuda.get_rng_state_all())
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        numpy = (str(kind), tuple(int(k) for k in keys), int(pos), int(has_gauss), float(cached))
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(), "numpy": numpy}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put the RNGs back (the CUDA ones only on the same number of GPUs)."""
+        torch.set_rng_state(state["torch"])
+        cuda = state["cuda"]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(list(cuda))
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The composition
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A component of the resume state: it saves and restores itself."""
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+
+# The run's components, by attribute name, with the codec of each one's state_dict: the one list of what
+# a run saves. Restored in this order (the data position and the schedule first: they refuse a state
+# that the run could not continue exactly, before anything else is changed).
+COMPONENTS: dict[str, Codec] = {
+    # Optimiser steps done and the epoch length (checked on resume); the data order follows from them.
+    "position": _DataPosition(),
+    # What the learning-rate schedule was computed from (checked on resume); it is a function of the step.
+    "schedule": Fields(
+        {
+            "total_steps": Json(("scheduler", "total_steps"), int),
+            "warmup_steps": Json(("scheduler", "warmup_steps"), int),
+        }
+    ),
+    # The trained module (the masked-prediction wrapper, for that objective) and the torch optimiser.
+    "model": TensorMap("model."),
+    "optimizer": OptimizerState(),
+    "rng": Fields(
+        {"torch": Tensor("rng.torch"), "cuda": TensorList("rng.cuda."), "python": _PythonRng(), "numpy": _NumpyRng()}
+    ),
+    # Non-finite steps in a row and in all.
+    "guard": Fields(
+        {"consecutive_bad": Json(("consecutive_bad",), int), "skipped_total": Json(("skipped_total",), int)}
+    ),
+    # This rank's sums over the epoch so far and since the last step record, the best epoch score (it decides
+    # best.safetensors), the latest evaluation and epoch record, the byte length of metrics.jsonl and summary.csv.
+    "metrics": Fields(
+        {
+            "epoch_sums": Json(("epoch_sums",), _floats),
+            "window_sums": Json(("window_sums",), _floats),
+            "best": Json(("best",)),
+            "last_eval": Json(("last_eval",), dict),
+            "last_train": Json(("last_train",), dict),
+            "log_sizes": Json(("log_sizes",), _ints),
+        }
+    ),
+    # The model's resolution history (checkpoint metadata).
+    "history": Fields({"resolution_history": Json(("resolution_history",), list)}),
+}
 
 
 @dataclass(frozen=True, eq=False)
 class ResumeState:
-    """Everything a stopped run needs to continue exactly; each field declares how it is stored.
+    """Everything a stopped run needs to continue exactly: the state_dict of each component of `COMPONENTS`.
 
     (`training.runfolder.StoredState` is the raw form of the same files: tensors and JSON as they lie.)
-    The learning-rate schedule is a pure function of the step and bf16 autocast needs no loss scaler, so
-    neither has state of its own; the epoch and the batch within it are functions of the step as well.
+    bf16 autocast needs no loss scaler, so there is no scaler component.
     """
 
-    # Optimiser steps done; the run folder stores it (in the file names and as the JSON's "step").
-    step: int = field(metadata=_stored_as(None))
-    # The trained module's state_dict, and the torch optimiser's state_dict.
-    model: dict[str, torch.Tensor] = field(metadata=_stored_as(_TensorMap("model.")))
-    optimizer: dict[str, Any] = field(metadata=_stored_as(_Optimizer()))
-    # Process-wide RNGs: torch, CUDA (one per GPU; empty unless CUDA was in use), random, numpy.
-    rng_torch: torch.Tensor = field(metadata=_stored_as(_Tensor("rng.torch")))
-    rng_cuda: tuple[torch.Tensor, ...] = field(metadata=_stored_as(_TensorList("rng.cuda.")))
-    rng_python: tuple[Any, ...] = field(metadata=_stored_as(_PythonRng()))
-    rng_numpy: tuple[Any, ...] = field(metadata=_stored_as(_NumpyRng()))
-    # What the schedule and the data order were computed from; checked on resume.
-    total_steps: int = field(metadata=_stored_as(_Json(("scheduler", "total_steps"), int)))
-    warmup_steps: int = field(metadata=_stored_as(_Json(("scheduler", "warmup_steps"), int)))
-    steps_per_epoch: int = field(metadata=_stored_as(_Json(("data", "steps_per_epoch"), int)))
-    # Metrics: this rank's sums over the epoch so far and since the last step record, the best epoch score
-    # (it decides best.safetensors), non-finite steps in a row and in all, the latest evaluation and epoch
-    # record ({} before the first).
-    epoch_sums: dict[str, float] = field(metadata=_stored_as(_Json(("epoch_sums",), _floats)))
-    window_sums: dict[str, float] = field(metadata=_stored_as(_Json(("window_sums",), _floats)))
-    best: float | None = field(metadata=_stored_as(_Json(("best",))))
-    consecutive_bad: int = field(metadata=_stored_as(_Json(("consecutive_bad",), int)))
-    skipped_total: int = field(metadata=_stored_as(_Json(("skipped_total",), int)))
-    last_eval: dict[str, Any] = field(metadata=_stored_as(_Json(("last_eval",), dict)))
-    last_train: dict[str, Any] = field(metadata=_stored_as(_Json(("last_train",), dict)))
-    # The model's resolution history (checkpoint metadata), and the byte length of metrics.jsonl and
-    # summary.csv when the state was saved (a resumed run cuts them back to it).
-    resolution_history: list[dict[str, Any]] = field(metadata=_stored_as(_Json(("resolution_history",), list)))
-    log_sizes: dict[str, int] = field(metadata=_stored_as(_Json(("log_sizes",), _ints)))
+    parts: Mapping[str, Mapping[str, Any]]  # component name -> its state_dict
+
+    def __getitem__(self, component: str) -> Mapping[str, Any]:
+        return self.parts[component]
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps done (the data position's)."""
+        return int(self.parts["position"]["step"])
 
     def encode(self) -> tuple[Tensors, Info]:
-        """The tensors and the JSON object (without "step") of the files."""
+        """The tensors and the JSON object (without "step", which the run folder writes) of the files."""
         tensors: Tensors = {}
         info: Info = {}
-        for name, codec in _CODECS.items():
-            codec.encode(getattr(self, name), tensors, info)
-        # Functions of the step, for whoever reads the file; decode does not read them.
-        _put(info, ("scheduler", "step"), self.step)
-        _put(info, ("data", "epoch"), self.step // self.steps_per_epoch)
-        _put(info, ("data", "batch"), self.step % self.steps_per_epoch)
+        for name, codec in COMPONENTS.items():
+            codec.encode(self.parts[name], tensors, info)
+        info.pop("step")
         return tensors, info
 
     @classmethod
     def decode(cls, step: int, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> ResumeState:
-        """The state from the files' tensors and JSON; MissingField when the schema has a field they lack."""
-        return cls(step=int(step), **{name: codec.decode(tensors, info) for name, codec in _CODECS.items()})
+        """The state from the files' step, tensors and JSON; MissingField when a component's codec finds its
+        part missing."""
+        info = {**info, "step": int(step)}
+        return cls({name: codec.decode(tensors, info) for name, codec in COMPONENTS.items()})
 
     def to_files(self, folder: RunFolder) -> None:
         """Write this state into the run folder (replacing older states)."""
@@ -288,31 +383,25 @@ class ResumeState:
             ) from None
 
 
-_CODECS: dict[str, _Codec] = {f.name: f.metadata.get("codec") for f in fields(ResumeState) if f.name != "step"}
-_UNDECLARED = [name for name, codec in _CODECS.items() if codec is None]
-if _UNDECLARED:
-    raise TypeError(f"ResumeState fields {_UNDECLARED} declare no codec (see _stored_as)")
+def check_components(owner: object) -> None:
+    """Refuse an owner whose stateful attributes are not exactly `COMPONENTS` (a component that would be
+    lost on resume, or a declared one that the owner lacks)."""
+    stateful = {name for name, value in vars(owner).items() if isinstance(value, Stateful)}
+    undeclared, absent = sorted(stateful - COMPONENTS.keys()), sorted(COMPONENTS.keys() - stateful)
+    if undeclared or absent:
+        raise TypeError(
+            f"{type(owner).__name__}'s stateful attributes do not match training.resume.COMPONENTS: "
+            f"not declared {undeclared}, declared but missing {absent}"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------
-# The process-wide random number generators
+def capture(owner: object) -> ResumeState:
+    """The resume state of `owner`: each declared component's state_dict. Its tensors may be the live ones:
+    write it before the next step."""
+    return ResumeState({name: getattr(owner, name).state_dict() for name in COMPONENTS})
 
 
-def rng_states() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[Any, ...], tuple[Any, ...]]:
-    """(torch, cuda, python, numpy) RNG states in the form of the ResumeState fields."""
-    cuda: tuple[torch.Tensor, ...] = ()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = tuple(torch.cuda.get_rng_state_all())
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy = (str(kind), tuple(int(k) for k in keys), int(pos), int(has_gauss), float(cached))
-    return torch.get_rng_state(), cuda, random.getstate(), numpy
-
-
-def set_rng_states(state: ResumeState) -> None:
-    """Put the process-wide RNGs back to the state's (CUDA ones only on the same number of GPUs)."""
-    torch.set_rng_state(state.rng_torch)
-    if state.rng_cuda and torch.cuda.is_available() and len(state.rng_cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(list(state.rng_cuda))
-    random.setstate(state.rng_python)
-    kind, keys, pos, has_gauss, cached = state.rng_numpy
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+def restore(owner: object, state: ResumeState) -> None:
+    """Load each declared component of `owner` from `state`, in the declared order."""
+    for name in COMPONENTS:
+        getattr(owner, name).load_state_dict(state[name])
