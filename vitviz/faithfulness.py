@@ -21,7 +21,8 @@ tensor of a randomised module is replaced by normal draws with that tensor's own
 (sample std; 0 for one element), from one CPU torch.Generator seeded 0, drawn in stage order and, within a stage,
 in ``named_parameters`` order. The patch embedding, position embeddings, prefix tokens and final norms are never
 randomised. After each stage every method's map is recomputed (target classes fixed to the original ones) and
-compared with the original map by Spearman's rank correlation (average ranks for ties), mean over images.
+compared with the original map by Spearman's rank correlation (average ranks for ties), per image and as the
+mean over images.
 Rollout never reads the head, so its first entry is exactly 1; so is every entry of ``random``.
 
 Public API:
@@ -374,10 +375,15 @@ class SanityResult:
     method: str
     randomised: tuple[str, ...]  # ("head", "block L-1", ..., "block 0")
     spearman: tuple[float, ...]  # mean over images after each stage; NaN where a map was constant
+    per_image_spearman: tuple[tuple[float, ...], ...]  # [B][stages]: each image's Spearman after each stage
     maps: torch.Tensor = field(repr=False)  # [stages, B, gh, gw] float64: the maps after each stage
 
     def to_json(self) -> dict[str, Any]:
-        return {"randomised": list(self.randomised), "spearman": [_finite_or_none(v) for v in self.spearman]}
+        return {
+            "randomised": list(self.randomised),
+            "spearman": [_finite_or_none(v) for v in self.spearman],
+            "per_image_spearman": [[_finite_or_none(v) for v in row] for row in self.per_image_spearman],
+        }
 
 
 @dataclass(frozen=True)
@@ -544,11 +550,17 @@ def sanity_check(
     results = {}
     for method, original in original_maps.items():
         correlations = []
+        per_stage = []
         for maps in after[method]:
             values = [spearman(original[i], maps[i]) for i in range(original.shape[0])]
+            per_stage.append(values)
             correlations.append(sum(values) / len(values))
         results[method] = SanityResult(
-            method=method, randomised=tuple(stages), spearman=tuple(correlations), maps=torch.stack(after[method])
+            method=method,
+            randomised=tuple(stages),
+            spearman=tuple(correlations),
+            per_image_spearman=tuple(zip(*per_stage)),
+            maps=torch.stack(after[method]),
         )
     return results
 
