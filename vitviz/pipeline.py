@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.analysis.distance import DISTANCE_MODES, AttentionDistance, DistanceAccumulator
 from vitviz.analysis.filters import components_for_display, filter_pca, filters_applicable, patch_embedding_filters
 from vitviz.analysis.position import position_similarity
@@ -68,6 +69,7 @@ __all__ = [
     "ImageAttention",
     "ImageResults",
     "LogitLensResult",
+    "MapDifferences",
     "ModelCard",
     "NotApplicable",
     "PositionResult",
@@ -84,6 +86,7 @@ __all__ = [
     "gradient_rollout_map",
     "image_analyses",
     "image_attention",
+    "map_differences",
     "model_card",
     "parse_analyses",
     "position",
