@@ -431,6 +431,29 @@ def test_sanity_check_rollout_ignores_the_head() -> None:
         assert sanity["gradient-rollout"].spearman[stage] == pytest.approx(mean, abs=1e-15)
 
 
+def test_sanity_check_keeps_each_images_spearman_and_writes_it() -> None:
+    """Per image and stage, Spearman of the original map with the randomised one (scipy as the reference); the
+    stage means are the means of these; the JSON holds them per image (NaN as null), in image order."""
+    model = _timm("cls")
+    options = FaithfulnessOptions(methods=("gradient-rollout", "attention-last", "random"), steps=2, sanity=True)
+    result = run_faithfulness(model, _noise((32, 32), batch=3), ["x", "y", "z"], options)
+    assert result.sanity is not None
+    document = json.loads(json.dumps(result.to_json({}), allow_nan=False))
+    for name, sanity in result.sanity.items():
+        assert len(sanity.per_image_spearman) == 3 and all(len(row) == 3 for row in sanity.per_image_spearman)
+        for index, row in enumerate(sanity.per_image_spearman):
+            original = result.methods[name].per_image[index].map.numpy().ravel()
+            for stage, value in enumerate(row):
+                want = spearmanr(original, sanity.maps[stage, index].numpy().ravel()).statistic
+                assert value == pytest.approx(want, abs=1e-12)
+        for stage, mean in enumerate(sanity.spearman):
+            assert mean == sum(row[stage] for row in sanity.per_image_spearman) / 3
+        written = document["sanity"][name]["per_image_spearman"]
+        assert written == [[None if math.isnan(v) else v for v in row] for row in sanity.per_image_spearman]
+    assert result.sanity["gradient-rollout"].per_image_spearman[0][0] < 0.99  # the gradients read the head
+    assert result.sanity["random"].per_image_spearman == ((1.0, 1.0, 1.0),) * 3
+
+
 # ---------------------------------------------------------------- the JSON and bad input
 
 
@@ -458,7 +481,11 @@ def test_json_document() -> None:
     )
     assert fixed.to_json({})["protocol"]["target"] == 2
     assert with_sanity.to_json({})["sanity"] == {
-        "random": {"randomised": ["head", "block 1", "block 0"], "spearman": [1.0, 1.0, 1.0]}
+        "random": {
+            "randomised": ["head", "block 1", "block 0"],
+            "spearman": [1.0, 1.0, 1.0],
+            "per_image_spearman": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],  # per image, one value per stage
+        }
     }
 
 

@@ -3,9 +3,10 @@ with object masks the attention-rollout pointing game beside the random-patch ba
 `faithfulness_images` images the deletion and insertion AUCs of rollout, gradient rollout and the random map.
 
 The images go through the same preprocessing the studio uses (`training.data.eval_transform`), the rollout
-is vitviz's own (`vitviz.capture` + `vitviz.analysis.rollout`) and the curves are `vitviz.faithfulness`'s
-`run_faithfulness` with the same options as `python -m vitviz faithfulness`, so the numbers here are the
-ones the app and the CLI give for the same checkpoint and images (on the same device).
+is the registered map method's (`vitviz.methods`: one capture forward gives it and the logits) and the
+curves are `vitviz.faithfulness`'s `run_faithfulness` with the same options as `python -m vitviz
+faithfulness`, so the numbers here are the ones the app and the CLI give for the same checkpoint and images
+(on the same device).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from PIL import Image
 
 from training.data import build_dataset, eval_transform
 from training.distributed import resolve_device
-from vitviz.analysis.rollout import RolloutAccumulator, pointing_game
-from vitviz.capture import capture_attention
+from vitviz.analysis.rollout import pointing_game
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import FaithfulnessOptions, FaithfulnessResult, parse_methods, run_faithfulness
+from vitviz.methods import attention_maps_and_logits
 from vitviz.models import load_model
 from vitviz.tokens import token_layout
 
@@ -90,10 +91,9 @@ def evaluate_checkpoint(
         if wanted > 0:
             kept.append(images[:wanted])
         if with_masks:
-            rollout = RolloutAccumulator(layout)
-            logits = capture_attention(model, images, [rollout])
+            maps, logits = attention_maps_and_logits(model, images, ["rollout"])
             masks = torch.stack([_mask_at(data.mask(i), meta.input_size) for i in indices])  # (B, H, W)
-            game = pointing_game(rollout.result().cpu(), masks, layout.stride)
+            game = pointing_game(maps["rollout"].cpu(), masks, layout.stride)
             hits.append(game.hits)
             chances.append(game.random_chance)
         else:

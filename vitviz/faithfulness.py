@@ -1,15 +1,8 @@
 """Faithfulness of explanation maps: deletion and insertion curves, and the cascading-randomisation sanity check.
 
-Methods (each gives a raw [gh, gw] map per image, larger = more relevant):
-    rollout               attention rollout (vitviz.analysis.rollout, default options: mean fusion, no discard)
-    gradient-rollout      Chefer et al.'s generic rule for the target class
-    attention-last        the last layer's attention, mean over heads: the class token's row over patch columns,
-                          or for a model without a class token the mean of the patch rows over patch columns
-    integrated-gradients  Captum's IntegratedGradients of the target logit, baseline the all-zero normalised image;
-                          |attribution| summed over channels and over each token's stride x stride pixel block
-    occlusion             Captum's Occlusion of the target logit, one window per token (its stride x stride block,
-                          all channels) set to 0; the map is the logit drop of each token's block
-    random                uniform [0, 1) draws from a torch.Generator seeded by the image's index
+Methods: the map methods of vitviz.methods (each gives a raw [gh, gw] map per image, larger = more relevant;
+rollout, gradient-rollout, attention-last, integrated-gradients, occlusion, random and whatever else is
+registered there). This module asks the registry for maps and wires none itself.
 
 Protocol (Petsiuk et al. 2018, written down exactly so that anyone can reproduce it):
     n = gh*gw patch tokens; patch (i, j) covers pixels [i*sh, (i+1)*sh) x [j*sw, (j+1)*sw) (``layout.stride``:
@@ -28,7 +21,8 @@ tensor of a randomised module is replaced by normal draws with that tensor's own
 (sample std; 0 for one element), from one CPU torch.Generator seeded 0, drawn in stage order and, within a stage,
 in ``named_parameters`` order. The patch embedding, position embeddings, prefix tokens and final norms are never
 randomised. After each stage every method's map is recomputed (target classes fixed to the original ones) and
-compared with the original map by Spearman's rank correlation (average ranks for ties), mean over images.
+compared with the original map by Spearman's rank correlation (average ranks for ties), per image and as the
+mean over images.
 Rollout never reads the head, so its first entry is exactly 1; so is every entry of ``random``.
 
 Public API:
@@ -56,10 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitviz.analysis.rollout import RolloutAccumulator, gradient_rollout, patch_grid
-from vitviz.capture import attention_gradients, attention_modules, capture_attention
 from vitviz.errors import VitvizError
-from vitviz.tokens import TokenLayout, token_layout
+from vitviz.methods import LastLayerAttention, MapSettings, default_method_names, get_method, method_names
+from vitviz.models import any_training, model_device
+from vitviz.tokens import token_layout
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +67,7 @@ __all__ = [
     "FaithfulnessOptions",
     "FaithfulnessResult",
     "ImageCurves",
-    "LastLayerAttention",
+    "LastLayerAttention",  # re-exported from vitviz.methods
     "MethodResult",
     "SanityResult",
     "cascading_randomisation",
@@ -92,8 +86,9 @@ __all__ = [
     "step_counts",
 ]
 
-METHODS = ("rollout", "gradient-rollout", "attention-last", "integrated-gradients", "occlusion", "random")
-DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "integrated-gradients", "random")
+# Snapshots of the registry (vitviz.methods) when this module is imported; parse_methods reads it live.
+METHODS = method_names()
+DEFAULT_METHODS = default_method_names()
 BASELINE = "normalised-zero"  # what deleted patches become and insertion starts from: 0 after normalisation
 MAX_DEFAULT_STEPS = 50
 SANITY_SEED = 0
@@ -102,12 +97,13 @@ SANITY_SEED = 0
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
     """A comma-separated method list (or a sequence of names), checked; None gives DEFAULT_METHODS."""
     if text is None:
-        return list(DEFAULT_METHODS)
+        return list(default_method_names())
     raw = text.split(",") if isinstance(text, str) else list(text)
     names = [name.strip() for name in raw if name.strip()]
-    unknown = [name for name in names if name not in METHODS]
+    known = method_names()
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise VitvizError(f"unknown method {', '.join(unknown) or repr(text)}: choose from {','.join(METHODS)}")
+        raise VitvizError(f"unknown method {', '.join(unknown) or repr(text)}: choose from {','.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -231,90 +227,6 @@ def curve_auc(curve: torch.Tensor | np.ndarray | Sequence[float]) -> float:
 # ---------------------------------------------------------------- maps
 
 
-class LastLayerAttention:
-    """Consumer for vitviz.capture: the last layer's attention, mean over heads, read out over the patch grid.
-
-    Class-token models: row 0 over patch columns; others: the mean of the patch rows over patch columns.
-    Several forwards concatenate over images.
-    """
-
-    def __init__(self, layout: TokenLayout, last_layer: int) -> None:
-        self.layout = layout
-        self.last_layer = last_layer
-        self._maps: list[torch.Tensor] = []
-
-    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
-        if layer_index != self.last_layer:
-            return
-        prefix = self.layout.num_prefix_tokens
-        if self.layout.has_class_token:
-            rows = attn[:, :, 0, :].to(torch.float64).mean(dim=1)  # (B, N)
-            self._maps.append(patch_grid(rows, self.layout))
-        else:
-            patches = attn[:, :, prefix:, prefix:].to(torch.float64).mean(dim=1).mean(dim=1)  # (B, n)
-            self._maps.append(patches.reshape(attn.shape[0], *self.layout.grid))
-
-    def result(self) -> torch.Tensor:
-        """[B, gh, gw] float64 for every image consumed so far."""
-        if not self._maps:
-            raise ValueError("no attention of the last layer was consumed")
-        return torch.cat(self._maps)
-
-
-def _block_sum(pixels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """[B, H, W] -> [B, gh, gw]: the sum over each token's stride x stride block (pixels off the grid dropped)."""
-    gh, gw = layout.grid
-    sh, sw = layout.stride
-    inside = pixels[:, : gh * sh, : gw * sw]
-    return inside.reshape(pixels.shape[0], gh, sh, gw, sw).sum(dim=(2, 4))
-
-
-def _integrated_gradients(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layout: TokenLayout, n_steps: int, batch: int
-) -> torch.Tensor:
-    from captum.attr import IntegratedGradients
-
-    with torch.inference_mode(False), torch.enable_grad():
-        inputs = images.detach().clone()  # a normal tensor even if the caller's came from inference mode
-        attributions = IntegratedGradients(model).attribute(
-            inputs,
-            baselines=torch.zeros_like(inputs),
-            target=targets.tolist(),
-            n_steps=n_steps,
-            internal_batch_size=batch,
-        )
-    return _block_sum(attributions.detach().abs().sum(dim=1).to(torch.float64), layout)
-
-
-def _occlusion(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layout: TokenLayout, batch: int
-) -> torch.Tensor:
-    from captum.attr import Occlusion
-
-    channels = images.shape[1]
-    sh, sw = layout.stride
-    gh, gw = layout.grid
-    with torch.inference_mode(False), torch.no_grad():
-        attributions = Occlusion(model).attribute(
-            images.detach().clone(),
-            sliding_window_shapes=(channels, sh, sw),
-            strides=(channels, sh, sw),
-            baselines=0.0,
-            target=targets.tolist(),
-            perturbations_per_eval=batch,
-        )
-    # Each window covers one token's block in every channel, so all its pixels hold the same drop.
-    return attributions[:, 0, : gh * sh : sh, : gw * sw : sw].to(torch.float64)
-
-
-def _random_maps(layout: TokenLayout, indices: Sequence[int]) -> torch.Tensor:
-    maps = [
-        torch.rand(layout.grid, generator=torch.Generator().manual_seed(int(index)), dtype=torch.float64)
-        for index in indices
-    ]
-    return torch.stack(maps)
-
-
 def explanation_maps(
     model: nn.Module,
     images: torch.Tensor,
@@ -328,36 +240,17 @@ def explanation_maps(
     """Raw maps [B, gh, gw] float64 (on the CPU) of one method for preprocessed images [B, C, H, W].
 
     Args:
-        targets: [B] long, the class each image is explained for (unused by rollout, attention-last, random).
-        image_indices: the seeds of ``random``, one per image; default 0..B-1.
+        targets: [B] long, the class each image is explained for (unused by methods that read no logits).
+        image_indices: the seeds of seeded methods (``random``), one per image; default 0..B-1.
     """
     (method,) = parse_methods([method])
-    layout = token_layout(model)
-    indices = list(range(images.shape[0])) if image_indices is None else list(image_indices)
-    if len(indices) != images.shape[0] or targets.shape[0] != images.shape[0]:
-        raise ValueError(f"need one index and one target per image: {images.shape[0]} images")
-    if method == "random":
-        return _random_maps(layout, indices)
-    maps = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start : start + batch_size]
-        chosen = targets[start : start + batch_size].to(batch.device)
-        if method == "rollout":
-            rollout = RolloutAccumulator(layout)
-            capture_attention(model, batch, rollout, with_logits=False)
-            maps.append(rollout.result())
-        elif method == "attention-last":
-            last = LastLayerAttention(layout, len(attention_modules(model)) - 1)
-            capture_attention(model, batch, last, with_logits=False)
-            maps.append(last.result())
-        elif method == "gradient-rollout":
-            grads = attention_gradients(model, batch, chosen)
-            maps.append(gradient_rollout(grads.attentions, grads.gradients, layout))
-        elif method == "integrated-gradients":
-            maps.append(_integrated_gradients(model, batch, chosen, layout, ig_steps, batch_size))
-        else:  # occlusion
-            maps.append(_occlusion(model, batch, chosen, layout, batch_size))
-    return torch.cat(maps).to(torch.float64).cpu()
+    return get_method(method).maps(
+        model,
+        images,
+        targets,
+        image_indices=image_indices,
+        options=MapSettings(batch_size=batch_size, ig_steps=ig_steps),
+    )
 
 
 # ---------------------------------------------------------------- sanity check
@@ -482,10 +375,15 @@ class SanityResult:
     method: str
     randomised: tuple[str, ...]  # ("head", "block L-1", ..., "block 0")
     spearman: tuple[float, ...]  # mean over images after each stage; NaN where a map was constant
+    per_image_spearman: tuple[tuple[float, ...], ...]  # [B][stages]: each image's Spearman after each stage
     maps: torch.Tensor = field(repr=False)  # [stages, B, gh, gw] float64: the maps after each stage
 
     def to_json(self) -> dict[str, Any]:
-        return {"randomised": list(self.randomised), "spearman": [_finite_or_none(v) for v in self.spearman]}
+        return {
+            "randomised": list(self.randomised),
+            "spearman": [_finite_or_none(v) for v in self.spearman],
+            "per_image_spearman": [[_finite_or_none(v) for v in row] for row in self.per_image_spearman],
+        }
 
 
 @dataclass(frozen=True)
@@ -554,7 +452,7 @@ def run_faithfulness(
         raise VitvizError("faithfulness needs at least one image")
     if len(names) != images.shape[0]:
         raise ValueError(f"{len(names)} names for {images.shape[0]} images")
-    if _any_training(model):
+    if any_training(model):
         raise ValueError("faithfulness needs model.eval()")
     layout = token_layout(model)
     num_patches = layout.num_patches
@@ -652,17 +550,19 @@ def sanity_check(
     results = {}
     for method, original in original_maps.items():
         correlations = []
+        per_stage = []
         for maps in after[method]:
             values = [spearman(original[i], maps[i]) for i in range(original.shape[0])]
+            per_stage.append(values)
             correlations.append(sum(values) / len(values))
         results[method] = SanityResult(
-            method=method, randomised=tuple(stages), spearman=tuple(correlations), maps=torch.stack(after[method])
+            method=method,
+            randomised=tuple(stages),
+            spearman=tuple(correlations),
+            per_image_spearman=tuple(zip(*per_stage)),
+            maps=torch.stack(after[method]),
         )
     return results
-
-
-def _any_training(model: nn.Module) -> bool:
-    return any(module.training for module in model.modules())
 
 
 # ---------------------------------------------------------------- a data set, streamed
@@ -736,11 +636,6 @@ class DatasetFaithfulnessResult:
         }
 
 
-def _parameter_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def dataset_faithfulness(
     model: nn.Module,
     batches: Any,
@@ -770,11 +665,11 @@ def dataset_faithfulness(
     options = options or FaithfulnessOptions()
     if options.sanity:
         raise VitvizError("--sanity keeps every map of every randomisation stage: run it on --images, not --dataset")
-    if _any_training(model):
+    if any_training(model):
         raise ValueError("faithfulness needs model.eval()")
     layout = token_layout(model)
     steps = default_steps(layout.num_patches) if options.steps is None else options.steps
-    device = _parameter_device(model)
+    device = model_device(model)
     records: list[dict[str, Any]] = []
     for batch in batches:
         if hasattr(batch, "images"):

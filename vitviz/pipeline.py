@@ -21,7 +21,7 @@ from torch import nn
 
 from vitviz import analyses as registry
 from vitviz.analyses import AnalysisOptions, NotApplicable
-from vitviz.analyses.base import images_batch, model_device
+from vitviz.analyses.base import images_batch
 from vitviz.analyses.distance import DISTANCE_MODES, DistanceResult
 from vitviz.analyses.features import FeaturesResult
 from vitviz.analyses.filters import FilterResult, filters, scaled_for_display
@@ -37,10 +37,11 @@ from vitviz.analyses.position import (
 )
 from vitviz.analyses.rollout import HEAD_FUSIONS, TOP_K, Prediction, RolloutResult, TopK, top_k
 from vitviz.analyses.tokens import TokensResult
+from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.analysis.tokens import block_outputs
 from vitviz.capture import QueryAttention, attention_modules, capture_attention, unreadable_reason
 from vitviz.errors import VitvizError
-from vitviz.models import LoadedModel, count_parameters
+from vitviz.models import LoadedModel, count_parameters, model_device
 from vitviz.tokens import TokenLayout, token_layout
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ __all__ = [
     "ImageAttention",
     "ImageResults",
     "LogitLensResult",
+    "MapDifferences",
     "ModelCard",
     "NotApplicable",
     "PositionResult",
@@ -84,6 +86,7 @@ __all__ = [
     "has_class_logits",
     "image_analyses",
     "image_attention",
+    "map_differences",
     "model_card",
     "parse_analyses",
     "position",

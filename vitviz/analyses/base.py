@@ -155,11 +155,3 @@ def images_batch(images: Any, start: int, stop: int) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[start:stop]
     return torch.stack([images[index] for index in range(start, stop)])
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
-    import torch
-
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

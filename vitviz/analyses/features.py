@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, Stream, StreamContext, images_batch, model_device
+from vitviz.analyses.base import Analysis, FigureContext, Figures, Stream, StreamContext, images_batch
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class _FeaturesStream(Stream):
         import torch
 
         from vitviz.analysis.tokens import FeatureProjections, block_outputs
+        from vitviz.models import model_device
 
         context, moments = self.context, self.moments
         images, batch_size, model = context.images, context.options.batch_size, context.model

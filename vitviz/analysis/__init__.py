@@ -4,6 +4,7 @@ Definitions follow docs/design.md ("Analyses: definitions") exactly; each module
 Streaming accumulators (RolloutAccumulator, DistanceAccumulator) are consumers for vitviz.capture.
 """
 
+from vitviz.analysis.differences import Difference, MapDifferences, map_differences, resample_bilinear
 from vitviz.analysis.distance import (
     DISTANCE_MODES,
     AttentionDistance,
@@ -33,8 +34,10 @@ __all__ = [
     "DISTANCE_MODES",
     "HEAD_FUSIONS",
     "AttentionDistance",
+    "Difference",
     "DistanceAccumulator",
     "FilterPCA",
+    "MapDifferences",
     "PointingGame",
     "RolloutAccumulator",
     "attention_rollout",
@@ -42,10 +45,12 @@ __all__ = [
     "filter_pca",
     "filters_applicable",
     "gradient_rollout",
+    "map_differences",
     "mean_attention_distance",
     "patch_embedding_filters",
     "patch_grid",
     "pointing_game",
     "position_similarity",
     "query_attention_distance",
+    "resample_bilinear",
 ]

@@ -16,6 +16,7 @@ from vitviz.models.factory import build_model, build_timm_model, count_parameter
 from vitviz.models.hf import HF_PREFIX, HFVisionTransformer, load_hf
 from vitviz.models.meta import FORMAT_VERSION, ModelMeta
 from vitviz.models.posembed import patch_position_embeddings, resample_input_size, sincos_pos_embed
+from vitviz.models.runtime import any_training, model_device
 from vitviz.models.sources import load_model, run_checkpoint, timm_meta
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LoadedModel",
     "ModelMeta",
     "ViTConfig",
+    "any_training",
     "build_model",
     "build_timm_model",
     "count_parameters",
@@ -33,6 +35,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "load_state_dict_checked",
+    "model_device",
     "model_from_meta",
     "patch_position_embeddings",
     "pretrain_head",

@@ -274,6 +274,7 @@ def _faithfulness_arrays(result: FaithfulnessResult) -> dict[str, np.ndarray]:
         arrays["sanity.randomised"] = np.asarray(list(first.randomised))
         for index, sanity in enumerate(result.sanity.values()):
             arrays[f"s{index}.spearman"] = np.asarray(sanity.spearman, dtype=np.float64)
+            arrays[f"s{index}.per_image_spearman"] = np.asarray(sanity.per_image_spearman, dtype=np.float64)
             arrays[f"s{index}.maps"] = sanity.maps.numpy()
     return arrays
 
@@ -313,6 +314,9 @@ def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[
                 method=str(method),
                 randomised=randomised,
                 spearman=tuple(float(v) for v in arrays[f"s{index}.spearman"]),
+                per_image_spearman=tuple(
+                    tuple(float(v) for v in row) for row in np.asarray(arrays[f"s{index}.per_image_spearman"])
+                ),
                 maps=torch.from_numpy(np.asarray(arrays[f"s{index}.maps"]).copy()),
             )
             for index, method in enumerate(arrays["sanity.methods"])

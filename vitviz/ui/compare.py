@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
-from PIL import Image
 
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult
 from vitviz.models import LoadedModel
-from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, top_k
+from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, map_differences, top_k
 from vitviz.plots import faithfulness as faithfulness_plots
 from vitviz.plots import interactive, paper, scale_by_max
 from vitviz.ui import cached, catalog, exports, keys, widgets
@@ -305,44 +304,21 @@ def _position(models: list[Compared], figures: dict, arrays: dict, *, shown: boo
     _differences(similarities, "position similarity", figures, arrays, key="position", shown=shown)
 
 
-def _resampled(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """A [gh, gw] map, or a [gh, gw, gh, gw] table on both of its grids, resampled bilinearly to `grid`."""
-
-    def resize(plane: np.ndarray) -> np.ndarray:
-        picture = Image.fromarray(np.asarray(plane, dtype=np.float32), mode="F")
-        return np.asarray(picture.resize((grid[1], grid[0]), Image.Resampling.BILINEAR), dtype=np.float64)
-
-    if values.ndim == 2:
-        return resize(values)
-    gh, gw = values.shape[:2]
-    keys_done = np.stack([[resize(values[r, c]) for c in range(gw)] for r in range(gh)])  # [gh, gw, GH, GW]
-    moved = keys_done.transpose(2, 3, 0, 1)  # [GH, GW, gh, gw]
-    queries_done = np.stack([[resize(moved[i, j]) for j in range(grid[1])] for i in range(grid[0])])
-    return queries_done.transpose(2, 3, 0, 1)
-
-
 def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: dict, *, key: str, shown: bool) -> None:
-    """Each model minus the reference (the first with a map), on one shared scale; a model whose patch grid
-    differs is first resampled (bilinear) to the reference's grid, and the page says so."""
-    if len(maps) < 2:
+    """Draws `vitviz.pipeline.map_differences`: each model minus the reference (the first with a map), on one
+    shared scale; a model whose patch grid differs was resampled (bilinear) to the reference's grid, and the page
+    says so."""
+    found = map_differences(maps)
+    if found is None:
         return
-    reference_name, reference = next(iter(maps.items()))
-    grid = reference.shape[:2]
-    pairs: dict[str, np.ndarray] = {}
-    notes = []
-    for name, values in maps.items():
-        if name == reference_name:
-            continue
-        if values.shape != reference.shape:
-            notes.append(f"{name} resampled from {values.shape[0]}×{values.shape[1]} to {grid[0]}×{grid[1]}")
-            values = _resampled(values, grid)
-        pairs[name] = values - reference
+    reference_name, grid, limit = found.reference, found.grid, found.limit
+    pairs = {name: difference.values for name, difference in found.differences.items()}
+    notes = [f"{name} resampled from {gh}×{gw} to {grid[0]}×{grid[1]}" for name, (gh, gw) in found.resampled.items()]
     st.markdown(f"##### Differences in {what}: each model − {reference_name}")
     if notes:
         st.caption(
             f"The patch grids differ: {'; '.join(notes)} (bilinear) to match {reference_name} before subtracting."
         )
-    limit = max(float(np.nanmax(np.abs(d))) for d in pairs.values()) or 1e-12
     st.caption(f"Shared scale −{limit:.3g} … {limit:.3g}; red: higher than {reference_name}, blue: lower.")
     for column, (name, difference) in zip(_columns_for(len(pairs)), pairs.items()):
         with column:

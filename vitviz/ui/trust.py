@@ -15,7 +15,8 @@ import numpy as np
 import streamlit as st
 
 from vitviz.errors import VitvizError
-from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult, default_steps, spearman
+from vitviz.faithfulness import FaithfulnessOptions, FaithfulnessResult, default_steps
+from vitviz.methods import get_method, method_names
 from vitviz.models import LoadedModel
 from vitviz.plots import faithfulness as faithfulness_plots
 from vitviz.plots import interactive
@@ -28,16 +29,6 @@ PAGE_DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "random
 COSTLY = {
     "integrated-gradients": "integrated gradients runs {ig} forward and backward passes per image",
     "occlusion": "occlusion runs one forward per patch ({n} here) per image",
-}
-METHOD_HELP = {
-    "rollout": "Attention rollout (Abnar & Zuidema 2020): every layer's attention, mean over heads, multiplied.",
-    "gradient-rollout": "Chefer et al. 2021: attention weighted by its gradient for the target class.",
-    "attention-last": "The last layer's attention of the class token (or the mean patch row), mean over heads.",
-    "integrated-gradients": "Captum's integrated gradients of the target logit from the all-zero normalised image "
-    "(slow: 50 forward and backward passes per image).",
-    "occlusion": "Captum's occlusion: the target logit's drop when each patch is set to 0 (slow: one forward per "
-    "patch per image).",
-    "random": "A uniform random map: the baseline every method should beat.",
 }
 PREDICTED = -1  # the target selectbox's entry for "each image's predicted class"
 DEFAULT_IMAGES = 4
@@ -64,10 +55,10 @@ def render() -> None:
 
     methods = st.multiselect(
         "Methods",
-        METHODS,
+        method_names(),
         default=list(PAGE_DEFAULT_METHODS),
         key="trust.methods",
-        help=" ".join(f"{name}: {text}" for name, text in METHOD_HELP.items()),
+        help=" ".join(f"{name}: {get_method(name).description}" for name in method_names()),
     )
     steps_col, target_col, sanity_col = st.columns([2, 3, 2], vertical_alignment="bottom")
     steps = int(
@@ -315,7 +306,7 @@ def _sanity(result: FaithfulnessResult, names: Sequence[str]) -> int:
         for stage_index, cell in enumerate(cells[2:]):
             after = sanity.maps[stage_index, which]
             cell.image(map_picture(None, after.numpy(), cmap=COLOUR_MAP, side=96), width="stretch")
-            rho = spearman(result.methods[name].per_image[which].map, after)
+            rho = sanity.per_image_spearman[which][stage_index]
             cell.caption("ρ n/a" if not np.isfinite(rho) else f"ρ = {rho:.2f}")
     st.caption(
         f"Each method's map of {widgets.plain(names[which])} after each stage, left to right: more of the model "
@@ -362,10 +353,7 @@ def _downloads(
             {n: m.per_image[strip].map.numpy() for n, m in result.methods.items()},
             {n: s.maps[:, strip].numpy() for n, s in sanity.items()},
             stages,
-            spearman={
-                n: [spearman(result.methods[n].per_image[strip].map, after) for after in s.maps[:, strip]]
-                for n, s in sanity.items()
-            },
+            spearman={n: list(s.per_image_spearman[strip]) for n, s in sanity.items()},
             title=f"Maps of {names[strip]} after cascading randomisation",
             cmap=COLOUR_MAP,
         )

@@ -1,0 +1,403 @@
+"""Map methods: every way vitviz turns a model and an image into a relevance map [gh, gw], declared once.
+
+A method is one decorated function::
+
+    @register_method("rollout", label="Rollout", kind=ATTENTION, needs_attention=True,
+                     description="Attention rollout ...", streams_attention=True)
+    def _rollout(model, layout): return RolloutAccumulator(layout)
+
+Its name is the ``--methods`` spelling; ``label`` is the short name for tables; ``kind`` one of KINDS;
+``needs_attention`` (capture must read every block) and ``needs_logits`` (a classifier head) decide
+``not_applicable``; ``default`` puts it in DEFAULT_METHODS. The function takes a MapBatch (one batch of at most
+``batch_size`` preprocessed images, their target classes, the seeds of seeded methods, the token layout and the
+options) and returns [b, gh, gw], larger = more relevant. With ``streams_attention=True`` it instead takes
+(model, layout) and returns a vitviz.capture consumer whose ``result()`` is [B, gh, gw]: the registry runs the
+capture, and several such methods can share one forward (``attention_maps_and_logits``).
+
+Options are read from any object with the attributes a method needs (vitviz.faithfulness.FaithfulnessOptions
+has them all); MapSettings holds the defaults: ``batch_size`` (images per forward, Captum's internal batch and
+occlusion's perturbations per forward) and ``ig_steps`` (integrated gradients' n_steps).
+
+Registered here (the numbers of docs/design.md, "Faithfulness and the Trust page"):
+    rollout               attention rollout (vitviz.analysis.rollout, default options: mean fusion, no discard)
+    gradient-rollout      Chefer et al.'s generic rule for the target class
+    attention-last        the last layer's attention, mean over heads: the class token's row over patch columns,
+                          or for a model without a class token the mean of the patch rows over patch columns
+    integrated-gradients  Captum's IntegratedGradients of the target logit, baseline the all-zero normalised image;
+                          |attribution| summed over channels and over each token's stride x stride pixel block
+    occlusion             Captum's Occlusion of the target logit, one window per token (its stride x stride block,
+                          all channels) set to 0; the map is the logit drop of each token's block
+    random                uniform [0, 1) draws from a torch.Generator seeded by the image's index
+
+Public API:
+    register_method(name, ...) -> decorator; unregister_method(name)
+    get_method(name) -> MapMethod (unknown: a one-line VitvizError listing the names)
+    method_names() -> names in registration order; default_method_names()
+    MapMethod.maps(model, images, targets, *, image_indices, options) -> [B, gh, gw] float64 on the CPU
+    MapMethod.not_applicable(loaded_or_model) -> None or a one-line reason
+    attention_maps_and_logits(model, images, names) -> ({name: [B, gh, gw]}, logits): one capture forward
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vitviz.analysis.rollout import RolloutAccumulator, gradient_rollout, patch_grid
+from vitviz.capture import (
+    AttentionConsumer,
+    attention_gradients,
+    attention_modules,
+    capture_attention,
+    unreadable_reason,
+)
+from vitviz.errors import VitvizError
+from vitviz.tokens import TokenLayout, token_layout
+
+__all__ = [
+    "ATTENTION",
+    "BASELINE",
+    "GRADIENT",
+    "KINDS",
+    "PERTURBATION",
+    "LastLayerAttention",
+    "MapBatch",
+    "MapMethod",
+    "MapOptions",
+    "MapSettings",
+    "attention_maps_and_logits",
+    "default_method_names",
+    "get_method",
+    "method_names",
+    "register_method",
+    "unregister_method",
+]
+
+ATTENTION = "attention-based"
+GRADIENT = "gradient"
+PERTURBATION = "perturbation"
+BASELINE = "baseline"
+KINDS = (ATTENTION, GRADIENT, PERTURBATION, BASELINE)
+
+
+class MapOptions(Protocol):
+    """What the registered methods read; FaithfulnessOptions and MapSettings both have it."""
+
+    batch_size: int
+    ig_steps: int
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """The options' defaults, for callers that have no FaithfulnessOptions."""
+
+    batch_size: int = 64
+    ig_steps: int = 50
+
+
+@dataclass(frozen=True)
+class MapBatch:
+    """One batch handed to a method's function."""
+
+    model: nn.Module
+    images: torch.Tensor  # [b, C, H, W] preprocessed, on the model's device
+    targets: torch.Tensor  # [b] long, on the images' device: the class each image is explained for
+    indices: tuple[int, ...]  # the images' seeds (their positions in the whole set)
+    layout: TokenLayout
+    options: Any  # a MapOptions; a method may read further attributes with getattr and a default
+
+
+@dataclass(frozen=True)
+class MapMethod:
+    """One registered method; see the module docstring for the fields."""
+
+    name: str
+    label: str
+    kind: str
+    description: str
+    needs_attention: bool
+    needs_logits: bool
+    default: bool
+    streams_attention: bool
+    function: Callable[..., Any]
+
+    def not_applicable(self, model: Any) -> str | None:
+        """None when the method can explain ``model`` (an nn.Module or a LoadedModel), else a one-line reason."""
+        module = model if isinstance(model, nn.Module) else model.model
+        if self.needs_attention:
+            reason = unreadable_reason(module)
+            if reason is not None:
+                return reason
+        if self.needs_logits and not int(getattr(module, "num_classes", 0) or 0):
+            return f"{type(module).__name__} has no classifier head: {self.name} explains a class logit"
+        return None
+
+    def consumer(self, model: nn.Module, layout: TokenLayout) -> AttentionConsumer:
+        """A fresh capture consumer (methods registered with streams_attention only)."""
+        if not self.streams_attention:
+            raise ValueError(f"{self.name} does not stream attention")
+        return self.function(model, layout)
+
+    def maps(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        image_indices: Sequence[int] | None = None,
+        options: Any = None,
+    ) -> torch.Tensor:
+        """Raw maps [B, gh, gw] float64 (on the CPU) of preprocessed images [B, C, H, W], ``batch_size`` at a time.
+
+        Args:
+            targets: [B] long, the class each image is explained for (unused by methods that read no logits).
+            image_indices: the seeds of seeded methods (random), one per image; default 0..B-1.
+            options: a MapOptions; default MapSettings().
+        """
+        options = MapSettings() if options is None else options
+        layout = token_layout(model)
+        indices = list(range(images.shape[0])) if image_indices is None else [int(i) for i in image_indices]
+        if len(indices) != images.shape[0] or targets.shape[0] != images.shape[0]:
+            raise ValueError(f"need one index and one target per image: {images.shape[0]} images")
+        if self.needs_attention:
+            reason = unreadable_reason(model)
+            if reason is not None:
+                raise VitvizError(reason)
+        maps = []
+        size = options.batch_size
+        for start in range(0, images.shape[0], size):
+            batch = images[start : start + size]
+            if self.streams_attention:
+                consumer = self.consumer(model, layout)
+                capture_attention(model, batch, consumer, with_logits=False)
+                maps.append(consumer.result())
+                continue
+            chosen = targets[start : start + size].to(batch.device)
+            part = MapBatch(model, batch, chosen, tuple(indices[start : start + size]), layout, options)
+            maps.append(self.function(part))
+        return torch.cat(maps).to(torch.float64).cpu()
+
+
+_REGISTRY: dict[str, MapMethod] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    label: str,
+    kind: str,
+    description: str,
+    needs_attention: bool = False,
+    needs_logits: bool = False,
+    default: bool = True,
+    streams_attention: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a map method; the decorated function is returned unchanged."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not name or "," in name or name != name.strip():
+        raise ValueError(f"a method name must be a non-empty --methods spelling without commas: {name!r}")
+    if streams_attention and not needs_attention:
+        raise ValueError(f"{name} streams attention, so it needs readable attention")
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"a map method named {name} is already registered")
+        _REGISTRY[name] = MapMethod(
+            name=name,
+            label=label,
+            kind=kind,
+            description=description,
+            needs_attention=needs_attention,
+            needs_logits=needs_logits,
+            default=default,
+            streams_attention=streams_attention,
+            function=function,
+        )
+        return function
+
+    return decorate
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (a plug-in's or a test's); unknown names are an error."""
+    get_method(name)
+    del _REGISTRY[name]
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order (the --methods choices)."""
+    return tuple(_REGISTRY)
+
+
+def default_method_names() -> tuple[str, ...]:
+    """The methods run when none are named."""
+    return tuple(name for name, method in _REGISTRY.items() if method.default)
+
+
+def get_method(name: str) -> MapMethod:
+    """The method registered as ``name``; otherwise a one-line VitvizError listing the names."""
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise VitvizError(f"unknown method {name}: choose from {','.join(_REGISTRY)}")
+    return method
+
+
+def attention_maps_and_logits(
+    model: nn.Module, images: torch.Tensor, names: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The maps [B, gh, gw] of attention-streaming methods and the logits [B, classes], from one capture forward
+    of the whole batch (the maps are the consumers' results, on the images' device)."""
+    methods = [get_method(name) for name in names]
+    layout = token_layout(model)
+    consumers = {method.name: method.consumer(model, layout) for method in methods}
+    logits = capture_attention(model, images, list(consumers.values()))
+    assert logits is not None
+    return {name: consumer.result() for name, consumer in consumers.items()}, logits
+
+
+# ---------------------------------------------------------------- the registered methods
+
+
+class LastLayerAttention:
+    """Consumer for vitviz.capture: the last layer's attention, mean over heads, read out over the patch grid.
+
+    Class-token models: row 0 over patch columns; others: the mean of the patch rows over patch columns.
+    Several forwards concatenate over images.
+    """
+
+    def __init__(self, layout: TokenLayout, last_layer: int) -> None:
+        self.layout = layout
+        self.last_layer = last_layer
+        self._maps: list[torch.Tensor] = []
+
+    def consume(self, layer_index: int, attn: torch.Tensor) -> None:
+        if layer_index != self.last_layer:
+            return
+        prefix = self.layout.num_prefix_tokens
+        if self.layout.has_class_token:
+            rows = attn[:, :, 0, :].to(torch.float64).mean(dim=1)  # (B, N)
+            self._maps.append(patch_grid(rows, self.layout))
+        else:
+            patches = attn[:, :, prefix:, prefix:].to(torch.float64).mean(dim=1).mean(dim=1)  # (B, n)
+            self._maps.append(patches.reshape(attn.shape[0], *self.layout.grid))
+
+    def result(self) -> torch.Tensor:
+        """[B, gh, gw] float64 for every image consumed so far."""
+        if not self._maps:
+            raise ValueError("no attention of the last layer was consumed")
+        return torch.cat(self._maps)
+
+
+@register_method(
+    "rollout",
+    label="Rollout",
+    kind=ATTENTION,
+    description="Attention rollout (Abnar & Zuidema 2020): every layer's attention, mean over heads, multiplied.",
+    needs_attention=True,
+    streams_attention=True,
+)
+def _rollout(model: nn.Module, layout: TokenLayout) -> AttentionConsumer:
+    return RolloutAccumulator(layout)
+
+
+@register_method(
+    "gradient-rollout",
+    label="Gradient rollout",
+    kind=GRADIENT,
+    description="Chefer et al. 2021: attention weighted by its gradient for the target class.",
+    needs_attention=True,
+    needs_logits=True,
+)
+def _gradient_rollout(batch: MapBatch) -> torch.Tensor:
+    grads = attention_gradients(batch.model, batch.images, batch.targets)
+    return gradient_rollout(grads.attentions, grads.gradients, batch.layout)
+
+
+@register_method(
+    "attention-last",
+    label="Last-layer attention",
+    kind=ATTENTION,
+    description="The last layer's attention of the class token (or the mean patch row), mean over heads.",
+    needs_attention=True,
+    streams_attention=True,
+)
+def _attention_last(model: nn.Module, layout: TokenLayout) -> AttentionConsumer:
+    return LastLayerAttention(layout, len(attention_modules(model)) - 1)
+
+
+def _block_sum(pixels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """[B, H, W] -> [B, gh, gw]: the sum over each token's stride x stride block (pixels off the grid dropped)."""
+    gh, gw = layout.grid
+    sh, sw = layout.stride
+    inside = pixels[:, : gh * sh, : gw * sw]
+    return inside.reshape(pixels.shape[0], gh, sh, gw, sw).sum(dim=(2, 4))
+
+
+@register_method(
+    "integrated-gradients",
+    label="Integrated gradients",
+    kind=GRADIENT,
+    description="Captum's integrated gradients of the target logit from the all-zero normalised image "
+    "(slow: 50 forward and backward passes per image).",
+    needs_logits=True,
+)
+def _integrated_gradients(batch: MapBatch) -> torch.Tensor:
+    from captum.attr import IntegratedGradients
+
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = batch.images.detach().clone()  # a normal tensor even if the caller's came from inference mode
+        attributions = IntegratedGradients(batch.model).attribute(
+            inputs,
+            baselines=torch.zeros_like(inputs),
+            target=batch.targets.tolist(),
+            n_steps=batch.options.ig_steps,
+            internal_batch_size=batch.options.batch_size,
+        )
+    return _block_sum(attributions.detach().abs().sum(dim=1).to(torch.float64), batch.layout)
+
+
+@register_method(
+    "occlusion",
+    label="Occlusion",
+    kind=PERTURBATION,
+    description="Captum's occlusion: the target logit's drop when each patch is set to 0 (slow: one forward per "
+    "patch per image).",
+    needs_logits=True,
+    default=False,
+)
+def _occlusion(batch: MapBatch) -> torch.Tensor:
+    from captum.attr import Occlusion
+
+    channels = batch.images.shape[1]
+    sh, sw = batch.layout.stride
+    gh, gw = batch.layout.grid
+    with torch.inference_mode(False), torch.no_grad():
+        attributions = Occlusion(batch.model).attribute(
+            batch.images.detach().clone(),
+            sliding_window_shapes=(channels, sh, sw),
+            strides=(channels, sh, sw),
+            baselines=0.0,
+            target=batch.targets.tolist(),
+            perturbations_per_eval=batch.options.batch_size,
+        )
+    # Each window covers one token's block in every channel, so all its pixels hold the same drop.
+    return attributions[:, 0, : gh * sh : sh, : gw * sw : sw].to(torch.float64)
+
+
+@register_method(
+    "random",
+    label="Random",
+    kind=BASELINE,
+    description="A uniform random map: the baseline every method should beat.",
+)
+def _random(batch: MapBatch) -> torch.Tensor:
+    maps = [
+        torch.rand(batch.layout.grid, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+        for index in batch.indices
+    ]
+    return torch.stack(maps)

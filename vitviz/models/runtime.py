@@ -1,0 +1,26 @@
+"""Where a model runs and whether it is in eval mode: small questions every service asks of a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["any_training", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter; the CPU for a model without parameters."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def any_training(model: nn.Module) -> bool:
+    """Whether any module of the tree is in training mode (walked without model.modules(), which builds a name
+    for every module)."""
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module.training:
+            return True
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return False
