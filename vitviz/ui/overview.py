@@ -11,29 +11,7 @@ from vitviz import runs as run_folders
 from vitviz.pipeline import ModelCard
 from vitviz.plots import interactive
 from vitviz.tokens import TokenLayout, token_layout
-from vitviz.ui import cached, catalog, exports, widgets
-
-GUIDE = [
-    ("vitviz/ui/filters.py", "Patch filters", "the learned patch-embedding filters and their principal components."),
-    (
-        "vitviz/ui/position.py",
-        "Position embeddings",
-        "how similar each position's embedding is to every other, and after resampling.",
-    ),
-    ("vitviz/ui/distance.py", "Attention distance", "how far each head looks, layer by layer, over many images."),
-    (
-        "vitviz/ui/rollout.py",
-        "Attention rollout",
-        "which patches explain a prediction, and where one patch attends in every head.",
-    ),
-    (
-        "vitviz/ui/trust.py",
-        "Which map to trust?",
-        "methods side by side with their deletion and insertion curves, AUCs and the sanity check.",
-    ),
-    ("vitviz/ui/compare.py", "Compare models", "two or more checkpoints side by side on the same inputs."),
-    ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
-]
+from vitviz.ui import cached, catalog, exports, pages, widgets
 
 # Training-summary keys shown together as one "checkpoint" row (where in its run a checkpoint was saved).
 CHECKPOINT_KEYS = ("epochs", "steps", "epochs_planned")
@@ -113,10 +91,10 @@ def render() -> None:
 
     st.divider()
     st.markdown("##### What each page shows")
-    for path, title, what in GUIDE:
+    for page in pages.guide():
         link_col, text_col = st.columns([1, 3], vertical_alignment="center")
-        link_col.page_link(path, label=title)
-        text_col.markdown(what)
+        link_col.page_link(page.path, label=page.title)
+        text_col.markdown(page.about)
     st.caption("Every page uses the model chosen in the sidebar, and offers its figures and numbers for download.")
 
 
