@@ -1,4 +1,5 @@
-"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation over `vitviz.ui.pages` (the app map in docs/design.md)."""
+"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation over the page list in
+`vitviz.ui.pages` (the app map in docs/design.md)."""
 
 import streamlit as st
 
