@@ -1,9 +1,10 @@
-"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation (the app map in docs/design.md)."""
+"""vitviz studio: `streamlit run app.py`. A router only: page config and navigation over the page list in
+`vitviz.ui.pages` (the app map in docs/design.md)."""
 
 import streamlit as st
 
 from vitviz.allocator import tune_malloc
-from vitviz.ui import runs
+from vitviz.ui import pages, runs
 
 tune_malloc()  # once per process: freed tensor memory stays for the next analysis (vitviz/allocator.py)
 
@@ -12,15 +13,7 @@ tune_malloc()  # once per process: freed tensor memory stays for the next analys
 st.set_page_config(page_title="vitviz studio", page_icon="🔭", layout="wide")
 
 PAGES = [
-    st.Page("vitviz/ui/overview.py", title="Overview", default=True),
-    st.Page("vitviz/ui/filters.py", title="Patch filters", url_path="filters"),
-    st.Page("vitviz/ui/position.py", title="Position embeddings", url_path="position"),
-    st.Page("vitviz/ui/distance.py", title="Attention distance", url_path="distance"),
-    st.Page("vitviz/ui/rollout.py", title="Attention rollout", url_path="rollout"),
-    st.Page("vitviz/ui/tokens.py", title="Tokens", url_path="tokens"),
-    st.Page("vitviz/ui/trust.py", title="Which map to trust?", url_path="trust"),
-    st.Page("vitviz/ui/compare.py", title="Compare models", url_path="compare"),
-    st.Page("vitviz/ui/train.py", title="Train", url_path="train"),
+    st.Page(page.path, title=page.title, url_path=page.url_path or None, default=page.default) for page in pages.PAGES
 ]
 
 try:

@@ -214,14 +214,10 @@ def test_a_page_is_busy_until_its_script_has_finished(tmp_path: Path) -> None:
 
 
 def _app_url_paths() -> list[str]:
-    """The url_path of every st.Page app.py declares, read from its source ("" for the default page)."""
-    import ast
+    """The url_path of every page app.py registers, from the studio's page list ("" for the default page)."""
+    from vitviz.ui.pages import PAGES
 
-    paths = []
-    for node in ast.walk(ast.parse((ROOT / "app.py").read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Page":
-            paths.append(next((k.value.value for k in node.keywords if k.arg == "url_path"), ""))
-    return paths
+    return [page.url_path for page in PAGES]
 
 
 def test_ratio_is_the_median_of_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,34 +165,10 @@ def _load(args: argparse.Namespace) -> LoadedModel:
 
 
 def info_lines(card: ModelCard) -> list[str]:
-    """The model card as the lines `info` prints."""
-    lines = [
-        f"model       {card.source}  ({card.arch})",
-        f"parameters  {card.parameters:,}",
-        f"input       {card.img_size[0]}x{card.img_size[1]} px, {card.in_chans} channel(s)",
-        f"tokens      {card.grid[0]}x{card.grid[1]} patches of {card.stride[0]}x{card.stride[1]} px"
-        f" + {card.num_prefix_tokens} prefix token(s)",
-        f"transformer depth {card.depth}, {card.num_heads} heads, width {card.embed_dim}",
-        f"classes     {card.num_classes}: {', '.join(card.class_names[:10])}"
-        + (" ..." if len(card.class_names) > 10 else ""),
-    ]
-    if card.config is not None:
-        cfg = card.config
-        lines.append(
-            f"variant     position embedding {cfg['pos_embed']}, stem {cfg['stem']}, pooling {cfg['global_pool']}"
-        )
-    if card.training:
-        summary = ", ".join(f"{k}={v}" for k, v in card.training.items() if not isinstance(v, (dict, list)))
-        lines.append(f"training    {summary}")
-        metrics = card.training.get("final_metrics") or card.training.get("metrics")
-        if isinstance(metrics, dict):
-            lines.append(
-                "metrics     "
-                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            )
-    for entry in card.resolution_history:
-        lines.append(f"resampled   {entry.get('old_grid')} -> {entry.get('new_grid')} ({entry.get('method')})")
-    return lines
+    """The model card as the lines `info` prints: `vitviz.card`'s rows, each label in a column of its own."""
+    from vitviz.card import card_rows
+
+    return [f"{label:<11} {value}" for label, value in card_rows(card)]
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ def display_picture(loaded: LoadedModel, image: InputImage) -> np.ndarray:
     return to_display(model_input(loaded, image), loaded.meta.mean, loaded.meta.std)
 
 
-class _ModelInputs(Sequence[torch.Tensor]):
+class ModelInputs(Sequence[torch.Tensor]):
     """The images preprocessed one at a time as the service's batch loop reads them."""
 
     def __init__(self, loaded: LoadedModel, images: Sequence[InputImage]) -> None:
@@ -97,7 +97,7 @@ class _ModelInputs(Sequence[torch.Tensor]):
         return model_input(self.loaded, self.images[index])
 
 
-def _cached(
+def cached_result(
     analysis: str,
     key: str,
     compute: Callable[[], Result],
@@ -156,13 +156,13 @@ def attention_distance(
     )
 
     def compute() -> DistanceResult:
-        results = pipeline.image_analyses(loaded, _ModelInputs(loaded, images), ("distance",), options, progress)
+        results = pipeline.image_analyses(loaded, ModelInputs(loaded, images), ("distance",), options, progress)
         if isinstance(results.distance, NotApplicable):  # never cached: the reason is shown as one line
             raise VitvizError(f"attention distance does not apply to this model: {results.distance.reason}")
         assert results.distance is not None
         return results.distance
 
-    result = _cached("distance", key, compute, DistanceResult.to_arrays, DistanceResult.from_arrays)
+    result = cached_result("distance", key, compute, DistanceResult.to_arrays, DistanceResult.from_arrays)
     if progress is not None:
         progress(len(images), len(images))
     return result
@@ -182,7 +182,7 @@ def image_attention(
         start_layer=options.start_layer,
         query_index=query_index,
     )
-    return _cached(
+    return cached_result(
         "image-attention",
         key,
         lambda: pipeline.image_attention(loaded, model_input(loaded, image), options, query_index),
@@ -194,7 +194,7 @@ def image_attention(
 def gradient_map(loaded: LoadedModel, image: InputImage, target_class: int | None) -> GradientRolloutResult:
     """Gradient-weighted rollout for `target_class` (None: the predicted class), with the class used."""
     key = cache_key("gradient-rollout", model=loaded.content_hash, image=image.digest, target=target_class)
-    return _cached(
+    return cached_result(
         "gradient-rollout",
         key,
         lambda: pipeline.gradient_rollout_map(loaded, model_input(loaded, image), target_class),
@@ -239,7 +239,7 @@ def faithfulness(
         inputs = torch.stack([model_input(loaded, image) for image in images]).to(device)
         return run_faithfulness(loaded.model, inputs, names, options, progress=progress)
 
-    return _cached(
+    return cached_result(
         "faithfulness",
         key,
         compute,

@@ -189,11 +189,12 @@ def _header(model: Compared) -> str:
 
 
 def _card(model: Compared) -> dict[str, Any]:
-    """The summary table's column for one model, from its model card."""
+    """The summary table's column for one model, from its model card (its accuracy read by `vitviz.card`)."""
+    from vitviz.card import recorded_accuracy
+
     loaded = model.loaded
     card = cached.model_card(loaded.source, loaded.content_hash, loaded)
-    metrics = card.training.get("metrics") if isinstance(card.training.get("metrics"), dict) else {}
-    accuracy = metrics.get("eval_accuracy") if metrics else None
+    accuracy = recorded_accuracy(card.training)
     cfg = card.config
     return {
         "model": model.name,
@@ -207,7 +208,7 @@ def _card(model: Compared) -> dict[str, Any]:
         "prefix tokens": card.num_prefix_tokens,
         "position embedding": cfg["pos_embed"] if cfg is not None else "timm",
         "stem": cfg["stem"] if cfg is not None else "timm",
-        "recorded accuracy": None if not isinstance(accuracy, (int, float)) else round(float(accuracy), 4),
+        "recorded accuracy": None if accuracy is None else round(accuracy, 4),
     }
 
 

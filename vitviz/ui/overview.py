@@ -7,36 +7,12 @@ from typing import Any
 
 import streamlit as st
 
+from vitviz import card as card_text
 from vitviz import runs as run_folders
 from vitviz.pipeline import ModelCard
 from vitviz.plots import interactive
 from vitviz.tokens import TokenLayout, token_layout
-from vitviz.ui import cached, catalog, exports, widgets
-
-GUIDE = [
-    ("vitviz/ui/filters.py", "Patch filters", "the learned patch-embedding filters and their principal components."),
-    (
-        "vitviz/ui/position.py",
-        "Position embeddings",
-        "how similar each position's embedding is to every other, and after resampling.",
-    ),
-    ("vitviz/ui/distance.py", "Attention distance", "how far each head looks, layer by layer, over many images."),
-    (
-        "vitviz/ui/rollout.py",
-        "Attention rollout",
-        "which patches explain a prediction, and where one patch attends in every head.",
-    ),
-    (
-        "vitviz/ui/trust.py",
-        "Which map to trust?",
-        "methods side by side with their deletion and insertion curves, AUCs and the sanity check.",
-    ),
-    ("vitviz/ui/compare.py", "Compare models", "two or more checkpoints side by side on the same inputs."),
-    ("vitviz/ui/train.py", "Train", "start a training or fine-tuning run and follow its curves live."),
-]
-
-# Training-summary keys shown together as one "checkpoint" row (where in its run a checkpoint was saved).
-CHECKPOINT_KEYS = ("epochs", "steps", "epochs_planned")
+from vitviz.ui import cached, catalog, exports, pages, widgets
 
 
 def render() -> None:
@@ -70,12 +46,12 @@ def render() -> None:
             )
     with train_col:
         st.markdown("##### How it was trained")
-        rows = _training_rows(card.training, _checkpoint_name(entry))
+        rows = card_text.training_rows(card.training, _checkpoint_name(entry))
         if rows:
             _property_table(rows)
         else:
             st.caption("This model carries no training summary.")
-        accuracy = _final_accuracy(card.training)
+        accuracy = card_text.accuracies(card.training)
         if accuracy:
             metric_cols = st.columns(len(accuracy))
             for col, (label, value) in zip(metric_cols, accuracy.items()):
@@ -84,7 +60,7 @@ def render() -> None:
     records, where = _training_log(entry, card.training)
     st.markdown("##### Training curves")
     if records:
-        saved_step = _saved_step(card.training)
+        saved_step = card_text.saved_step(card.training)
         last_step = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
         note = f"From {widgets.plain(where)}"
         if saved_step is not None and last_step is not None and saved_step < last_step:
@@ -113,10 +89,10 @@ def render() -> None:
 
     st.divider()
     st.markdown("##### What each page shows")
-    for path, title, what in GUIDE:
+    for page in pages.guide():
         link_col, text_col = st.columns([1, 3], vertical_alignment="center")
-        link_col.page_link(path, label=title)
-        text_col.markdown(what)
+        link_col.page_link(page.path, label=page.title)
+        text_col.markdown(page.about)
     st.caption("Every page uses the model chosen in the sidebar, and offers its figures and numbers for download.")
 
 
@@ -134,7 +110,7 @@ def _short_source(source: str) -> str:
     return source
 
 
-def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[dict[str, str]]:
+def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[tuple[str, str]]:
     prefix = []
     if layout.has_class_token:
         prefix.append("class")
@@ -169,15 +145,15 @@ def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[dict[str, s
             ("MLP ratio", f"{cfg['mlp_ratio']:g}"),
             ("head", cfg["head"]),
         ]
-    return [{"property": key, "value": str(value)} for key, value in rows]
+    return [(key, str(value)) for key, value in rows]
 
 
-def _property_table(rows: list[dict[str, str]]) -> None:
+def _property_table(rows: list[tuple[str, str]]) -> None:
     """Property/value rows as a Markdown table: long values (paths, class lists) wrap instead of being cut, and
     the first page a user sees imports neither pandas nor pyarrow (about a second of a fresh server's first
     visit) and needs none of Streamlit's Arrow JavaScript, which a data table would."""
     lines = ["| property | value |", "| --- | --- |"]
-    lines += [f"| {widgets.plain(row['property'])} | {widgets.plain(row['value'])} |" for row in rows]
+    lines += [f"| {widgets.plain(label)} | {widgets.plain(value)} |" for label, value in rows]
     st.markdown("\n".join(lines))
 
 
@@ -186,52 +162,6 @@ def _checkpoint_name(entry: catalog.ModelEntry) -> str | None:
     if entry.kind != catalog.RUN or entry.path is None:
         return None
     return entry.path.name.removesuffix(".safetensors")
-
-
-def _saved_step(training: dict[str, Any]) -> int | None:
-    steps = training.get("steps")
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
-
-
-def _checkpoint_row(training: dict[str, Any], name: str | None) -> str | None:
-    """Where in its run the checkpoint was saved, from its metadata: "best, saved at epoch E step S of a run of
-    N epochs" (the metadata's epochs/steps count at the save, not the run's end)."""
-    epoch, step, planned = (training.get(key) for key in CHECKPOINT_KEYS)
-    if epoch is None and step is None:
-        return None
-    text = "saved at " + " ".join(
-        f"{what} {value}" for what, value in (("epoch", epoch), ("step", step)) if value is not None
-    )
-    if planned is not None:
-        text += f" of a run of {planned} epoch{'s' if planned != 1 else ''}"
-    return f"{name}, {text}" if name else text
-
-
-def _training_rows(training: dict[str, Any], checkpoint: str | None = None) -> list[dict[str, str]]:
-    """The training summary as property/value rows; epochs/steps become one "checkpoint" row."""
-    rows = []
-    where = _checkpoint_row(training, checkpoint)
-    if where is not None:
-        rows.append({"property": "checkpoint", "value": where})
-    for key, value in training.items():
-        if key in CHECKPOINT_KEYS and where is not None:
-            continue
-        if isinstance(value, (dict, list)) or value is None or value == "":
-            continue
-        rows.append({"property": key.replace("_", " "), "value": "" if value is None else str(value)})
-    return rows
-
-
-def _final_accuracy(training: dict[str, Any]) -> dict[str, float]:
-    metrics = training.get("metrics") or training.get("final_metrics") or {}
-    if not isinstance(metrics, dict):
-        return {}
-    labels = {"eval_accuracy": "Eval accuracy", "best_accuracy": "Best accuracy", "train_accuracy": "Train accuracy"}
-    return {
-        label: float(metrics[key])
-        for key, label in labels.items()
-        if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)
-    }
 
 
 def _training_log(entry: catalog.ModelEntry, training: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:

@@ -3,17 +3,24 @@ and where one query token attends in every layer and head."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import streamlit as st
 from PIL import Image
 
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
-from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, top_k
+from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, QueryAttentionResult, TopK, top_k
 from vitviz.plots import interactive
 from vitviz.tokens import token_layout
 from vitviz.ui import exports, widgets
 from vitviz.ui.analyses import InputImage, display_picture, gradient_map, image_attention
+
+if TYPE_CHECKING:
+    from streamlit.delta_generator import DeltaGenerator
 
 GALLERY_MAX = 8  # uploads shown as small overlays side by side
 CLASS_TOKEN = "class token"
@@ -25,11 +32,30 @@ SCALE_SHARED = "shared absolute"
 GRID_MAX_LAYERS = 12  # the layers x heads view draws at most this many layers at once (a slider picks which)
 
 
+@dataclass(frozen=True)
+class Controls:
+    """What the page's controls ask for: the rollout's options and how its maps are drawn."""
+
+    options: AnalysisOptions
+    colorscale: str
+    opacity: float
+    absolute: bool  # one shared absolute colour scale instead of each map ÷ its maximum
+
+
+@dataclass(frozen=True)
+class QueryView:
+    """The layers x heads attention of one query token, as drawn."""
+
+    grid: np.ndarray
+    index: int
+    label: str
+    patch: tuple[int, int] | None
+    per_tile: bool
+
+
 def render() -> None:
     selection = widgets.model_sidebar()
     loaded = selection.loaded
-    layout = token_layout(loaded.model)
-    depth = len(loaded.model.blocks)
     class_names = loaded.meta.class_names
     st.title("Attention rollout")
     st.caption(
@@ -40,14 +66,51 @@ def render() -> None:
     images, from_uploads = widgets.image_picker(key="rollout.images")
     if not images:
         return
-    if len(images) > 1:
-        index = st.selectbox(
-            "Image to explain", range(len(images)), format_func=lambda i: images[i].name, key="rollout.which"
-        )
-        image = images[index]
-    else:
-        image = images[0]
+    image = _chosen_image(images)
+    controls, class_col = _controls(len(loaded.model.blocks))
+    try:
+        with st.spinner("Running the model…"):
+            attention = image_attention(loaded, image, controls.options, query_index=0)
+    except VitvizError as exc:
+        widgets.show_error(exc)
+        return
+    picture = display_picture(loaded, image)
+    rollout_map = attention.rollout.map
+    gallery = _gallery_maps(loaded, images, controls.options) if from_uploads and len(images) > 1 else {}
+    shared_top = max([float(rollout_map.max())] + [float(m.max()) for m in gallery.values() if m is not None])
+    top5 = top_k(attention.probabilities, class_names)
+    target = _target_class(class_col, class_names, top5[0].index if class_names else 0, image)
 
+    gradient = _maps_row(loaded, image, picture, rollout_map, target, controls, shared_top)
+    _top5_table(top5)
+    if from_uploads and len(images) > 1:
+        _gallery(
+            images,
+            gallery,
+            colorscale=controls.colorscale,
+            opacity=controls.opacity,
+            vmax=shared_top if controls.absolute else None,
+        )
+    query = _query_view(loaded, image, controls.options, attention.query)
+    if query is None:
+        return
+    _downloads(
+        selection.entry.key, image, picture, rollout_map, attention.probabilities, top5, gradient, query, controls
+    )
+
+
+def _chosen_image(images: list[InputImage]) -> InputImage:
+    """The image to explain: the only one, or the one picked from several."""
+    if len(images) == 1:
+        return images[0]
+    index = st.selectbox(
+        "Image to explain", range(len(images)), format_func=lambda i: images[i].name, key="rollout.which"
+    )
+    return images[index]
+
+
+def _controls(depth: int) -> tuple[Controls, DeltaGenerator]:
+    """The rollout's options and drawing controls, in two rows; also the column kept for the gradient's class."""
     fusion_col, discard_col, start_col, class_col = st.columns([2, 2, 2, 3])
     head_fusion = fusion_col.selectbox("Head fusion", HEAD_FUSIONS, key="rollout.fusion")
     discard_ratio = discard_col.slider(
@@ -84,34 +147,40 @@ def render() -> None:
         or SCALE_MAX
     )
     opacity = opacity_col.slider("Overlay opacity", 0.1, 1.0, 0.6, 0.05, key="rollout.opacity")
-    absolute = scale == SCALE_SHARED
+    options = AnalysisOptions(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
+    return Controls(options, colorscale, opacity, absolute=scale == SCALE_SHARED), class_col
 
-    try:
-        options = AnalysisOptions(head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
-        with st.spinner("Running the model…"):
-            attention = image_attention(loaded, image, options, query_index=0)
-    except VitvizError as exc:
-        widgets.show_error(exc)
-        return
-    picture = display_picture(loaded, image)
-    rollout_map = attention.rollout.map
-    gallery = _gallery_maps(loaded, images, options) if from_uploads and len(images) > 1 else {}
-    shared_top = max([float(rollout_map.max())] + [float(m.max()) for m in gallery.values() if m is not None])
-    top5 = top_k(attention.probabilities, class_names)
-    target = None
-    if class_names:
-        predicted = top5[0].index
-        target = class_col.selectbox(
-            "Gradient rollout for class",
-            range(len(class_names)),
-            index=predicted,
-            format_func=lambda i: f"{class_names[i]}{' (predicted)' if i == predicted else ''}",
-            key=f"rollout.target.{image.digest[:12]}",
-            help="Chefer et al.'s rollout weights attention by the gradient of this class's score.",
-        )
 
-    # The rollout overlay and the predictions go to the browser first; the backward pass of gradient
-    # rollout runs after them, so a new upload shows its overlay without waiting for the gradient.
+def _target_class(
+    class_col: DeltaGenerator, class_names: Sequence[str], predicted: int, image: InputImage
+) -> int | None:
+    """The class gradient rollout explains, the prediction unless another is picked; None without a head."""
+    if not class_names:
+        return None
+    return class_col.selectbox(
+        "Gradient rollout for class",
+        range(len(class_names)),
+        index=predicted,
+        format_func=lambda i: f"{class_names[i]}{' (predicted)' if i == predicted else ''}",
+        key=f"rollout.target.{image.digest[:12]}",
+        help="Chefer et al.'s rollout weights attention by the gradient of this class's score.",
+    )
+
+
+def _maps_row(
+    loaded: LoadedModel,
+    image: InputImage,
+    picture: np.ndarray,
+    rollout_map: np.ndarray,
+    target: int | None,
+    controls: Controls,
+    shared_top: float,
+) -> GradientRolloutResult | None:
+    """The input, its rollout overlay and its gradient rollout side by side; the gradient rollout, if made.
+
+    The rollout overlay and the predictions go to the browser first; the backward pass of gradient rollout
+    runs after them, so a new upload shows its overlay without waiting for the gradient."""
+    opacity, colorscale, absolute = controls.opacity, controls.colorscale, controls.absolute
     input_col, overlay_col, gradient_col = st.columns([3, 4, 4])
     with input_col:
         st.markdown("##### Input")
@@ -154,6 +223,10 @@ def render() -> None:
                 height=OVERLAY_HEIGHT,
             )
             _range_note(gradient.map, absolute)
+    return gradient
+
+
+def _top5_table(top5: TopK) -> None:
     st.markdown("##### Top-5 predictions")
     widgets.table(
         [{"probability": p.probability, "class": p.name} for p in top5],
@@ -163,9 +236,15 @@ def render() -> None:
         },
     )
 
-    if from_uploads and len(images) > 1:
-        _gallery(images, gallery, colorscale=colorscale, opacity=opacity, vmax=shared_top if absolute else None)
 
+def _query_view(
+    loaded: LoadedModel, image: InputImage, options: AnalysisOptions, query: QueryAttentionResult
+) -> QueryView | None:
+    """Where one query token attends in every layer and head: its controls and its tiles (None if it failed).
+
+    `query` is the class token's attention, which the rollout's forward already captured."""
+    layout = token_layout(loaded.model)
+    depth = len(loaded.model.blocks)
     st.markdown("##### Where one token attends, in every layer and head")
     st.caption(
         "A model view for image patches, like bertviz's for text: rows are layers, columns are heads, and "
@@ -182,19 +261,7 @@ def render() -> None:
         query_patch = (row - 1, col - 1)
         query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
         query_label = f"patch ({row}, {col})"
-    first, last = 1, depth
-    if depth > GRID_MAX_LAYERS:  # a deep model: a slice of layers at a time keeps the tiles readable
-        first, last = layers_col.slider(
-            "Layers shown",
-            1,
-            depth,
-            (1, GRID_MAX_LAYERS),
-            key="rollout.query.layers",
-            help=f"At most {GRID_MAX_LAYERS} layers are drawn at once, so each tile stays large enough to read.",
-        )
-        if last - first + 1 > GRID_MAX_LAYERS:
-            last = first + GRID_MAX_LAYERS - 1
-            layers_col.caption(f"Showing layers {first}–{last} (at most {GRID_MAX_LAYERS} at once).")
+    first, last = _layers_shown(layers_col, depth)
     per_tile = scale_col.toggle(
         "Scale each tile to its own maximum",
         value=True,
@@ -202,13 +269,12 @@ def render() -> None:
         help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
         "heads can be told apart.",
     )
-    query = attention.query
     if query_index != query.query_index:
         try:
             query = image_attention(loaded, image, options, query_index=query_index).query
         except VitvizError as exc:
             widgets.show_error(exc)
-            return
+            return None
     grid = query.grid
     shown = f", layers {first}–{last} of {depth}" if (first, last) != (1, depth) else ""
     widgets.plotly(
@@ -222,29 +288,62 @@ def render() -> None:
         key="rollout.grid",
         stretch=False,
     )
+    return QueryView(grid, query_index, query_label, query_patch, per_tile)
 
+
+def _layers_shown(layers_col: DeltaGenerator, depth: int) -> tuple[int, int]:
+    """The first and last layer (from 1) of the tiles: all of them, or a slice of a deep model's."""
+    first, last = 1, depth
+    if depth > GRID_MAX_LAYERS:  # a deep model: a slice of layers at a time keeps the tiles readable
+        first, last = layers_col.slider(
+            "Layers shown",
+            1,
+            depth,
+            (1, GRID_MAX_LAYERS),
+            key="rollout.query.layers",
+            help=f"At most {GRID_MAX_LAYERS} layers are drawn at once, so each tile stays large enough to read.",
+        )
+        if last - first + 1 > GRID_MAX_LAYERS:
+            last = first + GRID_MAX_LAYERS - 1
+            layers_col.caption(f"Showing layers {first}–{last} (at most {GRID_MAX_LAYERS} at once).")
+    return first, last
+
+
+def _downloads(
+    model_key: str,
+    image: InputImage,
+    picture: np.ndarray,
+    rollout_map: np.ndarray,
+    probabilities: np.ndarray,
+    top5: TopK,
+    gradient: GradientRolloutResult | None,
+    query: QueryView,
+    controls: Controls,
+) -> None:
+    """The page's figures (rendered when clicked) and numbers for download."""
+    opacity, cmap = controls.opacity, controls.colorscale.lower()
     figures = {
         "rollout": lambda: exports.paper_figures().rollout_overlay_figure(
-            picture, rollout_map, alpha=opacity, cmap=colorscale.lower()
+            picture, rollout_map, alpha=opacity, cmap=cmap
         ),
         "attention-grid": lambda: exports.paper_figures().attention_grid_figure(
-            grid, query=query_patch, per_tile=per_tile, title=f"Attention of the {query_label}"
+            query.grid, query=query.patch, per_tile=query.per_tile, title=f"Attention of the {query.label}"
         ),
     }
     arrays = {
         "rollout": rollout_map,
-        "probabilities": attention.probabilities,
-        "query_attention": grid,
-        "query_index": np.asarray(query_index),
+        "probabilities": probabilities,
+        "query_attention": query.grid,
+        "query_index": np.asarray(query.index),
     }
     if gradient is not None:
         figures["gradient-rollout"] = lambda: exports.paper_figures().rollout_overlay_figure(
-            picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity, cmap=colorscale.lower()
+            picture, gradient.map, title="Gradient-weighted rollout", alpha=opacity, cmap=cmap
         )
         arrays["gradient_rollout"] = gradient.map
         arrays["gradient_target_class"] = np.asarray(gradient.target_class)
     widgets.downloads(
-        f"{selection.entry.key}-{image.name}",
+        f"{model_key}-{image.name}",
         figures=figures,
         numbers={
             "top5.csv": lambda: exports.csv_bytes(

@@ -7,7 +7,6 @@ images' content hashes and every option that changes them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,10 +24,8 @@ from vitviz.pipeline import (
     Progress,
     TokensResult,
 )
-from vitviz.ui.analyses import InputImage, analysis_cache, model_input
+from vitviz.ui.analyses import InputImage, ModelInputs, cached_result
 from vitviz.ui.diskcache import cache_key
-
-logger = logging.getLogger(__name__)
 
 ANALYSES = ("tokens", "features", "head-maps", "logit-lens")
 CACHE_NAME = "tokens"
@@ -84,20 +81,6 @@ class TokenAnalyses:
         )
 
 
-class _ModelInputs(Sequence):
-    """The images preprocessed one at a time as the service's batch loop reads them."""
-
-    def __init__(self, loaded: LoadedModel, images: Sequence[InputImage]) -> None:
-        self.loaded = loaded
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index):  # type: ignore[no-untyped-def]
-        return model_input(self.loaded, self.images[index])
-
-
 def token_analyses(
     loaded: LoadedModel,
     images: Sequence[InputImage],
@@ -114,23 +97,18 @@ def token_analyses(
         mass_share=options.mass_share,
         target=options.target_class,
     )
-    cache = analysis_cache()
-    stored = cache.get(CACHE_NAME, key)
-    if stored is not None:
-        try:
-            return TokenAnalyses.from_arrays(stored)
-        except (KeyError, ValueError, TypeError) as exc:
-            logger.warning("recomputing cache entry %s/%s of an older layout (%s)", CACHE_NAME, key[:12], exc)
-    results = pipeline.image_analyses(loaded, _ModelInputs(loaded, images), ANALYSES, options, progress)
-    for part in (results.tokens, results.head_maps):
-        if isinstance(part, NotApplicable):  # the model's attention cannot be read: say why in one line
-            raise VitvizError(f"the token analyses do not apply to this model: {part.reason}")
-    assert results.tokens is not None and results.features is not None
-    analyses = TokenAnalyses(
-        tokens=results.tokens,
-        features=results.features,
-        head_maps=results.head_maps,
-        logit_lens=results.logit_lens,
-    )
-    cache.put(CACHE_NAME, key, analyses.to_arrays())
-    return analyses
+
+    def compute() -> TokenAnalyses:
+        results = pipeline.image_analyses(loaded, ModelInputs(loaded, images), ANALYSES, options, progress)
+        for part in (results.tokens, results.head_maps):
+            if isinstance(part, NotApplicable):  # the model's attention cannot be read: say why in one line
+                raise VitvizError(f"the token analyses do not apply to this model: {part.reason}")
+        assert results.tokens is not None and results.features is not None
+        return TokenAnalyses(
+            tokens=results.tokens,
+            features=results.features,
+            head_maps=results.head_maps,
+            logit_lens=results.logit_lens,
+        )
+
+    return cached_result(CACHE_NAME, key, compute, TokenAnalyses.to_arrays, TokenAnalyses.from_arrays)

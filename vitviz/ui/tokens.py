@@ -4,15 +4,21 @@ per-head maps with their mass threshold, and a per-patch logit lens."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import streamlit as st
 
 from vitviz.errors import VitvizError
-from vitviz.pipeline import AnalysisOptions, NotApplicable
+from vitviz.pipeline import AnalysisOptions, NotApplicable, TokensResult
 from vitviz.plots import tokens as plots
 from vitviz.ui import exports, widgets
-from vitviz.ui.analyses import display_picture
-from vitviz.ui.token_analyses import token_analyses
+from vitviz.ui.analyses import InputImage, display_picture
+from vitviz.ui.token_analyses import TokenAnalyses, token_analyses
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ALL_LAYERS = "all layers"
 
@@ -20,7 +26,6 @@ ALL_LAYERS = "all layers"
 def render() -> None:
     selection = widgets.model_sidebar()
     loaded = selection.loaded
-    class_names = loaded.meta.class_names
     st.title("What tokens carry")
     st.caption(
         "Norms of every token after every block (the high-norm artefact tokens of Darcet et al., 'Vision "
@@ -30,6 +35,29 @@ def render() -> None:
     images = widgets.dataset_picker(key="tokens.images", default_count=8)
     if not images:
         return
+    options, foreground = _controls()
+    try:
+        with st.spinner("Running the model…"):
+            result = token_analyses(loaded, images, options)
+    except VitvizError as exc:
+        widgets.show_error(exc)
+        return
+
+    if len(images) > 1:
+        index = st.selectbox(
+            "Image to show", range(len(images)), format_func=lambda i: images[i].name, key="tokens.which"
+        )
+    else:
+        index = 0
+    image = images[index]
+    picture = display_picture(loaded, image)
+    figures = _token_sections(result.tokens, index, picture, result.features.projections.shape[1:3], options)
+    figures.update(_feature_sections(result, index, picture, foreground, loaded.meta.class_names))
+    _downloads(f"{selection.entry.key}-{image.name}", result, index, images, figures)
+
+
+def _controls() -> tuple[AnalysisOptions, bool]:
+    """The options the analyses run with, and whether the feature colours black out the background."""
     factor_col, share_col, mask_col = st.columns([3, 3, 2])
     outlier_factor = factor_col.slider(
         "Outlier factor",
@@ -56,25 +84,14 @@ def render() -> None:
         key="tokens.foreground",
         help="Black out patches whose first principal component (scaled over all images) is below one half.",
     )
-    try:
-        options = AnalysisOptions(outlier_factor=outlier_factor, mass_share=mass_share, batch_size=8)
-        with st.spinner("Running the model…"):
-            result = token_analyses(loaded, images, options)
-    except VitvizError as exc:
-        widgets.show_error(exc)
-        return
-    tokens, features = result.tokens, result.features
+    return AnalysisOptions(outlier_factor=outlier_factor, mass_share=mass_share, batch_size=8), foreground
 
-    if len(images) > 1:
-        index = st.selectbox(
-            "Image to show", range(len(images)), format_func=lambda i: images[i].name, key="tokens.which"
-        )
-    else:
-        index = 0
-    image = images[index]
-    picture = display_picture(loaded, image)
-    grid = features.projections.shape[1:3]
 
+def _token_sections(
+    tokens: TokensResult, index: int, picture: np.ndarray, grid: tuple[int, int], options: AnalysisOptions
+) -> dict[str, Callable[[], Figure]]:
+    """Token norms, the high-norm patches of the image shown and the attention to prefix tokens; their figures
+    for download."""
     st.markdown("##### Token norms after every block")
     st.caption(
         f"Mean over {tokens.num_images} image(s); {tokens.num_prefix_tokens} prefix token(s) first, then the "
@@ -99,7 +116,7 @@ def render() -> None:
             tokens.outlier_col[chosen],
             tokens.outlier_ratio[chosen],
             grid,
-            title=f"Norm > {outlier_factor:g} × median, {choice}",
+            title=f"Norm > {options.outlier_factor:g} × median, {choice}",
         )
         widgets.pyplot(outlier_fig)
         counts = ", ".join(f"{layer + 1}: {count}" for layer, count in enumerate(tokens.outlier_counts))
@@ -110,8 +127,19 @@ def render() -> None:
         widgets.pyplot(prefix_fig)
         if not tokens.num_prefix_tokens:
             st.caption("The model has no prefix tokens, so the share is 0 everywhere.")
+    return {
+        "token-norms": lambda: plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens),
+        "outliers": lambda: outlier_fig,
+        "prefix-attention": lambda: prefix_fig,
+    }
 
+
+def _feature_sections(
+    result: TokenAnalyses, index: int, picture: np.ndarray, foreground: bool, class_names: Sequence[str]
+) -> dict[str, Callable[[], Figure]]:
+    """The patch features' PCA, the head maps and the logit lens of the image shown; their figures for download."""
     st.markdown("##### Patch features, first three principal components as RGB")
+    features = result.features
     rgb = plots.features_rgb(features.projections, foreground=foreground)
     features_fig = plots.features_figure(picture, rgb[index], features.explained_variance_ratio)
     widgets.pyplot(features_fig)
@@ -126,9 +154,9 @@ def render() -> None:
         st.info("The model has no class token: the maps show the mean attention of all patch queries.")
     heads_fig = plots.head_maps_figure(heads.attention, heads.masks, query=heads.query, mass_share=heads.mass_share)
     widgets.pyplot(heads_fig)
+    figures: dict[str, Callable[[], Figure]] = {"features-pca": lambda: features_fig, "head-maps": lambda: heads_fig}
 
     st.markdown("##### Logit lens")
-    lens_fig = None
     if isinstance(result.logit_lens, NotApplicable):
         st.caption(f"Not available: {result.logit_lens.reason}.")
     else:
@@ -137,16 +165,19 @@ def render() -> None:
         lens_fig = plots.logit_lens_figure(lens.probabilities, name)
         widgets.pyplot(lens_fig)
         st.caption(f"The predicted class, {widgets.plain(name)}, followed through every layer.")
-
-    figures = {
-        "token-norms": lambda: plots.norm_heatmap_figure(tokens.norms, tokens.token_names, tokens.num_prefix_tokens),
-        "outliers": lambda: outlier_fig,
-        "prefix-attention": lambda: prefix_fig,
-        "features-pca": lambda: features_fig,
-        "head-maps": lambda: heads_fig,
-    }
-    if lens_fig is not None:
         figures["logit-lens"] = lambda: lens_fig
+    return figures
+
+
+def _downloads(
+    name: str,
+    result: TokenAnalyses,
+    index: int,
+    images: Sequence[InputImage],
+    figures: dict[str, Callable[[], Figure]],
+) -> None:
+    """The page's figures and its numbers (norms, every outlier of every image, the arrays) for download."""
+    tokens, features, heads = result.tokens, result.features, result.head_maps[index]
     arrays = {
         **{f"tokens_{k}": v for k, v in tokens.to_arrays().items()},
         "features_explained_variance_ratio": features.explained_variance_ratio,
@@ -168,7 +199,7 @@ def render() -> None:
         )
     ]
     widgets.figure_picker_downloads(
-        f"{selection.entry.key}-{image.name}",
+        name,
         figures=figures,
         numbers={
             "norms.csv": lambda: exports.matrix_csv_bytes(tokens.norms, "layer", list(tokens.token_names)),
