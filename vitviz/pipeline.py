@@ -455,8 +455,18 @@ class ImageAttention:
     probabilities: np.ndarray  # [K] float32 softmax
     query: QueryAttentionResult
 
+    @property
+    def top5(self) -> TopK:
+        """The most probable classes, as the pipeline computed them with the rollout's forward."""
+        assert self.rollout.top5 is not None
+        return self.rollout.top5
+
     def to_arrays(self) -> dict[str, np.ndarray]:
+        top5 = self.top5
         return {
+            "top5_index": np.asarray([p.index for p in top5], dtype=np.int64),
+            "top5_name": np.asarray([p.name for p in top5], dtype=str),
+            "top5_probability": np.asarray([p.probability for p in top5], dtype=np.float64),
             "rollout": self.rollout.map,
             "head_fusion": np.asarray(self.rollout.head_fusion),
             "discard_ratio": np.asarray(self.rollout.discard_ratio, dtype=np.float64),
@@ -477,6 +487,12 @@ class ImageAttention:
                 head_fusion=str(arrays["head_fusion"]),
                 discard_ratio=float(arrays["discard_ratio"]),
                 start_layer=int(arrays["start_layer"]),
+                top5=TopK(
+                    tuple(
+                        Prediction(int(i), str(n), float(p))
+                        for i, n, p in zip(arrays["top5_index"], arrays["top5_name"], arrays["top5_probability"])
+                    )
+                ),
             ),
             probabilities=np.asarray(arrays["probs"]),
             query=QueryAttentionResult(

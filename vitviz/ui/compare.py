@@ -14,7 +14,7 @@ import streamlit as st
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult
 from vitviz.models import LoadedModel
-from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, map_differences, top_k
+from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, map_differences
 from vitviz.plots import faithfulness as faithfulness_plots
 from vitviz.plots import interactive, paper, scale_by_max
 from vitviz.ui import cached, catalog, exports, keys, widgets
@@ -422,9 +422,8 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
                 continue
             picture = display_picture(model.loaded, image)
             rollout_map = result.rollout.map
-            top = top_k(result.probabilities, model.loaded.meta.class_names, k=1)
-            if len(top):
-                best = top[0]
+            if len(result.top5):
+                best = result.top5[0]
                 st.caption(f"Predicts {widgets.plain(best.name)} ({100 * best.probability:.1f} %)")
                 rows[model.name]["prediction"] = best.name
                 rows[model.name]["probability"] = round(best.probability, 4)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
-from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, QueryAttentionResult, TopK, top_k
+from vitviz.pipeline import HEAD_FUSIONS, AnalysisOptions, GradientRolloutResult, QueryAttentionResult, TopK
 from vitviz.plots import interactive
 from vitviz.tokens import token_layout
 from vitviz.ui import exports, widgets
@@ -78,7 +78,7 @@ def render() -> None:
     rollout_map = attention.rollout.map
     gallery = _gallery_maps(loaded, images, controls.options) if from_uploads and len(images) > 1 else {}
     shared_top = max([float(rollout_map.max())] + [float(m.max()) for m in gallery.values() if m is not None])
-    top5 = top_k(attention.probabilities, class_names)
+    top5 = attention.top5
     target = _target_class(class_col, class_names, top5[0].index if class_names else 0, image)
 
     gradient = _maps_row(loaded, image, picture, rollout_map, target, controls, shared_top)
