@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay f
 
 logger = logging.getLogger("vitviz")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXIT_USER_ERROR = 2
 
 
@@ -146,23 +145,6 @@ def _open_slice(slice_: Any, loaded: LoadedModel, download: bool) -> Any:
     return open_dataset(
         slice_, input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std, download=download
     )
-
-
-def collect_images(paths: Sequence[str]) -> list[Path]:
-    """Expand files and folders (their image files, sorted) into a list of files."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise VitvizError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {raw}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise VitvizError(f"no such image file or folder: {raw}")
-    return files
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -380,6 +362,7 @@ def _model_sections(
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from vitviz.imagefiles import collect_images
     from vitviz.pipeline import (
         IMAGE_ANALYSES,
         AnalysisOptions,
@@ -501,6 +484,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vitviz.faithfulness import FaithfulnessOptions, parse_methods, run_faithfulness
+    from vitviz.imagefiles import collect_images
     from vitviz.pipeline import model_card
 
     options = FaithfulnessOptions(  # checks methods, steps, batch size before anything is loaded
