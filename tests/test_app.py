@@ -894,15 +894,25 @@ def test_model_keys_only_resolve_to_discovered_files(tmp_path: Path) -> None:
     assert catalog.resolve_key("timm:bad name; rm -rf", entries) is None
 
 
-def test_sample_sets_are_the_image_folders_without_masks(tmp_path: Path) -> None:
+def test_sample_sets_are_the_image_folders(tmp_path: Path) -> None:
+    """Each folder's image files by the one rule (vitviz.imagefiles): hidden files and other formats are out."""
     from vitviz.ui import catalog
 
     (tmp_path / "shapes").mkdir()
-    for name in ("circle-1.png", "circle-1-mask.png", "star-2.png", "notes.txt"):
+    for name in ("circle-1.png", "circle-1-mask.png", "star-2.png", "notes.txt", "._star-2.png", "clip.svg"):
         (tmp_path / "shapes" / name).write_bytes(_png(8, 8))
     (tmp_path / "loose.jpg").write_bytes(b"x")
     sets = {s.name: [p.name for p in s.files] for s in catalog.discover_sample_sets(tmp_path)}
-    assert sets == {"samples": ["loose.jpg"], "shapes": ["circle-1.png", "star-2.png"]}
+    assert sets == {"samples": ["loose.jpg"], "shapes": ["circle-1-mask.png", "circle-1.png", "star-2.png"]}
+
+
+def test_bundled_samples_are_the_ten_shapes_and_no_masks() -> None:
+    from vitviz.data.shapes import SHAPE_CLASSES
+    from vitviz.ui import catalog
+
+    sets = catalog.discover_sample_sets()
+    assert [s.name for s in sets] == ["samples"]
+    assert [p.stem for p in sets[0].files] == sorted(SHAPE_CLASSES)
 
 
 def test_training_command_line_follows_the_training_cli(tmp_path: Path) -> None:

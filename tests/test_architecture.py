@@ -1,5 +1,6 @@
 """The layering of docs/design.md, enforced: the core and the training backend never import streamlit, the core
-never imports the training backend, and the app reaches the analyses only through `vitviz.pipeline`."""
+never imports the training backend, and the app reaches the analyses only through `vitviz.pipeline` (and never
+through the command line, `vitviz.cli`)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _within(name: str, module: str) -> bool:
 
 
 def _forbidden_for_the_app(names: set[str]) -> list[str]:
-    return sorted(n for n in names if _within(n, "vitviz.capture") or _within(n, "vitviz.analysis"))
+    forbidden = ("vitviz.capture", "vitviz.analysis", "vitviz.cli")
+    return sorted(n for n in names if any(_within(n, module) for module in forbidden))
 
 
 def _python_files(folder: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
@@ -99,6 +101,8 @@ def test_the_app_reaches_analyses_only_through_the_pipeline() -> None:
         "from .. import capture",
         "from ..analysis.filters import filter_pca",
         "def f():\n    from vitviz.capture import capture_attention\n",
+        "from vitviz.cli import collect_images",
+        "from vitviz import cli",
     ],
 )
 def test_the_app_rule_sees_every_spelling_of_a_forbidden_import(source: str) -> None:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
 CHECKPOINTS = ASSETS / "checkpoints"
 SAMPLES = ASSETS / "samples"
+MASKS = ASSETS / "masks"
 DEFAULT = CHECKPOINTS / "shapes-default.safetensors"
 
 # The default on the 1,000 test images (docs/training.md). The evaluation is deterministic on one
@@ -169,11 +170,12 @@ def test_default_was_not_trained_on_the_test_split() -> None:
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_sample_images_are_held_out_test_images_named_by_class(name: str) -> None:
-    """Sample <class>.png is shapes test image i = the class's index (labels cycle through the classes)."""
+    """Sample <class>.png is shapes test image i = the class's index (labels cycle through the classes); its
+    object mask is masks/<class>.png."""
     image, mask, scene = ShapesDataset(split="test", img_size=(64, 64)).render(SHAPES.index(name))
     assert SHAPE_CLASSES[scene.label] == name
     assert np.array_equal(np.asarray(Image.open(SAMPLES / f"{name}.png").convert("RGB")), image)
-    assert np.array_equal(np.asarray(Image.open(SAMPLES / f"{name}-mask.png")) > 127, mask)
+    assert np.array_equal(np.asarray(Image.open(MASKS / f"{name}.png")) > 127, mask)
 
 
 def test_assets_fit_the_size_budget() -> None:

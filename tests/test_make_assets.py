@@ -1,5 +1,6 @@
 """training.make_assets: a finished run is copied into the bundle (checkpoint, curves, snapshots), snapshots of
-an earlier recipe are removed, and the training processes get the asked-for compute threads."""
+an earlier recipe are removed, the training processes get the asked-for compute threads, and the sample images
+and their masks are written to separate folders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from training import make_assets
 from training.make_assets import Bundle, make_bundle
@@ -78,3 +81,17 @@ def test_the_mnist_bundle_is_evaluated_on_the_bundled_test_set_whatever_the_work
     assert root.is_absolute() and root == make_assets.REPO_ROOT / "assets" / "data" / "mnist"
     assert sorted(p.name for p in root.glob("t10k-*")) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
     assert args[args.index("--split") + 1] == "test[8000:]"  # the 2,000 images mnist-small never trains on
+
+
+def test_samples_and_their_masks_go_to_separate_folders(tmp_path: Path) -> None:
+    """The samples folder holds only images to analyse; the masks are the bundled ones, under the same names."""
+    written = make_assets.write_samples(tmp_path / "samples", tmp_path / "masks")
+    names = sorted(p.name for p in written)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == names
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == names
+    for name in names:
+        for kind in ("samples", "masks"):
+            fresh, bundled = (
+                np.asarray(Image.open(folder / kind / name)) for folder in (tmp_path, make_assets.REPO_ROOT / "assets")
+            )
+            assert np.array_equal(fresh, bundled), f"{kind}/{name}"

@@ -24,7 +24,7 @@ from vitviz.tokens import token_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
-SAMPLES = sorted(p for p in (ROOT / "assets" / "samples").glob("*.png") if not p.stem.endswith("-mask"))
+SAMPLES = sorted((ROOT / "assets" / "samples").glob("*.png"))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

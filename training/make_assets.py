@@ -6,7 +6,7 @@ test split, and the script prints every step's wall time and CPU time and a tabl
 
     python -m training.make_assets                                  # everything
     python -m training.make_assets --only shapes-default shapes-finetune-hires
-    python -m training.make_assets --samples-only                   # just assets/samples
+    python -m training.make_assets --samples-only                   # just assets/samples and assets/masks
 
 Runs are written to runs/assets/<name>/ (``--runs-dir``); an existing finished run is reused unless
 ``--retrain`` is given, so a second call only copies and evaluates. Each training process gets every
@@ -43,9 +43,11 @@ logger = logging.getLogger("training.make_assets")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS_DIR = REPO_ROOT / "assets" / "checkpoints"
 SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
+MASKS_DIR = REPO_ROOT / "assets" / "masks"
 
 # Sample images: test-split image i of every class (labels cycle, so image i has class i), at the
-# default model's input size, with the object mask beside it as <class>-mask.png.
+# default model's input size, as assets/samples/<class>.png; its object mask is assets/masks/<class>.png,
+# kept out of the samples folder so that no mask is ever taken for an image to analyse.
 SAMPLE_IMG_SIZE = (64, 64)
 SAMPLE_SEED = 0
 
@@ -154,18 +156,19 @@ def make_bundle(bundle: Bundle, runs_dir: Path, *, retrain: bool, threads: int) 
     }
 
 
-def write_samples(folder: Path = SAMPLES_DIR) -> list[Path]:
-    """Write test-split image i (class i) of every shape class as <class>.png, with <class>-mask.png beside it."""
+def write_samples(folder: Path = SAMPLES_DIR, masks: Path = MASKS_DIR) -> list[Path]:
+    """Write test-split image i (class i) of every shape class as folder/<class>.png, its mask as masks/<class>.png."""
     from training.data.shapes import SHAPE_CLASSES, ShapesDataset
 
     folder.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
     test = ShapesDataset(split="test", img_size=SAMPLE_IMG_SIZE, seed=SAMPLE_SEED)
     written = []
     for index, name in enumerate(SHAPE_CLASSES):
         image, mask, scene = test.render(index)
         assert SHAPE_CLASSES[scene.label] == name
         Image.fromarray(image).save(folder / f"{name}.png", optimize=True)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{name}-mask.png", optimize=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"{name}.png", optimize=True)
         written.append(folder / f"{name}.png")
     return written
 
@@ -183,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="compute threads per run (default: every core)"
     )
-    parser.add_argument("--samples-only", action="store_true", help="only write assets/samples")
+    parser.add_argument("--samples-only", action="store_true", help="only write assets/samples and assets/masks")
     args = parser.parse_args(argv)
 
     samples = write_samples()

@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay f
 
 logger = logging.getLogger("vitviz")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXIT_USER_ERROR = 2
 
 
@@ -141,23 +140,6 @@ def _open_slice(slice_: Any, loaded: LoadedModel, download: bool) -> Any:
     )
 
 
-def collect_images(paths: Sequence[str]) -> list[Path]:
-    """Expand files and folders (their image files, sorted) into a list of files."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise VitvizError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {raw}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise VitvizError(f"no such image file or folder: {raw}")
-    return files
-
-
 def _load(args: argparse.Namespace) -> LoadedModel:
     from vitviz.models import load_model
 
@@ -226,6 +208,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vitviz import analyses as registry
+    from vitviz.imagefiles import collect_images
     from vitviz.pipeline import IMAGE_ANALYSES, image_analyses
 
     analyses = registry.parse(args.analyses)
@@ -330,6 +313,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vitviz.faithfulness import FaithfulnessOptions, parse_methods, run_faithfulness
+    from vitviz.imagefiles import collect_images
     from vitviz.pipeline import model_card
 
     options = FaithfulnessOptions(  # checks methods, steps, batch size before anything is loaded

@@ -6,8 +6,10 @@ Two layouts:
   another order, and it is the same on every machine.
 - root/train/<class>/..., root/val/<class>/... (and optionally root/test/<class>/...): used as given;
   the class names come from train/.
-Images are decoded by vitviz's one image loader (`vitviz.images.decode_image`: safe formats, EXIF
-orientation, transparency on grey) and served as RGB.
+A class's images are the image files in its folder and in that folder's visible sub-folders, by the rule
+of `vitviz.imagefiles` that the CLI's --images and the studio's samples follow too (visible files in a
+format vitviz decodes; links to folders are not followed). Images are decoded by vitviz's one image loader
+(`vitviz.images.decode_image`: safe formats, EXIF orientation, transparency on grey) and served as RGB.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +24,14 @@ from PIL import Image
 
 from vitviz.data.base import VisionDataset
 from vitviz.errors import VitvizError
-from vitviz.images import ALLOWED_FORMATS, decode_image
+from vitviz.imagefiles import image_extensions, images_under
+from vitviz.images import decode_image
 
 log = logging.getLogger(__name__)
 
 HASH_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 _SPLIT_FOLDER_ALIASES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 _HASH_BUCKETS = 10_000
-
-
-@lru_cache(maxsize=1)
-def _image_extensions() -> tuple[str, ...]:
-    """File extensions of the formats vitviz.images will decode, so no listed file is refused later."""
-    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in ALLOWED_FORMATS))
-
-
-def _is_image_file(path: str) -> bool:
-    # Hidden files such as macOS "._photo.jpg" resource forks carry image extensions but are not images.
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(_image_extensions())
 
 
 def find_class_folders(directory: Path) -> list[str]:
@@ -92,14 +82,14 @@ class ImageFolderDataset(VisionDataset):
             samples = self._list_images(split_folder, class_names)
             if not samples:
                 raise VitvizError(
-                    f"no images in {split_folder} (looked for {', '.join(_image_extensions())} in its class folders)"
+                    f"no images in {split_folder} (looked for {', '.join(image_extensions())} in its class folders)"
                 )
         else:
             class_names = find_class_folders(root)
             all_samples = self._list_images(root, class_names)
             if not all_samples:
                 raise VitvizError(
-                    f"no images in {root}: put them in one subfolder per class (looked for {', '.join(_image_extensions())})"
+                    f"no images in {root}: put them in one subfolder per class (looked for {', '.join(image_extensions())})"
                 )
             samples = [
                 (path, label) for path, label in all_samples if hash_split(path.relative_to(root).as_posix()) == split
@@ -118,13 +108,7 @@ class ImageFolderDataset(VisionDataset):
 
     @staticmethod
     def _list_images(directory: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-        if not class_names:
-            return []
-        from torchvision.datasets.folder import make_dataset
-
-        class_to_idx = {name: index for index, name in enumerate(class_names)}
-        found = make_dataset(str(directory), class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
-        return [(Path(path), label) for path, label in found]
+        return [(path, label) for label, name in enumerate(class_names) for path in images_under(directory / name)]
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from vitviz import runs as run_folders
-from vitviz.cli import IMAGE_SUFFIXES
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_bytes
+from vitviz.imagefiles import images_in
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO_ROOT / "assets"
@@ -42,7 +42,6 @@ HF = "hf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
-_MASK_SUFFIXES = ("-mask", "_mask")
 
 
 def runs_dir() -> Path:
@@ -267,7 +266,8 @@ class SampleSet:
 def discover_sample_sets(samples: Path | None = None) -> list[SampleSet]:
     """Image sets under assets/samples: each sub-folder is a set; loose files form the set "samples".
 
-    Files whose name ends in -mask or _mask (object masks) are not images to analyse and are skipped.
+    A set's files are its folder's image files (`vitviz.imagefiles`, the rule the CLI's --images follows),
+    less any that is a symbolic link or resolves outside the folder: a sample name never reaches another file.
     """
     samples = SAMPLES_DIR if samples is None else samples
     if not samples.is_dir():
@@ -286,12 +286,4 @@ def discover_sample_sets(samples: Path | None = None) -> list[SampleSet]:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and _real_child(p, folder)
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not p.name.startswith(".")
-        and not p.stem.lower().endswith(_MASK_SUFFIXES)
-    )
+    return [p for p in images_in(folder) if _real_child(p, folder)]
