@@ -24,6 +24,7 @@ from vitviz.analyses.base import (
     Option,
     Stream,
     StreamContext,
+    at_least,
     check_target_class,
 )
 from vitviz.errors import VitvizError
@@ -51,14 +52,10 @@ __all__ = [
 _REGISTRY: dict[str, Analysis] = {}
 
 
-def _positive_int(value: Any) -> str | None:
-    return None if isinstance(value, int) and value >= 1 else "must be at least 1"
-
-
 # Options more than one analysis reads.
 SHARED_OPTIONS = (
     Option("target_class", None, "the class gradient rollout and the logit lens follow (default: the prediction)", int),
-    Option("batch_size", 16, "images per forward", int, _positive_int),
+    Option("batch_size", 16, "images per forward", int, at_least(1)),
 )
 
 

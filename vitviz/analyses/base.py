@@ -155,3 +155,14 @@ def images_batch(images: Any, start: int, stop: int) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[start:stop]
     return torch.stack([images[index] for index in range(start, stop)])
+
+
+def at_least(minimum: int) -> Callable[[Any], str | None]:
+    """An option check: an integer of at least `minimum`."""
+    wording = "must be 0 or more" if minimum == 0 else f"must be at least {minimum}"
+    return lambda value: None if isinstance(value, int) and value >= minimum else wording
+
+
+def one_of(choices: Sequence[str]) -> Callable[[Any], str | None]:
+    """An option check: one of `choices`."""
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext
+from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext, one_of
 
 if TYPE_CHECKING:
     from vitviz.analysis.distance import AttentionDistance
@@ -105,10 +105,6 @@ def _figures(d: DistanceResult, _context: FigureContext) -> Figures:
     yield "distance", paper.distance_figure(d.pixels, std=d.std)
 
 
-def _one_of(choices: Sequence[str]) -> Any:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
 ANALYSIS = register(
     Analysis(
         name="distance",
@@ -124,7 +120,7 @@ ANALYSIS = register(
                 "paper",
                 "paper (the authors' definition) or renormalised",
                 str,
-                _one_of(DISTANCE_MODES),
+                one_of(DISTANCE_MODES),
             ),
         ),
         stream=_DistanceStream,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, NotApplicable, Option
+from vitviz.analyses.base import Analysis, FigureContext, Figures, NotApplicable, Option, at_least
 
 if TYPE_CHECKING:
     from vitviz.models import LoadedModel
@@ -65,10 +65,6 @@ def _figures(result: FilterResult, _context: FigureContext) -> Figures:
     yield "filters", paper.filters_figure(result.components, result.explained_variance_ratio)
 
 
-def _at_least_one(value: Any) -> str | None:
-    return None if isinstance(value, int) and value >= 1 else "must be at least 1"
-
-
 ANALYSIS = register(
     Analysis(
         name="filters",
@@ -76,7 +72,7 @@ ANALYSIS = register(
         summary="the patch-embedding filters' principal components",
         order=10,
         default=True,
-        options=(Option("components", 28, "principal components of the filters", int, _at_least_one),),
+        options=(Option("components", 28, "principal components of the filters", int, at_least(1)),),
         compute=lambda loaded, options: filters(loaded, options.components),
         to_json=_json,
         figures=_figures,

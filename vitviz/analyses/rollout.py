@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext
+from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext, at_least, one_of
 from vitviz.errors import VitvizError
 
 if TYPE_CHECKING:
@@ -144,18 +144,10 @@ def _check_start_layer(loaded: LoadedModel, options: Any) -> None:
         raise VitvizError(f"--start-layer {options.start_layer} is past the last layer ({depth - 1})")
 
 
-def _head_fusion(value: Any) -> str | None:
-    return None if value in HEAD_FUSIONS else f"must be one of {', '.join(HEAD_FUSIONS)}"
-
-
 def _discard_ratio(value: Any) -> str | None:
     if not 0.0 <= float(value) < 1.0:  # the kernel's own wording, as the studio shows it
         raise VitvizError(f"discard ratio must be in [0, 1), got {value}")
     return None
-
-
-def _start_layer(value: Any) -> str | None:
-    return None if isinstance(value, int) and value >= 0 else "must be 0 or more"
 
 
 ANALYSIS = register(
@@ -168,11 +160,11 @@ ANALYSIS = register(
         needs_attention=True,
         over_dataset=True,
         options=(
-            Option("head_fusion", "mean", "rollout: how heads are fused: mean, max or min", str, _head_fusion),
+            Option("head_fusion", "mean", "rollout: how heads are fused: mean, max or min", str, one_of(HEAD_FUSIONS)),
             Option(
                 "discard_ratio", 0.0, "rollout: share of the weakest links dropped, in [0, 1)", float, _discard_ratio
             ),
-            Option("start_layer", 0, "rollout: first layer multiplied in", int, _start_layer),
+            Option("start_layer", 0, "rollout: first layer multiplied in", int, at_least(0)),
         ),
         empty=(),
         check_model=_check_start_layer,
