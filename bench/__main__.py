@@ -26,7 +26,7 @@ from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
-FAMILIES = ("capture", "families", "memory", "distance", "tokens", "faithfulness", "train", "app")
+FAMILIES = ("capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "app")
 
 
 FULL = Plan(
@@ -114,6 +114,12 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
         from bench.families import family_figures
 
         for figure in family_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    if "extract" in families:
+        from bench.extract import extract_figures
+
+        for figure in extract_figures(plan):
             figures.append(figure)
             _log(figure)
     if "memory" in families:

@@ -100,6 +100,23 @@ def test_family_figures_cover_each_newer_family_and_gradient_rollout(tmp_path: P
     assert gradient["target"] is None and "forward + backward" in gradient["baseline"]
 
 
+def test_extract_figures_set_the_capture_against_timms_attention_extract(tmp_path: Path) -> None:
+    figures = _run_bench(tmp_path, "--only", "extract")["figures"]
+    for figure in figures:
+        _check_figure(figure)
+    labels = [f["name"].removeprefix("extract ").split(":")[0] for f in figures]
+    assert labels == ["ViT", "DeiT distilled", "DINOv2 + 4 registers", "EVA-02", "rope ViT", "BEiT", "relpos ViT"]
+    assert all(f["name"].endswith("batch 2") for f in figures)  # the tiny plan's batch
+    for figure in figures:
+        assert (figure["better"], figure["target"], figure["unit"]) == ("lower", 1.0, "ratio")
+        assert figure["baseline"].startswith("timm AttentionExtract (fx, fused attention off)")
+        assert "plain fused forward (floor)" in figure["baseline"]
+        rounds = figure["detail"]["round_ratios"]
+        assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
+        floor = figure["detail"]["floor"]
+        assert floor["capture_over_plain"] > 0 and floor["baseline_s"] > 0 and figure["detail"]["layers"] == 1
+
+
 def test_token_figures_are_the_memory_of_tokens_and_features_and_the_time_of_tokens(tmp_path: Path) -> None:
     memory, timing = _run_bench(tmp_path, "--only", "tokens")["figures"]
     for figure in (memory, timing):

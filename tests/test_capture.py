@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import timm
@@ -25,7 +27,11 @@ from vitviz.capture import (
     attention_gradients,
     attention_maps,
     capture_attention,
+    readers,
+    unreadable_reason,
 )
+from vitviz.capture.core import Reader
+from vitviz.capture.standard import plain_site
 from vitviz.errors import VitvizError
 from vitviz.tokens import token_layout
 
@@ -249,6 +255,48 @@ def test_refuses_training_mode_and_unsupported_models() -> None:
     resnet = timm.create_model("resnet18", pretrained=False).eval()
     with pytest.raises(VitvizError, match="no transformer blocks"):
         attention_maps(resnet, torch.zeros(1, 3, 64, 64))
+
+
+class _OwnForwardAttention(timm.layers.Attention):
+    """timm's attention with a forward of its own (the same computation): no reader in the declared list takes
+    it until a family declares one."""
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return super().forward(*args, **kwargs)
+
+
+def test_a_new_family_is_one_reader_in_the_declared_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = attention_maps(model, images)
+    own = copy.deepcopy(model)
+    for block in own.blocks:
+        block.attn.__class__ = _OwnForwardAttention
+    assert "_OwnForwardAttention" in (unreadable_reason(own) or "")
+
+    def own_site(block: torch.nn.Module, model: torch.nn.Module) -> object:
+        return plain_site(block.attn) if isinstance(getattr(block, "attn", None), _OwnForwardAttention) else None
+
+    monkeypatch.setattr(readers, "READERS", (*readers.READERS, Reader("own attention", own_site)))
+    assert unreadable_reason(own) is None
+    for got, want in zip(attention_maps(own, images), expected, strict=True):
+        assert torch.equal(got, want)
+    assert _hook_count(own) == 0
+
+
+def test_every_family_module_declares_a_reader_in_the_declared_list() -> None:
+    """A family module whose reader is not listed would never be asked; every listed reader is some module's."""
+    package = Path(readers.__file__).parent
+    core = {"__init__", "api", "consumers", "core", "explicit", "readers"}
+    declared = []
+    for path in sorted(package.glob("*.py")):
+        if path.stem in core:
+            continue
+        module = importlib.import_module(f"vitviz.capture.{path.stem}")
+        found = [value for value in vars(module).values() if isinstance(value, Reader)]
+        assert found, f"{path.name} declares no Reader"
+        declared.extend(found)
+    assert set(declared) == set(readers.READERS) and len(readers.READERS) == len(set(readers.READERS))
 
 
 class _LiveAttentionTracker:

@@ -540,28 +540,16 @@ def write_figures(
     files: Sequence[Path],
 ) -> list[Path]:
     """The paper-style matplotlib figures of every analysis that ran and has figures, as PNG and SVG."""
-    from vitviz import analyses as registry
-    from vitviz.images import to_display
+    from vitviz.pipeline import analysis_figures
     from vitviz.plots import paper
 
-    meta = loaded.meta
-    pictures = [to_display(image, meta.mean, meta.std) for image in images] if images is not None else []
-    context = registry.FigureContext(
-        loaded,
-        pictures=pictures,
-        stems=[f"{index:03d}-{path.stem}" for index, path in enumerate(files)],
-        names=[path.name for path in files],
-    )
     results = dict(weight_results)
     if image_results is not None:
         results.update(image_results.by_name)
+    shown = images if images is not None else []
     written: list[Path] = []
-    for analysis in registry.analyses():
-        result = results.get(analysis.name)
-        if analysis.figures is None or result is None or isinstance(result, registry.NotApplicable):
-            continue
-        for stem, figure in analysis.figures(result, context):
-            written += paper.save_figure(figure, folder / stem)
+    for stem, figure in analysis_figures(loaded, results, shown, [str(f) for f in files] if images is not None else []):
+        written += paper.save_figure(figure, folder / stem)
     return written
 
 

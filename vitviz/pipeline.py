@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,7 @@ __all__ = [
     "RolloutResult",
     "TokensResult",
     "TopK",
+    "analysis_figures",
     "attention_not_applicable",
     "dataset_analyses",
     "filters",
@@ -91,6 +93,7 @@ __all__ = [
     "parse_analyses",
     "position",
     "resampled_position",
+    "run_analysis",
     "scaled_for_display",
     "top_k",
 ]
@@ -445,6 +448,46 @@ def _queries(query_acc: QueryAttention, layout: TokenLayout) -> tuple[QueryAtten
         )
         for b in range(rows.shape[1])
     )
+
+
+def run_analysis(
+    loaded: LoadedModel,
+    name: str,
+    images: torch.Tensor | Sequence[torch.Tensor] = (),
+    options: AnalysisOptions | None = None,
+    progress: Progress | None = None,
+) -> Any:
+    """One registered analysis by name: of the weights, or of the preprocessed `images` (image_analyses)."""
+    analysis = registry.get(name)
+    options = AnalysisOptions() if options is None else options
+    if analysis.compute is not None:
+        options.check_model(loaded, [name])
+        return analysis.compute(loaded, options)
+    return image_analyses(loaded, images, [name], options, progress)[name]
+
+
+def analysis_figures(
+    loaded: LoadedModel,
+    results: Mapping[str, Any],
+    images: torch.Tensor | Sequence[torch.Tensor] = (),
+    image_names: Sequence[str] = (),
+) -> Iterator[tuple[str, Any]]:
+    """(file stem, matplotlib figure) for every result (by analysis name) whose analysis draws figures, in the
+    registry's order; per-image figures are drawn over the preprocessed `images`, named after `image_names`."""
+    from vitviz.images import to_display
+
+    meta = loaded.meta
+    names = [PurePath(name) for name in image_names]
+    context = registry.FigureContext(
+        loaded,
+        pictures=[to_display(images[index], meta.mean, meta.std) for index in range(len(names))],
+        stems=[f"{index:03d}-{name.stem}" for index, name in enumerate(names)],
+        names=[name.name for name in names],
+    )
+    for analysis in registry.analyses():
+        result = results.get(analysis.name)
+        if analysis.figures is not None and result is not None and not isinstance(result, NotApplicable):
+            yield from analysis.figures(result, context)
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,15 @@ class Option:
     help: str
     type: Callable[[str], Any] = str
     check: Callable[[Any], str | None] | None = None  # the problem with a value, in one line, or None
+    choices: tuple[str, ...] = ()  # the values it takes, when they are a list (checked when `check` is None)
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
     def validate(self, value: Any) -> None:
-        problem = self.check(value) if self.check is not None else None
+        check = self.check or (one_of(self.choices) if self.choices else None)
+        problem = check(value) if check is not None else None
         if problem is not None:
             raise VitvizError(f"{self.flag} {problem}, got {value!r}")
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext, one_of
+from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext
 
 if TYPE_CHECKING:
     from vitviz.analysis.distance import AttentionDistance
@@ -120,7 +120,7 @@ ANALYSIS = register(
                 "paper",
                 "paper (the authors' definition) or renormalised",
                 str,
-                one_of(DISTANCE_MODES),
+                choices=DISTANCE_MODES,
             ),
         ),
         stream=_DistanceStream,

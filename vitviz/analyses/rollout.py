@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vitviz.analyses import register
-from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext, at_least, one_of
+from vitviz.analyses.base import Analysis, FigureContext, Figures, Option, Stream, StreamContext, at_least
 from vitviz.errors import VitvizError
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ ANALYSIS = register(
         needs_attention=True,
         over_dataset=True,
         options=(
-            Option("head_fusion", "mean", "rollout: how heads are fused: mean, max or min", str, one_of(HEAD_FUSIONS)),
+            Option("head_fusion", "mean", "rollout: how heads are fused: mean, max or min", str, choices=HEAD_FUSIONS),
             Option(
                 "discard_ratio", 0.0, "rollout: share of the weakest links dropped, in [0, 1)", float, _discard_ratio
             ),

@@ -329,3 +329,74 @@ def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[
         methods=methods,
         sanity=sanity,
     )
+
+
+# --- any registered analysis, as the CLI writes it (disk cache) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalysisOutput:
+    """What `python -m vitviz analyze --analyses NAME --json --figures` writes for one analysis: its JSON section
+    and its figures as PNG bytes (file stem, bytes); `not_applicable` is the reason when it does not apply."""
+
+    section: str  # JSON text
+    figures: tuple[tuple[str, bytes], ...]
+    not_applicable: str | None = None
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "section": np.asarray(self.section),
+            "stems": np.asarray([stem for stem, _ in self.figures], dtype=str),
+            "not_applicable": np.asarray(self.not_applicable or ""),
+        }
+        arrays.update({f"png.{i}": np.frombuffer(png, dtype=np.uint8) for i, (_, png) in enumerate(self.figures)})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> AnalysisOutput:
+        stems = [str(stem) for stem in arrays["stems"]]
+        pngs = [np.asarray(arrays[f"png.{i}"], dtype=np.uint8).tobytes() for i in range(len(stems))]
+        return cls(
+            section=str(arrays["section"]),
+            figures=tuple(zip(stems, pngs)),
+            not_applicable=str(arrays["not_applicable"]) or None,
+        )
+
+
+def registered_analysis(
+    loaded: LoadedModel, name: str, images: Sequence[InputImage], options: AnalysisOptions
+) -> AnalysisOutput:
+    """One registered analysis on `images` (ignored by analyses of the weights): the JSON section and the figures
+    the CLI writes, through the same registry and pipeline."""
+    import dataclasses
+    import io
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from vitviz import analyses as registry
+
+    analysis = registry.get(name)
+    shown = images if analysis.on_images else []
+    key = cache_key(
+        f"analysis-{name}",
+        model=loaded.content_hash,
+        images=[image.digest for image in shown],
+        options=dataclasses.asdict(options),
+    )
+
+    def compute() -> AnalysisOutput:
+        inputs = ModelInputs(loaded, shown)
+        result = pipeline.run_analysis(loaded, name, inputs, options)
+        section = json.dumps(registry.section(analysis, result, [image.name for image in shown]))
+        if isinstance(result, NotApplicable):
+            return AnalysisOutput(section=section, figures=(), not_applicable=result.reason)
+        figures = []
+        for stem, figure in pipeline.analysis_figures(loaded, {name: result}, inputs, [i.name for i in shown]):
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            figures.append((stem, buffer.getvalue()))
+        return AnalysisOutput(section=section, figures=tuple(figures))
+
+    return cached_result(f"analysis-{name}", key, compute, AnalysisOutput.to_arrays, AnalysisOutput.from_arrays)

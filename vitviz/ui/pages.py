@@ -58,6 +58,12 @@ PAGES: tuple[Page, ...] = (
         "what the tokens carry: high-norm tokens, attention to prefix tokens, feature PCA, head maps, logit lens.",
     ),
     Page(
+        "vitviz/ui/explore.py",
+        "Every analysis",
+        "analyses",
+        "any analysis vitviz has, with the figures and JSON the command line writes for it.",
+    ),
+    Page(
         "vitviz/ui/trust.py",
         "Which map to trust?",
         "trust",
