@@ -466,3 +466,30 @@ def test_renderers_refuse_what_they_do_not_know() -> None:
         paper.render_matplotlib(object())
     with pytest.raises(TypeError, match="no plotly renderer"):
         interactive.render_plotly(object())
+
+
+def test_faithfulness_and_sanity_curves_are_drawn_alike_by_both_renderers() -> None:
+    deletion = {"rollout": np.array([[1.0, 0.5, 0.0], [0.8, 0.4, 0.2]]), "random": np.array([1.0, 0.9, 0.5])}
+    insertion = {name: curves[..., ::-1] for name, curves in deletion.items()}
+    description = figures.describe_faithfulness_curves(deletion, insertion, title="shapes")
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    assert drawn._suptitle.get_text() == shown.layout.title.text == "shapes"
+    assert [ax.get_title() for ax in drawn.axes] == [note.text for note in shown.layout.annotations]
+    assert [ax.get_xlabel() for ax in drawn.axes] == [shown.layout.xaxis.title.text, shown.layout.xaxis2.title.text]
+    assert drawn.axes[0].get_ylabel() == shown.layout.yaxis.title.text == "probability of the target class"
+    assert drawn.axes[0].get_ylim() == tuple(shown.layout.yaxis.range) == (-0.02, 1.02)
+    assert [ax.get_legend().get_title().get_text() for ax in drawn.axes] == ["Deletion AUC", "Insertion AUC"]
+    assert [trace.legendgrouptitle.text for trace in shown.data] == ["Deletion AUC"] * 2 + ["Insertion AUC"] * 2
+    drawn_lines = [line for ax in drawn.axes for line in ax.lines]
+    assert [line.get_label() for line in drawn_lines] == [trace.name for trace in shown.data]
+    assert [line.get_linestyle() == "--" for line in drawn_lines] == [t.line.dash == "dash" for t in shown.data]
+    assert [matplotlib.colors.to_hex(line.get_color()) for line in drawn_lines] == [t.line.color for t in shown.data]
+
+    sanity = figures.describe_sanity_curve(["head", "block 1"], {"rollout": [1.0, None], "random": [1.0, 0.9]})
+    drawn, shown = paper.render_matplotlib(sanity), interactive.render_plotly(sanity)
+    ax = drawn.axes[0]
+    assert drawn._suptitle.get_text() == shown.layout.title.text == "Sanity check: cascading randomisation"
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(shown.data[0].x) == ["head", "block 1"]
+    assert ax.get_ylim() == tuple(shown.layout.yaxis.range) == (-1.05, 1.05)
+    assert ax.get_ylabel() == shown.layout.yaxis.title.text and ax.get_xlabel() == shown.layout.xaxis.title.text
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), np.asarray(shown.data[0].y, dtype=float))  # NaN gap

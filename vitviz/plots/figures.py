@@ -32,6 +32,8 @@ from vitviz.plots import (
 )
 
 __all__ = [
+    "BASELINE_COLOUR",
+    "BASELINE_METHOD",
     "DEFAULT_COLORMAP",
     "GRID_COLORMAP",
     "MARK_COLOUR",
@@ -46,10 +48,13 @@ __all__ = [
     "Ticks",
     "describe_attention_grid",
     "describe_distance",
+    "describe_faithfulness_curves",
     "describe_filters",
     "describe_position_similarity",
     "describe_rollout",
+    "describe_sanity_curve",
     "describe_training_curves",
+    "method_colour",
     "smoothed",
 ]
 
@@ -169,6 +174,7 @@ class CurveSeries:
     colour: str
     markers: bool
     raw: tuple[float, ...] | None = None  # the unsmoothed values, drawn faintly under `ys`
+    dashed: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,15 +183,23 @@ class CurvePanel:
     x_label: str
     y_label: str
     series: tuple[CurveSeries, ...]
-    percent: bool  # values are fractions, written as percent on the axis
+    percent: bool  # y values are fractions, written as percent on the axis
+    x_percent: bool = False  # the same for x
+    x_range: tuple[float, float] | None = None
+    y_range: tuple[float, float] | None = None
+    legend_title: str | None = None
+    categories: tuple[str, ...] | None = None  # x values are indices into these names
+    zero_line: bool = False  # a faint horizontal line at y = 0
+    empty_text: str = "nothing logged"  # written in a panel without series
 
 
 @dataclass(frozen=True)
 class CurvesFigure:
-    """Line panels side by side; a panel without series says "nothing logged"."""
+    """Line panels side by side, on one y scale when `share_y`."""
 
     panels: tuple[CurvePanel, ...]
     title: str | None
+    share_y: bool = False
 
 
 def _tile_ticks(count: int, tile_len: int, offset: int = 0) -> Ticks:
@@ -446,3 +460,121 @@ def describe_training_curves(
         ),
         title=title,
     )
+
+
+BASELINE_METHOD = "random"  # the map every method should beat: drawn dashed in grey
+BASELINE_COLOUR = "#737373"
+
+
+def method_colour(method: str) -> str:
+    """A map method's colour in every figure: a fixed tab10 colour per known method, `random` grey."""
+    from vitviz.faithfulness import METHODS
+
+    if method == BASELINE_METHOD:
+        return BASELINE_COLOUR
+    others = [m for m in METHODS if m != BASELINE_METHOD]
+    index = others.index(method) if method in others else len(others) + sum(map(ord, method)) % 3
+    return SERIES_COLOURS[index % len(SERIES_COLOURS)]
+
+
+def _mean_curve(curves: np.ndarray) -> np.ndarray:
+    """[S+1] as is, or [images, S+1] averaged over images."""
+    curves = np.asarray(curves, dtype=np.float64)
+    if curves.ndim == 2:
+        return curves.mean(axis=0)
+    if curves.ndim != 1 or curves.size < 2:
+        raise ValueError(f"expected a curve [S+1] or curves [images, S+1], got shape {curves.shape}")
+    return curves
+
+
+def describe_faithfulness_curves(
+    deletion: Mapping[str, np.ndarray],
+    insertion: Mapping[str, np.ndarray],
+    *,
+    title: str | None = None,
+) -> CurvesFigure:
+    """Deletion (left) and insertion (right) curves, one colour per method and `random` dashed, AUC in the legend.
+
+    Args:
+        deletion, insertion: {method: curve [S+1] or curves [images, S+1]}; several images are averaged (the AUC
+            of the mean curve is the mean of the images' AUCs). Point i is drawn at i/S, the share of patches
+            removed (deletion) or restored (insertion).
+    """
+    from vitviz.faithfulness import curve_auc
+
+    if not deletion and not insertion:
+        raise ValueError("no curves to draw")
+    panels = []
+    for curves, name, better, verb in (
+        (deletion, "Deletion", "lower", "removed"),
+        (insertion, "Insertion", "higher", "restored"),
+    ):
+        series = []
+        for method, values in curves.items():
+            curve = _mean_curve(values)
+            series.append(
+                CurveSeries(
+                    label=f"{method} ({curve_auc(curve):.3f})",
+                    xs=tuple(float(v) for v in np.linspace(0.0, 1.0, curve.size)),
+                    ys=tuple(float(v) for v in curve),
+                    colour=method_colour(method),
+                    markers=False,
+                    dashed=method == BASELINE_METHOD,
+                )
+            )
+        panels.append(
+            CurvePanel(
+                title=f"{name} ({better} AUC is better)",
+                x_label=f"fraction of patches {verb}",
+                y_label="probability of the target class",
+                series=tuple(series),
+                percent=False,
+                x_percent=True,
+                x_range=(0.0, 1.0),
+                y_range=(-0.02, 1.02),
+                legend_title=f"{name} AUC",
+                empty_text="",
+            )
+        )
+    return CurvesFigure(panels=tuple(panels), title=title, share_y=True)
+
+
+def describe_sanity_curve(
+    randomised: Sequence[str],
+    spearman: Mapping[str, Sequence[float | None]],
+    *,
+    title: str | None = "Sanity check: cascading randomisation",
+) -> CurvesFigure:
+    """Spearman correlation with the original map after each cascading-randomisation stage, one line per method.
+
+    A stage where a map was constant (NaN or None) leaves a gap.
+    """
+    if not spearman:
+        raise ValueError("no sanity results to draw")
+    stages = tuple(randomised)
+    series = []
+    for method, values in spearman.items():
+        ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        if ys.size != len(stages):
+            raise ValueError(f"{method}: {ys.size} correlations for {len(stages)} stages")
+        series.append(
+            CurveSeries(
+                label=method,
+                xs=tuple(float(i) for i in range(len(stages))),
+                ys=tuple(float(v) for v in ys),
+                colour=method_colour(method),
+                markers=True,
+                dashed=method == BASELINE_METHOD,
+            )
+        )
+    panel = CurvePanel(
+        title="",
+        x_label="randomised up to (cumulative, from the head down)",
+        y_label="Spearman with the original map",
+        series=tuple(series),
+        percent=False,
+        y_range=(-1.05, 1.05),
+        categories=stages,
+        zero_line=True,
+    )
+    return CurvesFigure(panels=(panel,), title=title)

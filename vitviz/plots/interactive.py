@@ -35,9 +35,11 @@ from vitviz.plots.figures import (
     OverlayFigure,
     describe_attention_grid,
     describe_distance,
+    describe_faithfulness_curves,
     describe_filters,
     describe_position_similarity,
     describe_rollout,
+    describe_sanity_curve,
     describe_training_curves,
 )
 
@@ -600,19 +602,26 @@ def _(description: FiltersFigure) -> go.Figure:
 def _(description: CurvesFigure) -> go.Figure:
     panels = description.panels
     fig = make_subplots(
-        rows=1, cols=len(panels), subplot_titles=[panel.title for panel in panels], horizontal_spacing=0.12
+        rows=1,
+        cols=len(panels),
+        subplot_titles=[panel.title for panel in panels],
+        shared_yaxes=description.share_y,
+        horizontal_spacing=0.06 if description.share_y else 0.12,
     )
     for col, panel in enumerate(panels, start=1):
         for series in panel.series:
             mode = "lines+markers" if series.markers else "lines"
+            xs = [panel.categories[int(x)] for x in series.xs] if panel.categories is not None else series.xs
+            line = {"color": series.colour, "dash": "dash" if series.dashed else "solid"}
+            group = {"legendgroup": panel.legend_title, "legendgrouptitle_text": panel.legend_title}
             if series.raw is not None:
                 fig.add_trace(
                     go.Scatter(
-                        x=series.xs,
+                        x=xs,
                         y=series.raw,
                         mode=mode,
                         name=f"{series.label} (raw)",
-                        line={"color": series.colour, "width": 1},
+                        line={**line, "width": 1},
                         opacity=0.3,
                         showlegend=False,
                         hoverinfo="skip",
@@ -620,19 +629,33 @@ def _(description: CurvesFigure) -> go.Figure:
                     row=1,
                     col=col,
                 )
-            fig.add_trace(
-                go.Scatter(x=series.xs, y=series.ys, mode=mode, name=series.label, line={"color": series.colour}),
-                row=1,
-                col=col,
-            )
-        fig.update_xaxes(title=panel.x_label, row=1, col=col)
-        fig.update_yaxes(title=panel.y_label, tickformat=".0%" if panel.percent else None, row=1, col=col)
-        if not panel.series:
+            scatter = go.Scatter(x=xs, y=series.ys, mode=mode, name=series.label, line=line)
+            fig.add_trace(scatter.update(**group) if panel.legend_title else scatter, row=1, col=col)
+        fig.update_xaxes(
+            title=panel.x_label,
+            tickformat=".0%" if panel.x_percent else None,
+            range=list(panel.x_range) if panel.x_range else None,
+            type="category" if panel.categories is not None else None,
+            row=1,
+            col=col,
+        )
+        if col == 1 or not description.share_y:
+            fig.update_yaxes(title=panel.y_label, row=1, col=col)
+        fig.update_yaxes(
+            tickformat=".0%" if panel.percent else None,
+            range=list(panel.y_range) if panel.y_range else None,
+            row=1,
+            col=col,
+        )
+        if panel.zero_line:
+            fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1}, row=1, col=col)
+        if not panel.series and panel.empty_text:
             axis = "" if col == 1 else str(col)
             fig.add_annotation(
-                text="nothing logged", x=0.5, y=0.5, xref=f"x{axis} domain", yref=f"y{axis} domain", showarrow=False
+                text=panel.empty_text, x=0.5, y=0.5, xref=f"x{axis} domain", yref=f"y{axis} domain", showarrow=False
             )
-    fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, hovermode="x unified")
+    legend = {"groupclick": "toggleitem", "tracegroupgap": 12} if any(p.legend_title for p in panels) else {}
+    fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, hovermode="x unified", legend=legend)
     return fig
 
 
@@ -716,59 +739,13 @@ def faithfulness_curves_figure(
 ) -> go.Figure:
     """Deletion (left) and insertion (right) curves, one colour per method and `random` dashed, AUC in the legend.
 
-    The same curves, colours and AUCs as `vitviz.plots.faithfulness.curves_figure`.
+    The same description as `vitviz.plots.faithfulness.curves_figure` draws (`describe_faithfulness_curves`).
 
     Args:
         deletion, insertion: {method: curve [S+1] or curves [images, S+1]}; several images are averaged. Point i
             is drawn at i/S, the share of patches removed (deletion) or restored (insertion).
     """
-    from vitviz.faithfulness import curve_auc
-    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
-
-    if not deletion and not insertion:
-        raise ValueError("no curves to draw")
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        shared_yaxes=True,
-        horizontal_spacing=0.06,
-        subplot_titles=("Deletion (lower AUC is better)", "Insertion (higher AUC is better)"),
-    )
-    for col, (curves, kind, verb) in enumerate(
-        ((deletion, "deletion", "removed"), (insertion, "insertion", "restored")), start=1
-    ):
-        for method, values in curves.items():
-            values = np.asarray(values, dtype=np.float64)
-            curve = values.mean(axis=0) if values.ndim == 2 else values
-            xs = np.linspace(0.0, 1.0, curve.size)
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=curve,
-                    mode="lines",
-                    name=f"{method} ({curve_auc(curve):.3f})",
-                    legendgroup=kind,
-                    legendgrouptitle_text=f"{kind.capitalize()} AUC",
-                    line={
-                        "color": method_colour(method),
-                        "width": 2.2,
-                        "dash": "dash" if method == BASELINE_METHOD else "solid",
-                    },
-                    hovertemplate=f"{method}<br>%{{x:.0%}} of patches {verb}<br>p = %{{y:.3f}}<extra></extra>",
-                ),
-                row=1,
-                col=col,
-            )
-        fig.update_xaxes(title=f"fraction of patches {verb}", range=[0, 1], tickformat=".0%", row=1, col=col)
-    fig.update_yaxes(title="probability of the target class", range=[-0.02, 1.02], row=1, col=1)
-    fig.update_layout(
-        title=title,
-        font=_FONT,
-        margin=_MARGIN,
-        legend={"groupclick": "toggleitem", "tracegroupgap": 12},
-        hovermode="closest",
-    )
-    return fig
+    return render_plotly(describe_faithfulness_curves(deletion, insertion, title=title))
 
 
 def sanity_curve_figure(
@@ -779,35 +756,10 @@ def sanity_curve_figure(
 ) -> go.Figure:
     """Spearman correlation with the original map after each cascading-randomisation stage, one line per method.
 
-    The same lines as `vitviz.plots.faithfulness.sanity_figure`; a stage where a map was constant (NaN or None)
-    leaves a gap.
+    The same description as `vitviz.plots.faithfulness.sanity_figure` draws; a stage where a map was constant
+    (NaN or None) leaves a gap.
     """
-    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
-
-    if not spearman:
-        raise ValueError("no sanity results to draw")
-    stages = list(randomised)
-    fig = go.Figure()
-    for method, values in spearman.items():
-        ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        if ys.size != len(stages):
-            raise ValueError(f"{method}: {ys.size} correlations for {len(stages)} stages")
-        fig.add_trace(
-            go.Scatter(
-                x=stages,
-                y=ys,
-                mode="lines+markers",
-                name=method,
-                line={
-                    "color": method_colour(method),
-                    "width": 2.2,
-                    "dash": "dash" if method == BASELINE_METHOD else "solid",
-                },
-                hovertemplate=f"{method}<br>randomised up to %{{x}}<br>Spearman %{{y:.3f}}<extra></extra>",
-            )
-        )
-    fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1})
-    fig.update_xaxes(title="randomised up to (cumulative, from the head down)", type="category")
-    fig.update_yaxes(title="Spearman with the original map", range=[-1.05, 1.05])
-    fig.update_layout(title=title, font=_FONT, margin=_MARGIN if title else {**_MARGIN, "t": 20})
+    fig = render_plotly(describe_sanity_curve(randomised, spearman, title=title))
+    if not title:
+        fig.update_layout(margin={**_MARGIN, "t": 20})
     return fig

@@ -349,27 +349,46 @@ def _(description: FiltersFigure) -> Figure:
 
 @render_matplotlib.register
 def _(description: CurvesFigure) -> Figure:
-    fig = Figure(figsize=(4.2 * len(description.panels), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(description.panels), squeeze=False)[0]
-    for ax, panel in zip(axes, description.panels):
-        ax.set_title(panel.title, fontsize=_TITLE_SIZE)
+    panels = description.panels
+    width = max((0.45 * len(p.categories) + 2.5 for p in panels if p.categories), default=4.2 * len(panels))
+    fig = Figure(figsize=(max(width, 4.5), 3.4 if len(panels) > 1 or not panels[0].categories else 3.6))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=description.share_y)[0]
+    for ax, panel in zip(axes, panels):
+        if panel.title:
+            ax.set_title(panel.title, fontsize=_TITLE_SIZE)
         ax.set_xlabel(panel.x_label, fontsize=_LABEL_SIZE)
-        ax.set_ylabel(panel.y_label, fontsize=_LABEL_SIZE)
+        if ax is axes[0] or not description.share_y:
+            ax.set_ylabel(panel.y_label, fontsize=_LABEL_SIZE)
         ax.tick_params(labelsize=_TICK_SIZE)
         ax.grid(True, linewidth=0.4, alpha=0.4)
         for series in panel.series:
-            marker = "o" if series.markers else None
+            style = {
+                "color": series.colour,
+                "marker": "o" if series.markers else None,
+                "linestyle": "--" if series.dashed else "-",
+            }
             if series.raw is not None:
-                ax.plot(series.xs, series.raw, color=series.colour, linewidth=0.8, alpha=0.3, marker=marker, ms=2)
-            ax.plot(series.xs, series.ys, color=series.colour, marker=marker, ms=3, lw=1.2, label=series.label)
+                ax.plot(series.xs, series.raw, linewidth=0.8, alpha=0.3, markersize=2, **style)
+            ax.plot(series.xs, series.ys, markersize=3, linewidth=1.4, label=series.label, **style)
+        if panel.zero_line:
+            ax.axhline(0.0, color="0.7", linewidth=0.8)
+        if panel.categories is not None:
+            ax.set_xticks(range(len(panel.categories)), panel.categories, rotation=45, ha="right")
+        if panel.x_percent:
+            ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
         if panel.percent:
             ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        if panel.x_range is not None:
+            ax.set_xlim(*panel.x_range)
+        if panel.y_range is not None:
+            ax.set_ylim(*panel.y_range)
         if panel.series:
-            ax.legend(fontsize=7, frameon=False)
-            if panel.percent:
+            ax.legend(fontsize=7, frameon=False, title=panel.legend_title, title_fontsize=7)
+            if panel.percent and panel.y_range is None:
                 ax.set_ylim(0, 1)
-        else:
-            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
+        elif panel.empty_text:
+            ax.text(0.5, 0.5, panel.empty_text, ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
     if description.title:
         fig.suptitle(description.title, fontsize=_TITLE_SIZE)
     return fig
