@@ -12,7 +12,7 @@ import pytest
 from matplotlib.image import AxesImage
 from PIL import Image
 
-from vitviz.plots import interactive, paper, tile_mosaic
+from vitviz.plots import figures, interactive, paper, tile_mosaic
 
 RNG = np.random.default_rng(0)
 
@@ -128,10 +128,13 @@ def test_paper_rollout_overlay_side_by_side(tmp_path: Path) -> None:
     image = RNG.integers(0, 256, size=(40, 80, 3), dtype=np.uint8)
     relevance = RNG.uniform(size=(2, 4))
     fig = paper.rollout_overlay_figure(image, relevance, title="Rollout")
-    pictures = [images_of(ax)[0].get_array() for ax in fig.axes if images_of(ax)]
-    assert len(pictures) == 2
-    np.testing.assert_array_equal(pictures[0], image)
-    np.testing.assert_array_equal(pictures[1], paper.overlay_image(image, relevance))
+    left, right = [ax for ax in fig.axes if images_of(ax)]
+    np.testing.assert_array_equal(images_of(left)[0].get_array(), image)
+    under, heat = images_of(right)  # the picture, then the map laid over it at token resolution
+    np.testing.assert_array_equal(under.get_array(), image)
+    np.testing.assert_allclose(heat.get_array(), relevance / relevance.max())
+    assert heat.get_alpha() == 0.5 and heat.get_interpolation() == "nearest"
+    assert heat.get_extent() == [-0.5, 79.5, 39.5, -0.5]  # stretched over the picture's pixels
     width, height = saved_png_size(fig, tmp_path / "rollout")
     assert width > 2.5 * height  # two 2:1 panels side by side
 
@@ -279,7 +282,8 @@ def test_paper_training_curves_match_the_interactive_series(tmp_path: Path) -> N
     assert set(lines) == {steps_loss, steps_acc, "train loss (epoch)", "eval accuracy (epoch)"}  # lr: neither
     assert {line.get_label() for line in loss_ax.lines} == {steps_loss, "train loss (epoch)"}
     assert list(lines[steps_loss].get_xdata()) == [20, 60] and list(lines[steps_loss].get_ydata()) == [2.3, 1.7]
-    assert list(lines[steps_acc].get_ydata()) == pytest.approx([10.0, 20.0, 50.0])  # percent
+    assert list(lines[steps_acc].get_ydata()) == pytest.approx([0.1, 0.2, 0.5])  # fractions, as in the app...
+    assert fig.axes[1].yaxis.get_major_formatter()(0.5, 0) == "50%"  # ...written as percent on the axis
     assert list(lines["eval accuracy (epoch)"].get_xdata()) == [40]
     plotly_fig = interactive.training_curves_figure(records)
     assert {trace.name: list(trace.y) for trace in plotly_fig.data}[steps_acc] == [0.1, 0.2, 0.5]
@@ -307,3 +311,185 @@ def test_interactive_figures_avoid_streamlits_placeholder_colours() -> None:
         0.0,
         "rgb(0, 0, 4)",
     )  # the same colour, written so the theme leaves it alone
+
+
+# --- one description, two renderers ------------------------------------------------------------------
+
+
+def _mpl_title(fig: matplotlib.figure.Figure, ax: matplotlib.axes.Axes) -> str:
+    return ax.get_title() or (fig._suptitle.get_text() if fig._suptitle else "")
+
+
+def _colorbar_label(image: AxesImage) -> str:
+    return image.colorbar.ax.get_ylabel()
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        figures.describe_position_similarity(RNG.uniform(-1, 1, size=(3, 4, 3, 4)), vmin=-0.5, colormap="cividis"),
+        figures.describe_attention_grid(
+            RNG.dirichlet(np.ones(4), size=(3, 2)).reshape(3, 2, 2, 2), query=(1, 0), first_layer=2
+        ),
+        figures.describe_attention_grid(RNG.dirichlet(np.ones(4), size=(2, 2)).reshape(2, 2, 2, 2), per_tile=True),
+    ],
+    ids=["position", "attention-grid", "attention-grid-per-tile"],
+)
+def test_a_mosaic_description_is_drawn_alike_by_both_renderers(description: figures.MosaicFigure) -> None:
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    ax = drawn.axes[0]
+    (image,) = images_of(ax)
+    heat = shown.data[0]
+    assert shown.layout.title.text == ax.get_title() == description.title
+    assert shown.layout.xaxis.title.text == ax.get_xlabel() == description.x_label
+    assert shown.layout.yaxis.title.text == ax.get_ylabel() == description.y_label
+    assert (heat.zmin, heat.zmax) == image.get_clim() == (description.vmin, description.vmax)
+    assert list(shown.layout.xaxis.ticktext) == [t.get_text() for t in ax.get_xticklabels()]
+    assert list(shown.layout.yaxis.ticktext) == [t.get_text() for t in ax.get_yticklabels()]
+    np.testing.assert_allclose(shown.layout.yaxis.tickvals, ax.get_yticks())
+    assert heat.colorbar.title.text == _colorbar_label(image) == description.colorbar_label
+    assert image.get_cmap().name.startswith(description.colormap)
+    assert [list(stop) for stop in heat.colorscale] == interactive.rgb_colorscale(description.colormap)
+    np.testing.assert_allclose(np.asarray(heat.z, dtype=float), description.mosaic, atol=1e-6)
+    np.testing.assert_allclose(np.ma.filled(image.get_array().astype(float), np.nan), description.mosaic)
+    if description.marks:
+        marks = shown.data[1]
+        (outline,) = ax.collections
+        np.testing.assert_allclose(outline.get_offsets(), np.column_stack([marks.x, marks.y]))
+    assert shown.layout.yaxis.ticktext[0] == str(description.row_offset + 1)
+
+
+@pytest.mark.parametrize("input_title", [None, "Input"])
+def test_an_overlay_description_is_drawn_alike_by_both_renderers(input_title: str | None) -> None:
+    image = RNG.integers(0, 256, size=(32, 64, 3), dtype=np.uint8)
+    description = figures.describe_rollout(
+        image, RNG.uniform(size=(2, 4)), title="Rollout: a.png", opacity=0.3, input_title=input_title
+    )
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    axes = [ax for ax in drawn.axes if images_of(ax)]
+    assert len(axes) == (2 if input_title else 1)
+    under, over = images_of(axes[-1])
+    heat = next(trace for trace in shown.data if trace.type == "heatmap")
+    np.testing.assert_array_equal(under.get_array(), image)
+    assert shown.layout.title.text == axes[-1].get_title() == "Rollout: a.png"
+    assert (heat.zmin, heat.zmax) == over.get_clim() == (0.0, 1.0)
+    assert heat.opacity == over.get_alpha() == 0.3
+    assert heat.zsmooth is False and over.get_interpolation() == "nearest"  # token resolution in both
+    assert heat.colorbar.title.text == _colorbar_label(over) == "Relevance (÷ max)"
+    assert over.get_cmap().name == "viridis" and heat.colorscale[0][1] == "rgb(68, 1, 84)"  # viridis' first stop
+    np.testing.assert_allclose(np.asarray(heat.z), over.get_array())
+    assert [trace.type for trace in shown.data].count("image") == len(axes)
+    if input_title:
+        assert axes[0].get_title() == input_title == shown.layout.annotations[0].text
+    smooth = figures.describe_rollout(image, RNG.uniform(size=(2, 4)), smooth=True)
+    assert interactive.render_plotly(smooth).data[-1].zsmooth == "best"
+    assert images_of(paper.render_matplotlib(smooth).axes[0])[1].get_interpolation() == "bilinear"
+
+
+def test_a_distance_description_is_drawn_alike_by_both_renderers() -> None:
+    description = figures.describe_distance(RNG.uniform(5, 100, size=(20, 12)), std=np.ones((20, 12)), title="d")
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    ax = drawn.axes[0]
+    assert shown.layout.title.text == ax.get_title() == "d"
+    assert shown.layout.xaxis.title.text == ax.get_xlabel() and shown.layout.yaxis.title.text == ax.get_ylabel()
+    assert tuple(shown.layout.yaxis.range) == ax.get_ylim() == description.y_range
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert list(shown.layout.xaxis.ticktext) == ticks == [str(i) for i in range(1, 21, 2)]  # 20 layers: thinned
+    assert [trace.name for trace in shown.data] == [t.get_text() for t in ax.get_legend().get_texts()]
+    colours = [matplotlib.colors.to_hex(c.get_facecolor()[0]) for c in ax.collections if c.get_label().startswith("H")]
+    assert colours == [trace.marker.color for trace in shown.data[:-1]] == list(description.head_colours)
+    assert len(set(colours)) == 12  # more heads than tab10 has colours: still one each
+
+
+def test_a_filters_description_is_drawn_alike_by_both_renderers() -> None:
+    description = figures.describe_filters(RNG.normal(size=(9, 1, 4, 4)), np.full(9, 0.05), ncols=4)
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    assert (
+        shown.layout.title.text == drawn._suptitle.get_text() == "Grey embedding filters (first 9 principal components)"
+    )
+    titles = [ax.get_title() for ax in drawn.axes if images_of(ax)]
+    assert titles == [note.text for note in shown.layout.annotations] == list(description.labels)
+    picture = np.asarray(shown.data[0].z)
+    np.testing.assert_array_equal(picture[:4, :4, 0], np.rint(description.pictures[0] * 255))
+    np.testing.assert_array_equal(images_of(drawn.axes[0])[0].get_array(), description.pictures[0])
+
+
+def test_a_curves_description_is_drawn_alike_by_both_renderers() -> None:
+    records = [{"step": s, "loss": 2.0 / (s + 1), "accuracy": s / 10} for s in range(5)]
+    description = figures.describe_training_curves(records, smoothing=0.5, title="run")
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    assert [ax.get_title() for ax in drawn.axes] == [note.text for note in shown.layout.annotations][:2]
+    assert drawn._suptitle.get_text() == shown.layout.title.text == "run"
+    assert [ax.get_xlabel() for ax in drawn.axes] == [shown.layout.xaxis.title.text, shown.layout.xaxis2.title.text]
+    assert [ax.get_ylabel() for ax in drawn.axes] == [shown.layout.yaxis.title.text, shown.layout.yaxis2.title.text]
+    assert shown.layout.yaxis2.tickformat == ".0%" and drawn.axes[1].yaxis.get_major_formatter()(0.25, 0) == "25%"
+    lines = {line.get_label(): line for ax in drawn.axes for line in ax.lines if not line.get_label().startswith("_")}
+    traces = {trace.name: trace for trace in shown.data}
+    for label, line in lines.items():
+        np.testing.assert_allclose(line.get_ydata(), traces[label].y)  # smoothed the same
+        assert matplotlib.colors.to_hex(line.get_color()) == traces[label].line.color
+    assert set(traces) - set(lines) == {f"{label} (raw)" for label in lines}  # raw lines drawn faintly in both
+    assert sum(len(ax.lines) for ax in drawn.axes) == len(shown.data)
+
+
+def test_paper_and_app_maps_share_colour_map_and_resolution() -> None:
+    """The exports used jet with bilinear smoothing while the app drew viridis blocks: both now draw the latter."""
+    image = RNG.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    relevance = RNG.uniform(size=(4, 4))
+    exported = images_of(paper.rollout_overlay_figure(image, relevance).axes[1])[1]
+    app = interactive.rollout_figure(image, relevance).data[1]
+    assert (
+        exported.get_cmap().name == "viridis"
+        and app.colorscale
+        == interactive.render_plotly(figures.describe_rollout(image, relevance, colormap="viridis")).data[1].colorscale
+    )
+    assert exported.get_interpolation() == "nearest" and app.zsmooth is False
+    np.testing.assert_array_equal(  # the blended picture (gallery, faithfulness maps) too: viridis blocks
+        paper.overlay_image(image, relevance),
+        paper.overlay_image(image, relevance, cmap="viridis", blocks=True),
+    )
+    assert exported.get_alpha() == app.opacity == 0.5
+    # The colour map is a keyword of every exported map (a command-line flag only has to pass it on).
+    jet = paper.rollout_overlay_figure(image, relevance, colormap="jet")
+    assert images_of(jet.axes[1])[1].get_cmap().name == "jet"
+    grid = paper.attention_grid_figure(RNG.uniform(size=(2, 2, 2, 2)), colormap="magma")
+    assert images_of(grid.axes[0])[0].get_cmap().name.startswith("magma")
+    position = paper.position_similarity_figure(RNG.uniform(size=(2, 2, 2, 2)), colormap="plasma")
+    assert images_of(position.axes[0])[0].get_cmap().name.startswith("plasma")
+    assert images_of(paper.rollout_overlay_figure(image, relevance, cmap="cividis").axes[1])[1].get_cmap().name == (
+        "cividis"
+    )
+
+
+def test_renderers_refuse_what_they_do_not_know() -> None:
+    with pytest.raises(TypeError, match="no matplotlib renderer"):
+        paper.render_matplotlib(object())
+    with pytest.raises(TypeError, match="no plotly renderer"):
+        interactive.render_plotly(object())
+
+
+def test_faithfulness_and_sanity_curves_are_drawn_alike_by_both_renderers() -> None:
+    deletion = {"rollout": np.array([[1.0, 0.5, 0.0], [0.8, 0.4, 0.2]]), "random": np.array([1.0, 0.9, 0.5])}
+    insertion = {name: curves[..., ::-1] for name, curves in deletion.items()}
+    description = figures.describe_faithfulness_curves(deletion, insertion, title="shapes")
+    drawn, shown = paper.render_matplotlib(description), interactive.render_plotly(description)
+    assert drawn._suptitle.get_text() == shown.layout.title.text == "shapes"
+    assert [ax.get_title() for ax in drawn.axes] == [note.text for note in shown.layout.annotations]
+    assert [ax.get_xlabel() for ax in drawn.axes] == [shown.layout.xaxis.title.text, shown.layout.xaxis2.title.text]
+    assert drawn.axes[0].get_ylabel() == shown.layout.yaxis.title.text == "probability of the target class"
+    assert drawn.axes[0].get_ylim() == tuple(shown.layout.yaxis.range) == (-0.02, 1.02)
+    assert [ax.get_legend().get_title().get_text() for ax in drawn.axes] == ["Deletion AUC", "Insertion AUC"]
+    assert [trace.legendgrouptitle.text for trace in shown.data] == ["Deletion AUC"] * 2 + ["Insertion AUC"] * 2
+    drawn_lines = [line for ax in drawn.axes for line in ax.lines]
+    assert [line.get_label() for line in drawn_lines] == [trace.name for trace in shown.data]
+    assert [line.get_linestyle() == "--" for line in drawn_lines] == [t.line.dash == "dash" for t in shown.data]
+    assert [matplotlib.colors.to_hex(line.get_color()) for line in drawn_lines] == [t.line.color for t in shown.data]
+
+    sanity = figures.describe_sanity_curve(["head", "block 1"], {"rollout": [1.0, None], "random": [1.0, 0.9]})
+    drawn, shown = paper.render_matplotlib(sanity), interactive.render_plotly(sanity)
+    ax = drawn.axes[0]
+    assert drawn._suptitle.get_text() == shown.layout.title.text == "Sanity check: cascading randomisation"
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(shown.data[0].x) == ["head", "block 1"]
+    assert ax.get_ylim() == tuple(shown.layout.yaxis.range) == (-1.05, 1.05)
+    assert ax.get_ylabel() == shown.layout.yaxis.title.text and ax.get_xlabel() == shown.layout.xaxis.title.text
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), np.asarray(shown.data[0].y, dtype=float))  # NaN gap

@@ -4,11 +4,15 @@ Every function takes numpy arrays (never a model) and returns a `plotly.graph_ob
 Grids of maps are drawn as ONE heatmap of a mosaic (see `vitviz.plots.tile_mosaic`), never as
 hundreds of subplots, so a 24 x 24 grid stays responsive; hover tells which tile and cell is under
 the cursor. Colour-scale arguments (`zmin`, `zmax`) let the compare page use one scale for two models.
+
+The figures the exports also draw are described once in `vitviz.plots.figures`; each of them here is
+`render_plotly(describe_*(...))`, and `vitviz.plots.paper` draws the same description with matplotlib.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -19,16 +23,24 @@ import plotly.graph_objects as go
 from PIL import Image
 from plotly.subplots import make_subplots
 
-from vitviz.plots import (
-    as_rgb_uint8,
-    curve_label,
-    curve_series,
-    is_accuracy,
-    minmax_scale,
-    mosaic_positions,
-    scale_by_max,
-    tile_centres,
-    tile_mosaic,
+from vitviz.plots import as_rgb_uint8, mosaic_positions, tile_centres, tile_mosaic
+from vitviz.plots.figures import (
+    DEFAULT_COLORMAP,
+    GRID_COLORMAP,
+    MARK_COLOUR,
+    CurvesFigure,
+    DistanceFigure,
+    FiltersFigure,
+    MosaicFigure,
+    OverlayFigure,
+    describe_attention_grid,
+    describe_distance,
+    describe_faithfulness_curves,
+    describe_filters,
+    describe_position_similarity,
+    describe_rollout,
+    describe_sanity_curve,
+    describe_training_curves,
 )
 
 _FONT = {"size": 12}
@@ -46,48 +58,10 @@ def filters_figure(
     max_components: int = 28,
     title: str | None = None,
 ) -> go.Figure:
-    """Principal components of the patch-embedding filters as one image, each min-max scaled on its own.
-
-    Args:
-        components: [k, C, P, P]; C == 3 in colour, anything else in grey (mean over channels).
-        explained_variance_ratio: [k], written above each filter.
-    """
-    components = np.asarray(components, dtype=np.float64)[:max_components]
-    if components.ndim != 4:
-        raise ValueError(f"expected components [k, C, P, P], got shape {components.shape}")
-    ratios = np.asarray(explained_variance_ratio, dtype=np.float64)[: len(components)]
-    count, channels, ph, pw = components.shape
-    scaled = minmax_scale(components, over=(1, 2, 3))
-    pictures = scaled.transpose(0, 2, 3, 1) if channels == 3 else np.repeat(scaled.mean(axis=1)[..., None], 3, axis=3)
-    ncols = max(1, min(ncols, count))
-    nrows = math.ceil(count / ncols)
-    tiles = np.ones((nrows * ncols, ph, pw, 3))
-    tiles[:count] = pictures
-    gap = max(2, ph // 3)  # room for the labels between rows
-    mosaic = tile_mosaic(tiles.reshape(nrows, ncols, ph, pw, 3), gap=gap, fill=1.0)
-    fig = go.Figure(go.Image(z=np.rint(mosaic * 255).astype(np.uint8), hoverinfo="skip"))
-    # Every label in one layout update: plotly's add_annotation re-validates the whole list on each call
-    # (quadratic in the labels; most of the figure's build time with 28 of them).
-    labels = []
-    for index in range(count):
-        row, col = divmod(index, ncols)
-        labels.append(
-            {
-                "x": col * (pw + gap) + (pw - 1) / 2,
-                "y": row * (ph + gap) - 0.5,
-                "yanchor": "bottom",
-                "text": f"{index + 1}: {100 * ratios[index]:.1f}%",
-                "showarrow": False,
-                "font": {"size": 11},
-            }
-        )
-    if title is None:
-        kind = "RGB" if channels == 3 else ("Grey" if channels == 1 else f"{channels}-channel (mean)")
-        title = f"{kind} embedding filters (first {count} principal components)"
-    fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "t": 70}, plot_bgcolor="white", annotations=labels)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, range=[mosaic.shape[0] - 0.5, -gap - 0.5])
-    return fig
+    """Principal components of the patch-embedding filters as one image; see `describe_filters`."""
+    return render_plotly(
+        describe_filters(components, explained_variance_ratio, ncols=ncols, max_components=max_components, title=title)
+    )
 
 
 def position_figure(
@@ -95,7 +69,7 @@ def position_figure(
     *,
     zmin: float = -1.0,
     zmax: float = 1.0,
-    colorscale: str = "Viridis",
+    colorscale: str = DEFAULT_COLORMAP,
     title: str = "Position embedding similarity",
 ) -> go.Figure:
     """Cosine similarity of position embeddings: one heatmap trace, tile (r, c) = similarity[r, c].
@@ -103,24 +77,9 @@ def position_figure(
     Hover shows the query patch (the tile), the key patch (the cell inside it) and the similarity,
     all 1-based as on the axes.
     """
-    similarity = np.asarray(similarity, dtype=np.float64)
-    if similarity.ndim != 4:
-        raise ValueError(f"expected similarity [gh, gw, gh, gw], got shape {similarity.shape}")
-    gh, gw = similarity.shape[:2]
-    fig = _mosaic_heatmap(
-        similarity,
-        zmin=zmin,
-        zmax=zmax,
-        colorscale=colorscale,
-        colorbar_title="Cosine similarity",
-        hovertemplate=(
-            "query patch (%{customdata[0]}, %{customdata[1]})<br>"
-            "key patch (%{customdata[2]}, %{customdata[3]})<br>similarity %{z:.3f}<extra></extra>"
-        ),
+    return render_plotly(
+        describe_position_similarity(similarity, vmin=zmin, vmax=zmax, colormap=colorscale, title=title)
     )
-    _tile_axes(fig, (gh, gw), (gh, gw), x_title="Input patch column", y_title="Input patch row")
-    fig.update_layout(title=title)
-    return fig
 
 
 def position_patch_figure(
@@ -186,42 +145,7 @@ def distance_figure(
     title: str | None = None,
 ) -> go.Figure:
     """Mean attention distance (pixels) of every head against depth, with the per-layer mean line."""
-    pixels = np.asarray(pixels, dtype=np.float64)
-    if pixels.ndim != 2:
-        raise ValueError(f"expected pixels [L, H], got shape {pixels.shape}")
-    depth, heads = pixels.shape
-    layers = np.arange(1, depth + 1)
-    fig = go.Figure()
-    for head in range(heads):
-        error = None if std is None else {"type": "data", "array": np.asarray(std)[:, head], "thickness": 1, "width": 0}
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=pixels[:, head],
-                mode="markers",
-                name=f"Head {head + 1}",
-                error_y=error,
-                marker={"size": 7},
-                hovertemplate=f"layer %{{x}}, head {head + 1}<br>%{{y:.1f}} px<extra></extra>",
-            )
-        )
-    if show_mean:
-        fig.add_trace(
-            go.Scatter(
-                x=layers,
-                y=pixels.mean(axis=1),
-                mode="lines",
-                name="Mean",
-                line={"color": "black", "width": 2},
-                hovertemplate="layer %{x}<br>mean %{y:.1f} px<extra></extra>",
-            )
-        )
-    top = ymax if ymax is not None else max(1.0, float(np.nanmax(pixels)) * 1.08)
-    tick_step = 1 if depth <= 16 else math.ceil(depth / 12)
-    fig.update_xaxes(title="Network depth (layer)", tickmode="linear", dtick=tick_step)
-    fig.update_yaxes(title="Mean attention distance (pixels)", range=[0, top])
-    fig.update_layout(title=title, font=_FONT, margin=_MARGIN, legend={"font": {"size": 10}})
-    return fig
+    return render_plotly(describe_distance(pixels, std=std, show_mean=show_mean, ymax=ymax, title=title))
 
 
 def explained_variance_figure(explained_variance_ratio: np.ndarray) -> go.Figure:
@@ -268,14 +192,14 @@ def rollout_figure(
     relevance: np.ndarray,
     *,
     opacity: float = 0.5,
-    colorscale: str = "Viridis",
+    colorscale: str = DEFAULT_COLORMAP,
     zmin: float = 0.0,
     zmax: float | None = None,
     absolute: bool = False,
     smooth: bool = False,
     title: str | None = None,
 ) -> go.Figure:
-    """An image with a patch map laid over it as blocks, one per token.
+    """An image with a patch map laid over it as blocks, one per token; see `describe_rollout`.
 
     By default the map is divided by its max and drawn on 0..1 (each map fills the colour scale). With
     `absolute` the raw values are drawn on zmin..zmax (zmax default: the map's max), so several figures can
@@ -286,42 +210,18 @@ def rollout_figure(
         relevance: [gh, gw] non-negative map; cell (i, j) covers its patch's pixels.
         smooth: interpolate between patch centres instead of drawing blocks.
     """
-    image = as_rgb_uint8(image)
-    relevance = np.asarray(relevance, dtype=np.float64)
-    height, width = image.shape[:2]
-    gh, gw = relevance.shape
-    dy, dx = height / gh, width / gw
-    if absolute:
-        shown, top, bar_title = (
-            relevance,
-            (zmax if zmax is not None else max(float(np.nanmax(relevance)), 1e-12)),
-            "Relevance",
-        )
-    else:
-        shown, top, bar_title = scale_by_max(relevance), 1.0 if zmax is None else zmax, "Relevance (÷ max)"
-    rows, cols = np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij")
-    fig = go.Figure(picture_trace(image))
-    fig.add_trace(
-        go.Heatmap(
-            z=shown,
-            x0=(dx - 1) / 2,
-            dx=dx,
-            y0=(dy - 1) / 2,
-            dy=dy,
-            zmin=zmin,
-            zmax=top,
-            colorscale=rgb_colorscale(colorscale),
-            opacity=opacity,
-            zsmooth="best" if smooth else False,
-            colorbar={"title": {"text": bar_title, "side": "right"}},
-            customdata=np.stack([rows, cols, relevance], axis=-1),
-            hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>value %{customdata[2]:.4g}<extra></extra>",
-        )
+    description = describe_rollout(
+        image,
+        relevance,
+        title=title,
+        colormap=colorscale,
+        opacity=opacity,
+        vmin=zmin,
+        vmax=zmax,
+        absolute=absolute,
+        smooth=smooth,
     )
-    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
-    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x")
-    fig.update_layout(title=title, font=_FONT, margin={**_MARGIN, "l": 10})
-    return fig
+    return render_plotly(description)
 
 
 def image_figure(image: np.ndarray, *, title: str | None = None) -> go.Figure:
@@ -369,7 +269,7 @@ def attention_grid_figure(
     zmin: float = 0.0,
     zmax: float | None = None,
     per_tile: bool = False,
-    colorscale: str = "Inferno",
+    colorscale: str = GRID_COLORMAP,
     title: str | None = None,
     query: tuple[int, int] | None = None,
     first_layer: int = 0,
@@ -387,25 +287,18 @@ def attention_grid_figure(
         first_layer: 0-based index of the first layer in `attention` (labels when showing a slice of layers).
         tile_px: screen pixels per tile side.
     """
-    attention = np.asarray(attention, dtype=np.float64)
-    if attention.ndim != 4:
-        raise ValueError(f"expected attention [L, H, gh, gw], got shape {attention.shape}")
-    depth, heads, gh, gw = attention.shape
-    values = np.stack([[scale_by_max(tile) for tile in layer] for layer in attention]) if per_tile else attention
-    top = 1.0 if per_tile else (zmax if zmax is not None else max(float(np.nanmax(values)), 1e-12))
-    fig = _mosaic_heatmap(
-        values,
-        zmin=zmin,
-        zmax=top,
-        colorscale=colorscale,
-        colorbar_title="Attention (÷ tile max)" if per_tile else "Attention probability",
-        hovertemplate=(
-            "layer %{customdata[0]}, head %{customdata[1]}<br>"
-            "key patch (%{customdata[2]}, %{customdata[3]})<br>%{z:.4f}<extra></extra>"
-        ),
-        row_offset=first_layer,
+    description = describe_attention_grid(
+        attention,
+        query=query,
+        per_tile=per_tile,
+        vmin=zmin,
+        vmax=zmax,
+        colormap=colorscale,
+        title=title,
+        first_layer=first_layer,
     )
-    _tile_axes(fig, (depth, heads), (gh, gw), x_title="Head", y_title="Layer", row_offset=first_layer)
+    fig = render_plotly(description)
+    depth, heads, gh, gw = description.tiles.shape
     # Mosaic cells per tile (gap included) scale to tile_px screen pixels; the colour bar sits in the right margin.
     cell_px = tile_px / max(gh + 1, gw + 1)
     margin = {**_MARGIN, "r": GRID_COLORBAR_PX}
@@ -416,20 +309,6 @@ def attention_grid_figure(
         margin=margin,
     )
     fig.update_traces(selector={"type": "heatmap"}, colorbar={"thickness": 16, "len": 1.0, "lenmode": "fraction"})
-    if query is not None:
-        layer_index, head_index = np.meshgrid(np.arange(depth), np.arange(heads), indexing="ij")
-        fig.add_trace(
-            go.Scatter(
-                x=(head_index * (gw + 1) + query[1]).ravel(),
-                y=(layer_index * (gh + 1) + query[0]).ravel(),
-                mode="markers",
-                name="query patch",
-                hoverinfo="skip",
-                showlegend=False,
-                marker={"symbol": "square-open", "size": 9, "color": "#00e5ff", "line": {"width": 2}},
-            )
-        )
-    fig.update_layout(title=title)
     return fig
 
 
@@ -529,19 +408,6 @@ def comparison_curves_figure(
     return fig
 
 
-def smoothed(values: Sequence[float], weight: float) -> np.ndarray:
-    """Exponential moving average, debiased as TensorBoard's: s_t = w s_(t-1) + (1 - w) v_t, divided by 1 - w^t."""
-    values = np.asarray(values, dtype=np.float64)
-    if weight <= 0.0 or values.size == 0:
-        return values
-    out = np.empty_like(values)
-    running = 0.0
-    for index, value in enumerate(values):
-        running = weight * running + (1.0 - weight) * value
-        out[index] = running / (1.0 - weight ** (index + 1))
-    return out
-
-
 def training_curves_figure(
     records: Sequence[Mapping[str, object]],
     *,
@@ -555,35 +421,241 @@ def training_curves_figure(
         records: one mapping per logged point; records without `x` or a metric are skipped for it.
         metrics: keys to draw; default every numeric key whose name contains "loss" or "acc".
             Keys containing "acc" go to the right panel, all others to the left.
-        smoothing: weight of an exponential moving average (0 <= w < 1, see `smoothed`); above 0 the raw
+        smoothing: weight of an exponential moving average (0 <= w < 1, see `vitviz.plots.figures.smoothed`); above 0 the raw
             values stay as a faint line of the same colour under the smoothed one.
     """
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.12)
-    palette = plotly.colors.qualitative.Plotly
-    for index, (key, (xs, ys)) in enumerate(curve_series(records, x=x, metrics=metrics).items()):
-        colour = palette[index % len(palette)]
-        col = 2 if is_accuracy(key) else 1
-        mode = "lines+markers" if len(xs) < 30 else "lines"
-        if smoothing > 0.0:
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=ys,
-                    mode=mode,
-                    name=f"{curve_label(key)} (raw)",
-                    line={"color": colour, "width": 1},
-                    opacity=0.3,
-                    showlegend=False,
-                    hoverinfo="skip",
-                ),
-                row=1,
-                col=col,
+    return render_plotly(describe_training_curves(records, x=x, metrics=metrics, smoothing=smoothing))
+
+
+# --- the renderer -----------------------------------------------------------------------------------
+
+
+@functools.singledispatch
+def render_plotly(description: object) -> go.Figure:
+    """Draw a figure description of `vitviz.plots.figures` with plotly."""
+    raise TypeError(f"no plotly renderer for {type(description).__name__}")
+
+
+@render_plotly.register
+def _(description: MosaicFigure) -> go.Figure:
+    tile = description.hover_tile.format(row="%{customdata[0]}", col="%{customdata[1]}")
+    value = f"{description.hover_value}%{{z:{description.value_format}}}"
+    fig = _mosaic_heatmap(
+        description.tiles,
+        zmin=description.vmin,
+        zmax=description.vmax,
+        colorscale=description.colormap,
+        colorbar_title=description.colorbar_label,
+        hovertemplate=f"{tile}<br>key patch (%{{customdata[2]}}, %{{customdata[3]}})<br>{value}<extra></extra>",
+        row_offset=description.row_offset,
+    )
+    for update, ticks, axis_title in (
+        (fig.update_xaxes, description.x_ticks, description.x_label),
+        (fig.update_yaxes, description.y_ticks, description.y_label),
+    ):
+        update(
+            title=axis_title,
+            tickvals=list(ticks.positions),
+            ticktext=list(ticks.labels),
+            showgrid=False,
+            zeroline=False,
+            ticks="",
+        )
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(constrain="domain")
+    if description.marks:
+        xs, ys = zip(*description.marks)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="markers",
+                name="query patch",
+                hoverinfo="skip",
+                showlegend=False,
+                marker={"symbol": "square-open", "size": 9, "color": MARK_COLOUR, "line": {"width": 2}},
             )
-            ys = smoothed(ys, smoothing)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode=mode, name=curve_label(key), line={"color": colour}), row=1, col=col)
-    fig.update_xaxes(title=x.capitalize())
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
-    fig.update_layout(font=_FONT, margin=_MARGIN, hovermode="x unified")
+        )
+    fig.update_layout(title=description.title)
+    return fig
+
+
+@render_plotly.register
+def _(description: OverlayFigure) -> go.Figure:
+    image = description.image
+    height, width = image.shape[:2]
+    gh, gw = description.values.shape
+    dy, dx = height / gh, width / gw
+    rows, cols = np.meshgrid(np.arange(1, gh + 1), np.arange(1, gw + 1), indexing="ij")
+    panels = 2 if description.input_title is not None else 1
+    if panels == 2:
+        fig = make_subplots(rows=1, cols=2, subplot_titles=(description.input_title, ""), horizontal_spacing=0.02)
+        fig.add_trace(picture_trace(image), row=1, col=1)
+    else:
+        fig = go.Figure()
+    heat = go.Heatmap(
+        z=description.values,
+        x0=(dx - 1) / 2,
+        dx=dx,
+        y0=(dy - 1) / 2,
+        dy=dy,
+        zmin=description.vmin,
+        zmax=description.vmax,
+        colorscale=rgb_colorscale(description.colormap),
+        opacity=description.opacity,
+        zsmooth="best" if description.smooth else False,
+        colorbar={"title": {"text": description.colorbar_label, "side": "right"}},
+        customdata=np.stack([rows, cols, description.raw], axis=-1),
+        hovertemplate="patch (%{customdata[0]}, %{customdata[1]})<br>value %{customdata[2]:.4g}<extra></extra>",
+    )
+    where = {"row": 1, "col": 2} if panels == 2 else {}
+    for trace in (picture_trace(image), heat):
+        fig.add_trace(trace, **where)
+    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5])
+    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5])
+    fig.update_yaxes(scaleanchor="x")
+    if panels == 2:
+        fig.update_yaxes(scaleanchor="x2", row=1, col=2)
+    fig.update_layout(title=description.title, font=_FONT, margin={**_MARGIN, "l": 10})
+    return fig
+
+
+@render_plotly.register
+def _(description: DistanceFigure) -> go.Figure:
+    pixels = description.pixels
+    layers = np.arange(1, pixels.shape[0] + 1)
+    fig = go.Figure()
+    for head, (label, colour) in enumerate(zip(description.head_labels, description.head_colours)):
+        error = None
+        if description.std is not None:
+            error = {"type": "data", "array": description.std[:, head], "thickness": 1, "width": 0}
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=pixels[:, head],
+                mode="markers",
+                name=label,
+                error_y=error,
+                marker={"size": 7, "color": colour},
+                hovertemplate=f"layer %{{x}}, {label.lower()}<br>%{{y:.1f}} px<extra></extra>",
+            )
+        )
+    if description.show_mean:
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=pixels.mean(axis=1),
+                mode="lines",
+                name=description.mean_label,
+                line={"color": "black", "width": 2},
+                hovertemplate="layer %{x}<br>mean %{y:.1f} px<extra></extra>",
+            )
+        )
+    fig.update_xaxes(
+        title=description.x_label,
+        tickvals=list(description.x_ticks.positions),
+        ticktext=list(description.x_ticks.labels),
+        range=[0.4, len(layers) + 0.6],
+    )
+    fig.update_yaxes(title=description.y_label, range=list(description.y_range))
+    fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, legend={"font": {"size": 10}})
+    return fig
+
+
+@render_plotly.register
+def _(description: FiltersFigure) -> go.Figure:
+    pictures = description.pictures
+    if description.grey:
+        pictures = np.repeat(pictures[..., None], 3, axis=3)
+    count, ph, pw = pictures.shape[:3]
+    ncols = description.ncols
+    nrows = math.ceil(count / ncols)
+    tiles = np.ones((nrows * ncols, ph, pw, 3))
+    tiles[:count] = pictures
+    gap = max(2, ph // 3)  # room for the labels between rows
+    mosaic = tile_mosaic(tiles.reshape(nrows, ncols, ph, pw, 3), gap=gap, fill=1.0)
+    fig = go.Figure(go.Image(z=np.rint(mosaic * 255).astype(np.uint8), hoverinfo="skip"))
+    # Every label in one layout update: plotly's add_annotation re-validates the whole list on each call
+    # (quadratic in the labels; most of the figure's build time with 28 of them).
+    labels = []
+    for index, text in enumerate(description.labels):
+        row, col = divmod(index, ncols)
+        labels.append(
+            {
+                "x": col * (pw + gap) + (pw - 1) / 2,
+                "y": row * (ph + gap) - 0.5,
+                "yanchor": "bottom",
+                "text": text,
+                "showarrow": False,
+                "font": {"size": 11},
+            }
+        )
+    fig.update_layout(
+        title=description.title, font=_FONT, margin={**_MARGIN, "t": 70}, plot_bgcolor="white", annotations=labels
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, range=[mosaic.shape[0] - 0.5, -gap - 0.5])
+    return fig
+
+
+@render_plotly.register
+def _(description: CurvesFigure) -> go.Figure:
+    panels = description.panels
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        subplot_titles=[panel.title for panel in panels],
+        shared_yaxes=description.share_y,
+        horizontal_spacing=0.06 if description.share_y else 0.12,
+    )
+    for col, panel in enumerate(panels, start=1):
+        for series in panel.series:
+            mode = "lines+markers" if series.markers else "lines"
+            xs = [panel.categories[int(x)] for x in series.xs] if panel.categories is not None else series.xs
+            line = {"color": series.colour, "dash": "dash" if series.dashed else "solid"}
+            group = {"legendgroup": panel.legend_title, "legendgrouptitle_text": panel.legend_title}
+            if series.raw is not None:
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs,
+                        y=series.raw,
+                        mode=mode,
+                        name=f"{series.label} (raw)",
+                        line={**line, "width": 1},
+                        opacity=0.3,
+                        showlegend=False,
+                        hoverinfo="skip",
+                    ),
+                    row=1,
+                    col=col,
+                )
+            scatter = go.Scatter(x=xs, y=series.ys, mode=mode, name=series.label, line=line)
+            fig.add_trace(scatter.update(**group) if panel.legend_title else scatter, row=1, col=col)
+        fig.update_xaxes(
+            title=panel.x_label,
+            tickformat=".0%" if panel.x_percent else None,
+            range=list(panel.x_range) if panel.x_range else None,
+            type="category" if panel.categories is not None else None,
+            row=1,
+            col=col,
+        )
+        if col == 1 or not description.share_y:
+            fig.update_yaxes(title=panel.y_label, row=1, col=col)
+        fig.update_yaxes(
+            tickformat=".0%" if panel.percent else None,
+            range=list(panel.y_range) if panel.y_range else None,
+            row=1,
+            col=col,
+        )
+        if panel.zero_line:
+            fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1}, row=1, col=col)
+        if not panel.series and panel.empty_text:
+            axis = "" if col == 1 else str(col)
+            fig.add_annotation(
+                text=panel.empty_text, x=0.5, y=0.5, xref=f"x{axis} domain", yref=f"y{axis} domain", showarrow=False
+            )
+    legend = {"groupclick": "toggleitem", "tracegroupgap": 12} if any(p.legend_title for p in panels) else {}
+    fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, hovermode="x unified", legend=legend)
     return fig
 
 
@@ -667,59 +739,13 @@ def faithfulness_curves_figure(
 ) -> go.Figure:
     """Deletion (left) and insertion (right) curves, one colour per method and `random` dashed, AUC in the legend.
 
-    The same curves, colours and AUCs as `vitviz.plots.faithfulness.curves_figure`.
+    The same description as `vitviz.plots.faithfulness.curves_figure` draws (`describe_faithfulness_curves`).
 
     Args:
         deletion, insertion: {method: curve [S+1] or curves [images, S+1]}; several images are averaged. Point i
             is drawn at i/S, the share of patches removed (deletion) or restored (insertion).
     """
-    from vitviz.faithfulness import curve_auc
-    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
-
-    if not deletion and not insertion:
-        raise ValueError("no curves to draw")
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        shared_yaxes=True,
-        horizontal_spacing=0.06,
-        subplot_titles=("Deletion (lower AUC is better)", "Insertion (higher AUC is better)"),
-    )
-    for col, (curves, kind, verb) in enumerate(
-        ((deletion, "deletion", "removed"), (insertion, "insertion", "restored")), start=1
-    ):
-        for method, values in curves.items():
-            values = np.asarray(values, dtype=np.float64)
-            curve = values.mean(axis=0) if values.ndim == 2 else values
-            xs = np.linspace(0.0, 1.0, curve.size)
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=curve,
-                    mode="lines",
-                    name=f"{method} ({curve_auc(curve):.3f})",
-                    legendgroup=kind,
-                    legendgrouptitle_text=f"{kind.capitalize()} AUC",
-                    line={
-                        "color": method_colour(method),
-                        "width": 2.2,
-                        "dash": "dash" if method == BASELINE_METHOD else "solid",
-                    },
-                    hovertemplate=f"{method}<br>%{{x:.0%}} of patches {verb}<br>p = %{{y:.3f}}<extra></extra>",
-                ),
-                row=1,
-                col=col,
-            )
-        fig.update_xaxes(title=f"fraction of patches {verb}", range=[0, 1], tickformat=".0%", row=1, col=col)
-    fig.update_yaxes(title="probability of the target class", range=[-0.02, 1.02], row=1, col=1)
-    fig.update_layout(
-        title=title,
-        font=_FONT,
-        margin=_MARGIN,
-        legend={"groupclick": "toggleitem", "tracegroupgap": 12},
-        hovermode="closest",
-    )
-    return fig
+    return render_plotly(describe_faithfulness_curves(deletion, insertion, title=title))
 
 
 def sanity_curve_figure(
@@ -730,35 +756,10 @@ def sanity_curve_figure(
 ) -> go.Figure:
     """Spearman correlation with the original map after each cascading-randomisation stage, one line per method.
 
-    The same lines as `vitviz.plots.faithfulness.sanity_figure`; a stage where a map was constant (NaN or None)
-    leaves a gap.
+    The same description as `vitviz.plots.faithfulness.sanity_figure` draws; a stage where a map was constant
+    (NaN or None) leaves a gap.
     """
-    from vitviz.plots.faithfulness import BASELINE_METHOD, method_colour
-
-    if not spearman:
-        raise ValueError("no sanity results to draw")
-    stages = list(randomised)
-    fig = go.Figure()
-    for method, values in spearman.items():
-        ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        if ys.size != len(stages):
-            raise ValueError(f"{method}: {ys.size} correlations for {len(stages)} stages")
-        fig.add_trace(
-            go.Scatter(
-                x=stages,
-                y=ys,
-                mode="lines+markers",
-                name=method,
-                line={
-                    "color": method_colour(method),
-                    "width": 2.2,
-                    "dash": "dash" if method == BASELINE_METHOD else "solid",
-                },
-                hovertemplate=f"{method}<br>randomised up to %{{x}}<br>Spearman %{{y:.3f}}<extra></extra>",
-            )
-        )
-    fig.add_hline(y=0.0, line={"color": "rgb(180, 180, 180)", "width": 1})
-    fig.update_xaxes(title="randomised up to (cumulative, from the head down)", type="category")
-    fig.update_yaxes(title="Spearman with the original map", range=[-1.05, 1.05])
-    fig.update_layout(title=title, font=_FONT, margin=_MARGIN if title else {**_MARGIN, "t": 20})
+    fig = render_plotly(describe_sanity_curve(randomised, spearman, title=title))
+    if not title:
+        fig.update_layout(margin={**_MARGIN, "t": 20})
     return fig

@@ -2,32 +2,42 @@
 
 Every function takes numpy arrays (never a model) and returns a `matplotlib.figure.Figure` built
 directly, without pyplot, so nothing leaks into global state and it works in threads (Agg).
+
+The figures the app also draws are described once in `vitviz.plots.figures`; each `*_figure` here is
+`render_matplotlib(describe_*(...))`, the app's `vitviz.plots.interactive` draws the same description
+with plotly.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
-from vitviz.plots import (
-    as_rgb_uint8,
-    curve_label,
-    curve_series,
-    is_accuracy,
-    minmax_scale,
-    scale_by_max,
-    tile_centres,
-    tile_mosaic,
-    upsample_bilinear,
+from vitviz.plots import as_rgb_uint8, scale_by_max, upsample_bilinear
+from vitviz.plots.figures import (
+    DEFAULT_COLORMAP,
+    GRID_COLORMAP,
+    MARK_COLOUR,
+    CurvesFigure,
+    DistanceFigure,
+    FiltersFigure,
+    MosaicFigure,
+    OverlayFigure,
+    Ticks,
+    describe_attention_grid,
+    describe_distance,
+    describe_filters,
+    describe_position_similarity,
+    describe_rollout,
+    describe_training_curves,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,35 +70,10 @@ def filters_figure(
     max_components: int = 28,
     title: str | None = None,
 ) -> Figure:
-    """The principal components of the patch-embedding filters (paper Fig. 7 left).
-
-    Args:
-        components: [k, C, P, P], raw or already scaled; each is min-max scaled on its own for
-            display. C == 3 is drawn in colour, anything else in grey (mean over channels).
-        explained_variance_ratio: [k], shown above each filter.
-    """
-    components = np.asarray(components, dtype=np.float64)[:max_components]
-    ratios = np.asarray(explained_variance_ratio, dtype=np.float64)[: len(components)]
-    if components.ndim != 4:
-        raise ValueError(f"expected components [k, C, P, P], got shape {components.shape}")
-    count, channels = components.shape[:2]
-    pictures = _filter_pictures(components)
-    ncols = max(1, min(ncols, count))
-    nrows = math.ceil(count / ncols)
-    fig = Figure(figsize=(1.05 * ncols, 1.2 * nrows + 0.45), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for index, ax in enumerate(axes):
-        ax.set_axis_off()
-        if index >= count:
-            continue
-        picture = pictures[index]
-        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{index + 1}: {100 * ratios[index]:.1f}%", fontsize=_TICK_SIZE, pad=2)
-    if title is None:
-        kind = "RGB" if channels == 3 else ("Grey" if channels == 1 else f"{channels}-channel (mean)")
-        title = f"{kind} embedding filters (first {count} principal components)"
-    fig.suptitle(title, fontsize=_TITLE_SIZE)
-    return fig
+    """The principal components of the patch-embedding filters (paper Fig. 7 left); see `describe_filters`."""
+    return render_matplotlib(
+        describe_filters(components, explained_variance_ratio, ncols=ncols, max_components=max_components, title=title)
+    )
 
 
 def position_similarity_figure(
@@ -96,7 +81,8 @@ def position_similarity_figure(
     *,
     vmin: float = -1.0,
     vmax: float = 1.0,
-    cmap: str = "viridis",
+    colormap: str = DEFAULT_COLORMAP,
+    cmap: str | None = None,
     title: str = "Position embedding similarity",
 ) -> Figure:
     """Cosine similarity of position embeddings (paper Fig. 7 centre), drawn as one mosaic image.
@@ -104,32 +90,11 @@ def position_similarity_figure(
     Args:
         similarity: [gh, gw, gh, gw]; tile (r, c) shows similarity[r, c], the similarity of patch
             (r, c) with every patch.
+        colormap: the colour map's matplotlib name; `cmap` is the same, under its older name.
     """
-    similarity = np.asarray(similarity, dtype=np.float64)
-    if similarity.ndim != 4:
-        raise ValueError(f"expected similarity [gh, gw, gh, gw], got shape {similarity.shape}")
-    gh, gw = similarity.shape[:2]
-    mosaic = tile_mosaic(similarity, gap=1)
-    height, width = mosaic.shape
-    # Large grids get a larger figure so each mosaic pixel (and each 1-pixel gap) covers about two
-    # output pixels at the default dpi; below that, nearest-neighbour drops gaps at random.
-    side = float(np.clip(2 * max(height, width) / _DEFAULT_DPI, 4.2, 9.0))
-    scale = side / max(height, width)
-    fig = Figure(figsize=(width * scale + 1.6, height * scale + 1.0), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(
-        mosaic, cmap=_with_gap_colour(cmap), vmin=vmin, vmax=vmax, interpolation=_mosaic_interpolation(side, mosaic)
+    return render_matplotlib(
+        describe_position_similarity(similarity, vmin=vmin, vmax=vmax, colormap=cmap or colormap, title=title)
     )
-    _tile_ticks(ax, (gh, gw), (gh, gw))
-    ax.set_xlabel("Input patch column", fontsize=_LABEL_SIZE)
-    ax.set_ylabel("Input patch row", fontsize=_LABEL_SIZE)
-    ax.set_title(title, fontsize=_TITLE_SIZE)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    colorbar = fig.colorbar(image, cax=_colorbar_axes(ax, mosaic.shape))
-    colorbar.set_label("Cosine similarity", fontsize=_LABEL_SIZE)
-    colorbar.ax.tick_params(labelsize=_TICK_SIZE)
-    return fig
 
 
 def distance_figure(
@@ -140,59 +105,8 @@ def distance_figure(
     ymax: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Mean attention distance per head against depth (paper Fig. 7 right).
-
-    Args:
-        pixels: [L, H] mean attention distance in pixels.
-        std: optional [L, H] spread over images, drawn as error bars.
-        show_mean: draw the mean over heads of each layer as a line.
-        ymax: top of the y axis, to share one scale across models.
-    """
-    pixels = np.asarray(pixels, dtype=np.float64)
-    if pixels.ndim != 2:
-        raise ValueError(f"expected pixels [L, H], got shape {pixels.shape}")
-    depth, heads = pixels.shape
-    layers = np.arange(1, depth + 1)
-    colours = _head_colours(heads)
-    fig = Figure(figsize=(5.6 if heads <= 16 else 6.4, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    # Heads of one layer sit on the same x; a small spread keeps overlapping points visible.
-    jitter = np.linspace(-0.18, 0.18, heads) if heads > 1 and depth <= 24 else np.zeros(heads)
-    for head in range(heads):
-        x = layers + jitter[head]
-        ax.scatter(x, pixels[:, head], s=16, color=colours[head], label=f"Head {head + 1}", zorder=3)
-        if std is not None:
-            ax.errorbar(
-                x,
-                pixels[:, head],
-                yerr=np.asarray(std)[:, head],
-                fmt="none",
-                ecolor=colours[head],
-                elinewidth=0.7,
-                alpha=0.6,
-                zorder=2,
-            )
-    if show_mean:
-        ax.plot(layers, pixels.mean(axis=1), color="black", linewidth=1.3, label="Mean", zorder=4)
-    ax.set_xlabel("Network depth (layer)", fontsize=_LABEL_SIZE)
-    ax.set_ylabel("Mean attention distance (pixels)", fontsize=_LABEL_SIZE)
-    ax.set_xlim(0.4, depth + 0.6)
-    ax.set_ylim(0, ymax if ymax is not None else max(1.0, float(np.nanmax(pixels)) * 1.08))
-    ax.set_xticks(layers if depth <= 16 else layers[:: math.ceil(depth / 12)])
-    ax.tick_params(labelsize=_TICK_SIZE)
-    ax.grid(True, linewidth=0.4, alpha=0.4)
-    if title:
-        ax.set_title(title, fontsize=_TITLE_SIZE)
-    ax.legend(
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        fontsize=7,
-        frameon=False,
-        ncols=1 if heads <= 16 else 2,
-        handletextpad=0.2,
-        borderaxespad=0.0,
-    )
-    return fig
+    """Mean attention distance per head against depth (paper Fig. 7 right); see `describe_distance`."""
+    return render_matplotlib(describe_distance(pixels, std=std, show_mean=show_mean, ymax=ymax, title=title))
 
 
 def training_curves_figure(
@@ -202,52 +116,30 @@ def training_curves_figure(
     metrics: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Loss (left) and accuracy (right) against `x`, from logged records such as a run's metrics.jsonl rows.
+    """Loss (left) and accuracy (right, in percent) against `x`, from logged records such as metrics.jsonl rows.
 
-    The same series as the app's interactive curves (`vitviz.plots.curve_series`); accuracy is drawn in
-    percent. Curves with 30 points or fewer (per-epoch evaluations) get markers.
+    The same series as the app's interactive curves; curves with 30 points or fewer (per-epoch evaluations)
+    get markers.
     """
-    series = curve_series(records, x=x, metrics=metrics)
-    fig = Figure(figsize=(8.4, 3.4), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    for ax, name in ((loss_ax, "Loss"), (acc_ax, "Accuracy (%)")):
-        ax.set_title(name.split(" ")[0], fontsize=_TITLE_SIZE)
-        ax.set_xlabel(x.capitalize(), fontsize=_LABEL_SIZE)
-        ax.set_ylabel(name, fontsize=_LABEL_SIZE)
-        ax.tick_params(labelsize=_TICK_SIZE)
-        ax.grid(True, linewidth=0.4, alpha=0.4)
-    for key, (xs, ys) in series.items():
-        accuracy = is_accuracy(key)
-        ax = acc_ax if accuracy else loss_ax
-        values = np.asarray(ys, dtype=np.float64) * (100.0 if accuracy else 1.0)
-        ax.plot(xs, values, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2, label=curve_label(key))
-    for ax in (loss_ax, acc_ax):
-        if ax.lines:
-            ax.legend(fontsize=7, frameon=False)
-        else:
-            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
-    if acc_ax.lines:
-        acc_ax.set_ylim(0, 100)
-    if title:
-        fig.suptitle(title, fontsize=_TITLE_SIZE)
-    return fig
+    return render_matplotlib(describe_training_curves(records, x=x, metrics=metrics, title=title))
 
 
 def overlay_image(
     image: np.ndarray,
     relevance: np.ndarray,
     *,
-    cmap: str = "jet",
+    cmap: str = DEFAULT_COLORMAP,
     alpha: float = 0.5,
-    blocks: bool = False,
+    blocks: bool = True,
     vmax: float | None = None,
 ) -> np.ndarray:
-    """Blend a patch map over an image: the map divided by its max (or by `vmax`), upsampled, coloured.
+    """Blend a patch map over an image: the map divided by its max (or by `vmax`), stretched, coloured.
 
     Args:
         image: uint8 [H, W, 3] (or [H, W] grey), any aspect ratio: the map is stretched over it.
         relevance: [gh, gw] non-negative map, e.g. attention rollout.
-        blocks: one flat block per token (nearest neighbour) instead of bilinear smoothing.
+        blocks: one flat block per token (nearest neighbour, the default as in the figures); False
+            smooths with bilinear interpolation.
         vmax: the value drawn at the top of the colour map (a shared scale); default the map's max.
     Returns:
         uint8 [H, W, 3].
@@ -272,26 +164,20 @@ def rollout_overlay_figure(
     relevance: np.ndarray,
     *,
     title: str = "Attention rollout",
-    cmap: str = "jet",
+    colormap: str = DEFAULT_COLORMAP,
+    cmap: str | None = None,
     alpha: float = 0.5,
+    smooth: bool = False,
 ) -> Figure:
-    """The input image beside the same image with a relevance map (divided by its max) laid over it."""
-    rgb = as_rgb_uint8(image)
-    height, width = rgb.shape[:2]
-    panel = 3.2
-    scale = panel / max(height, width)
-    fig = Figure(figsize=(2 * width * scale + 0.9, height * scale + 0.6), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    left.imshow(rgb)
-    left.set_title("Input", fontsize=_LABEL_SIZE)
-    right.imshow(overlay_image(rgb, relevance, cmap=cmap, alpha=alpha))
-    right.set_title(title, fontsize=_LABEL_SIZE)
-    for ax in (left, right):
-        ax.set_axis_off()
-    colorbar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), ax=right, shrink=0.9, pad=0.02)
-    colorbar.set_label("Relevance (÷ max)", fontsize=_TICK_SIZE)
-    colorbar.ax.tick_params(labelsize=_TICK_SIZE)
-    return fig
+    """The input image beside the same image with a relevance map (divided by its max) laid over it.
+
+    One block per token unless `smooth`; `colormap` is the colour map's matplotlib name (`cmap` the same,
+    under its older name), `alpha` the map's opacity.
+    """
+    description = describe_rollout(
+        image, relevance, title=title, colormap=cmap or colormap, opacity=alpha, smooth=smooth, input_title="Input"
+    )
+    return render_matplotlib(description)
 
 
 def attention_grid_figure(
@@ -300,7 +186,8 @@ def attention_grid_figure(
     query: tuple[int, int] | None = None,
     per_tile: bool = False,
     vmax: float | None = None,
-    cmap: str = "inferno",
+    colormap: str = GRID_COLORMAP,
+    cmap: str | None = None,
     title: str | None = None,
 ) -> Figure:
     """Where one query patch looks, for every layer (rows) and head (columns), as one mosaic image.
@@ -310,60 +197,206 @@ def attention_grid_figure(
         query: (row, col) of the query patch, marked in every tile.
         per_tile: scale each tile by its own max (shows shape, hides strength); otherwise all tiles
             share 0..vmax (default: the overall max).
+        colormap: the colour map's matplotlib name; `cmap` is the same, under its older name.
     """
-    attention = np.asarray(attention, dtype=np.float64)
-    if attention.ndim != 4:
-        raise ValueError(f"expected attention [L, H, gh, gw], got shape {attention.shape}")
-    depth, heads, gh, gw = attention.shape
-    values = np.stack([[scale_by_max(tile) for tile in layer] for layer in attention]) if per_tile else attention
-    top = 1.0 if per_tile else (vmax if vmax is not None else max(float(np.nanmax(values)), 1e-12))
-    mosaic = tile_mosaic(values, gap=1)
+    description = describe_attention_grid(
+        attention, query=query, per_tile=per_tile, vmax=vmax, colormap=cmap or colormap, title=title
+    )
+    return render_matplotlib(description)
+
+
+# --- the renderer -----------------------------------------------------------------------------------
+
+
+@functools.singledispatch
+def render_matplotlib(description: object) -> Figure:
+    """Draw a figure description of `vitviz.plots.figures` with matplotlib."""
+    raise TypeError(f"no matplotlib renderer for {type(description).__name__}")
+
+
+@render_matplotlib.register
+def _(description: MosaicFigure) -> Figure:
+    mosaic = description.mosaic
     height, width = mosaic.shape
-    scale = min(7.0 / width, 6.0 / height)
+    # Each mosaic pixel (and each 1-pixel gap) should cover about two output pixels at the default dpi;
+    # below that, nearest-neighbour drops gaps at random. Large grids get a larger figure, up to a limit.
+    side = float(np.clip(2 * max(height, width) / _DEFAULT_DPI, 4.2, 9.0))
+    scale = side / max(height, width)
     fig = Figure(figsize=(width * scale + 1.6, height * scale + 1.0), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(
         mosaic,
-        cmap=_with_gap_colour(cmap),
-        vmin=0.0,
-        vmax=top,
-        interpolation=_mosaic_interpolation(scale * max(height, width), mosaic),
+        cmap=matplotlib.colormaps[description.colormap].with_extremes(bad=GAP_COLOUR),
+        vmin=description.vmin,
+        vmax=description.vmax,
+        interpolation=_mosaic_interpolation(side, mosaic),
     )
-    _tile_ticks(ax, (depth, heads), (gh, gw))
-    ax.set_xlabel("Head", fontsize=_LABEL_SIZE)
-    ax.set_ylabel("Layer", fontsize=_LABEL_SIZE)
+    _set_ticks(ax, description.x_ticks, description.y_ticks)
+    ax.tick_params(length=0, labelsize=_TICK_SIZE)
+    ax.set_xlabel(description.x_label, fontsize=_LABEL_SIZE)
+    ax.set_ylabel(description.y_label, fontsize=_LABEL_SIZE)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    if query is not None:
-        rows = np.arange(depth)[:, None] * (gh + 1) + query[0]
-        cols = np.arange(heads)[None, :] * (gw + 1) + query[1]
-        rows, cols = np.broadcast_arrays(rows, cols)
-        ax.scatter(cols.ravel(), rows.ravel(), marker="s", s=8, facecolors="none", edgecolors="cyan", linewidths=0.6)
-    if title is None:
-        where = "one query patch" if query is None else f"query patch ({query[0] + 1}, {query[1] + 1})"
-        title = f"Attention of {where}"
-    ax.set_title(title, fontsize=_TITLE_SIZE)
+    if description.marks:
+        xs, ys = zip(*description.marks)
+        ax.scatter(xs, ys, marker="s", s=8, facecolors="none", edgecolors=MARK_COLOUR, linewidths=0.6)
+    if description.title:
+        ax.set_title(description.title, fontsize=_TITLE_SIZE)
     colorbar = fig.colorbar(image, cax=_colorbar_axes(ax, mosaic.shape))
-    colorbar.set_label("Attention (÷ tile max)" if per_tile else "Attention probability", fontsize=_LABEL_SIZE)
+    colorbar.set_label(description.colorbar_label, fontsize=_LABEL_SIZE)
     colorbar.ax.tick_params(labelsize=_TICK_SIZE)
     return fig
 
 
-def _filter_pictures(components: np.ndarray) -> list[np.ndarray]:
-    """Each component [C, P, P] min-max scaled on its own, as [P, P, 3] colour or [P, P] grey."""
-    scaled = minmax_scale(components, over=(1, 2, 3))
-    if components.shape[1] == 3:
-        return [c.transpose(1, 2, 0) for c in scaled]
-    return [c.mean(axis=0) for c in scaled]
+@render_matplotlib.register
+def _(description: OverlayFigure) -> Figure:
+    rgb = description.image
+    height, width = rgb.shape[:2]
+    panel = 3.2
+    scale = panel / max(height, width)
+    panels = 2 if description.input_title is not None else 1
+    fig = Figure(figsize=(panels * width * scale + 0.9, height * scale + 0.6), layout="constrained")
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    if description.input_title is not None:
+        axes[0].imshow(rgb)
+        axes[0].set_title(description.input_title, fontsize=_LABEL_SIZE)
+    ax = axes[-1]
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the map is stretched over the picture's pixels
+    ax.imshow(rgb, extent=extent)
+    heat = ax.imshow(
+        description.values,
+        cmap=description.colormap,
+        vmin=description.vmin,
+        vmax=description.vmax,
+        alpha=description.opacity,
+        extent=extent,
+        interpolation="bilinear" if description.smooth else "nearest",
+    )
+    if description.title:
+        ax.set_title(description.title, fontsize=_LABEL_SIZE)
+    for each in axes:
+        each.set_axis_off()
+    colorbar = fig.colorbar(heat, ax=ax, shrink=0.9, pad=0.02)
+    colorbar.solids.set_alpha(1.0)  # the scale itself opaque, as in the app
+    colorbar.set_label(description.colorbar_label, fontsize=_TICK_SIZE)
+    colorbar.ax.tick_params(labelsize=_TICK_SIZE)
+    return fig
 
 
-def _tile_ticks(ax: Axes, counts: tuple[int, int], tile: tuple[int, int]) -> None:
-    """1-based tick labels at tile centres; thinned out so large grids stay legible."""
-    for axis, count, tile_len in ((ax.yaxis, counts[0], tile[0]), (ax.xaxis, counts[1], tile[1])):
-        step = 1 if count <= 16 else math.ceil(count / 12)
-        picked = np.arange(0, count, step)
-        axis.set_ticks(tile_centres(count, tile_len)[picked], [str(i + 1) for i in picked])
-    ax.tick_params(length=0, labelsize=_TICK_SIZE)
+@render_matplotlib.register
+def _(description: DistanceFigure) -> Figure:
+    pixels = description.pixels
+    depth, heads = pixels.shape
+    layers = np.arange(1, depth + 1)
+    fig = Figure(figsize=(5.6 if heads <= 16 else 6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    # Heads of one layer sit on the same x; a small spread keeps overlapping points visible.
+    jitter = np.linspace(-0.18, 0.18, heads) if heads > 1 and depth <= 24 else np.zeros(heads)
+    for head, (label, colour) in enumerate(zip(description.head_labels, description.head_colours)):
+        x = layers + jitter[head]
+        ax.scatter(x, pixels[:, head], s=16, color=colour, label=label, zorder=3)
+        if description.std is not None:
+            ax.errorbar(
+                x,
+                pixels[:, head],
+                yerr=description.std[:, head],
+                fmt="none",
+                ecolor=colour,
+                elinewidth=0.7,
+                alpha=0.6,
+                zorder=2,
+            )
+    if description.show_mean:
+        ax.plot(layers, pixels.mean(axis=1), color="black", linewidth=1.3, label=description.mean_label, zorder=4)
+    ax.set_xlabel(description.x_label, fontsize=_LABEL_SIZE)
+    ax.set_ylabel(description.y_label, fontsize=_LABEL_SIZE)
+    ax.set_xlim(0.4, depth + 0.6)
+    ax.set_ylim(*description.y_range)
+    ax.set_xticks(description.x_ticks.positions, description.x_ticks.labels)
+    ax.tick_params(labelsize=_TICK_SIZE)
+    ax.grid(True, linewidth=0.4, alpha=0.4)
+    if description.title:
+        ax.set_title(description.title, fontsize=_TITLE_SIZE)
+    ax.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        frameon=False,
+        ncols=1 if heads <= 16 else 2,
+        handletextpad=0.2,
+        borderaxespad=0.0,
+    )
+    return fig
+
+
+@render_matplotlib.register
+def _(description: FiltersFigure) -> Figure:
+    count = len(description.pictures)
+    ncols = description.ncols
+    nrows = -(-count // ncols)
+    fig = Figure(figsize=(1.05 * ncols, 1.2 * nrows + 0.45), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for index, ax in enumerate(axes):
+        ax.set_axis_off()
+        if index >= count:
+            continue
+        picture = description.pictures[index]
+        ax.imshow(picture, cmap="gray" if description.grey else None, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(description.labels[index], fontsize=_TICK_SIZE, pad=2)
+    fig.suptitle(description.title, fontsize=_TITLE_SIZE)
+    return fig
+
+
+@render_matplotlib.register
+def _(description: CurvesFigure) -> Figure:
+    panels = description.panels
+    width = max((0.45 * len(p.categories) + 2.5 for p in panels if p.categories), default=4.2 * len(panels))
+    fig = Figure(figsize=(max(width, 4.5), 3.4 if len(panels) > 1 or not panels[0].categories else 3.6))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=description.share_y)[0]
+    for ax, panel in zip(axes, panels):
+        if panel.title:
+            ax.set_title(panel.title, fontsize=_TITLE_SIZE)
+        ax.set_xlabel(panel.x_label, fontsize=_LABEL_SIZE)
+        if ax is axes[0] or not description.share_y:
+            ax.set_ylabel(panel.y_label, fontsize=_LABEL_SIZE)
+        ax.tick_params(labelsize=_TICK_SIZE)
+        ax.grid(True, linewidth=0.4, alpha=0.4)
+        for series in panel.series:
+            style = {
+                "color": series.colour,
+                "marker": "o" if series.markers else None,
+                "linestyle": "--" if series.dashed else "-",
+            }
+            if series.raw is not None:
+                ax.plot(series.xs, series.raw, linewidth=0.8, alpha=0.3, markersize=2, **style)
+            ax.plot(series.xs, series.ys, markersize=3, linewidth=1.4, label=series.label, **style)
+        if panel.zero_line:
+            ax.axhline(0.0, color="0.7", linewidth=0.8)
+        if panel.categories is not None:
+            ax.set_xticks(range(len(panel.categories)), panel.categories, rotation=45, ha="right")
+        if panel.x_percent:
+            ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        if panel.percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        if panel.x_range is not None:
+            ax.set_xlim(*panel.x_range)
+        if panel.y_range is not None:
+            ax.set_ylim(*panel.y_range)
+        if panel.series:
+            ax.legend(fontsize=7, frameon=False, title=panel.legend_title, title_fontsize=7)
+            if panel.percent and panel.y_range is None:
+                ax.set_ylim(0, 1)
+        elif panel.empty_text:
+            ax.text(0.5, 0.5, panel.empty_text, ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
+    if description.title:
+        fig.suptitle(description.title, fontsize=_TITLE_SIZE)
+    return fig
+
+
+def _set_ticks(ax: Axes, x_ticks: Ticks, y_ticks: Ticks) -> None:
+    ax.set_xticks(x_ticks.positions, x_ticks.labels)
+    ax.set_yticks(y_ticks.positions, y_ticks.labels)
 
 
 def _colorbar_axes(ax: Axes, mosaic_shape: tuple[int, ...]) -> Axes:
@@ -377,18 +410,3 @@ def _mosaic_interpolation(side_inches: float, mosaic: np.ndarray) -> str:
     """Nearest-neighbour while each mosaic pixel spans >= 2 output pixels, else smooth downsampling."""
     output_pixels = side_inches * _DEFAULT_DPI
     return "nearest" if output_pixels >= 2 * max(mosaic.shape[:2]) else "antialiased"
-
-
-def _with_gap_colour(cmap: str) -> matplotlib.colors.Colormap:
-    return matplotlib.colormaps[cmap].with_extremes(bad=GAP_COLOUR)
-
-
-def _head_colours(heads: int) -> list[tuple[float, ...]]:
-    if heads <= 10:
-        palette = matplotlib.colormaps["tab10"]
-        return [palette(i) for i in range(heads)]
-    if heads <= 20:
-        palette = matplotlib.colormaps["tab20"]
-        return [palette(i) for i in range(heads)]
-    palette = matplotlib.colormaps["turbo"]
-    return [palette(i / max(heads - 1, 1)) for i in range(heads)]
