@@ -78,9 +78,10 @@ class _Ones(Stream):
 
 
 def _figures(result: int, context: FigureContext) -> Iterator[tuple[str, Any]]:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(2, 2))
+    figure = Figure(figsize=(2, 2))
+    axes = figure.add_subplot()
     axes.bar([0], [result])
     yield "image-count", figure
 

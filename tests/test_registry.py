@@ -40,10 +40,11 @@ class _MeanFeature(Stream):
 
 
 def _figures(result: np.ndarray, context: FigureContext) -> Iterator[tuple[str, Any]]:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     for stem, value in zip(context.stems, result):
-        figure, axes = plt.subplots()
+        figure = Figure()
+        axes = figure.add_subplot()
         axes.bar([0], [value])
         yield f"mean-feature-{stem}", figure
 
@@ -162,3 +163,21 @@ def test_every_analysis_declares_what_it_shows() -> None:
     # The declared choices are the kernels' own.
     assert registry.get("distance").options[0].choices == DISTANCE_MODES
     assert registry.get("rollout").options[0].choices == HEAD_FUSIONS
+
+
+def test_figures_take_the_colormap_and_a_wrong_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["analyze", str(DEFAULT), "--images", str(SAMPLE), "--analyses", "rollout", "--figures"]
+    assert main([*argv, str(tmp_path / "bad"), "--colormap", "no-such-map"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vitviz: error: --colormap 'no-such-map' is not a matplotlib colour map (for example viridis, magma, jet)"
+    ]
+    from PIL import Image
+
+    pictures = {}
+    for name in ("viridis", "magma"):
+        assert main([*argv, str(tmp_path / name), "--colormap", name]) == 0
+        pictures[name] = np.asarray(Image.open(tmp_path / name / "rollout-000-circle.png").convert("RGB"))
+    assert pictures["viridis"].shape == pictures["magma"].shape
+    assert not np.array_equal(pictures["viridis"], pictures["magma"])

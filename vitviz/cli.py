@@ -92,6 +92,11 @@ def add_analysis_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analyses", help=f"comma-separated subset of: {listed}")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--figures", metavar="DIR", help="write the paper-style figures as PNG and SVG")
+    p.add_argument(
+        "--colormap",
+        default="viridis",
+        help="colour map of the figures' maps and overlays, a matplotlib name (viridis)",
+    )
     for option in registry.options():
         default = "" if option.default is None else f" ({option.default})"
         p.add_argument(
@@ -204,6 +209,13 @@ def _model_sections(loaded: LoadedModel, analyses: Sequence[str], options: Analy
     return document, results
 
 
+def _check_colormap(name: str) -> None:
+    import matplotlib
+
+    if name not in matplotlib.colormaps:
+        raise VitvizError(f"--colormap {name!r} is not a matplotlib colour map (for example viridis, magma, jet)")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -215,6 +227,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     options = registry.AnalysisOptions(**{o.name: getattr(args, o.name) for o in registry.options()})
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    _check_colormap(args.colormap)
     slice_ = _dataset_slice(args)
     if slice_ is not None:
         return analyze_dataset(args, slice_, analyses, options)
@@ -242,7 +255,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json_out is not None:
         write_json(result, args.json_out)
     if args.figures is not None:
-        written = write_figures(Path(args.figures), loaded, weight_results, images, image_results, files)
+        written = write_figures(
+            Path(args.figures), loaded, weight_results, images, image_results, files, colormap=args.colormap
+        )
         logger.info("wrote %d figures to %s", len(written), args.figures)
     return 0
 
@@ -453,7 +468,7 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
             folder = Path(args.figures)
             if image_results is not None and image_results.distance is not None:
                 weight_results["distance"] = image_results.distance  # the mean maps have no figure
-            written = write_figures(folder, loaded, weight_results, None, None, [])
+            written = write_figures(folder, loaded, weight_results, None, None, [], colormap=args.colormap)
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
     finally:
@@ -538,6 +553,7 @@ def write_figures(
     images: torch.Tensor | None,
     image_results: ImageResults | None,
     files: Sequence[Path],
+    colormap: str = "viridis",
 ) -> list[Path]:
     """The paper-style matplotlib figures of every analysis that ran and has figures, as PNG and SVG."""
     from vitviz.pipeline import analysis_figures
@@ -548,7 +564,8 @@ def write_figures(
         results.update(image_results.by_name)
     shown = images if images is not None else []
     written: list[Path] = []
-    for stem, figure in analysis_figures(loaded, results, shown, [str(f) for f in files] if images is not None else []):
+    names = [str(f) for f in files] if images is not None else []
+    for stem, figure in analysis_figures(loaded, results, shown, names, colormap):
         written += paper.save_figure(figure, folder / stem)
     return written
 

@@ -471,6 +471,7 @@ def analysis_figures(
     results: Mapping[str, Any],
     images: torch.Tensor | Sequence[torch.Tensor] = (),
     image_names: Sequence[str] = (),
+    colormap: str = "viridis",
 ) -> Iterator[tuple[str, Any]]:
     """(file stem, matplotlib figure) for every result (by analysis name) whose analysis draws figures, in the
     registry's order; per-image figures are drawn over the preprocessed `images`, named after `image_names`."""
@@ -483,6 +484,7 @@ def analysis_figures(
         pictures=[to_display(images[index], meta.mean, meta.std) for index in range(len(names))],
         stems=[f"{index:03d}-{name.stem}" for index, name in enumerate(names)],
         names=[name.name for name in names],
+        colormap=colormap,
     )
     for analysis in registry.analyses():
         result = results.get(analysis.name)

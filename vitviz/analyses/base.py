@@ -97,6 +97,7 @@ class FigureContext:
     pictures: Sequence[np.ndarray] = ()  # [H, W, 3] in [0, 1], image order
     stems: Sequence[str] = ()  # "000-photo": the figure's file is <kind>-<stem>.png
     names: Sequence[str] = ()  # "photo.png": how titles name the image
+    colormap: str = "viridis"  # the colour map of maps and overlays (matplotlib's name), the studio's default
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -79,10 +79,10 @@ def _json(result: PositionResult, _images: Sequence[str]) -> dict[str, Any]:
     return {"similarity": result.matrix().tolist()}
 
 
-def _figures(result: PositionResult, _context: FigureContext) -> Figures:
+def _figures(result: PositionResult, context: FigureContext) -> Figures:
     from vitviz.plots import paper
 
-    yield "position", paper.position_similarity_figure(result.similarity)
+    yield "position", paper.position_similarity_figure(result.similarity, colormap=context.colormap)
 
 
 ANALYSIS = register(

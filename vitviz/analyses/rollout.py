@@ -125,7 +125,10 @@ def overlay_figures(kind: str, title: str, maps: Sequence[np.ndarray], context: 
     from vitviz.plots import paper
 
     for picture, stem, name, relevance in zip(context.pictures, context.stems, context.names, maps):
-        yield f"{kind}-{stem}", paper.rollout_overlay_figure(picture, relevance, title=f"{title}: {name}")
+        yield (
+            f"{kind}-{stem}",
+            paper.rollout_overlay_figure(picture, relevance, title=f"{title}: {name}", colormap=context.colormap),
+        )
 
 
 def _figures(rollouts: Sequence[RolloutResult], context: FigureContext) -> Figures:

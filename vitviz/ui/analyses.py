@@ -372,8 +372,6 @@ def registered_analysis(
     import io
     import json
 
-    import matplotlib.pyplot as plt
-
     from vitviz import analyses as registry
 
     analysis = registry.get(name)
@@ -395,7 +393,6 @@ def registered_analysis(
         for stem, figure in pipeline.analysis_figures(loaded, {name: result}, inputs, [i.name for i in shown]):
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            plt.close(figure)
             figures.append((stem, buffer.getvalue()))
         return AnalysisOutput(section=section, figures=tuple(figures))
 
