@@ -120,3 +120,16 @@ def test_the_app_rule_sees_every_spelling_of_a_forbidden_import(source: str) -> 
 )
 def test_the_app_rule_allows_the_pipeline(source: str) -> None:
     assert _forbidden_for_the_app(_imports_in(source, "vitviz.ui")) == []
+
+
+@pytest.mark.parametrize("path", ["vitviz/faithfulness.py", "training/evaluate.py", "vitviz/pipeline.py"])
+def test_services_get_maps_and_attention_from_the_registries_not_the_capture(path: str) -> None:
+    """The faithfulness comparison and training's evaluation ask the map-method registry (vitviz/methods.py) for
+    maps; the pipeline asks the analysis registry's streams; only those registries touch the capture's
+    internals (the pipeline runs the one shared forward through `capture_attention`)."""
+    source = (ROOT / path).read_text(encoding="utf-8")
+    names = _imports_in(source, path.replace("/", ".").removesuffix(".py").rsplit(".", 1)[0])
+    capture = sorted(n for n in names if _within(n, "vitviz.capture"))
+    allowed = {"vitviz.capture", "vitviz.capture.QueryAttention", "vitviz.capture.capture_attention"}
+    allowed |= {"vitviz.capture.attention_modules", "vitviz.capture.unreadable_reason"}
+    assert set(capture) <= (allowed if path == "vitviz/pipeline.py" else set()), capture
