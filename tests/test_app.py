@@ -436,6 +436,8 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
 def test_hugging_face_models_by_link_and_box_offline_give_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network
     at = _open("overview", query={"model": "hf:google/vit-base-patch16-224"})
+    assert _errors(at) == []  # a link alone downloads nothing: the sidebar offers the download
+    next(b for b in at.sidebar.button if b.label == "Download hf:google/vit-base-patch16-224").click().run()
     assert any("hf:google/vit-base-patch16-224" in e and "local folder" in e for e in _errors(at)), _errors(at)
     at = _open("overview")
     at.text_input(key="vv.add.timm").set_value("hf:../../etc").run()

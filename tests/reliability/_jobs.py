@@ -52,6 +52,13 @@ def load_api(path: str) -> dict[str, Any]:
     return results
 
 
+def load_hf_folder(folder: str) -> dict[str, Any]:
+    """A `hf:<folder>` model through the Python API."""
+    from vitviz.models import load_model
+
+    return {"load_model": _outcome(lambda: load_model(f"hf:{folder}"))}
+
+
 def _capture(main: Callable[[list[str]], int], argv: list[str]) -> dict[str, Any]:
     """Run a command-line entry point as `python -m` would: status, stdout, stderr (with any traceback)."""
     out, err = io.StringIO(), io.StringIO()
@@ -164,6 +171,29 @@ def app_checkpoint_uploads(files: list[list[str]], cache_dir: str, runs_dir: str
         after = set(os.listdir(uploads)) if uploads.is_dir() else set()
         state["uploads_kept"] = sorted(after - before)
         results.append({"name": name, **state})
+        if state["exceptions"]:
+            at = _app_session(cache_dir, runs_dir)
+    return results
+
+
+def app_hf_folders(folders: list[list[str]], cache_dir: str, runs_dir: str) -> list[dict[str, Any]]:
+    """Each (Hub id, folder) typed as `hf:<Hub id>` into the sidebar's "Add a model" box and loaded, one after
+    another in one session; the Hub download is replaced by the folder (no network), so the folder's files reach
+    the loader as a downloaded repository's would."""
+    import vitviz.models.hf
+
+    by_id = dict((hub_id, Path(folder)) for hub_id, folder in folders)
+    vitviz.models.hf._download = lambda repo_id: by_id[repo_id]
+    at = _app_session(cache_dir, runs_dir)
+    results = [{"name": "(start)", **_page_state(at)}]
+    for hub_id, _folder in folders:
+        try:
+            at.text_input(key="vv.add.timm").set_value(f"hf:{hub_id}").run()
+            next(b for b in at.button if b.label == "Load model").click().run()
+            state = _page_state(at)
+        except BaseException as exc:
+            state = {"errors": [], "exceptions": [f"{type(exc).__name__}: {exc}"], "selected": None, "titles": []}
+        results.append({"name": hub_id, **state})
         if state["exceptions"]:
             at = _app_session(cache_dir, runs_dir)
     return results

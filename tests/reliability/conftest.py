@@ -445,6 +445,100 @@ def hostile_checkpoints(marker_dir: Path) -> list[HostileFile]:
     return files
 
 
+# --- hostile Hugging Face folders ---------------------------------------------------------------------------
+
+HF_PROCESSOR = {"do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25],
+                "size": {"height": 32, "width": 32}}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HostileFolder:
+    """A `hf:` model folder that must be refused: its files (name -> bytes; None removes one) over a good folder."""
+
+    name: str  # test id, also the Hub id "hostile/<name>" the app is given for it
+    changes: dict[str, bytes | None]
+    fragment: str  # what the refusal must say
+    marker: Path | None = None
+
+
+def tiny_hf_files(hidden_size: int = 32) -> dict[str, bytes]:
+    """The files of a tiny, valid ViTForImageClassification saved by `save_pretrained` (3 classes, 32 px)."""
+    import tempfile
+
+    import transformers
+
+    config = transformers.ViTConfig(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8,
+                                    id2label={i: name for i, name in enumerate(CLASS_NAMES)},
+                                    label2id={name: i for i, name in enumerate(CLASS_NAMES)})  # fmt: skip
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        transformers.ViTForImageClassification(config).save_pretrained(folder)
+        files = {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+    files["preprocessor_config.json"] = json.dumps(HF_PROCESSOR).encode()
+    return files
+
+
+def write_hf_folder(folder: Path, files: dict[str, bytes | None]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+    return folder
+
+
+def hostile_hf_folders(marker_dir: Path) -> list[HostileFolder]:
+    """Model folders whose config, preprocessor config or weights are broken, absurd or hostile."""
+    good = tiny_hf_files()
+    config = json.loads(good["config.json"])
+
+    def config_with(**changes: Any) -> bytes:
+        return json.dumps({**config, **changes}).encode()
+
+    def processor_with(**changes: Any) -> bytes:
+        return json.dumps({**HF_PROCESSOR, **changes}).encode()
+
+    latin1 = json.dumps({**config, "id2label": {"0": "pomme \u00e9", "1": "b", "2": "c"}}, ensure_ascii=False)
+    many_labels = {**config, "id2label": {str(i): "a" for i in range(10**6)}}
+    del many_labels["label2id"]
+    bert = transformers_config("BertConfig", architectures=["ViTModel"])
+    marker_zip, marker_plain = marker_dir / "hf-torchzip.marker", marker_dir / "hf-pickle.marker"
+    no_safetensors = {"model.safetensors": None}
+    folders = [
+        HostileFolder("config-not-json", {"config.json": b'{"architectures": ["ViTForImageClassification"'}, "not valid JSON"),
+        HostileFolder("config-json-list", {"config.json": b"[1, 2, 3]"}, "not an object"),
+        HostileFolder("config-nested-200k", {"config.json": b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"}, "nests deeper"),
+        HostileFolder("config-architectures-5", {"config.json": config_with(architectures=5)}, "architectures must be a list"),
+        HostileFolder("config-not-utf8", {"config.json": latin1.encode("latin-1")}, "not UTF-8"),
+        HostileFolder("processor-not-json", {"preprocessor_config.json": b"image_mean = 0.5"}, "not valid JSON"),
+        HostileFolder("processor-json-list", {"preprocessor_config.json": b"[0.5, 0.25]"}, "not an object"),
+        HostileFolder("processor-std-strings", {"preprocessor_config.json": processor_with(image_std=["a", "b", "c"])}, "image_std"),
+        HostileFolder("weights-another-size", {"model.safetensors": tiny_hf_files(hidden_size=64)["model.safetensors"]}, "wrong shape"),
+        HostileFolder("image-size-0", {"config.json": config_with(image_size=0)}, "image_size"),
+        HostileFolder("image-smaller-than-patch", {"config.json": config_with(image_size=4)}, "smaller than one"),
+        HostileFolder("hidden-1e9", {"config.json": config_with(hidden_size=10**9)}, "hidden_size"),
+        HostileFolder("bert-config-claims-vit", {"config.json": json.dumps(bert).encode()}, "'bert'"),
+        HostileFolder("id2label-1e6", {"config.json": json.dumps(many_labels).encode()}, "id2label"),
+        HostileFolder("weights-truncated", {"model.safetensors": good["model.safetensors"][: len(good["model.safetensors"]) // 2]}, "not a readable"),
+        HostileFolder("weights-unrelated-tensor", {"model.safetensors": safetensors.torch.save({"foo": torch.zeros(3)})}, "missing"),
+        # In range on every field, but 38.7e9 parameters (155 GB) for a file of a few hundred kilobytes.
+        HostileFolder("hidden-8192-x-48-layers", {"config.json": config_with(hidden_size=8192, num_hidden_layers=48,
+                      num_attention_heads=64, intermediate_size=32768)}, "do not cover"),
+        HostileFolder("layers-1e6", {"config.json": config_with(num_hidden_layers=1_000_000)}, "num_hidden_layers"),
+        HostileFolder("pytorch-bin-torchzip-reduce", {**no_safetensors, "pytorch_model.bin": pickled_payload("os-system", marker_zip, "zip")}, "refused to read", marker_zip),
+        HostileFolder("pytorch-bin-pickle-reduce", {**no_safetensors, "pytorch_model.bin": pickled_payload("exec", marker_plain, "plain")}, "refused to read", marker_plain),
+        HostileFolder("shard-index-leaves-folder", {**no_safetensors, "model.safetensors.index.json": json.dumps(
+                      {"weight_map": {"classifier.weight": "../../outside.safetensors"}}).encode()}, "not a .safetensors file in"),
+    ]  # fmt: skip
+    return folders
+
+
+def transformers_config(name: str, **changes: Any) -> dict[str, Any]:
+    import transformers
+
+    return {**getattr(transformers, name)().to_dict(), **changes}
+
+
 # --- images -------------------------------------------------------------------------------------------------
 
 ORIENTATION_TAG = 0x0112

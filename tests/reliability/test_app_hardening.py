@@ -363,3 +363,78 @@ def test_uploads_are_never_written_under_their_own_names(folders, tally: dict) -
         assert not stray.exists(), stray
     uploaded = [p for p in written if p.parent.name == "uploads"]
     assert len(uploaded) == 1 and uploaded[0].read_bytes() == checkpoint  # one file, named by its content hash
+
+
+# --- Hugging Face models named in a URL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Records every host name the server resolves and every Hub download it starts (each refused at once)."""
+    import vitviz.models.hf as hf
+    from vitviz.errors import VitvizError
+
+    seen: dict[str, list[str]] = {"hosts": [], "downloads": []}
+
+    def getaddrinfo(host, *args, **kwargs):
+        seen["hosts"].append(str(host))
+        raise socket.gaierror(socket.EAI_NONAME, "resolving is not allowed here")
+
+    def download(repo_id: str) -> Path:
+        seen["downloads"].append(repo_id)
+        raise VitvizError(f"cannot download hf:{repo_id} from the Hugging Face Hub (offline)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(hf, "_download", download)
+    return seen
+
+
+def _hub_button(at):
+    return next((b for b in at.sidebar.button if b.label.startswith("Download hf:")), None)
+
+
+def test_a_hub_id_in_the_url_downloads_nothing_until_the_user_asks(folders, offline, tally: dict) -> None:
+    at = _app(None, {"model": "hf:google/vit-base-patch16-224"})
+    tally["app hardening"]["hf links tried"] += 1
+    assert not at.exception, [e.value for e in at.exception]
+    assert offline == {"hosts": [], "downloads": []}, offline
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    button = _hub_button(at)
+    assert button is not None and button.label == "Download hf:google/vit-base-patch16-224"
+    button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert offline["downloads"] == ["google/vit-base-patch16-224"]
+    assert any("cannot download hf:google/vit-base-patch16-224" in e for e in _texts(at.error)), _texts(at.error)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+
+
+@pytest.mark.parametrize("key", ["hf:assets/samples", "hf:models/tiny"])
+def test_a_url_never_reaches_a_local_folder_through_hf(key: str, folders, offline, tally: dict) -> None:
+    """`hf:owner/name` in a URL is a Hub id only: a folder of that name beside the server (the repository's own
+    assets/samples, or a real model folder in its working directory) is never read, even after the click."""
+    from tests.reliability.conftest import tiny_hf_files, write_hf_folder
+    from vitviz.ui import catalog
+
+    write_hf_folder(folders["cwd"] / "models" / "tiny", tiny_hf_files())
+    (folders["cwd"] / "assets").symlink_to(ROOT / "assets", target_is_directory=True)
+    tally["app hardening"]["hf links tried"] += 1
+    at = _app(None, {"model": key})
+    assert not at.exception, [e.value for e in at.exception]
+    _hub_button(at).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert offline["downloads"] == [key.removeprefix("hf:")], offline
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    # The same through the loader the studio uses: the folder exists, yet only the Hub is asked.
+    from vitviz.errors import VitvizError
+    from vitviz.models import load_model
+
+    entry = catalog.resolve_key(key, [])
+    with pytest.raises(VitvizError, match="cannot download"):
+        load_model(entry.source, hf_local_folders=False)
+    assert load_model("hf:models/tiny").meta.class_names == ["circle", "square", "triangle"]  # the CLI reads it
+
+
+def test_a_hub_id_in_a_compare_link_downloads_nothing(folders, offline) -> None:
+    at = _app("vitviz/ui/compare.py", {"compare": ["bundled:shapes-default", "hf:google/vit-base-patch16-224"]})
+    assert not at.exception, [e.value for e in at.exception]
+    assert offline == {"hosts": [], "downloads": []}, offline

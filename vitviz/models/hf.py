@@ -17,21 +17,50 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import safetensors
 import torch
 from torch import nn
 
 from vitviz.errors import VitvizError
-from vitviz.models.checkpoint import LoadedModel, file_sha256
+from vitviz.models.checkpoint import LoadedModel, describe_mismatch, file_sha256, read_state_dict
 from vitviz.models.meta import ModelMeta
 from vitviz.tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
+
+# What a folder is checked against before anything is built (docs/reliability.md, "Hugging Face folders").
+MAX_JSON_BYTES = 16 << 20  # config.json, preprocessor_config.json, the shard index: far above any real one
+MAX_JSON_DEPTH = 32  # nesting of a JSON document (a real config nests 3-4 deep)
+MAX_CLASSES = 100_000  # id2label entries / num_labels (ImageNet-21k has 21,843)
+MAX_TOKENS = 65_536  # patches of the input grid
+MAX_SHARDS = 1_000
+# Sane bounds of the integers that size a model, checked before the architecture is built even on the meta
+# device: a ViT-22B is 6144 wide (24576 in its MLP) and 48 layers deep.
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 16_384),
+    "intermediate_size": (1, 65_536),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 256),
+    "num_channels": (1, 16),
+    "num_register_tokens": (0, 1_024),
+    "image_size": (1, 8_192),
+    "patch_size": (1, 8_192),
+    "num_labels": (0, MAX_CLASSES),
+}
+PROCESSOR_SIZE_LIMIT = 8_192  # pixels along one side of the processor's size or crop
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+# What a Hub download fetches: the files `load_hf` reads, nothing else in the repository.
+DOWNLOAD_PATTERNS = ["config.json", "preprocessor_config.json", SAFETENSORS_WEIGHTS, SHARD_INDEX, "model-*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -194,15 +223,16 @@ def _pair(value: object) -> tuple[int, int]:
     return (int(a), int(b))
 
 
-def _preprocessor_size(processor: dict) -> tuple[int, int] | None:
+def _preprocessor_size(processor: dict, path: Path) -> tuple[int, int] | None:
     """The (H, W) the image processor hands the model: its centre crop, else a fixed resize; None otherwise."""
-    candidates = [processor.get("crop_size")] if processor.get("do_center_crop") else []
-    candidates.append(processor.get("size"))
-    for value in candidates:
-        if isinstance(value, int):
-            return (value, value)
+    candidates = [("crop_size", processor.get("crop_size"))] if processor.get("do_center_crop") else []
+    candidates.append(("size", processor.get("size")))
+    for key, value in candidates:
         if isinstance(value, dict) and "height" in value and "width" in value:
-            return (int(value["height"]), int(value["width"]))
+            value = [value["height"], value["width"]]
+        elif not _is_int(value):
+            continue  # e.g. {"shortest_edge": 256}: a resize that keeps the aspect ratio, no fixed size
+        return _sides(value, key, path, (1, PROCESSOR_SIZE_LIMIT))
     return None
 
 
@@ -247,75 +277,302 @@ def _download(repo_id: str) -> Path:
 
     try:
         folder = snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors"],
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            repo_id, allow_patterns=DOWNLOAD_PATTERNS, cache_dir=os.environ.get("HF_HUB_CACHE") or None
         )
     except Exception as error:  # offline, unknown repo, gated: all end in the same advice
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise VitvizError(
-            f"cannot download hf:{repo_id} from the Hugging Face Hub ({type(error).__name__}: {reason}); "
+            f"cannot download hf:{repo_id} from the Hugging Face Hub ({type(error).__name__}: {_first_line(error)}); "
             "pass a local folder instead: hf:/path/to/folder"
         ) from error
     return Path(folder)
 
 
-def _content_hash(folder: Path) -> str:
-    """sha256 over the folder's config, preprocessor config and weight files (name and content hash each)."""
+# --- the checks a folder passes before anything is built ---------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _regular_file(path: Path) -> bool:
+    """A regular file (through symbolic links, as the Hub cache makes them): never a FIFO or a device."""
+    return path.is_file()
+
+
+def _depth(value: object) -> int:
+    """How deeply a parsed JSON value nests (iteratively: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small JSON object from a model folder: size, encoding, syntax, nesting and type checked, one line each."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise VitvizError(f"{path} is {size:,} bytes; a model folder's JSON files are at most {MAX_JSON_BYTES:,}")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_JSON_BYTES + 1)
+    except OSError as error:
+        raise VitvizError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise VitvizError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise VitvizError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as error:
+        raise VitvizError(f"{path} is not valid JSON ({_first_line(error)})") from None
+    if not isinstance(document, dict):
+        raise VitvizError(f"{path} holds a JSON {type(document).__name__}, not an object")
+    if _depth(document) > MAX_JSON_DEPTH:
+        raise VitvizError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
+    return document
+
+
+def _sides(value: object, key: str, path: Path, bounds: tuple[int, int]) -> tuple[int, int]:
+    """An int or a pair of ints (height, width), each within bounds."""
+    sides = [value, value] if _is_int(value) else value
+    if not isinstance(sides, (list, tuple)) or len(sides) != 2 or not all(_is_int(v) for v in sides):
+        raise VitvizError(f"{path}: {key} must be a whole number or a pair of them, not {str(value)[:60]}")
+    low, high = bounds
+    if not all(low <= v <= high for v in sides):
+        raise VitvizError(f"{path}: {key} {sides[0]}x{sides[1]} is outside {low}..{high}")
+    return (int(sides[0]), int(sides[1]))
+
+
+def _check_config(config: dict[str, Any], name: str, path: Path) -> type:
+    """The transformers class the config names, after its types and sizes are checked against sane bounds."""
+    import transformers
+
+    architectures = config.get("architectures")
+    if architectures is None:
+        architectures = []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise VitvizError(f"{path}: architectures must be a list of class names, not {str(architectures)[:60]}")
+    arch = architectures[0] if architectures else ""
+    if arch not in FAMILIES:
+        shown = arch[:80] or "model without architectures in config.json"
+        raise VitvizError(f"hf:{name} is a {shown}; vitviz reads {', '.join(FAMILIES)}")
+    model_class = getattr(transformers, arch)
+    model_type = config.get("model_type")
+    wanted_type = model_class.config_class.model_type
+    if model_type is not None and model_type != wanted_type:
+        raise VitvizError(
+            f"{path} describes a {str(model_type)[:60]!r} model but names {arch}, which reads {wanted_type!r} configs"
+        )
+    for key, bounds in CONFIG_BOUNDS.items():
+        if key not in config or key in ("image_size", "patch_size"):
+            continue
+        value = config[key]
+        if not _is_int(value) or not bounds[0] <= value <= bounds[1]:
+            raise VitvizError(f"{path}: {key} {str(value)[:40]} is outside {bounds[0]}..{bounds[1]}")
+    sizes = {
+        key: _sides(config[key], key, path, CONFIG_BOUNDS[key]) for key in ("image_size", "patch_size") if key in config
+    }
+    if len(sizes) == 2:
+        image, patch = sizes["image_size"], sizes["patch_size"]
+        if image[0] < patch[0] or image[1] < patch[1]:
+            raise VitvizError(
+                f"{path}: image_size {image[0]}x{image[1]} is smaller than one {patch[0]}x{patch[1]} patch"
+            )
+        if (image[0] // patch[0]) * (image[1] // patch[1]) > MAX_TOKENS:
+            raise VitvizError(f"{path}: image_size / patch_size gives more than {MAX_TOKENS:,} patches")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if _is_int(hidden) and _is_int(heads) and hidden % heads:
+        raise VitvizError(f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    for key in ("id2label", "label2id"):
+        labels = config.get(key)
+        if labels is None:
+            continue
+        if not isinstance(labels, dict) or len(labels) > MAX_CLASSES:
+            size = f"{len(labels):,} entries" if isinstance(labels, (dict, list)) else type(labels).__name__
+            raise VitvizError(f"{path}: {key} must map at most {MAX_CLASSES:,} classes, not {size}")
+    id2label = config.get("id2label") or {}
+    if not all(isinstance(k, str) and k.strip().isdigit() and isinstance(v, str) for k, v in id2label.items()):
+        raise VitvizError(f"{path}: id2label must map class numbers to names")
+    return model_class
+
+
+def _reference_model(model_class: type, config: dict[str, Any], path: Path) -> nn.Module:
+    """The architecture the config describes, built on the meta device: shapes only, no memory."""
+    try:
+        hf_config = model_class.config_class.from_dict(dict(config), attn_implementation="eager")
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return model_class(hf_config)
+    except Exception as error:  # a value transformers itself refuses: one line, whichever it is
+        raise VitvizError(f"{path} does not describe a {model_class.__name__} ({_first_line(error)})") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files `from_pretrained` reads for this folder: one safetensors file, the shards its index
+    names, or (only without safetensors) pytorch_model.bin."""
+    single = folder / SAFETENSORS_WEIGHTS
+    if _regular_file(single):
+        return [single]
+    index_path = folder / SHARD_INDEX
+    if _regular_file(index_path):
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise VitvizError(f"{index_path} has no weight_map of tensor names to shard files")
+        names = sorted(set(weight_map.values()))
+        if len(names) > MAX_SHARDS:
+            raise VitvizError(f"{index_path} names {len(names):,} shards; at most {MAX_SHARDS:,} are read")
+        shards = []
+        for shard in names:
+            path = folder / shard
+            if Path(shard).name != shard or not shard.endswith(".safetensors") or not _regular_file(path):
+                raise VitvizError(f"{index_path} names {shard[:80]!r}, which is not a .safetensors file in {folder}")
+            shards.append(path)
+        return [index_path, *shards]
+    pickled = folder / PICKLE_WEIGHTS
+    if _regular_file(pickled):
+        return [pickled]
+    raise VitvizError(f"{folder} has no weights ({SAFETENSORS_WEIGHTS}, {SHARD_INDEX} or {PICKLE_WEIGHTS})")
+
+
+def _found_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no tensor data read), or from a state dict that
+    `torch.load(weights_only=True)` accepts (`read_state_dict`: a pickle that would run code is refused)."""
+    found: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        if path.name == SHARD_INDEX:
+            continue
+        if path.suffix != ".safetensors":
+            found.update({key: tuple(tensor.shape) for key, tensor in read_state_dict(path).items()})
+            continue
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                found.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118
+        except Exception as error:  # safetensors' own error types for truncated, corrupt or foreign files
+            raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(error)})") from None
+    return found
+
+
+def _check_weights(reference: nn.Module, found: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """Every tensor the model has must be in the weight files, with its shape: transformers would silently
+    initialise a missing one at random. The file's names are read as `from_pretrained` reads them (its renamings
+    of older checkpoints, the base model's prefix added or dropped); tensors the model does not use are ignored,
+    as transformers ignores them. A tensor that transformers converts on loading (several merged into one) is
+    only looked for, its shape left to transformers."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    expected = {key: tuple(tensor.shape) for key, tensor in reference.state_dict().items()}
+    conversions = get_model_conversion_mapping(reference)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    matched: dict[str, tuple[int, ...]] = {}
+    for key, shape in found.items():
+        target, converted = rename_source_key(key, renamings, converters, reference.base_model_prefix, expected)
+        if target in expected:
+            matched[target] = expected[target] if converted is not None else shape
+    problem = describe_mismatch(expected, matched)
+    if problem:
+        raise VitvizError(f"the weights in {folder} do not cover the model its config.json describes: {problem}")
+
+
+def _content_hash(files: list[Path]) -> str:
+    """sha256 over the files the model is read from (name and content hash each), and nothing else."""
     digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin"):
-            digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
-def load_hf(source: str) -> LoadedModel:
-    """Load `hf:<repo id or local folder>`: a supported transformers vision model, eager attention, eval mode."""
-    import transformers
+def _check_processor(
+    processor: dict[str, Any], path: Path, in_chans: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation (mean, std) the processor applies, checked: finite numbers, one per channel, std > 0."""
+    if not processor.get("do_normalize", True):
+        return (0.0,) * in_chans, (1.0,) * in_chans
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    for key, values in (("image_mean", mean), ("image_std", std)):
+        if not isinstance(values, list) or len(values) != in_chans or not all(_is_number(v) for v in values):
+            raise VitvizError(f"{path} needs image_mean and image_std with {in_chans} numbers each ({key} is not)")
+    if not all(v > 0 for v in std):  # type: ignore[union-attr]
+        raise VitvizError(f"{path}: image_std must be positive")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[union-attr]
 
+
+def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
+    """Load `hf:<repo id or local folder>`: a supported transformers vision model, eager attention, eval mode.
+
+    Everything the folder says is checked before any model is built: the JSON files (size, encoding, nesting,
+    types), the config's sizes against sane bounds, and the architecture it implies (built on the meta device)
+    against the tensor names and shapes in the weight files' headers. `local_folders=False` reads the name as a
+    Hub id only, never as a folder on this machine (the studio, whose names come from URLs).
+    """
     name = source[len(HF_PREFIX) :].strip() if source.startswith(HF_PREFIX) else source.strip()
     if not name:
         raise VitvizError("hf: needs a repository id or a local folder, e.g. hf:google/vit-base-patch16-224")
     folder = Path(name).expanduser()
-    if not folder.is_dir():
-        if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not local_folders or not folder.is_dir():
+        looks_local = name.startswith((".", "/", "~")) or ".." in name or "\\" in name
+        if looks_local or name.count("/") != 1 or (local_folders and folder.exists()):
             raise VitvizError(f"hf:{name} is neither a local model folder nor a Hub repository id (owner/name)")
         folder = _download(name)
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not _regular_file(config_path):
         raise VitvizError(f"{folder} has no config.json: not a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
-    architectures = config.get("architectures") or []
-    arch = architectures[0] if architectures else ""
-    if arch not in FAMILIES:
-        raise VitvizError(
-            f"hf:{name} is a {arch or 'model without architectures in config.json'}; vitviz reads {', '.join(FAMILIES)}"
-        )
+    config = read_json_object(config_path)
+    model_class = _check_config(config, name, config_path)
+    arch = model_class.__name__
     processor_path = folder / "preprocessor_config.json"
-    if not processor_path.is_file():
+    if not _regular_file(processor_path):
         raise VitvizError(f"{folder} has no preprocessor_config.json: vitviz reads the normalisation from it")
-    processor = json.loads(processor_path.read_text())
-    model_class = getattr(transformers, arch)
-    hf_model = model_class.from_pretrained(str(folder), attn_implementation="eager")
-    hf_model.eval()
+    processor = read_json_object(processor_path)
+    mean, std = _check_processor(processor, processor_path, int(config.get("num_channels", 3)))
     family = FAMILIES[arch]
+    wanted = _preprocessor_size(processor, processor_path)
+    weights = _weight_files(folder)
+    reference = _reference_model(model_class, config, config_path)
+    _check_weights(reference, _found_shapes(weights), folder)
+    del reference
+    try:
+        hf_model = model_class.from_pretrained(
+            str(folder),
+            attn_implementation="eager",
+            local_files_only=True,
+            use_safetensors=weights[0].name != PICKLE_WEIGHTS,
+        )
+    except Exception as error:  # anything the checks above did not foresee still ends in one line
+        raise VitvizError(
+            f"transformers could not load hf:{name} ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    hf_model.eval()
     own_size = _pair(hf_model.config.image_size)
-    wanted = _preprocessor_size(processor)
     img_size = wanted if (wanted is not None and family.interpolates) else own_size
     if wanted is not None and wanted != img_size:
         logger.warning(
             "%s: the image processor gives %s but the model takes %s; using %s", name, wanted, own_size, own_size
         )
     layout = hf_token_layout(hf_model, img_size)
+    if not 1 <= layout.num_patches <= MAX_TOKENS:
+        raise VitvizError(
+            f"hf:{name}: a {img_size[0]}x{img_size[1]} input gives {layout.grid[0]}x{layout.grid[1]} patches of "
+            f"{layout.stride[0]}x{layout.stride[1]} px; at least 1 and at most {MAX_TOKENS:,} are needed"
+        )
     model = HFVisionTransformer(hf_model, layout).eval()
-    in_chans = model.in_chans
-    if processor.get("do_normalize", True):
-        mean = tuple(float(v) for v in processor.get("image_mean", ()))
-        std = tuple(float(v) for v in processor.get("image_std", ()))
-        if len(mean) != in_chans or len(std) != in_chans:
-            raise VitvizError(f"{processor_path} needs image_mean and image_std with {in_chans} values each")
-    else:
-        mean, std = (0.0,) * in_chans, (1.0,) * in_chans
     id2label = getattr(hf_model.config, "id2label", None) or {}
     class_names = [str(id2label.get(i, f"class {i}")) for i in range(model.num_classes)]
     meta = ModelMeta(
@@ -323,12 +580,13 @@ def load_hf(source: str) -> LoadedModel:
         config=None,
         class_names=class_names,
         input_size=img_size,
-        in_chans=in_chans,
+        in_chans=model.in_chans,
         mean=mean,
         std=std,
         training={"source": "hf", "name": name, "model_type": getattr(hf_model.config, "model_type", "")},
         resolution_history=[],
     )
+    files = [config_path, processor_path, *weights]
     return LoadedModel(
-        model=model, meta=meta, source=source, content_hash=_content_hash(folder), extra={"path": str(folder)}
+        model=model, meta=meta, source=source, content_hash=_content_hash(files), extra={"path": str(folder)}
     )

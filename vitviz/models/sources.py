@@ -28,20 +28,23 @@ TIMM_PREFIX = "timm:"
 RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always means the same weights
 
 
-def load_model(source: str, *, weights: str | Path | None = None, pretrained: bool = False) -> LoadedModel:
+def load_model(
+    source: str, *, weights: str | Path | None = None, pretrained: bool = False, hf_local_folders: bool = True
+) -> LoadedModel:
     """Load a model from any supported source, in eval mode, with its metadata.
 
     Sources: a project .safetensors checkpoint; a run folder (the checkpoint `vitviz.runs.run_checkpoint`
     picks: best.safetensors, else last.safetensors, else the newest epoch); "timm:<name>" with random
     weights, timm's pretrained weights (`pretrained=True`, needs the network) or a local state dict
     (`weights=FILE`); "hf:<repo id or local folder>", a Hugging Face transformers vision transformer
-    (`vitviz.models.hf.load_hf`).
+    (`vitviz.models.hf.load_hf`). With `hf_local_folders=False` an hf: name is a Hub id only, never a folder
+    on this machine (the studio, whose model names can come from a URL).
     """
     source = str(source)
     if source.startswith(HF_PREFIX):
         if weights is not None or pretrained:
             raise VitvizError("--weights and pretrained apply only to timm:<name> sources; hf: models bring their own")
-        return load_hf(source)
+        return load_hf(source, local_folders=hf_local_folders)
     if source.startswith(TIMM_PREFIX):
         return _load_timm(source, source[len(TIMM_PREFIX) :].strip(), weights=weights, pretrained=pretrained)
     if weights is not None or pretrained:

@@ -49,7 +49,8 @@ def file_digest(path: Path) -> str:
 def shared_model(source: str, content_hash: str, pretrained: bool) -> LoadedModel:
     """The one in-memory copy of a model (eval mode), shared by all sessions."""
     logger.info("loading %s (%s)", source, content_hash[:12])
-    return load_model(source, pretrained=pretrained)
+    # The studio names no local hf: folder: an hf: key (from the add-model box or a URL) is a Hub id only.
+    return load_model(source, pretrained=pretrained, hf_local_folders=False)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

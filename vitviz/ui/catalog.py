@@ -2,8 +2,10 @@
 
 No streamlit here: pages and widgets call these functions and draw the results. A model is named by a
 short key that travels in the URL (`?model=bundled:shapes-default`); keys are only ever resolved against
-what discovery found (or a timm name, or an upload by its content hash), so a URL can never point the
-app at an arbitrary file.
+what discovery found (or a timm name, an upload by its content hash, or a Hugging Face Hub id), so a URL can
+never point the app at an arbitrary file: an `hf:` key is loaded as a Hub id only, never as a folder on the
+server (`load_model(..., hf_local_folders=False)`), and a Hub id from a URL is downloaded only after the user
+clicks for it.
 
 Keys:
     bundled:<stem>              assets/checkpoints/<stem>.safetensors
@@ -12,6 +14,7 @@ Keys:
     timm:<name>                 timm architecture, random initialisation (seeded)
     timm-pretrained:<name>      timm's pretrained weights (needs the network)
     upload:<sha256 prefix>      a checkpoint uploaded in the app, kept in the cache folder
+    hf:<owner>/<name>           a Hugging Face Hub repository (downloaded; never a local folder)
 """
 
 from __future__ import annotations

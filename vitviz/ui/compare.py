@@ -120,7 +120,9 @@ def _choose_models(selected: str) -> list[Compared]:
     if not st.session_state.get(keys.COMPARE_ADOPTED):
         st.session_state[keys.COMPARE_ADOPTED] = True
         wanted = [catalog.resolve_key(k, entries) for k in st.query_params.get_all(keys.QUERY_COMPARE)]
-        found = [e for e in wanted if e is not None]
+        added = st.session_state.get(keys.EXTRA_MODELS, {})
+        # A Hub model is compared only once the user has loaded it: a link alone downloads nothing.
+        found = [e for e in wanted if e is not None and (e.kind != catalog.HF or e.key in added)]
         for entry in found:
             if entry.key not in {e.key for e in entries}:
                 st.session_state.setdefault(keys.EXTRA_MODELS, {})[entry.key] = entry

@@ -119,6 +119,10 @@ def _adopt_url_model(entries: list[ModelEntry]) -> None:
             f"The link names the model {wanted}, which is not available here; showing the default instead.",
         )
         return
+    if entry.kind == catalog.HF and entry.key not in {e.key for e in entries}:
+        # A Hub model is downloaded only when the user asks: a link alone never makes the server go online.
+        st.session_state[keys.HUB_OFFER] = entry
+        return
     if entry.key not in {e.key for e in entries}:
         _remember(entry)
         entries.append(entry)
@@ -168,6 +172,24 @@ def _on_checkpoint_upload() -> None:
     st.session_state[keys.MODEL] = entry.key
 
 
+def _on_hub_offer() -> None:
+    entry = st.session_state.pop(keys.HUB_OFFER, None)
+    if entry is None:
+        return
+    _remember(entry)
+    st.session_state["vv.model.previous"] = st.session_state.get(keys.MODEL)
+    st.session_state[keys.MODEL] = entry.key
+
+
+def _hub_offer() -> None:
+    """The Hugging Face model a link names, with the button that downloads it (nothing is fetched before)."""
+    entry = st.session_state.get(keys.HUB_OFFER)
+    if entry is None:
+        return
+    st.info(plain(f"The link names the Hugging Face model {entry.hub_id}: it is downloaded only if you ask."))
+    st.button(f"Download {entry.source}", key="vv.model.hub_offer.load", on_click=_on_hub_offer, width="stretch")
+
+
 def _show_model_message() -> None:
     message = st.session_state.pop(keys.MODEL_MESSAGE, None)
     if message is None:
@@ -207,6 +229,7 @@ def model_sidebar() -> Selection:
             help="Bundled checkpoints, training runs, and models added below. The choice is kept in the URL.",
         )
         _show_model_message()
+        _hub_offer()
         summary_slot = st.empty()
         _add_model_controls()
     st.session_state[keys.MODEL] = current
