@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-
 from vitviz.allocator import tune_malloc
 from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_write_text
 
-if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast
+if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast (no torch before a command runs)
+    import torch
+
     from vitviz.models import LoadedModel
     from vitviz.pipeline import (
         AnalysisOptions,
@@ -177,6 +177,8 @@ def _load_images(files: Sequence[Path], loaded: LoadedModel) -> torch.Tensor:
         load_for_model(path, input_size=tuple(meta.input_size), mean=meta.mean, std=meta.std, in_chans=meta.in_chans)
         for path in files
     ]
+    import torch
+
     return torch.stack(tensors)
 
 
