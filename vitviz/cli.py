@@ -653,8 +653,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
     from vitviz import analyses as registry
-    from vitviz.comparison import PASSES, compare_models
-    from vitviz.data.stream import Ranks, dataset_batches
+    from vitviz.comparison import PASSES, compare_models, slice_batches
+    from vitviz.data.stream import Ranks
     from vitviz.imagefiles import collect_images
     from vitviz.models import load_model
     from vitviz.pipeline import model_card
@@ -677,13 +677,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if analysis.check_model is not None:
                 analysis.check_model(loaded, options)
     if slice_ is not None:
-        opened = {id(m): _open_slice(slice_, m, args.download) for m in models}
-        names = [slice_.image_name(i) for i in range(len(opened[id(models[0])]))]
-        classes: list[str] | None = opened[id(models[0])].class_names
-
-        def open_batches(loaded: LoadedModel) -> Any:
-            return dataset_batches(opened[id(loaded)], options.batch_size)
-
+        open_batches, names, classes = slice_batches(slice_, models, options.batch_size, download=args.download)
         dataset = {**slice_.describe(), "num_images": len(names), "class_names": classes}
     else:
         files = collect_images(args.images)

@@ -27,7 +27,7 @@ from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
 
-__all__ = ["MAPS", "Comparison", "ModelSummary", "compare_models", "scaled_map"]
+__all__ = ["MAPS", "Comparison", "ModelSummary", "compare_models", "scaled_map", "slice_batches"]
 
 # The mean maps compared: the data-set analysis that makes each, and its JSON section in a comparison.
 MAPS = {"rollout": "rollout_difference", "gradient": "gradient_rollout_difference"}
@@ -232,6 +232,32 @@ def scaled_map(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     top = float(np.max(values)) if values.size else 0.0
     return values / top if top > 0 else values
+
+
+def slice_batches(
+    slice_: Any, models: Sequence[LoadedModel], batch_size: int, *, download: bool = False
+) -> tuple[Callable[[LoadedModel], Batches], list[str], list[str]]:
+    """(open_batches, the images' names, the data set's classes) of a vitviz.data.stream.DatasetSlice for `models`:
+    each model reads the slice preprocessed as it expects (opened once per model), in batches of `batch_size`."""
+    from vitviz.data.stream import dataset_batches, open_dataset
+
+    opened = {
+        id(m): open_dataset(
+            slice_,
+            input_size=m.meta.input_size,
+            in_chans=m.meta.in_chans,
+            mean=m.meta.mean,
+            std=m.meta.std,
+            download=download,
+        )
+        for m in models
+    }
+
+    def open_batches(loaded: LoadedModel) -> Batches:
+        return dataset_batches(opened[id(loaded)], batch_size)
+
+    first = opened[id(models[0])]
+    return open_batches, [slice_.image_name(i) for i in range(len(first))], first.class_names
 
 
 def _paired(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]:
