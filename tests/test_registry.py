@@ -16,7 +16,7 @@ import torch
 
 from vitviz import analyses as registry
 from vitviz import pipeline, support
-from vitviz.analyses import Analysis, FigureContext, Option, Stream, StreamContext
+from vitviz.analyses import Analysis, FigureContext, Option, PairContext, PairStream, Stream, StreamContext
 from vitviz.cli import build_parser, main
 from vitviz.errors import VitvizError
 from vitviz.models import load_model
@@ -145,7 +145,7 @@ def test_names_and_sections_are_registered_once() -> None:
         registry.register(existing)
     with pytest.raises(ValueError, match="registered already"):
         registry.register(dataclasses.replace(existing, name="another-distance"))
-    with pytest.raises(TypeError, match="exactly one of compute and stream"):
+    with pytest.raises(TypeError, match="exactly one of compute, stream and pair"):
         Analysis(name="x", section="x", summary="", order=0, to_json=lambda r, i: r)
     with pytest.raises(VitvizError, match="unknown analysis 'nope': choose from filters,position,"):
         registry.get("nope")
@@ -181,3 +181,65 @@ def test_figures_take_the_colormap_and_a_wrong_name_is_one_line(
         pictures[name] = np.asarray(Image.open(tmp_path / name / "rollout-000-circle.png").convert("RGB"))
     assert pictures["viridis"].shape == pictures["magma"].shape
     assert not np.array_equal(pictures["viridis"], pictures["magma"])
+
+
+class _FirstBlockGap(PairStream):
+    """Per image, model B's first-block output norm minus model A's: fed by both models' forwards."""
+
+    def __init__(self, context: PairContext) -> None:
+        self.norms: dict[str, list[float]] = {"a": [], "b": []}
+        self.blocks_a = (self._consumer("a"),)
+        self.blocks_b = (self._consumer("b"),)
+        self.sizes: list[int] = []
+
+    def _consumer(self, side: str) -> Any:
+        norms = self.norms[side]
+
+        class Consumer:
+            def consume(self, layer: int, x: torch.Tensor) -> None:
+                if layer == 0:
+                    norms.extend(x.double().flatten(1).norm(dim=1).tolist())
+
+        return Consumer()
+
+    def after_batch(self, size: int) -> None:
+        self.sizes.append(size)
+
+    def result(self) -> np.ndarray:
+        return np.asarray(self.norms["b"]) - np.asarray(self.norms["a"])
+
+
+@pytest.fixture
+def toy_pair() -> Iterator[Analysis]:
+    analysis = registry.register(
+        Analysis(
+            name="first-block-gap",
+            section="first_block_gap",
+            summary="B's first-block norm minus A's, per image",
+            order=1000,
+            pair=_FirstBlockGap,
+            to_json=lambda result, images: dict(zip(images, result.tolist())),
+        )
+    )
+    yield analysis
+    registry.unregister(analysis.name)
+
+
+def test_a_comparison_of_two_models_is_its_own_kind(toy_pair: Analysis, tmp_path: Path) -> None:
+    assert toy_pair.on_pairs and not toy_pair.on_images
+    assert "first-block-gap" in registry.pair_names() and "first-block-gap" not in registry.names()
+    assert toy_pair not in registry.analyses()
+    with pytest.raises(VitvizError, match="unknown analysis first-block-gap"):
+        registry.parse("first-block-gap")
+    with pytest.raises(TypeError, match="exactly one of compute, stream and pair"):
+        dataclasses.replace(toy_pair, stream=_MeanFeature)
+    other = ROOT / "assets" / "checkpoints" / "shapes-hybrid.safetensors"
+    out = tmp_path / "out.json"
+    argv = ["compare", str(DEFAULT), str(other), "--dataset", "shapes", "--limit", "5", "--batch-size", "4"]
+    assert main([*argv, "--json", str(out)]) == 0
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert list(document)[:4] == ["models", "dataset", "cka", "first_block_gap"]  # the registry's order
+    assert list(document["first_block_gap"]) == [f"shapes:test[{i}]" for i in range(5)]
+    with pytest.raises(VitvizError, match="an analysis of one model"):
+        loaded = load_model(str(DEFAULT))
+        pipeline.pair_analyses(loaded, loaded, [], ["distance"], pipeline.AnalysisOptions())

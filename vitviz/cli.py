@@ -8,6 +8,9 @@
         [--outlier-factor F] [--mass-share S]   (also: tokens,features,head-maps,logit-lens in --analyses)
     python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
         [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
+    python -m vitviz compare A B [--weights-a FILE] [--weights-b FILE] [--pretrained] (--dataset NAME [--limit N]
+        | --images PATH ...) [--json OUT] [--figures DIR] [--batch-size B] [--distance-mode M] [--head-fusion F]
+        [--discard-ratio R] [--start-layer S]
     python -m vitviz models [--json | --markdown] [--refresh [--exact]]
 
 Instead of --images, both analyze and faithfulness take a slice of a data set, streamed in batches:
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_arguments(analyze)
 
     add_faithfulness_parser(sub, add_model)
+    add_compare_parser(sub)
     models = sub.add_parser("models", help="print which ViT architectures vitviz analyses (the support table)")
     models.add_argument("--json", action="store_true", help="print the table as JSON")
     models.add_argument("--markdown", action="store_true", help="print the table as Markdown (README.md's block)")
@@ -596,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_faithfulness(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_analyze(args)
     except VitvizError as exc:
         print(f"vitviz: error: {exc}", file=sys.stderr)
@@ -606,3 +612,135 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitviz: interrupted", file=sys.stderr)
         return 130
+
+
+# --- compare: what changed between two models (docs/design.md, "Comparing two models") -----------------------
+
+COMPARE_OPTIONS = ("batch_size", "distance_mode", "head_fusion", "discard_ratio", "start_layer")
+
+
+def add_compare_parser(sub: Any) -> None:
+    """The `compare` subparser: two models of any source, the same images, every registered comparison."""
+    from vitviz import analyses as registry
+
+    p = sub.add_parser(
+        "compare", help="what changed between two models: linear CKA, predictions, attention distance, mean maps"
+    )
+    p.add_argument("model_a", metavar="A", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
+    p.add_argument("model_b", metavar="B", help="the model compared with A (any source, any architecture)")
+    p.add_argument("--weights-a", help="a local state dict for a timm:<name> model A")
+    p.add_argument("--weights-b", help="a local state dict for a timm:<name> model B")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for timm:<name> models")
+    p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
+    add_dataset_arguments(p)
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--figures", metavar="DIR", help="write the CKA heat map, distance shift and difference maps")
+    for option in (o for o in registry.options() if o.name in COMPARE_OPTIONS):
+        help_text = option.help + ("; linear CKA's minibatch b, at least 4" if option.name == "batch_size" else "")
+        p.add_argument(
+            option.flag,
+            dest=option.name,
+            type=option.type,
+            default=option.default,
+            help=f"{help_text} ({option.default})",
+        )
+
+
+def _image_file_batches(files: Sequence[Path], batch_size: int) -> Callable[[LoadedModel], Any]:
+    """Batches of (images, labels -1, indices) of image files, each read and preprocessed for the model asked."""
+    from vitviz.images import load_for_model
+
+    def open_batches(loaded: LoadedModel) -> Any:
+        meta = loaded.meta
+        for start in range(0, len(files), batch_size):
+            chosen = files[start : start + batch_size]
+            images = torch.stack(
+                [
+                    load_for_model(
+                        f, input_size=tuple(meta.input_size), mean=meta.mean, std=meta.std, in_chans=meta.in_chans
+                    )
+                    for f in chosen
+                ]
+            )
+            yield images, torch.full((len(chosen),), -1), torch.arange(start, start + len(chosen))
+
+    return open_batches
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare two models on the same images and write the JSON and figures asked for."""
+    import os
+
+    from vitviz import analyses as registry
+    from vitviz.comparison import PASSES, compare_models, slice_batches
+    from vitviz.data.stream import Ranks
+    from vitviz.imagefiles import collect_images
+    from vitviz.models import load_model
+    from vitviz.pipeline import model_card
+
+    options = registry.AnalysisOptions(**{name: getattr(args, name) for name in COMPARE_OPTIONS})
+    if args.json_out is None and args.figures is None:
+        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VitvizError("compare runs in one process: run it without torchrun")
+    slice_ = _dataset_slice(args)
+    if slice_ is None and not args.images:
+        raise VitvizError("compare needs images: pass --dataset NAME or --images PATH ...")
+    models = [
+        load_model(source, weights=weights, pretrained=args.pretrained)
+        for source, weights in ((args.model_a, args.weights_a), (args.model_b, args.weights_b))
+    ]
+    for loaded in models:  # refuse options that do not fit a model before any forward
+        options.check_model(loaded, ["distance", "rollout", "gradient-rollout"])
+        for analysis in registry.pairs():
+            if analysis.check_model is not None:
+                analysis.check_model(loaded, options)
+    if slice_ is not None:
+        open_batches, names, classes = slice_batches(slice_, models, options.batch_size, download=args.download)
+        dataset = {**slice_.describe(), "num_images": len(names), "class_names": classes}
+    else:
+        files = collect_images(args.images)
+        names, classes, open_batches = [str(f) for f in files], None, _image_file_batches(files, options.batch_size)
+        dataset = {"images": names, "num_images": len(names)}
+    with _progress_bar(PASSES * len(names), "comparing", "img", Ranks()) as bar:
+        comparison = compare_models(
+            *models, open_batches, options, image_names=names, dataset_classes=classes, progress=bar.update
+        )
+    cards = [model_card(m).model_section() for m in models]
+    document = {"models": {"a": cards[0], "b": cards[1]}, "dataset": dataset, **comparison.to_json()}
+    if args.json_out is not None:
+        write_json(document, args.json_out)
+    if args.figures is not None:
+        written = write_compare_figures(Path(args.figures), models[0], models[1], comparison)
+        logger.info("wrote %d figures to %s", len(written), args.figures)
+    return 0
+
+
+def write_compare_figures(folder: Path, loaded_a: LoadedModel, loaded_b: LoadedModel, comparison: Any) -> list[Path]:
+    """Every comparison's registered figures (the CKA heat map), the distance shift where the shapes match and
+    the B − A mean-map differences, as PNG and SVG."""
+    import numpy as np
+
+    from vitviz import analyses as registry
+    from vitviz.plots import comparison as plots
+    from vitviz.plots.paper import save_figure
+
+    context = registry.FigureContext(loaded_a, other=loaded_b)
+    written: list[Path] = []
+    for analysis in registry.pairs():
+        result = comparison.pairs.get(analysis.name)
+        if analysis.figures is not None and result is not None and not isinstance(result, registry.NotApplicable):
+            for stem, figure in analysis.figures(result, context):
+                written += save_figure(figure, folder / stem)
+    shift, _ = comparison.distance_shift()
+    if shift is not None:
+        written += save_figure(plots.distance_shift_figure(shift), folder / "distance-shift")
+    maps = {}
+    for which, title in (("rollout", "rollout, B − A"), ("gradient", "gradient rollout, B − A")):
+        found = comparison.map_difference(which)
+        if not isinstance(found, str):
+            maps[title] = found.differences["B"].values
+    if maps:
+        limit = max(float(np.abs(v).max()) for v in maps.values()) or 1e-12
+        written += save_figure(plots.difference_maps_figure(maps, limit), folder / "map-differences")
+    return written

@@ -90,6 +90,7 @@ __all__ = [
     "image_attention",
     "map_differences",
     "model_card",
+    "pair_analyses",
     "parse_analyses",
     "position",
     "resampled_position",
@@ -732,3 +733,76 @@ def dataset_analyses(
         probability=per_image("probability", np.float64),
         gradient_targets=per_image("gradient_targets", np.int64),
     )
+
+
+# --- comparisons of two models over the same images (docs/design.md, "Comparing two models") ---------------
+
+
+def _pair_forward(model: nn.Module, batch: torch.Tensor, consumers: Sequence[Any]) -> None:
+    """One forward of `model` handing every block's output (a tensor, as the block returns it) to `consumers`."""
+
+    def hand_on(layer: int, output: Any) -> None:
+        x = output[0] if isinstance(output, tuple) else output
+        for consumer in consumers:
+            consumer.consume(layer, x)
+
+    with block_outputs(model, hand_on), torch.no_grad():
+        model.forward_features(batch.to(model_device(model)))
+
+
+def pair_analyses(
+    loaded_a: LoadedModel,
+    loaded_b: LoadedModel,
+    batches: Any,
+    analyses: Sequence[str],
+    options: AnalysisOptions,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The comparisons (`registry.pairs()`) named in `analyses` of model A and model B over the same images.
+
+    Args:
+        batches: an iterable of (images for A [b, C, H, W], images for B [b, C', H', W']) pairs: the same b
+            images in the same order, each preprocessed as its model expects (input size, channels, normalisation).
+            Each pair is forwarded through A, then B, and dropped before the next is read, so memory does not
+            grow with the number of images.
+        progress: called with the number of images after each batch.
+
+    Returns each comparison's typed result (or NotApplicable) by name.
+    """
+    context = registry.PairContext(loaded_a, loaded_b, options)
+    by_name: dict[str, Any] = {}
+    streams: dict[str, registry.PairStream] = {}
+    for name in analyses:
+        analysis = registry.get(name)
+        if not analysis.on_pairs:
+            raise VitvizError(f"{name} is an analysis of one model: run it with `python -m vitviz analyze`")
+        if analysis.check_model is not None:
+            analysis.check_model(loaded_a, options)
+            analysis.check_model(loaded_b, options)
+        reasons = [
+            f"model {side}: {reason}"
+            for side, loaded in (("A", loaded_a), ("B", loaded_b))
+            if analysis.not_applicable is not None and (reason := analysis.not_applicable(loaded)) is not None
+        ]
+        if reasons:
+            by_name[name] = NotApplicable("; ".join(reasons))
+        else:
+            streams[name] = analysis.pair(context)
+    consumers_a = [c for s in streams.values() for c in s.blocks_a]
+    consumers_b = [c for s in streams.values() for c in s.blocks_b]
+    seen = 0
+    for images_a, images_b in batches:
+        if len(images_a) != len(images_b):
+            raise ValueError(f"a batch holds {len(images_a)} images for model A and {len(images_b)} for model B")
+        _pair_forward(loaded_a.model, images_a, consumers_a)
+        _pair_forward(loaded_b.model, images_b, consumers_b)
+        for stream in streams.values():
+            stream.after_batch(len(images_a))
+        seen += len(images_a)
+        if progress is not None:
+            progress(len(images_a))
+        del images_a, images_b
+    if seen == 0:
+        raise VitvizError("no images to compare the models on")
+    by_name.update({name: stream.result() for name, stream in streams.items()})
+    return {name: by_name[name] for name in analyses}

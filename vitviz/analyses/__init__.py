@@ -22,6 +22,8 @@ from vitviz.analyses.base import (
     FigureContext,
     NotApplicable,
     Option,
+    PairContext,
+    PairStream,
     Stream,
     StreamContext,
     at_least,
@@ -35,6 +37,8 @@ __all__ = [
     "FigureContext",
     "NotApplicable",
     "Option",
+    "PairContext",
+    "PairStream",
     "Stream",
     "StreamContext",
     "analyses",
@@ -44,6 +48,8 @@ __all__ = [
     "image_names",
     "names",
     "options",
+    "pair_names",
+    "pairs",
     "parse",
     "register",
     "section",
@@ -74,8 +80,17 @@ def unregister(name: str) -> None:
 
 
 def analyses() -> tuple[Analysis, ...]:
-    """Every registered analysis, in order."""
-    return tuple(sorted(_REGISTRY.values(), key=lambda a: (a.order, a.name)))
+    """Every registered analysis of one model, in order (the comparisons of two models are `pairs()`)."""
+    return tuple(sorted((a for a in _REGISTRY.values() if not a.on_pairs), key=lambda a: (a.order, a.name)))
+
+
+def pairs() -> tuple[Analysis, ...]:
+    """Every registered comparison of two models over the same images, in order (`python -m vitviz compare`)."""
+    return tuple(sorted((a for a in _REGISTRY.values() if a.on_pairs), key=lambda a: (a.order, a.name)))
+
+
+def pair_names() -> tuple[str, ...]:
+    return tuple(a.name for a in pairs())
 
 
 def names() -> tuple[str, ...]:
@@ -104,15 +119,15 @@ def parse(text: str | None) -> list[str]:
     if text is None:
         return list(default_names())
     chosen = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in _REGISTRY]
+    unknown = [name for name in chosen if name not in names()]
     if unknown or not chosen:
         raise VitvizError(f"unknown analysis {', '.join(unknown) or repr(text)}: choose from {','.join(names())}")
     return list(dict.fromkeys(chosen))
 
 
 def options() -> tuple[Option, ...]:
-    """The shared options, then every analysis's own, in the registry's order."""
-    return SHARED_OPTIONS + tuple(o for a in analyses() for o in a.options)
+    """The shared options, then every analysis's own, in the registry's order (then the comparisons' own)."""
+    return SHARED_OPTIONS + tuple(o for a in analyses() + pairs() for o in a.options)
 
 
 def section(analysis: Analysis, result: Any, image_names: Sequence[str]) -> Any:

@@ -89,11 +89,40 @@ class Stream:
         raise NotImplementedError
 
 
+class PairStream:
+    """One comparison of two models while both run forwards over the same images, batch by batch.
+
+    For every batch, model A's forward hands each of its blocks' outputs (as the model computes them, [b, ...])
+    to the `blocks_a` consumers (`consume(layer, x)`), then model B's forward does the same for `blocks_b`, then
+    `after_batch(size)` is called with the batch's number of images; `result` gives the typed result at the end.
+    """
+
+    blocks_a: Sequence[Any] = ()
+    blocks_b: Sequence[Any] = ()
+
+    def after_batch(self, size: int) -> None:
+        """Called after both models' forwards of a batch."""
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class PairContext:
+    """What a comparison's stream is built from: both models and the options."""
+
+    loaded_a: LoadedModel
+    loaded_b: LoadedModel
+    options: Any  # AnalysisOptions
+
+
 @dataclass(frozen=True)
 class FigureContext:
-    """What figures are drawn with: the model, and per image its display picture and a file-name stem."""
+    """What figures are drawn with: the model, and per image its display picture and a file-name stem; for a
+    comparison of two models, `loaded` is model A and `other` model B."""
 
     loaded: LoadedModel
+    other: LoadedModel | None = None
     pictures: Sequence[np.ndarray] = ()  # [H, W, 3] in [0, 1], image order
     stems: Sequence[str] = ()  # "000-photo": the figure's file is <kind>-<stem>.png
     names: Sequence[str] = ()  # "photo.png": how titles name the image
@@ -113,8 +142,9 @@ Figures = Iterator[tuple[str, Any]]  # (file stem, matplotlib figure)
 class Analysis:
     """One analysis, declared once.
 
-    Exactly one of `compute` (an analysis of the weights: `compute(loaded, options)`) and `stream` (an analysis
-    of images: `stream(context) -> Stream`) is given.
+    Exactly one of `compute` (an analysis of the weights: `compute(loaded, options)`), `stream` (an analysis
+    of images: `stream(context) -> Stream`) and `pair` (a comparison of two models over the same images:
+    `pair(context) -> PairStream`, run by `python -m vitviz compare`) is given.
     """
 
     name: str  # as --analyses spells it
@@ -124,6 +154,7 @@ class Analysis:
     to_json: Callable[[Any, Sequence[str]], Any]  # (result, image names) -> the section (never NotApplicable)
     compute: Callable[[LoadedModel, Any], Any] | None = None
     stream: Callable[[StreamContext], Stream] | None = None
+    pair: Callable[[PairContext], PairStream] | None = None
     default: bool = False  # run when --analyses is not given
     needs_attention: bool = False  # reads attention maps: not applicable where the capture cannot read them
     options: tuple[Option, ...] = ()
@@ -132,15 +163,22 @@ class Analysis:
     check_model: Callable[[LoadedModel, Any], None] | None = None  # refuse options that do not fit the model
     figures: Callable[[Any, FigureContext], Figures] | None = None
     over_dataset: bool = False  # streamed over a data set by `analyze --dataset` (a mean, no per-image maps)
+    # A comparison's result read back from its `to_arrays()` (the studio's disk cache keeps comparisons so).
+    from_arrays: Callable[[Any], Any] | None = None
     uses: tuple[str, ...] = field(default=())  # shared options it reads (target_class), for --help
 
     def __post_init__(self) -> None:
-        if (self.compute is None) == (self.stream is None):
-            raise TypeError(f"analysis {self.name!r}: give exactly one of compute and stream")
+        if sum(kind is not None for kind in (self.compute, self.stream, self.pair)) != 1:
+            raise TypeError(f"analysis {self.name!r}: give exactly one of compute, stream and pair")
 
     @property
     def on_images(self) -> bool:
         return self.stream is not None
+
+    @property
+    def on_pairs(self) -> bool:
+        """A comparison of two models (`python -m vitviz compare`), not an analysis of one."""
+        return self.pair is not None
 
 
 def check_target_class(loaded: LoadedModel, options: Any) -> None:

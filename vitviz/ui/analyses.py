@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from vitviz import pipeline
+from vitviz.comparison import Comparison, compare_models, slice_batches
+from vitviz.data.stream import DatasetSlice
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import (
     FaithfulnessOptions,
@@ -329,6 +331,38 @@ def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[
         methods=methods,
         sanity=sanity,
     )
+
+
+# --- what changed between two models (disk cache) ----------------------------------------------------------
+
+
+def comparison(
+    loaded_a: LoadedModel,
+    loaded_b: LoadedModel,
+    slice_: DatasetSlice,
+    options: AnalysisOptions,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """`vitviz.comparison.compare_models` of model A and model B on a data-set slice (the numbers of `python -m
+    vitviz compare A B --dataset ...`), cached on disk by both models' content hashes, the slice and the options.
+    `progress(images)` is called after every batch of every pass (not when the result was cached)."""
+    import dataclasses
+
+    key = cache_key(
+        "comparison",
+        a=loaded_a.content_hash,
+        b=loaded_b.content_hash,
+        dataset=slice_.describe(),
+        options=dataclasses.asdict(options),
+    )
+
+    def compute() -> Comparison:
+        open_batches, names, classes = slice_batches(slice_, (loaded_a, loaded_b), options.batch_size)
+        return compare_models(
+            loaded_a, loaded_b, open_batches, options, image_names=names, dataset_classes=classes, progress=progress
+        )
+
+    return cached_result("comparison", key, compute, Comparison.to_arrays, Comparison.from_arrays)
 
 
 # --- any registered analysis, as the CLI writes it (disk cache) ---------------------------------------------

@@ -11,14 +11,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import streamlit as st
 
+from vitviz.comparison import Comparison
+from vitviz.data.stream import DatasetSlice
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult
 from vitviz.models import LoadedModel
 from vitviz.pipeline import AnalysisOptions, DistanceResult, NotApplicable, map_differences
+from vitviz.plots import comparison as comparison_plots
 from vitviz.plots import faithfulness as faithfulness_plots
 from vitviz.plots import interactive, paper, scale_by_max
 from vitviz.ui import cached, catalog, exports, keys, widgets
-from vitviz.ui.analyses import attention_distance, display_picture, faithfulness, gradient_map, image_attention
+from vitviz.ui.analyses import (
+    attention_distance,
+    comparison,
+    display_picture,
+    faithfulness,
+    gradient_map,
+    image_attention,
+)
 from vitviz.ui.catalog import ModelEntry
 
 if TYPE_CHECKING:
@@ -47,6 +57,7 @@ TAB_FIGURES: dict[str, tuple[str, ...] | None] = {
     "Attention distance": ("attention distance",),
     "Rollout": ("rollout",),
     "Faithfulness": ("faithfulness",),
+    "What changed": ("linear CKA", "distance shift", "map differences"),
 }
 POSITION_FIXED = "−1 … 1"
 POSITION_AUTO = "automatic"
@@ -75,7 +86,7 @@ def render() -> None:
         return
 
     tabs = st.tabs(list(TAB_FIGURES), key="compare.tab", on_change="rerun")
-    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab, faithfulness_tab = tabs
+    summary_tab, filters_tab, position_tab, distance_tab, rollout_tab, faithfulness_tab, changed_tab = tabs
     open_tab = next((label for label, tab in zip(TAB_FIGURES, tabs) if tab.open), "Summary")
     figures: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -93,6 +104,9 @@ def render() -> None:
     if faithfulness_tab.open:  # 2(S+1) forwards per image, method and model: computed only when asked for
         with faithfulness_tab:
             _faithfulness(models, rows, figures, arrays)
+    if changed_tab.open:  # three passes over a data-set slice: computed only when asked for
+        with changed_tab:
+            _what_changed(models, figures, arrays)
     with summary_tab:
         widgets.table(_transposed(rows))
         st.caption(
@@ -542,6 +556,134 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
         for method in result.methods:
             arrays[f"{model.name}_{method}_deletion"] = deletion[method]
             arrays[f"{model.name}_{method}_insertion"] = insertion[method]
+
+
+CHANGED_DATASETS = ("shapes", "digits", "mnist")  # offline, no download: mnist is the bundled test set
+CHANGED_SPLITS = ("test", "val", "train")
+
+
+def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
+    """Two of the chosen models on a data-set slice through the cached `vitviz.ui.analyses.comparison` (the numbers
+    of `python -m vitviz compare A B --dataset ...`): linear CKA, predictions, distance shift, mean-map differences."""
+    names = [m.name for m in models]
+    pick_a, pick_b, batch_col = st.columns(3)
+    with pick_a:
+        first = st.selectbox("Model A", names, index=0, key="compare.changed.a")
+    with pick_b:
+        second = st.selectbox("Model B", names, index=1, key="compare.changed.b")
+    with batch_col:
+        batch = st.number_input("Minibatch b", 4, 256, 16, key="compare.changed.batch", help="CKA's minibatch")
+    name_col, split_col, limit_col = st.columns(3)
+    with name_col:
+        dataset = st.selectbox("Data set", CHANGED_DATASETS, key="compare.changed.dataset")
+    with split_col:
+        split = st.selectbox("Split", CHANGED_SPLITS, key="compare.changed.split")
+    with limit_col:
+        limit = st.number_input("First images", 4, 10_000, 64, step=16, key="compare.changed.limit")
+    model_a, model_b = (next(m for m in models if m.name == n) for n in (first, second))
+    bar = st.progress(0.0, text="Comparing…")
+    done = [0]
+
+    def progress(images: int) -> None:
+        done[0] += images
+        bar.progress(min(done[0] / (3 * int(limit)), 1.0), text=f"{done[0]} / {3 * int(limit)} image passes")
+
+    try:
+        result = comparison(
+            model_a.loaded,
+            model_b.loaded,
+            DatasetSlice(dataset, split=split, limit=int(limit)),
+            AnalysisOptions(batch_size=int(batch)),
+            progress=progress,
+        )
+    except VitvizError as exc:
+        widgets.show_error(exc)
+        return
+    finally:
+        bar.empty()
+    st.caption(f"**A** = {first}, **B** = {second}; {result.num_images} images of {dataset} {split}.")
+    _changed_cka(result, figures, arrays)
+    _changed_predictions(result)
+    _changed_distance(result, figures, arrays)
+    _changed_maps(result, figures, arrays)
+
+
+def _changed_cka(result: Comparison, figures: dict, arrays: dict) -> None:
+    st.markdown("##### Linear CKA, every block of A with every block of B")
+    cka = result.pairs.get("cka")
+    if cka is None or isinstance(cka, NotApplicable):
+        st.info(f"Linear CKA does not apply: {widgets.plain(cka.reason if cka else 'not computed')}.")
+        return
+    widgets.plotly(comparison_plots.cka_heatmap(cka.matrix), key="compare.changed.cka", height=FIGURE_HEIGHT)
+    st.caption(
+        f"Minibatches of b = {cka.batch_size}; {cka.num_images} images"
+        + (f", the last {cka.dropped_images} dropped (fewer than 4)." if cka.dropped_images else ".")
+    )
+    figures["A vs B linear CKA"] = _bind(comparison_plots.cka_figure, cka.matrix)
+    arrays["cka"] = cka.matrix
+
+
+def _changed_predictions(result: Comparison) -> None:
+    agreement, accuracy = result.agreement(), {side: result.accuracy(side) for side in ("a", "b")}
+    columns = st.columns(3)
+    for column, (label, value) in zip(
+        columns, (("Agreement", agreement), ("Accuracy A", accuracy["a"]), ("Accuracy B", accuracy["b"]))
+    ):
+        with column:
+            st.metric(label, "—" if value is None else f"{100 * value:.1f} %")
+    if accuracy["a"] is None or accuracy["b"] is None:
+        st.caption("Accuracy is given for a model whose classes are the data set's.")
+
+
+def _changed_distance(result: Comparison, figures: dict, arrays: dict) -> None:
+    st.markdown("##### Mean attention distance, B − A")
+    shift, why = result.distance_shift()
+    if shift is None:
+        st.caption(f"No shift: {widgets.plain(why or '')}.")
+        per_layer = {
+            n: d.mean(axis=1) for n, d in (("A", result.a.distance), ("B", result.b.distance)) if not isinstance(d, str)
+        }
+        if per_layer:
+            widgets.plotly(
+                interactive.comparison_curves_figure(per_layer, x_title="Layer", y_title="Mean distance (px)"),
+                key="compare.changed.distance",
+                height=340,
+            )
+        return
+    widgets.plotly(
+        interactive.comparison_curves_figure(
+            {"B − A, mean over heads": shift.mean(axis=1)}, x_title="Layer", y_title="Distance shift (px)"
+        ),
+        key="compare.changed.distance",
+        height=340,
+    )
+    figures["A vs B distance shift"] = _bind(comparison_plots.distance_shift_figure, shift)
+    arrays["distance_shift"] = shift
+
+
+def _changed_maps(result: Comparison, figures: dict, arrays: dict) -> None:
+    maps: dict[str, np.ndarray] = {}
+    for column, (which, title) in zip(st.columns(2), (("rollout", "Rollout"), ("gradient", "Gradient rollout"))):
+        with column:
+            st.markdown(f"**{title}, mean map B − A** (each ÷ its maximum)")
+            found = result.map_difference(which)
+            if isinstance(found, str):
+                st.info(widgets.plain(found))
+                continue
+            difference = found.differences["B"]
+            if difference.resampled_from is not None:
+                gh, gw = difference.resampled_from
+                st.caption(f"B resampled from {gh}×{gw} to A's {found.grid[0]}×{found.grid[1]} (bilinear).")
+            widgets.plotly(
+                interactive.difference_figure(difference.values),
+                key=f"compare.changed.{which}",
+                height=FIGURE_HEIGHT,
+            )
+            maps[f"{title}, B − A"] = difference.values
+            arrays[f"{which}_difference"] = difference.values
+    if maps:
+        limit = max(float(np.abs(v).max()) for v in maps.values()) or 1e-12
+        figures["A vs B map differences"] = _bind(comparison_plots.difference_maps_figure, maps, limit)
 
 
 def _transposed(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:

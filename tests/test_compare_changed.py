@@ -1,0 +1,87 @@
+"""/compare's "What changed" tab through Streamlit's AppTest: the CKA heat map and the agreement shown for two
+bundled checkpoints on a data-set slice are what the core (`vitviz.comparison.compare_models`, the numbers of
+`python -m vitviz compare`) computes for the same slice."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app.py"
+CHECKPOINTS = ROOT / "assets" / "checkpoints"
+STEMS = ("shapes-default", "shapes-hybrid")
+LIMIT, BATCH = 10, 4
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def app_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITVIZ_RUNS_DIR", str(runs))
+        patch.setenv("VITVIZ_CACHE_DIR", str(cache))
+        yield
+
+
+def _assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert [e.value for e in at.error] == []
+
+
+def _trace_array(value: object) -> np.ndarray:
+    """A plotly trace array, plain or base64-typed ({"dtype", "bdata", "shape"})."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = [int(n) for n in str(value.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape).astype(np.float64)
+    return np.asarray(value, dtype=np.float64)
+
+
+def test_what_changed_shows_the_cores_cka_and_agreement() -> None:
+    for stem in STEMS:
+        if not (CHECKPOINTS / f"{stem}.safetensors").is_file():
+            pytest.skip(f"needs the bundled checkpoint {stem}")
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.query_params["compare"] = [f"bundled:{stem}" for stem in STEMS]
+    at.run()
+    at.switch_page("vitviz/ui/compare.py").run()
+    _assert_clean(at)
+    assert not [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"]  # only when its tab is open
+
+    at.session_state["compare.tab"] = "What changed"
+    at.run()
+    at.number_input(key="compare.changed.limit").set_value(LIMIT)
+    at.number_input(key="compare.changed.batch").set_value(BATCH)
+    at.run()
+    _assert_clean(at)
+    charts = [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"]
+    assert len(charts) == 1, "no CKA heat map on the tab"
+    shown = _trace_array(json.loads(charts[0].proto.spec)["data"][0]["z"])
+
+    from vitviz.analyses import AnalysisOptions
+    from vitviz.comparison import compare_models, slice_batches
+    from vitviz.data.stream import DatasetSlice
+    from vitviz.models import load_model
+
+    models = [load_model(str(CHECKPOINTS / f"{stem}.safetensors")) for stem in STEMS]
+    options = AnalysisOptions(batch_size=BATCH)
+    open_batches, names, classes = slice_batches(DatasetSlice("shapes", limit=LIMIT), models, BATCH)
+    core = compare_models(*models, open_batches, options, image_names=names, dataset_classes=classes)
+    np.testing.assert_allclose(shown, core.pairs["cka"].matrix, rtol=1e-12)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Agreement"] == f"{100 * core.agreement():.1f} %"
+    assert metrics["Accuracy A"] == f"{100 * core.accuracy('a'):.1f} %"
+    assert [c.key for c in at.get("plotly_chart") if c.key and c.key.startswith("compare.changed.")] == [
+        "compare.changed.cka",
+        "compare.changed.distance",
+        "compare.changed.rollout",
+        "compare.changed.gradient",
+    ]

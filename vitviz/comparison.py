@@ -1,0 +1,333 @@
+"""What changed between two models on the same images (`python -m vitviz compare A B`, /compare's "What changed").
+
+    comparison = compare_models(loaded_a, loaded_b, open_batches, image_names=..., dataset_classes=...)
+    comparison.pairs["cka"]             # every registered comparison of two models (vitviz/analyses, `pair`)
+    comparison.agreement()              # share of images both models give the same class
+    comparison.distance_shift()         # B - A mean attention distance per layer and head, where shapes match
+    comparison.map_difference("rollout")  # B - A mean rollout map, on A's grid
+
+`open_batches(loaded)` gives the images preprocessed for that model (its input size, channels and
+normalisation), in batches of (images, labels, indices) in the same order for both models; it is called once per
+pass (the comparisons, then each model's data-set analyses), so nothing of more than a batch is held.
+Deletion and insertion AUCs of both models would be one more pass per model with
+`vitviz.faithfulness.dataset_faithfulness` and one more field of `ModelSummary` (docs/design.md, "Comparing two
+models").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vitviz import analyses as registry
+from vitviz.analysis.differences import MapDifferences, map_differences
+from vitviz.errors import VitvizError
+from vitviz.models import LoadedModel
+
+__all__ = ["MAPS", "Comparison", "ModelSummary", "compare_models", "scaled_map", "slice_batches"]
+
+# The mean maps compared: the data-set analysis that makes each, and its JSON section in a comparison.
+MAPS = {"rollout": "rollout_difference", "gradient": "gradient_rollout_difference"}
+PASSES = 3  # the comparisons, then model A's and model B's data-set analyses
+Batches = Iterable[Any]  # (images, labels, indices) or vitviz.data.stream.DatasetBatch
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model over the images: predictions, mean attention distance and mean maps (a reason where one does not
+    apply to the model)."""
+
+    source: str
+    class_names: tuple[str, ...]
+    predicted: np.ndarray | None  # [N] int64 (None: the model gives no class logits)
+    distance: np.ndarray | str  # [L, H] float64 pixels, mean over the images; else why not
+    rollout: np.ndarray | str  # [gh, gw] float64, the mean of the raw rollout maps; else why not
+    gradient: np.ndarray | str  # [gh, gw] float64, the mean of the raw gradient-rollout maps (predicted class)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        arrays = {prefix + "source": np.asarray(self.source), prefix + "class_names": np.asarray(self.class_names)}
+        if self.predicted is not None:
+            arrays[prefix + "predicted"] = self.predicted
+        for key in ("distance", "rollout", "gradient"):
+            value = getattr(self, key)
+            arrays[prefix + key + ("" if isinstance(value, np.ndarray) else ".reason")] = np.asarray(value)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> ModelSummary:
+        def read(key: str) -> np.ndarray | str:
+            if prefix + key in arrays:
+                return np.asarray(arrays[prefix + key], dtype=np.float64)
+            return str(arrays[prefix + key + ".reason"])
+
+        predicted = arrays.get(prefix + "predicted")
+        return cls(
+            source=str(arrays[prefix + "source"]),
+            class_names=tuple(str(n) for n in arrays[prefix + "class_names"]),
+            predicted=None if predicted is None else np.asarray(predicted, dtype=np.int64),
+            distance=read("distance"),
+            rollout=read("rollout"),
+            gradient=read("gradient"),
+        )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Model A and model B over the same N images, and every registered comparison of the two."""
+
+    a: ModelSummary
+    b: ModelSummary
+    labels: np.ndarray  # [N] int64, -1 where unknown (image files)
+    image_names: tuple[str, ...]
+    dataset_classes: tuple[str, ...] | None  # the data set's classes (None: image files)
+    distance_mode: str
+    pairs: Mapping[str, Any] = field(default_factory=dict)  # name -> typed result or registry.NotApplicable
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_names)
+
+    def accuracy(self, side: str) -> float | None:
+        """Model `side`'s ("a" or "b") top-1 accuracy, when the data set's classes are the model's classes."""
+        model = self.a if side == "a" else self.b
+        if model.predicted is None or self.dataset_classes is None or model.class_names != self.dataset_classes:
+            return None
+        return float(np.mean(model.predicted == self.labels))
+
+    def agreement(self) -> float | None:
+        """Share of images to which both models give the same class (compared by class name)."""
+        if self.a.predicted is None or self.b.predicted is None:
+            return None
+        names_a = [self.a.class_names[i] for i in self.a.predicted]
+        names_b = [self.b.class_names[i] for i in self.b.predicted]
+        return float(np.mean([x == y for x, y in zip(names_a, names_b)]))
+
+    def distance_shift(self) -> tuple[np.ndarray | None, str | None]:
+        """(B − A mean attention distance [L, H] in pixels, None) where both apply and their layers and heads
+        match; else (None, why they are listed side by side instead)."""
+        a, b = self.a.distance, self.b.distance
+        if isinstance(a, str) or isinstance(b, str):
+            return None, "attention distance does not apply to " + ("model A" if isinstance(a, str) else "model B")
+        if a.shape != b.shape:
+            return None, (
+                f"the models differ in shape: A has {a.shape[0]} layers × {a.shape[1]} heads, "
+                f"B {b.shape[0]} × {b.shape[1]}; both are listed"
+            )
+        return b - a, None
+
+    def map_difference(self, which: str) -> MapDifferences | str:
+        """B − A of the mean `which` map ("rollout" or "gradient"), each mean map first divided by its maximum
+        (`scaled_map`), B resampled bilinearly to A's grid where the grids differ; else why not."""
+        a, b = getattr(self.a, which), getattr(self.b, which)
+        for side, value in (("A", a), ("B", b)):
+            if isinstance(value, str):
+                return f"model {side}: {value}"
+        found = map_differences({"A": scaled_map(a), "B": scaled_map(b)})
+        assert found is not None
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON sections of a comparison after "models" and "dataset" (docs/design.md, "Comparing two models")."""
+        document: dict[str, Any] = {}
+        for analysis in registry.pairs():
+            if analysis.name in self.pairs:
+                document[analysis.section] = registry.section(analysis, self.pairs[analysis.name], self.image_names)
+        document["predictions"] = self._predictions_json()
+        document["distance_shift"] = self._distance_json()
+        for which, section in MAPS.items():
+            document[section] = self._map_json(which)
+        return document
+
+    def _predictions_json(self) -> dict[str, Any]:
+        def predicted(model: ModelSummary, position: int) -> int | None:
+            return None if model.predicted is None else int(model.predicted[position])
+
+        return {
+            "agreement": self.agreement(),
+            "accuracy": {"a": self.accuracy("a"), "b": self.accuracy("b")},
+            "per_image": [
+                {"image": name, "label": int(label), "a": predicted(self.a, i), "b": predicted(self.b, i)}
+                for i, (name, label) in enumerate(zip(self.image_names, self.labels.tolist()))
+            ],
+        }
+
+    def _distance_json(self) -> dict[str, Any]:
+        shift, why = self.distance_shift()
+
+        def listed(value: np.ndarray | str) -> Any:
+            return {"not_applicable": value} if isinstance(value, str) else value.tolist()
+
+        section: dict[str, Any] = {"mode": self.distance_mode, "matched": shift is not None}
+        if shift is not None:
+            section["shift"] = shift.tolist()
+        else:
+            section["note"] = why
+        section["a"], section["b"] = listed(self.a.distance), listed(self.b.distance)
+        return section
+
+    def _map_json(self, which: str) -> dict[str, Any]:
+        found = self.map_difference(which)
+        if isinstance(found, str):
+            return {"not_applicable": found}
+        difference = found.differences["B"]
+        return {
+            "scaled": "each mean map divided by its maximum",
+            "a_mean_map": np.asarray(getattr(self.a, which)).tolist(),
+            "b_mean_map": np.asarray(getattr(self.b, which)).tolist(),
+            "grid": list(found.grid),
+            "resampled_from": None if difference.resampled_from is None else list(difference.resampled_from),
+            "difference": difference.values.tolist(),
+        }
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (no pickle) for the studio's disk cache."""
+        arrays = {
+            **self.a.to_arrays("a."),
+            **self.b.to_arrays("b."),
+            "labels": self.labels,
+            "image_names": np.asarray(self.image_names),
+            "distance_mode": np.asarray(self.distance_mode),
+            "pairs": np.asarray(list(self.pairs)),
+        }
+        if self.dataset_classes is not None:
+            arrays["dataset_classes"] = np.asarray(self.dataset_classes)
+        for name, result in self.pairs.items():
+            if isinstance(result, registry.NotApplicable):
+                arrays[f"pair.{name}.reason"] = np.asarray(result.reason)
+            else:
+                arrays.update({f"pair.{name}.{key}": value for key, value in result.to_arrays().items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Comparison:
+        pairs: dict[str, Any] = {}
+        for name in (str(n) for n in arrays["pairs"]):
+            if f"pair.{name}.reason" in arrays:
+                pairs[name] = registry.NotApplicable(str(arrays[f"pair.{name}.reason"]))
+                continue
+            prefix = f"pair.{name}."
+            stored = {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
+            read = registry.get(name).from_arrays
+            if read is None:
+                raise ValueError(f"comparison {name!r} declares no from_arrays")
+            pairs[name] = read(stored)
+        classes = arrays.get("dataset_classes")
+        return cls(
+            a=ModelSummary.from_arrays(arrays, "a."),
+            b=ModelSummary.from_arrays(arrays, "b."),
+            labels=np.asarray(arrays["labels"], dtype=np.int64),
+            image_names=tuple(str(n) for n in arrays["image_names"]),
+            dataset_classes=None if classes is None else tuple(str(c) for c in classes),
+            distance_mode=str(arrays["distance_mode"]),
+            pairs=pairs,
+        )
+
+
+def scaled_map(values: np.ndarray) -> np.ndarray:
+    """A mean map divided by its largest value (negative values, if any, kept), so that two models' maps of
+    different totals (different grids, prefix tokens) compare; an all-zero map stays 0."""
+    values = np.asarray(values, dtype=np.float64)
+    top = float(np.max(values)) if values.size else 0.0
+    return values / top if top > 0 else values
+
+
+def slice_batches(
+    slice_: Any, models: Sequence[LoadedModel], batch_size: int, *, download: bool = False
+) -> tuple[Callable[[LoadedModel], Batches], list[str], list[str]]:
+    """(open_batches, the images' names, the data set's classes) of a vitviz.data.stream.DatasetSlice for `models`:
+    each model reads the slice preprocessed as it expects (opened once per model), in batches of `batch_size`."""
+    from vitviz.data.stream import dataset_batches, open_dataset
+
+    opened = {
+        id(m): open_dataset(
+            slice_,
+            input_size=m.meta.input_size,
+            in_chans=m.meta.in_chans,
+            mean=m.meta.mean,
+            std=m.meta.std,
+            download=download,
+        )
+        for m in models
+    }
+
+    def open_batches(loaded: LoadedModel) -> Batches:
+        return dataset_batches(opened[id(loaded)], batch_size)
+
+    first = opened[id(models[0])]
+    return open_batches, [slice_.image_name(i) for i in range(len(first))], first.class_names
+
+
+def _paired(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]:
+    """(images for A, images for B) of each batch; the batches must hold the same images in the same order."""
+    from vitviz.pipeline import _batch_parts
+
+    for batch_a, batch_b in zip(batches_a, batches_b, strict=True):
+        images_a, _, indices_a = _batch_parts(batch_a)
+        images_b, _, indices_b = _batch_parts(batch_b)
+        if indices_a.tolist() != indices_b.tolist():
+            raise ValueError("the two models' batches do not hold the same images")
+        yield images_a, images_b
+
+
+def _summary(loaded: LoadedModel, results: Any) -> ModelSummary:
+    from vitviz.pipeline import NotApplicable
+
+    def value(result: Any, what: str) -> np.ndarray | str:
+        if isinstance(result, NotApplicable):
+            return result.reason
+        if result is None:
+            return f"{what} did not run"
+        return np.asarray(result, dtype=np.float64)
+
+    distance = results.distance
+    return ModelSummary(
+        source=loaded.source,
+        class_names=tuple(loaded.meta.class_names),
+        predicted=results.predicted,
+        distance=value(distance if isinstance(distance, NotApplicable | None) else distance.pixels, "distance"),
+        rollout=value(results.rollout_mean, "rollout"),
+        gradient=value(results.gradient_mean, "gradient rollout"),
+    )
+
+
+def compare_models(
+    loaded_a: LoadedModel,
+    loaded_b: LoadedModel,
+    open_batches: Callable[[LoadedModel], Batches],
+    options: Any,
+    *,
+    image_names: Sequence[str],
+    dataset_classes: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Every registered comparison of the two models (one pass over the images, both models batch by batch), then
+    each model's predictions, mean attention distance and mean rollout and gradient-rollout maps (one pass each,
+    `vitviz.pipeline.dataset_analyses`); `progress(images)` after every batch of every pass (PASSES × N)."""
+    from vitviz.pipeline import dataset_analyses, pair_analyses
+
+    if options.batch_size < 1:
+        raise VitvizError(f"--batch-size must be at least 1, got {options.batch_size}")
+    pairs = pair_analyses(
+        loaded_a,
+        loaded_b,
+        _paired(open_batches(loaded_a), open_batches(loaded_b)),
+        registry.pair_names(),
+        options,
+        progress,
+    )
+    wanted = ["distance", "rollout", "gradient-rollout"]
+    results = [dataset_analyses(m, open_batches(m), wanted, options, progress) for m in (loaded_a, loaded_b)]
+    if results[0].num_images != len(image_names) or results[1].num_images != len(image_names):
+        raise ValueError("the batches do not hold the images named")
+    return Comparison(
+        a=_summary(loaded_a, results[0]),
+        b=_summary(loaded_b, results[1]),
+        labels=results[0].labels.astype(np.int64),
+        image_names=tuple(image_names),
+        dataset_classes=None if dataset_classes is None else tuple(dataset_classes),
+        distance_mode=options.distance_mode,
+        pairs=pairs,
+    )
