@@ -178,3 +178,29 @@ def test_a_stopped_fine_tune_resumes_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     meta = read_checkpoint_meta(whole / "last.safetensors")
     assert meta.training["steps"] == 4 and ("ema_decay" in meta.training) == ("--ema-decay" in extra)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--from", "timm:vit_tiny_patch16_224", "--strategy", "half"], "finetune.strategy must be one of"),
+        (["--from", "hf:some/model", "--weights", "w.pth"], "apply to timm:<name> sources only"),
+        (["--from", "timm:vit_tiny_patch16_224", "--strategy", "full", "--lora-targets", "qkv"], "strategy lora only"),
+        (["--from", "timm:vit_tiny_patch16_224", "--model-kwargs", "depth"], "expects KEY=VALUE"),
+        (["--from", "timm:vit_tiny_patch16_224", "--ema-decay", "1.5"], "ema_decay must be in (0, 1)"),
+    ],
+)
+def test_fine_tune_mistakes_are_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["check", "--kind", "finetune", *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert needle in error and "\n" not in error
+
+
+def test_lora_targets_that_name_nothing_are_one_line(
+    images: Path, hf_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["finetune", "--from", f"hf:{hf_folder}", "--strategy", "lora", "--lora-targets", "qkv",
+            "--dataset", f"folder:{images}", "--runs-dir", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
+    assert error.startswith("error: no Linear layer named qkv") and "q_proj" in error
