@@ -123,8 +123,8 @@ def test_a_stateful_attribute_missing_from_the_list_is_refused(tmp_path: Path, m
 
 
 def test_a_declared_component_the_run_lacks_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(COMPONENTS, "ema", TensorMap("ema."))
-    with pytest.raises(TypeError, match=r"declared but missing \['ema'\]"):
+    monkeypatch.setitem(COMPONENTS, "swa", TensorMap("swa."))
+    with pytest.raises(TypeError, match=r"declared but missing \['swa'\]"):
         _started(tmp_path, "r")
 
 

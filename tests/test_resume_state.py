@@ -86,6 +86,7 @@ SAMPLES: dict[str, dict[str | None, tuple[Any, Any]]] = {
         )
     },
     "optimizer": {None: (_optimizer_state("adamw", 2), _optimizer_state("sgd", 3))},
+    "ema": {"weights": ({"weight": torch.full((3, 2), 0.5)}, {"weight": torch.zeros(3, 2), "bias": torch.ones(2)})},
     "rng": {
         "torch": (torch.Generator().manual_seed(1).get_state(), torch.Generator().manual_seed(2).get_state()),
         "cuda": (
@@ -192,7 +193,7 @@ def test_no_best_score_yet_round_trips() -> None:
 
 def test_the_files_keep_the_layout_earlier_runs_wrote() -> None:
     tensors, info = _state().encode()
-    assert {k.split(".")[0] for k in tensors} == {"model", "optimizer", "rng"}
+    assert {k.split(".")[0] for k in tensors} == {"model", "optimizer", "ema", "rng"}  # ema: runs with an EMA
     assert {"model.weight", "model.bias", "rng.torch", "rng.cuda.0", "optimizer.0.exp_avg"} <= tensors.keys()
     assert info.keys() == {
         "optimizer", "rng", "epoch_sums", "window_sums", "best", "consecutive_bad", "skipped_total",
@@ -240,7 +241,7 @@ def test_a_state_written_before_the_schema_is_read(tmp_path: Path) -> None:
     folder.save_state(5, tensors, info)
     state = ResumeState.from_files(folder)
     assert state is not None and state.step == 5 and state["position"]["steps_per_epoch"] == 4
-    assert state["guard"]["skipped_total"] == 1
+    assert state["guard"]["skipped_total"] == 1 and state["ema"]["weights"] == {}  # no EMA before it existed
     assert torch.equal(state["model"]["weight"], torch.ones(2, 2)) and state["rng"]["cuda"] == ()
     assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.full((2, 2), 0.5))

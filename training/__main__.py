@@ -6,7 +6,10 @@ One process (CPU, or the GPU when there is one):
     python -m training train --preset mnist-small --set optim.lr=1e-3 --set model.depth=4 --run-id mnist-a
     python -m training train --resume runs/mnist-a            # continue a stopped or killed run exactly
     python -m training finetune --from runs/shapes-a --preset shapes-finetune-hires --img-size 96 96 \\
-        --freeze-blocks 1 --layer-decay 0.75 --dataset shapes
+        --strategy freeze:1 --layer-decay 0.75 --dataset shapes
+    python -m training finetune --from timm:vit_small_patch16_224 --pretrained --dataset folder:data/flowers \\
+        --strategy lora --lora-rank 8 --ema-decay 0.999 --mixup 0.8 --cutmix 1.0 --smoothing 0.1
+    python -m training finetune --from hf:path/to/vit-folder --dataset cifar10 --strategy linear
     python -m training evaluate runs/shapes-a/best.safetensors --dataset shapes --split test --json eval.json
 
 Several processes with DistributedDataParallel (gloo on CPU, nccl on GPU); batch_size stays the global
@@ -30,6 +33,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from vitviz.errors import VitvizError
 
@@ -52,12 +56,58 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field by dotted key, e.g. optim.lr=1e-3 (repeatable)",
     )
-    parser.add_argument("--dataset", help="dataset name (shortcut for --set data.dataset=NAME)")
+    parser.add_argument("--dataset", help="dataset name or folder:PATH (shortcut for --set data.dataset=NAME)")
+    _regularisation_options(parser)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder that holds run folders")
     parser.add_argument("--run-id", help="name of the run folder (default: <preset>-<date>-<time>)")
     parser.add_argument("--max-steps", type=int, help="stop (resumably) once the run has done this many steps")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _regularisation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mixup", type=float, metavar="ALPHA", help="Mixup alpha (timm.data.Mixup); 0: off")
+    parser.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix alpha; 0: off")
+    parser.add_argument("--smoothing", type=float, metavar="EPS", help="label smoothing, e.g. 0.1")
+    parser.add_argument(
+        "--ema-decay", type=float, metavar="DECAY", help="keep a model EMA (timm ModelEmaV3), e.g. 0.999"
+    )
+    parser.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the global gradient norm to NORM")
+
+
+def _finetune_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=required,
+        metavar="SOURCE",
+        help="a checkpoint, a run folder, timm:<name> or hf:<repo id or local folder>",
+    )
+    parser.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="new input size")
+    parser.add_argument(
+        "--strategy", help="what trains: full (default), linear (the head), freeze:K, lora (adapters + head)"
+    )
+    parser.add_argument(
+        "--freeze-blocks", type=int, metavar="K", help="freeze the patch embedding and the first K blocks"
+    )
+    parser.add_argument("--layer-decay", type=float, metavar="RATE", help="layer-wise lr decay, e.g. 0.75")
+    parser.add_argument("--weights", metavar="FILE", help="timm: sources: start from this local state dict")
+    parser.add_argument("--pretrained", action="store_true", help="timm: sources: timm's weights (network)")
+    parser.add_argument(
+        "--model-kwargs",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="timm: sources: keyword arguments of timm.create_model, e.g. depth=2",
+    )
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (default 8)")
+    parser.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha (default 16)")
+    parser.add_argument(
+        "--lora-targets",
+        metavar="NAMES",
+        help="comma-separated Linear names in the blocks to adapt (default: qkv for timm, query/value projections "
+        "for transformers)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in this folder")
     _run_options(train)
 
-    finetune = commands.add_parser("finetune", help="fine-tune a checkpoint with a new head")
-    finetune.add_argument("--from", dest="source", required=True, metavar="CKPT|RUN_DIR")
+    finetune = commands.add_parser("finetune", help="fine-tune any model source with a new head")
     finetune.add_argument("--preset", default="finetune", help="preset with the fine-tuning hyper-parameters")
-    finetune.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="new input size")
-    finetune.add_argument(
-        "--freeze-blocks", type=int, metavar="K", help="freeze the patch embedding and the first K blocks"
-    )
-    finetune.add_argument("--layer-decay", type=float, metavar="RATE", help="layer-wise lr decay, e.g. 0.75")
+    _finetune_options(finetune, required=True)
     _run_options(finetune)
 
     check = commands.add_parser(
@@ -84,12 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--kind", choices=("train", "finetune"), default="train", help="the run it would be")
     check.add_argument("--preset", help="named preset (default: the kind's default preset)")
-    check.add_argument("--from", dest="source", metavar="CKPT|RUN_DIR", help="finetune: the checkpoint to start from")
-    check.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
-    check.add_argument("--freeze-blocks", type=int, metavar="K")
-    check.add_argument("--layer-decay", type=float, metavar="RATE")
+    _finetune_options(check, required=False)
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    check.add_argument("--dataset", help="dataset name (shortcut for --set data.dataset=NAME)")
+    check.add_argument("--dataset", help="dataset name or folder:PATH (shortcut for --set data.dataset=NAME)")
+    _regularisation_options(check)
 
     presets = commands.add_parser("presets", help="list the presets (--json: every resolved config)")
     presets.add_argument("--json", action="store_true", help="print {name: config} as JSON")
@@ -150,24 +193,58 @@ def _config_for(args: argparse.Namespace):  # -> TrainConfig
             raise VitvizError(
                 "fine-tuning keeps the source's architecture; --set model.* is not allowed (use --img-size)"
             )
+        base = cfg.finetune
+        strategy = _option(args, "strategy") or base.strategy
+        freeze = _option(args, "freeze_blocks")
+        targets = _option(args, "lora_targets")
         cfg = replace(
             cfg,
             finetune=FinetuneConfig(
                 source=args.source,
-                img_size=tuple(args.img_size) if args.img_size else cfg.finetune.img_size,
-                freeze_blocks=cfg.finetune.freeze_blocks if args.freeze_blocks is None else args.freeze_blocks,
+                img_size=tuple(args.img_size) if args.img_size else base.img_size,
+                freeze_blocks=base.freeze_blocks if freeze is None else freeze,
+                strategy=strategy.strip(),
+                weights=_option(args, "weights"),
+                pretrained=bool(_option(args, "pretrained")),
+                model_kwargs=tuple(_option(args, "model_kwargs") or ()),
+                lora_rank=base.lora_rank if args.lora_rank is None else args.lora_rank,
+                lora_alpha=base.lora_alpha if args.lora_alpha is None else args.lora_alpha,
+                lora_targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else (),
             ),
             objective="classify",
         )
         if args.layer_decay is not None:
             cfg = replace(cfg, optim=replace(cfg.optim, layer_decay=args.layer_decay))
-        if not Path(args.source).exists():
-            raise VitvizError(f"no such checkpoint or run folder: {args.source}")
+        named = args.source.startswith(("timm:", "hf:"))
+        if not named and not Path(args.source).exists():
+            raise VitvizError(
+                f"no such checkpoint or run folder: {args.source} (a source is a checkpoint, a run folder, "
+                "timm:<name> or hf:<repo id or folder>)"
+            )
+    regularisation = {
+        "mixup": _option(args, "mixup"),
+        "cutmix": _option(args, "cutmix"),
+        "label_smoothing": _option(args, "smoothing"),
+        "ema_decay": _option(args, "ema_decay"),
+        "grad_clip": _option(args, "clip_grad"),
+    }
+    cfg = replace(cfg, **{k: v for k, v in regularisation.items() if v is not None})
     if args.dataset:
-        cfg = replace(cfg, data=replace(cfg.data, dataset=args.dataset))
+        name, sep, path = args.dataset.partition(":")
+        if sep and name.strip().lower() == "folder":  # an ImageFolder tree: folder:PATH
+            if not path.strip():
+                raise VitvizError("the folder data set needs its path: --dataset folder:PATH")
+            cfg = replace(cfg, data=replace(cfg.data, dataset="folder", root=path.strip()))
+        else:
+            cfg = replace(cfg, data=replace(cfg.data, dataset=args.dataset))
     cfg = apply_overrides(cfg, args.overrides)
     cfg = replace(cfg, data=replace(cfg.data, dataset=normalize_dataset_name(cfg.data.dataset)))
     return cfg
+
+
+def _option(args: argparse.Namespace, name: str) -> Any:
+    """An optional argument's value, None when this command does not take it or it was not given."""
+    return getattr(args, name, None)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -143,17 +143,85 @@ class MaskedConfig:
         return 2 ** (3 * self.colour_bits)
 
 
+STRATEGIES = ("full", "linear", "freeze:K", "lora")  # finetune.strategy; K is a number of blocks
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Start from a trained checkpoint: new zero-initialised head, optionally a new input size."""
+    """Start from any model source with a new zero-initialised head, optionally at a new input size, training
+    all of it or part of it (`strategy`)."""
 
-    source: str | None = None  # checkpoint file or run folder; None: train from scratch
+    source: str | None = None  # checkpoint file, run folder, timm:<name> or hf:<repo id or folder>; None: from scratch
     img_size: tuple[int, int] | None = None  # new input size; position embeddings are resampled in 2D
     freeze_blocks: int = 0  # freeze the patch embedding, prefix tokens, position embeddings and this many blocks
+    strategy: str = "full"  # full | linear (the head only) | freeze:K | lora (low-rank adapters through peft)
+    weights: str | None = None  # timm: sources: a local state dict to start from
+    pretrained: bool = False  # timm: sources: timm's pretrained weights (needs the network)
+    model_kwargs: tuple[str, ...] = ()  # timm: sources: KEY=VALUE keyword arguments of timm.create_model
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()  # Linear names in the blocks to adapt; empty: the family's attention default
+    # Filled in when the run starts (a fine-tune of a timm or transformers model is rebuilt from it on --resume):
+    # the checkpoint metadata document of the model being fine-tuned, its lineage under "training".
+    model_meta: Any = None
 
     def __post_init__(self) -> None:
         _check_size(self.img_size, "finetune.img_size")
         _require(self.freeze_blocks >= 0, f"finetune.freeze_blocks must be >= 0, got {self.freeze_blocks}")
+        _require(
+            self.strategy in ("full", "linear", "lora") or _freeze_count(self.strategy) is not None,
+            f"finetune.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
+        )
+        _require(
+            self.strategy == "full" or not self.freeze_blocks,
+            f"finetune.freeze_blocks is strategy freeze:K; set one of them (strategy is {self.strategy!r})",
+        )
+        _require(self.lora_rank > 0, f"finetune.lora_rank must be > 0, got {self.lora_rank}")
+        _require(
+            self.lora_alpha > 0 and math.isfinite(self.lora_alpha),
+            f"finetune.lora_alpha must be a positive number, got {self.lora_alpha}",
+        )
+        _require(
+            self.strategy == "lora" or not self.lora_targets,
+            "finetune.lora_targets applies to strategy lora only",
+        )
+        foreign = self.source is None or not self.source.startswith("timm:")
+        _require(
+            not (foreign and (self.weights or self.pretrained or self.model_kwargs)),
+            "--weights, --pretrained and --model-kwargs apply to timm:<name> sources only",
+        )
+        _require(not (self.weights and self.pretrained), "choose either --pretrained or --weights FILE, not both")
+        parse_model_kwargs(self.model_kwargs)
+        _require(
+            self.model_meta is None or isinstance(self.model_meta, Mapping),
+            "finetune.model_meta must be a checkpoint metadata object (it is filled in when the run starts)",
+        )
+
+    @property
+    def frozen_blocks(self) -> int:
+        """Blocks frozen together with the stem: K of freeze:K, or the older freeze_blocks."""
+        return _freeze_count(self.strategy) or self.freeze_blocks
+
+
+def _freeze_count(strategy: str) -> int | None:
+    kind, sep, count = strategy.partition(":")
+    if kind != "freeze" or not sep or not count.strip().isdigit():
+        return None
+    return int(count)
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """{key: value} from KEY=VALUE strings; values read as JSON (numbers, true/false, lists), else as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        _require(bool(sep) and key.isidentifier(), f"--model-kwargs expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw.strip()
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,6 +240,9 @@ class TrainConfig:
     batch_size: int = 64  # global: split across processes, then across accumulation steps
     grad_accum: int = 1  # micro-batches per optimiser step
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # Mixup alpha (timm.data.Mixup); 0: off
+    cutmix: float = 0.0  # CutMix alpha; 0: off (with mixup too, each batch takes one of the two)
+    ema_decay: float | None = None  # model EMA (timm.utils.ModelEmaV3); evaluation and checkpoints use it
     grad_clip: float | None = 1.0  # max global gradient norm; none: no clipping
     precision: Precision = "fp32"  # bf16: autocast where the device supports it
     seed: int = 0  # model init, data order, augmentation and masking all derive from it
@@ -193,6 +264,16 @@ class TrainConfig:
         )
         _require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or none, got {self.grad_clip}")
+        for key in ("mixup", "cutmix"):
+            _require(getattr(self, key) >= 0, f"{key} must be >= 0 (an alpha; 0: off), got {getattr(self, key)}")
+        _require(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            f"ema_decay must be in (0, 1) or none, got {self.ema_decay}",
+        )
+        _require(
+            not (self.mixup or self.cutmix) or self.objective == "classify",
+            "mixup and cutmix apply to objective=classify",
+        )
         for key in ("eval_every", "checkpoint_every", "log_every", "resume_every", "max_bad_steps"):
             _require(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         _require(

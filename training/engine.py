@@ -18,6 +18,7 @@ once in `training.resume.COMPONENTS`; the step and epoch records, and the sums b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -31,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models import group_parameters
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,6 +45,19 @@ from training import distributed
 from training.config import TrainConfig
 from training.data.memory import InMemoryImages
 from training.distributed import DistContext
+from training.ema import ModelEma
+from training.finetune import (
+    Tuned,
+    apply_strategy,
+    export,
+    load_base,
+    model_geometry,
+    model_meta_of,
+    rebuild,
+    trainable_parameters,
+    with_new_head,
+)
+from training.finetune import freeze_early_layers as freeze_early_layers  # part of this module's interface
 from training.guard import StepGuard, TrainingFailed
 from training.masked import Corruption, MaskedPatchModel, colour_class_names, colour_targets, sample_corruption
 from training.metrics import MetricsLog, StepOutcome
@@ -55,17 +70,16 @@ from vitviz.models import (
     ModelMeta,
     ViTConfig,
     build_model,
-    load_model,
-    resample_input_size,
     save_checkpoint,
 )
+from vitviz.models import load_model as load_model  # part of this module's interface
 from vitviz.models.checkpoint import PROJECT_ARCH
 from vitviz.tokens import token_layout
 
 logger = logging.getLogger(__name__)
 
 # Salts that keep the seeded streams for different purposes apart.
-_ORDER_STREAM, _AUGMENT_STREAM, _MASK_STREAM, _STEP_STREAM, _EVAL_MASK_STREAM = range(5)
+_ORDER_STREAM, _AUGMENT_STREAM, _MASK_STREAM, _STEP_STREAM, _EVAL_MASK_STREAM, _MIX_STREAM = range(6)
 
 
 @dataclass(frozen=True)
@@ -152,27 +166,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def freeze_early_layers(vit: nn.Module, num_blocks: int) -> int:
-    """Freeze the stem (patch embedding, prefix tokens, position embeddings) and the first `num_blocks` blocks.
-
-    Layers are numbered as timm numbers them for layer decay (stem 0, block i -> i + 1; the final norm
-    goes with the last block), so `num_blocks = depth` leaves only the head to train (a linear probe).
-    Returns the number of frozen parameter tensors.
-    """
-    if num_blocks == 0:
-        return 0
-    depth = len(vit.blocks)
-    if num_blocks > depth:
-        raise VitvizError(f"--freeze-blocks {num_blocks} is more than the model's {depth} blocks")
-    layer_of = group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
-    frozen = 0
-    for name, param in vit.named_parameters():
-        if layer_of.get(name, depth + 1) <= num_blocks:
-            param.requires_grad_(False)
-            frozen += 1
-    return frozen
-
-
 def build_optimizer(module: nn.Module, vit: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters: no weight decay on 1D parameters, position embeddings
     and prefix tokens; per-layer lr scales (`lr_scale`) when layer decay is on."""
@@ -212,13 +205,32 @@ class Trainer:
         std: Sequence[float],
         total_steps: int,
         warmup_steps: int,
+        tuned: Tuned | None = None,
     ) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.vit = vit
-        self.module: nn.Module = MaskedPatchModel(vit, cfg.masked) if cfg.objective == "masked" else vit
+        # `vit` is the model with timm's parameter names (LoRA layers injected into it for that strategy);
+        # `module` is what trains: the masked-prediction wrapper, the peft model of LoRA, or `vit` itself.
+        self.vit = tuned.base if tuned is not None else vit
+        if cfg.objective == "masked":
+            self.module: nn.Module = MaskedPatchModel(vit, cfg.masked)
+        else:
+            self.module = tuned.module if tuned is not None else vit
+        self.lora = tuned.lora if tuned is not None else None
         self.module.to(ctx.device)
-        self.optimizer = build_optimizer(self.module, vit, cfg)
+        self.optimizer = build_optimizer(self.module, self.vit, cfg)
+        # Model EMA (evaluation and checkpoints use it when it is on) and Mixup/CutMix, both timm's.
+        self.ema = ModelEma(self.module, cfg.ema_decay)
+        self.mixup: Mixup | None = None
+        if cfg.mixup or cfg.cutmix:
+            if (cfg.batch_size // ctx.world_size // cfg.grad_accum) % 2:
+                raise VitvizError("mixup and cutmix pair images within a micro-batch: make it an even size")
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=int(self.vit.num_classes),
+            )
         self.schedule = Schedule(
             total_steps=total_steps,
             warmup_steps=warmup_steps,
@@ -257,13 +269,21 @@ class Trainer:
         return self.cfg.optim.lr * factor
 
     def _loss(
-        self, module: nn.Module, images: torch.Tensor, labels: torch.Tensor, corruption: Corruption | None
+        self,
+        module: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        corruption: Corruption | None,
+        soft: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(mean loss, number correct, number of predictions) for one micro-batch."""
+        """(mean loss, number correct, number of predictions) for one micro-batch; `soft`: Mixup's targets."""
         if corruption is None:
             with self._autocast():
                 logits = module(images)  # (B, classes)
-            loss = classification_loss(logits, labels, self.cfg.label_smoothing)
+            if soft is not None:  # correct: the argmax against the label of the image mixed into the most
+                loss = SoftTargetCrossEntropy()(logits.float(), soft)
+            else:
+                loss = classification_loss(logits, labels, self.cfg.label_smoothing)
             return loss, (logits.argmax(-1) == labels).sum(), int(labels.numel())
         c = corruption.to(self.ctx.device)
         with self._autocast():
@@ -292,6 +312,10 @@ class Trainer:
         images = images.to(self.ctx.device, non_blocking=True)
         labels = labels.to(self.ctx.device, non_blocking=True)
         corruption = self._step_corruption(step, images.shape[0])
+        soft = None
+        if self.mixup is not None:  # Mixup draws from numpy's global RNG: seeded by the step, like the rest
+            np.random.seed(mix_seed(self.cfg.seed, _MIX_STREAM, step) % 2**32)
+            images, soft = self.mixup(images, labels)
         micro = images.shape[0] // self.cfg.grad_accum
         loss_sum, correct, count = torch.zeros((), device=self.ctx.device), 0, 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,7 +326,11 @@ class Trainer:
             sync = nullcontext() if last or not self.ctx.is_distributed else self.wrapped.no_sync()
             with sync:
                 loss, hits, n = self._loss(
-                    self.wrapped, images[part], labels[part], None if corruption is None else corruption.rows(part)
+                    self.wrapped,
+                    images[part],
+                    labels[part],
+                    None if corruption is None else corruption.rows(part),
+                    None if soft is None else soft[part],
                 )
                 (loss / self.cfg.grad_accum).backward()
             loss_sum = loss_sum + loss.detach() * n
@@ -316,7 +344,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+            self.ema.update(self.module, step + 1)
         return StepOutcome(loss_sum=float(loss_sum), correct=correct, count=count, skipped=skipped, lr=lr)
+
+    @property
+    def averaged(self) -> nn.Module:
+        """The weights evaluated and saved: the EMA's when it is on, else the trained module."""
+        return self.ema.module if self.ema.module is not None else self.module
+
+    def checkpoint_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The plain model a checkpoint holds (LoRA merged), and the adapter tensors stored beside it."""
+        module = self.averaged
+        if isinstance(module, MaskedPatchModel):
+            return module.vit, {}
+        return export(module)
 
     def _grad_norm(self) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -327,8 +368,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Mean loss and accuracy over all ranks' shares of the evaluation split."""
-        self.module.eval()
+        """Mean loss and accuracy over all ranks' shares of the evaluation split (the EMA's, when it is on)."""
+        module = self.averaged
+        module.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss sum, correct, count
         for index, (images, labels) in enumerate(batches):
             images = images.to(self.ctx.device)
@@ -338,7 +380,7 @@ class Trainer:
                 seed = mix_seed(self.cfg.seed, _EVAL_MASK_STREAM, self.ctx.rank, index)
                 generator = torch.Generator().manual_seed(seed)
                 corruption = sample_corruption(images.shape[0], self._num_patches, self.cfg.masked, generator)
-            loss, hits, n = self._loss(self.module, images, labels, corruption)
+            loss, hits, n = self._loss(module, images, labels, corruption)
             totals += torch.tensor([float(loss) * n, float(hits), n], dtype=torch.float64, device=self.ctx.device)
         totals = distributed.all_reduce_sum(totals, self.ctx)
         count = max(1.0, float(totals[2]))
@@ -356,6 +398,8 @@ class DataSetup:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_size: tuple[int, int]  # (H, W) the model takes
+    in_chans: int  # channels the model takes
 
 
 def _build_datasets(cfg: TrainConfig, input_size: tuple[int, int]) -> tuple[Any, Any | None]:
@@ -379,22 +423,10 @@ def _normalisation(cfg: TrainConfig, in_chans: int) -> tuple[tuple[float, ...], 
 
 
 def _finetune_model(loaded: Any, cfg: TrainConfig, class_names: list[str]) -> tuple[nn.Module, ViTConfig, ModelMeta]:
-    """The source checkpoint's model at the new input size with a new zero-initialised linear head."""
-    model, meta = loaded.model, loaded.meta
-    if cfg.finetune.img_size is not None and tuple(cfg.finetune.img_size) != tuple(meta.input_size):
-        model, meta = resample_input_size(model, meta, tuple(cfg.finetune.img_size))
-    new_cfg = replace(meta.config, num_classes=len(class_names), head="linear")
-    new_model = build_model(new_cfg)
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    missing, unexpected = new_model.load_state_dict(backbone, strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise VitvizError(
-            f"cannot carry the weights of {cfg.finetune.source} over: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    nn.init.zeros_(new_model.head.weight)  # the paper's zero-initialised D x K head
-    nn.init.zeros_(new_model.head.bias)
-    return new_model, new_cfg, meta
+    """A vitviz checkpoint's model at the new input size with a new zero-initialised linear head."""
+    model, meta = with_new_head(loaded, cfg, class_names)
+    assert meta.config is not None
+    return model, meta.config, meta
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module, DataSetup, list[dict[str, Any]]]:
@@ -403,21 +435,19 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module, DataSetup, list[
     source = None
     input_size = cfg.model.img_size
     if cfg.finetune.source is not None:
-        source = load_model(cfg.finetune.source)
-        if source.meta.config is None:
-            raise VitvizError(
-                f"{cfg.finetune.source} is a timm model ({source.meta.arch}); fine-tuning starts from a vitviz "
-                "checkpoint or run folder"
-            )
+        source = load_base(cfg)
         input_size = tuple(cfg.finetune.img_size or source.meta.input_size)  # type: ignore[assignment]
     train_set, eval_set = _build_datasets(cfg, input_size)
     class_names = list(train_set.class_names)
     history: list[dict[str, Any]] = []
     torch.manual_seed(cfg.seed)
     if source is not None:
-        vit, model_cfg, source_meta = _finetune_model(source, cfg, class_names)
-        history = list(source_meta.resolution_history)
-        mean, std = tuple(source_meta.mean), tuple(source_meta.std)
+        vit, model_meta = with_new_head(source, cfg, class_names)
+        # A vitviz model keeps its config in `model`; every fine-tune keeps the description it is rebuilt from.
+        model_cfg = model_meta.config if model_meta.config is not None else cfg.model
+        history = list(model_meta.resolution_history)
+        mean, std = tuple(model_meta.mean), tuple(model_meta.std)
+        cfg = replace(cfg, finetune=replace(cfg.finetune, model_meta=json.loads(model_meta.to_json())))
     else:
         num_outputs = cfg.masked.num_colour_classes if cfg.objective == "masked" else len(class_names)
         model_cfg = replace(cfg.model, num_classes=num_outputs, in_chans=int(train_set.in_chans))
@@ -426,7 +456,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, nn.Module, DataSetup, list[
     if cfg.objective == "masked":
         class_names = colour_class_names(cfg.masked.colour_bits)
     resolved = replace(cfg, model=model_cfg, data=replace(cfg.data, mean=mean, std=std))
-    return resolved, vit, DataSetup(train_set, eval_set, class_names, mean, std), history
+    size, chans = model_geometry(resolved)
+    return resolved, vit, DataSetup(train_set, eval_set, class_names, mean, std, size, chans), history
 
 
 def _apply_determinism(cfg: TrainConfig) -> None:
@@ -472,10 +503,11 @@ def run(cfg: TrainConfig | None, options: RunOptions) -> RunResult:
 
 def _datasets_for_resolved(cfg: TrainConfig) -> DataSetup:
     """The datasets of a config resolved when its run started (a resumed run)."""
-    train, evaluation = _build_datasets(cfg, cfg.model.img_size)
+    size, chans = model_geometry(cfg)
+    train, evaluation = _build_datasets(cfg, size)
     names = colour_class_names(cfg.masked.colour_bits) if cfg.objective == "masked" else list(train.class_names)
     assert cfg.data.mean is not None and cfg.data.std is not None
-    return DataSetup(train, evaluation, names, tuple(cfg.data.mean), tuple(cfg.data.std))
+    return DataSetup(train, evaluation, names, tuple(cfg.data.mean), tuple(cfg.data.std), size, chans)
 
 
 def _open_folder(
@@ -542,7 +574,7 @@ class _Feed:
         from training.data import train_transform
 
         transform = train_transform(
-            input_size=cfg.model.img_size, in_chans=cfg.model.in_chans, mean=self.data.mean, std=self.data.std,
+            input_size=self.data.input_size, in_chans=self.data.in_chans, mean=self.data.mean, std=self.data.std,
             augment=cfg.data.augment,
         )  # fmt: skip
         samples = EpochSamples(self.data.train, transform, cfg.seed, randomised=cfg.data.augment != "none")
@@ -559,7 +591,7 @@ class _Feed:
         if cfg.data.in_memory:
             return map(self._in_memory("eval").batch, batches)
         transform = eval_transform(
-            input_size=cfg.model.img_size, in_chans=cfg.model.in_chans, mean=self.data.mean, std=self.data.std
+            input_size=self.data.input_size, in_chans=self.data.in_chans, mean=self.data.mean, std=self.data.std
         )
         samples = EpochSamples(self.data.eval, transform, cfg.seed, randomised=False)
         return iter(make_loader(samples, 0, batches, cfg.data.num_workers, pin=self.ctx.device.type == "cuda"))
@@ -570,7 +602,7 @@ class _Feed:
         if cache is None:
             dataset = self.data.train if which == "train" else self.data.eval
             cache = self.memory[which] = InMemoryImages(
-                dataset, input_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
+                dataset, input_size=self.data.input_size, in_chans=self.data.in_chans,
                 mean=self.data.mean, std=self.data.std, num_workers=self.cfg.data.num_workers,
             )  # fmt: skip
         return cache
@@ -607,6 +639,7 @@ class _Run:
         self.schedule = trainer.schedule
         self.model = trainer.module
         self.optimizer = trainer.optimizer
+        self.ema = trainer.ema
         self.rng = ProcessRng()
         self.guard = StepGuard(cfg.max_bad_steps)
         self.metrics = MetricsLog(ctx, folder, steps_per_epoch, self.guard)
@@ -634,11 +667,10 @@ class _Run:
         history: list[dict[str, Any]] = []
         if state is not None:  # the config was resolved when the run started; the state holds the history
             data = _datasets_for_resolved(cfg)
-            vit = build_model(cfg.model)
+            vit = rebuild(cfg) if cfg.finetune.source is not None else build_model(cfg.model)
         else:
             cfg, vit, data, history = _resolve(cfg)
-        if cfg.finetune.source is not None and cfg.finetune.freeze_blocks:
-            freeze_early_layers(vit, cfg.finetune.freeze_blocks)
+        tuned = apply_strategy(vit, cfg)
 
         steps_per_epoch = len(data.train) // cfg.batch_size
         if steps_per_epoch == 0:
@@ -647,8 +679,9 @@ class _Run:
             )
         warmup = cfg.schedule.warmup_steps or round(cfg.schedule.warmup_epochs * steps_per_epoch)
         trainer = Trainer(
-            cfg, vit, ctx, mean=data.mean, std=data.std, total_steps=cfg.epochs * steps_per_epoch, warmup_steps=warmup
-        )
+            cfg, vit, ctx, mean=data.mean, std=data.std, total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=warmup, tuned=tuned,
+        )  # fmt: skip
         folder = _open_folder(cfg, options, ctx, folder, fresh=state is None)
         run = cls(
             cfg=cfg,
@@ -783,7 +816,8 @@ class _Run:
         if not self.ctx.is_main or path is None:
             return
         try:
-            save_checkpoint(path, self.trainer.vit, self._meta())
+            model, adapters = self.trainer.checkpoint_model()
+            save_checkpoint(path, model, self._meta(), adapters)
         except VitvizError as exc:
             raise TrainingFailed(f"checkpoint not saved: {exc}") from None
 
@@ -801,6 +835,15 @@ class _Run:
             "finetuned_from": cfg.finetune.source,
             "metrics": self.metrics.final_metrics(),
         }
+        base = model_meta_of(cfg)
+        if base is not None:  # a fine-tune: its lineage, strategy and what trained
+            training.update(base.training)
+            training.update(strategy=cfg.finetune.strategy, trainable_parameters=trainable_parameters(self.model))
+            if self.trainer.lora is not None:
+                training["lora"] = dict(self.trainer.lora)
+            if cfg.ema_decay is not None:
+                training["ema_decay"] = cfg.ema_decay
+            return replace(base, training=training, resolution_history=list(self.history.entries))
         return ModelMeta(
             arch=PROJECT_ARCH,
             config=cfg.model,

@@ -1,7 +1,7 @@
 """The resume state: the composition of the run's stateful components, declared once in `COMPONENTS`.
 
 A component is an object of the run with `state_dict()` and `load_state_dict(state)` (the `Stateful`
-idea of torchtitan): the model, the optimiser, the learning-rate schedule, the data position, the process
+idea of torchtitan): the model, the optimiser, the model EMA, the learning-rate schedule, the data position, the process
 RNGs, the guard against non-finite steps, the metrics log and the resolution history each save and
 restore themselves. `COMPONENTS` names them (by their attribute name on the run) and gives each the codec
 that stores its state_dict: where its tensors go in the safetensors file and where its JSON goes in the
@@ -18,6 +18,7 @@ readable and later code can read what this code writes:
 
     tensors  model.<name>                      model state_dict
              optimizer.<param id>.<key>        optimiser state tensors
+             ema.<name>                        model EMA state_dict (runs with ema_decay only)
              rng.torch, rng.cuda.<device>      torch RNG states
     JSON     step (written by the run folder), optimizer {param_groups, scalars}, rng {python, numpy},
              scheduler {total_steps, warmup_steps}, data {steps_per_epoch}, epoch_sums, window_sums, best,
@@ -88,9 +89,10 @@ class Json:
 
 @dataclass(frozen=True)
 class TensorMap:
-    """A name -> tensor mapping stored as tensors `<prefix><name>`."""
+    """A name -> tensor mapping stored as tensors `<prefix><name>` (`optional`: none stored reads as empty)."""
 
     prefix: str
+    optional: bool = False
 
     def encode(self, value: Mapping[str, torch.Tensor], tensors: Tensors, info: Info) -> None:
         for name, tensor in value.items():
@@ -98,7 +100,7 @@ class TensorMap:
 
     def decode(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         found = {k[len(self.prefix) :]: v for k, v in tensors.items() if k.startswith(self.prefix)}
-        if not found:
+        if not found and not self.optional:
             raise MissingField(self.prefix + "*")
         return found
 
@@ -305,6 +307,8 @@ COMPONENTS: dict[str, Codec] = {
     # The trained module (the masked-prediction wrapper, for that objective) and the torch optimiser.
     "model": TensorMap("model."),
     "optimizer": OptimizerState(),
+    # The model EMA's weights (none when the run has no EMA; states written before EMA existed have none).
+    "ema": Fields({"weights": TensorMap("ema.", optional=True)}),
     "rng": Fields(
         {"torch": Tensor("rng.torch"), "cuda": TensorList("rng.cuda."), "python": _PythonRng(), "numpy": _NumpyRng()}
     ),

@@ -2,8 +2,9 @@
 table of /compare. Imports no torch.
 
 A checkpoint's training summary (`ModelCard.training`, written by the training backend) is one flat dict:
-scalars (run_id, preset, dataset, train_split, objective, epochs, epochs_planned, steps, finetuned_from) and
-the run's final numbers under the one key `metrics` (train_loss, train_accuracy, eval_loss, eval_accuracy,
+scalars (run_id, preset, dataset, train_split, objective, epochs, epochs_planned, steps, finetuned_from; for a
+fine-tune also its lineage: base_source, base_arch, base_content_hash, strategy, trainable_parameters, ema_decay)
+and the run's final numbers under the one key `metrics` (train_loss, train_accuracy, eval_loss, eval_accuracy,
 best_accuracy, skipped_steps). The functions here are the only readers of that schema; a model with no summary
 (timm, Hugging Face) reads as empty.
 """

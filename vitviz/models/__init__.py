@@ -3,17 +3,19 @@
 
 from vitviz.models.checkpoint import (
     LoadedModel,
+    describe_mismatch,
     file_sha256,
     load_checkpoint,
     load_state_dict_checked,
     model_from_meta,
+    read_adapters,
     read_checkpoint_meta,
     read_state_dict,
     save_checkpoint,
 )
 from vitviz.models.config import ViTConfig
 from vitviz.models.factory import build_model, build_timm_model, count_parameters, pretrain_head
-from vitviz.models.hf import HF_PREFIX, HFVisionTransformer, load_hf
+from vitviz.models.hf import HF_PREFIX, HFVisionTransformer, load_hf, resample_hf_input_size
 from vitviz.models.meta import FORMAT_VERSION, ModelMeta
 from vitviz.models.posembed import patch_position_embeddings, resample_input_size, sincos_pos_embed
 from vitviz.models.runtime import any_training, model_device
@@ -30,6 +32,7 @@ __all__ = [
     "build_model",
     "build_timm_model",
     "count_parameters",
+    "describe_mismatch",
     "file_sha256",
     "load_checkpoint",
     "load_hf",
@@ -39,8 +42,10 @@ __all__ = [
     "model_from_meta",
     "patch_position_embeddings",
     "pretrain_head",
+    "read_adapters",
     "read_checkpoint_meta",
     "read_state_dict",
+    "resample_hf_input_size",
     "resample_input_size",
     "run_checkpoint",
     "save_checkpoint",

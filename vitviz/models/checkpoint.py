@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 # ModelMeta, FORMAT_VERSION and PROJECT_ARCH live in vitviz.models.meta (a leaf module); imported here too.
 __all__ = [
+    "ADAPTER_PREFIX",
     "FORMAT_VERSION",
     "PROJECT_ARCH",
     "LoadedModel",
@@ -37,12 +38,16 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_checked",
     "model_from_meta",
+    "read_adapters",
     "read_checkpoint_meta",
     "read_state_dict",
     "save_checkpoint",
 ]
 
 META_KEY = "vitviz"
+# Tensors beside the model's under this prefix (a fine-tune's LoRA matrices, `lora.<module>.A` and `.B`): kept for
+# checking, never part of the model's state dict.
+ADAPTER_PREFIX = "lora."
 TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 MAX_MESSAGE_KEYS = 3  # how many offending keys a one-line error names
 
@@ -58,14 +63,21 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": resolved checkpoint path}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
-    """Write `model`'s tensors and `meta` to one .safetensors file, atomically."""
+def save_checkpoint(
+    path: str | Path, model: nn.Module, meta: ModelMeta, adapters: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Write `model`'s tensors and `meta` to one .safetensors file, atomically; `adapters` (names starting with
+    `ADAPTER_PREFIX`) are stored beside the model's tensors."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise VitvizError(f"checkpoint files end in .safetensors; got {path.name}")
     meta.validate()
     _check_meta_fits_model(meta, model)
-    tensors = _tensors_for_saving(model.state_dict())
+    state = model.state_dict()
+    clash = [k for k in state if k.startswith(ADAPTER_PREFIX)] + [k for k in adapters or {} if k in state]
+    if clash or not all(k.startswith(ADAPTER_PREFIX) for k in adapters or {}):
+        raise VitvizError(f"adapter tensors are named {ADAPTER_PREFIX}<module>.A/B, apart from the model's")
+    tensors = _tensors_for_saving({**state, **(adapters or {})})
     metadata = {META_KEY: meta.to_json()}
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -103,16 +115,22 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         reference = model_from_meta(meta)
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    problem = describe_mismatch(expected, _header_shapes(path))
+    found = {k: v for k, v in _header_shapes(path).items() if not k.startswith(ADAPTER_PREFIX)}
+    problem = describe_mismatch(expected, found)
     if problem:
         raise VitvizError(f"weights in {path} do not fit the model its metadata describes: {problem}")
     model = model_from_meta(meta)
-    state = read_state_dict(path)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ADAPTER_PREFIX)}
     load_state_dict_checked(model, state, f"{path}")
     model.eval()
     return LoadedModel(
         model=model, meta=meta, source=str(path), content_hash=file_sha256(path), extra={"path": str(path)}
     )
+
+
+def read_adapters(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors stored beside a checkpoint's model (`ADAPTER_PREFIX` names; empty for most files)."""
+    return {k: v for k, v in read_state_dict(path).items() if k.startswith(ADAPTER_PREFIX)}
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -125,11 +143,20 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def model_from_meta(meta: ModelMeta) -> nn.Module:
-    """A freshly initialised model with the architecture `meta` describes (project config or timm name)."""
+    """A freshly initialised model with the architecture `meta` describes: the project config, a transformers
+    config document (no download, no remote code), or a timm name with the keyword arguments it was made with."""
     if meta.config is not None:
         return build_model(meta.config)
+    if meta.hf_config is not None:
+        from vitviz.models.hf import build_hf_model  # hf reads this module's LoadedModel
+
+        return build_hf_model(meta.arch, meta.hf_config, meta.input_size)
     return build_timm_model(
-        meta.arch, num_classes=len(meta.class_names), in_chans=meta.in_chans, img_size=meta.input_size
+        meta.arch,
+        num_classes=len(meta.class_names),
+        in_chans=meta.in_chans,
+        img_size=meta.input_size,
+        **meta.arch_kwargs,
     )
 
 

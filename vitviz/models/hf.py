@@ -14,11 +14,15 @@ by the model's ``_can_record_outputs["attentions"]`` returns ``(output, probabil
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +135,7 @@ class HFVisionTransformer(nn.Module):
         lists = [m for m in hf_model.modules() if isinstance(m, nn.ModuleList) and list(m) == layers]
         if not layers or len(lists) != 1 or len(self._attention) != len(layers):
             raise VitvizError(f"cannot find one attention module per layer in {name}; not supported")
-        self._layers = lists[0]
+        self.__dict__["_layers"] = lists[0]  # not a submodule: its tensors are named once, under hf.
         for layer, attention in zip(layers, self._attention):
             # Plain attributes, not submodules: the state dict and the module tree stay transformers' own.
             layer.__dict__["attn"] = attention
@@ -156,6 +160,30 @@ class HFVisionTransformer(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return self.fixed_token_layout.num_prefix_tokens
+
+    def classifier(self) -> nn.Linear | None:
+        """The model's own classification Linear (``classifier``), which fine-tuning replaces; None without one."""
+        found = getattr(self.hf, "classifier", None)
+        return found if isinstance(found, nn.Linear) else None
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, object]:
+        """timm's parameter grouping (`timm.models.group_parameters`): the embeddings are the stem, each layer a
+        block, the final norm joins the last block; what timm's layer decay and block freezing read."""
+        names = {id(m): n for n, m in self.named_modules()}
+        embeddings = re.escape(names[id(_embeddings(self.hf))])
+        layers = re.escape(names[id(self._layers)])
+        blocks: list[tuple[str, tuple[int, ...] | None]] = [(rf"^{layers}\.(\d+)\.", None)]
+        if self.family.norm is not None:
+            blocks.append((rf"^{re.escape('hf.' + self.family.norm)}\.", (99999,)))
+        return {"stem": rf"^{embeddings}\.", "blocks": rf"^{layers}\.(\d+)\." if coarse else blocks}
+
+    def no_weight_decay(self) -> set[str]:
+        """The prefix tokens and position tables of the embeddings (timm keeps weight decay off them)."""
+        embeddings = _embeddings(self.hf)
+        prefix = {id(m): n for n, m in self.named_modules()}[id(embeddings)]
+        own = {name for name, _ in embeddings.named_parameters(recurse=False)}  # tokens and position tables
+        own |= {name for name, _ in embeddings.named_parameters() if name.startswith("position_embedding.")}
+        return {f"{prefix}.{name}" for name in own}
 
     def attention_probability_modules(self) -> list[nn.Module]:
         """The attention module of every layer, in order; each returns (output, probabilities [B, H, N, N])."""
@@ -514,6 +542,68 @@ def _check_processor(
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[union-attr]
 
 
+def build_hf_model(arch: str, config_doc: Mapping[str, Any], img_size: tuple[int, int]) -> HFVisionTransformer:
+    """A freshly initialised supported transformers class from its config document, at input size `img_size`:
+    how a checkpoint of a transformers model is rebuilt (no download, no remote code: only `FAMILIES`)."""
+    import transformers
+
+    if arch not in FAMILIES:
+        raise VitvizError(
+            f"{arch} is not a supported Hugging Face vision transformer (supported: {', '.join(FAMILIES)})"
+        )
+    model_class = getattr(transformers, arch)
+    try:
+        config = model_class.config_class.from_dict(dict(config_doc))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise VitvizError(f"the {arch} config document in the checkpoint is invalid: {exc}") from None
+    hf_model = model_class._from_config(config, attn_implementation="eager")
+    return HFVisionTransformer(hf_model, hf_token_layout(hf_model, tuple(img_size))).eval()
+
+
+def resample_hf_input_size(
+    model: HFVisionTransformer, meta: ModelMeta, new_img_size: tuple[int, int]
+) -> tuple[HFVisionTransformer, ModelMeta]:
+    """A copy of a transformers model that takes `new_img_size` inputs, and its meta (for fine-tuning at a new
+    size): the embeddings' absolute table ``position_embeddings`` [1, prefix + gh*gw, D] is resampled in 2D with
+    timm's `resample_abs_pos_embed` (bicubic, prefix entries kept) and the config's ``image_size`` follows, so
+    the config document rebuilds the model. The resampling is appended to `meta.resolution_history`."""
+    from timm.layers import resample_abs_pos_embed
+
+    new_size = (int(new_img_size[0]), int(new_img_size[1]))
+    layout = model.fixed_token_layout
+    if new_size[0] % layout.stride[0] or new_size[1] % layout.stride[1] or min(new_size) <= 0:
+        raise VitvizError(f"new image size {new_size} is not a positive multiple of the stride {layout.stride}")
+    new_model = copy.deepcopy(model)
+    embeddings = _embeddings(new_model.hf)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Parameter) or table.ndim != 3:
+        raise VitvizError(f"{type(model.hf).__name__} has no absolute position table that vitviz can resample")
+    new_grid = (new_size[0] // layout.stride[0], new_size[1] // layout.stride[1])
+    with torch.no_grad():
+        resampled = resample_abs_pos_embed(
+            table.detach(),
+            new_size=list(new_grid),
+            old_size=list(layout.grid),
+            num_prefix_tokens=table.shape[1] - layout.num_patches,
+        )
+    embeddings.position_embeddings = nn.Parameter(resampled)
+    new_model.hf.config.image_size = list(new_size) if new_size[0] != new_size[1] else new_size[0]
+    for module in embeddings.modules():  # the embeddings and their patch embedding check the input size
+        if hasattr(module, "image_size"):
+            module.image_size = new_size
+        if isinstance(getattr(module, "num_patches", None), int):
+            module.num_patches = new_grid[0] * new_grid[1]
+    new_model.fixed_token_layout = hf_token_layout(new_model.hf, new_size)
+    entry = {"method": "bicubic", "old_grid": list(layout.grid), "new_grid": list(new_grid)}
+    new_meta = dataclasses.replace(
+        meta,
+        input_size=new_size,
+        resolution_history=[*meta.resolution_history, entry],
+        hf_config=new_model.hf.config.to_dict(),
+    )
+    return new_model, new_meta
+
+
 def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
     """Load `hf:<repo id or local folder>`: a supported transformers vision model, eager attention, eval mode.
 
@@ -585,6 +675,7 @@ def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
         std=std,
         training={"source": "hf", "name": name, "model_type": getattr(hf_model.config, "model_type", "")},
         resolution_history=[],
+        hf_config=hf_model.config.to_dict(),
     )
     files = [config_path, processor_path, *weights]
     return LoadedModel(

@@ -17,16 +17,18 @@ from vitviz.models.config import MAX_CLASSES, MAX_IMG_SIDE, ViTConfig
 
 __all__ = ["FORMAT_VERSION", "PROJECT_ARCH", "ModelMeta"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this code reads; a file says the oldest format that describes it
 PROJECT_ARCH = "vitviz"  # ModelMeta.arch of models built from a ViTConfig
+# Keyword arguments of a timm model that other fields of the meta decide; never stored in `arch_kwargs`.
+RESERVED_TIMM_KWARGS = frozenset({"num_classes", "in_chans", "img_size", "pretrained", "pretrained_cfg"})
 
 
 @dataclass
 class ModelMeta:
     """Everything besides the tensors that a checkpoint needs to be rebuilt and used."""
 
-    arch: str  # "vitviz" for project models, or the timm model name
-    config: ViTConfig | None  # the project architecture; None for timm models
+    arch: str  # "vitviz" for project models, the timm model name, or the transformers class name
+    config: ViTConfig | None  # the project architecture; None for timm and transformers models
     class_names: list[str]  # one name per classifier output
     input_size: tuple[int, int]  # (H, W) pixels the model takes
     in_chans: int  # 1 (greyscale) or 3 (RGB)
@@ -34,7 +36,11 @@ class ModelMeta:
     std: tuple[float, ...]  # per-channel normalisation std
     training: dict[str, Any]  # dataset, epochs, steps, final metrics, run_id (free-form JSON)
     resolution_history: list[dict[str, Any]]  # every resampling: {"method", "old_grid", "new_grid"}
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # raised to 2 on validation when a field below is used
+    # Format 2. timm models: keyword arguments the model was created with besides classes, channels and size
+    # (e.g. {"depth": 2}); transformers models: the model's config document (`config.to_dict()`).
+    arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hf_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +78,21 @@ class ModelMeta:
             raise VitvizError(f"checkpoint std must be positive, got {list(self.std)}")
         if not isinstance(self.training, dict):
             raise VitvizError("checkpoint training summary must be a JSON object")
+        if not isinstance(self.arch_kwargs, dict) or not all(isinstance(k, str) for k in self.arch_kwargs):
+            raise VitvizError("checkpoint arch_kwargs must be a JSON object of keyword arguments")
+        reserved = sorted(RESERVED_TIMM_KWARGS & set(self.arch_kwargs))
+        if reserved:
+            raise VitvizError(f"checkpoint arch_kwargs may not set {', '.join(reserved)}: other fields decide them")
+        if self.arch_kwargs and self.arch == PROJECT_ARCH:
+            raise VitvizError('a "vitviz" checkpoint is described by its config, not by arch_kwargs')
+        if self.hf_config is not None and (not isinstance(self.hf_config, dict) or self.arch == PROJECT_ARCH):
+            raise VitvizError("checkpoint hf_config must be a transformers config document (a JSON object)")
+        if self.arch_kwargs and self.hf_config is not None:
+            raise VitvizError(
+                "a checkpoint is a timm model (arch_kwargs) or a transformers model (hf_config), not both"
+            )
+        if self.arch_kwargs or self.hf_config is not None:
+            self.format_version = max(self.format_version, 2)
         if not isinstance(self.resolution_history, (list, tuple)):
             raise VitvizError("checkpoint resolution_history must be a list")
         self.resolution_history = [_history_entry(entry) for entry in self.resolution_history]
@@ -94,6 +115,8 @@ class ModelMeta:
         doc["input_size"] = list(self.input_size)
         doc["mean"] = list(self.mean)
         doc["std"] = list(self.std)
+        if self.format_version < 2:  # a format-1 document stays exactly what format-1 readers read
+            del doc["arch_kwargs"], doc["hf_config"]
         return json.dumps(doc)
 
     @classmethod
@@ -109,7 +132,11 @@ class ModelMeta:
         unknown = sorted(str(k) for k in doc if k not in fields)
         if unknown:
             raise VitvizError(f"checkpoint metadata has unknown key(s): {', '.join(unknown)}")
-        required = [name for name, f in fields.items() if f.default is dataclasses.MISSING]
+        required = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [name for name in required if name not in doc]
         if missing:
             raise VitvizError(f"checkpoint metadata lacks key(s): {', '.join(missing)}")

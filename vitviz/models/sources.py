@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.data import ImageNetInfo, resolve_data_config
@@ -21,6 +24,7 @@ from vitviz.models.checkpoint import (
 )
 from vitviz.models.factory import build_timm_model
 from vitviz.models.hf import HF_PREFIX, load_hf
+from vitviz.models.meta import RESERVED_TIMM_KWARGS
 from vitviz.runs import run_checkpoint
 from vitviz.tokens import token_layout
 
@@ -29,24 +33,33 @@ RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always 
 
 
 def load_model(
-    source: str, *, weights: str | Path | None = None, pretrained: bool = False, hf_local_folders: bool = True
+    source: str,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+    hf_local_folders: bool = True,
 ) -> LoadedModel:
     """Load a model from any supported source, in eval mode, with its metadata.
 
     Sources: a project .safetensors checkpoint; a run folder (the checkpoint `vitviz.runs.run_checkpoint`
     picks: best.safetensors, else last.safetensors, else the newest epoch); "timm:<name>" with random
     weights, timm's pretrained weights (`pretrained=True`, needs the network) or a local state dict
-    (`weights=FILE`); "hf:<repo id or local folder>", a Hugging Face transformers vision transformer
-    (`vitviz.models.hf.load_hf`). With `hf_local_folders=False` an hf: name is a Hub id only, never a folder
-    on this machine (the studio, whose model names can come from a URL).
+    (`weights=FILE`), created with `model_kwargs` (e.g. {"depth": 2}) when given; "hf:<repo id or local
+    folder>", a Hugging Face transformers vision transformer (`vitviz.models.hf.load_hf`). With
+    `hf_local_folders=False` an hf: name is a Hub id only, never a folder on this machine (the studio, whose
+    model names can come from a URL).
     """
     source = str(source)
+    if model_kwargs and not source.startswith(TIMM_PREFIX):
+        raise VitvizError("model keyword arguments apply only to timm:<name> sources")
     if source.startswith(HF_PREFIX):
         if weights is not None or pretrained:
             raise VitvizError("--weights and pretrained apply only to timm:<name> sources; hf: models bring their own")
         return load_hf(source, local_folders=hf_local_folders)
     if source.startswith(TIMM_PREFIX):
-        return _load_timm(source, source[len(TIMM_PREFIX) :].strip(), weights=weights, pretrained=pretrained)
+        name = source[len(TIMM_PREFIX) :].strip()
+        return _load_timm(source, name, weights=weights, pretrained=pretrained, kwargs=dict(model_kwargs or {}))
     if weights is not None or pretrained:
         raise VitvizError(
             "--weights and pretrained apply only to timm:<name> sources; a checkpoint has its own weights"
@@ -69,36 +82,45 @@ def load_model(
     return loaded
 
 
-def _load_timm(source: str, name: str, *, weights: str | Path | None, pretrained: bool) -> LoadedModel:
+def _load_timm(
+    source: str, name: str, *, weights: str | Path | None, pretrained: bool, kwargs: dict[str, Any]
+) -> LoadedModel:
     if not name:
         raise VitvizError("timm: needs a model name, e.g. timm:vit_tiny_patch16_224")
     if weights is not None and pretrained:
         raise VitvizError("choose either pretrained weights or --weights FILE, not both")
+    reserved = sorted(RESERVED_TIMM_KWARGS & set(kwargs))
+    if reserved:
+        raise VitvizError(f"model keyword arguments may not set {', '.join(reserved)}: the source and data decide them")
+    # The kwargs are part of the architecture: they go into the content hash of a random init.
+    described = f"{TIMM_PREFIX}{name}" + (json.dumps(kwargs, sort_keys=True) if kwargs else "")
     if weights is not None:
         state = read_state_dict(weights)
         head = state.get("head.weight")
         # Fine-tuned weights often have their own number of classes; size the head from the file.
-        kwargs = {"num_classes": int(head.shape[0])} if isinstance(head, torch.Tensor) and head.ndim == 2 else {}
-        model = build_timm_model(name, **kwargs)
+        sized = {"num_classes": int(head.shape[0])} if isinstance(head, torch.Tensor) and head.ndim == 2 else {}
+        model = build_timm_model(name, **sized, **kwargs)
         load_state_dict_checked(model, state, str(weights))
         content_hash = file_sha256(weights)
     elif pretrained:
-        model = build_timm_model(name, pretrained=True)
+        model = build_timm_model(name, pretrained=True, **kwargs)
         tag = getattr(model, "pretrained_cfg", {}).get("tag") or "default"
-        content_hash = hashlib.sha256(f"{TIMM_PREFIX}{name}:pretrained:{tag}".encode()).hexdigest()
+        content_hash = hashlib.sha256(f"{described}:pretrained:{tag}".encode()).hexdigest()
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = build_timm_model(name)
-        content_hash = hashlib.sha256(f"{TIMM_PREFIX}{name}".encode()).hexdigest()
+            model = build_timm_model(name, **kwargs)
+        content_hash = hashlib.sha256(described.encode()).hexdigest()
     model.eval()
     summary = {"source": "timm", "pretrained": pretrained, "weights": None if weights is None else str(weights)}
-    meta = timm_meta(name, model, training=summary)
+    meta = timm_meta(name, model, training=summary, arch_kwargs=kwargs)
     extra = {} if weights is None else {"path": str(weights)}
     return LoadedModel(model=model, meta=meta, source=source, content_hash=content_hash, extra=extra)
 
 
-def timm_meta(name: str, model: nn.Module, training: dict | None = None) -> ModelMeta:
+def timm_meta(
+    name: str, model: nn.Module, training: dict | None = None, arch_kwargs: Mapping[str, Any] | None = None
+) -> ModelMeta:
     """ModelMeta for a timm model: normalisation from its pretrained config, ImageNet names for 1000 classes."""
     data_config = resolve_data_config(model=model)
     layout = token_layout(model)
@@ -121,4 +143,5 @@ def timm_meta(name: str, model: nn.Module, training: dict | None = None) -> Mode
         std=std,
         training=dict(training or {}),
         resolution_history=[],
+        arch_kwargs=dict(arch_kwargs or {}),
     )
