@@ -97,6 +97,13 @@ def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
+def _keyed(elements: object, prefix: str) -> object:
+    """The one widget of `elements` whose key starts with `prefix` (model-dependent widgets carry the model)."""
+    found = [e for e in elements if str(e.key or "").startswith(prefix)]
+    assert len(found) == 1, [e.key for e in elements]
+    return found[0]
+
+
 def _charts(at: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
 
@@ -255,7 +262,7 @@ def test_overview_card_says_where_in_its_run_a_best_checkpoint_was_saved(app_fol
 
 def test_filters_page_states_the_explained_variance_of_the_top_components() -> None:
     at = _open("filters")
-    k = at.slider(key="filters.k").value
+    k = _keyed(at.slider, "filters.k").value
     weight = _tensors(DEFAULT)["patch_embed.proj.weight"].astype(np.float64)
     flat = weight.reshape(weight.shape[0], -1)
     singular = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)
@@ -273,6 +280,18 @@ def test_position_page_draws_the_cosine_similarity_of_the_embeddings() -> None:
     for row in range(gh):
         for col in range(gw):
             np.testing.assert_allclose(_tile(mosaic, row, col, (gh, gw)), expected[row, col], atol=1e-5)
+
+
+@pytest.mark.parametrize("other", ["shapes-finetune-hires", "shapes-sincos"])  # 12 x 12 patches; 8 x 8 as the default
+def test_position_patch_sliders_start_afresh_on_the_new_models_grid(other: str) -> None:
+    at = _open("position")
+    _keyed(at.slider, "position.row").set_value(8).run()
+    at.sidebar.selectbox(key="vv.model.widget").set_value(f"bundled:{other}").run()
+    _assert_clean(at)
+    config = _meta(ROOT / "assets" / "checkpoints" / f"{other}.safetensors")["config"]
+    side = config["img_size"][0] // config["patch_size"]
+    row = _keyed(at.slider, "position.row")
+    assert (row.max, row.value) == (side, (side + 1) // 2)  # the new model's centre, not a row picked before
 
 
 def test_distance_page_modes_and_units_agree() -> None:
@@ -496,9 +515,9 @@ def test_rollout_says_when_a_map_is_nearly_flat(monkeypatch: pytest.MonkeyPatch)
 
 def test_rollout_marks_the_query_patch_on_every_tile() -> None:
     at = _open("rollout")
-    at.radio(key="rollout.query.kind").set_value("a patch").run()
-    at.slider(key="rollout.query.row").set_value(2).run()
-    at.slider(key="rollout.query.col").set_value(7).run()
+    _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
+    _keyed(at.slider, "rollout.query.row").set_value(2).run()
+    _keyed(at.slider, "rollout.query.col").set_value(7).run()
     _assert_clean(at)
     config = _meta(DEFAULT)["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
@@ -532,13 +551,45 @@ def _grid_tile_px(chart: dict) -> tuple[float, int, int]:
 
 def test_layers_by_heads_view_keeps_readable_tiles_on_a_narrow_timm_model() -> None:
     at = _open("rollout", query={"model": "timm:vit_tiny_patch16_224"})  # random weights, 12 layers x 3 heads
-    at.radio(key="rollout.query.kind").set_value("a patch").run()
+    _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
     _assert_clean(at)
     grid = next(c for c in _charts(at) if any(t.get("name") == "query patch" for t in c["data"]))
     tile_px, layers, heads = _grid_tile_px(grid)
     assert (layers, heads) == (12, 3)
     assert tile_px >= MIN_TILE_PX, f"tiles are {tile_px:.0f} px on screen"
     assert grid["layout"]["yaxis"]["ticktext"] == [str(i) for i in range(1, 13)]
+
+
+@pytest.mark.parametrize("other", ["bundled:mnist-small", "timm:vit_tiny_patch16_224"])
+def test_rollout_explains_the_new_models_prediction_after_a_model_switch(
+    other: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitviz.ui import analyses
+
+    targets: list[tuple[tuple[str, ...], int | None]] = []
+    real = analyses.gradient_map
+
+    def recording(loaded: object, image: object, target: int | None) -> object:
+        targets.append((tuple(loaded.meta.class_names), target))
+        return real(loaded, image, target)
+
+    monkeypatch.setattr(analyses, "gradient_map", recording)  # the page imports it when it runs
+    at = _open("rollout", query={"model": other})  # a link puts the other model in the picker
+    at.sidebar.selectbox(key="vv.model.widget").set_value("bundled:shapes-default").run()
+    names = _meta(DEFAULT)["class_names"]
+    predicted = names.index(at.dataframe[0].value["class"].iloc[0])
+    chosen = (predicted + 3) % len(names)
+    _keyed(at.selectbox, "rollout.target").set_value(chosen).run()
+    _assert_clean(at)
+    assert targets[-1] == (tuple(names), chosen)
+    at.sidebar.selectbox(key="vv.model.widget").set_value(other).run()
+    _assert_clean(at)
+    top = at.dataframe[0].value["class"].iloc[0]
+    target = _keyed(at.selectbox, "rollout.target")
+    assert target.value is not None and target.options[target.index] == f"{top} (predicted)"
+    classes, explained = targets[-1]
+    assert classes != tuple(names) and classes[target.value] == top  # the new model's head, its predicted class
+    assert explained == target.value
 
 
 def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:

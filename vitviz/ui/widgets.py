@@ -259,6 +259,14 @@ def _add_model_controls() -> None:
         )
 
 
+def model_key(name: str, loaded: LoadedModel) -> str:
+    """The key of a widget whose options or default depend on the model (classes, layers, heads, the patch grid).
+
+    The key carries the model's content hash, so a model switch starts the widget afresh from the new model's
+    default (its predicted class, its depth) instead of keeping a choice that meant something for the old one."""
+    return f"{name}.{loaded.content_hash[:12]}"
+
+
 def model_line(loaded: LoadedModel) -> str:
     """One line of numbers describing a model (no user text in it)."""
     card = cached.model_card(loaded.source, loaded.content_hash, loaded)
