@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
 TIMEOUT = 120
+REFRESH = 2.0  # seconds between re-reads of a live run on /train
 
 PAGES = {
     "overview": ("vitviz/ui/overview.py", "vitviz studio"),
@@ -826,6 +827,65 @@ def test_a_stopped_run_offers_resume_and_a_finished_one_does_not(
     at.selectbox(key="train.follow.widget").set_value("done-run").run()
     assert _run_heading(at, "done-run").endswith(": finished")
     assert not any(b.label == "Resume" for b in at.button)
+
+
+def test_train_follows_status_json_after_a_resume_and_refreshes_while_a_run_is_alive(
+    app_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    import streamlit as st
+
+    from vitviz.ui import runs
+
+    folder = _fake_run(app_folders["runs"], "ux-tiny")
+    status = json.loads((folder / "status.json").read_text())
+    progress = {"step": 60, "total_steps": 160, "epoch": 1, "epochs": 4}
+    status.update(status="failed", resumable=True, reason="stopped by a stop signal", progress=progress)
+    status["updated"] = time.time() - 30
+    (folder / "status.json").write_text(json.dumps(status))
+    monkeypatch.setattr(runs, "_PROCESSES", {})  # this test's processes only, forgotten after it
+    monkeypatch.setattr(runs, "_STARTED_AT", {})
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]  # stands in for the resumed training process
+    resumed: list[subprocess.Popen] = []
+    monkeypatch.setattr(
+        runs, "resume_run", lambda runs_dir, run_id: resumed.append(runs._spawn(sleeper, runs_dir, run_id))
+    )
+    refreshes: list[tuple[str, float | None]] = []
+    real_fragment = st.fragment
+
+    def spy(func: object = None, *, run_every: float | None = None, **kwargs: object) -> object:
+        refreshes.append((func.__name__, run_every))
+        return real_fragment(func, run_every=run_every, **kwargs)
+
+    monkeypatch.setattr(st, "fragment", spy)
+    try:
+        at = _open("train")
+        at.selectbox(key="train.follow.widget").set_value("ux-tiny").run()
+        assert _run_heading(at, "ux-tiny").endswith(": stopped")
+        assert {every for _, every in refreshes} == {None}  # nothing is alive: no refreshing
+        next(b for b in at.button if b.label == "Resume").click().run()
+        _assert_clean(at)
+        assert resumed and resumed[0].poll() is None
+        # The resumed process has not written status.json yet: its old "stopped" is not shown as the news.
+        assert _run_heading(at, "ux-tiny").endswith(": starting")
+        assert not any(b.label == "Resume" for b in at.button)
+        assert list(at.dataframe[0].value["status"]) == ["starting"]
+        refreshes.clear()
+        status.update(status="running", resumable=False, reason=None, pid=resumed[0].pid, updated=time.time())
+        status["progress"] = {**progress, "step": 89, "epoch": 3}
+        (folder / "status.json").write_text(json.dumps(status))
+        at.run()
+        _assert_clean(at)
+        assert _run_heading(at, "ux-tiny").endswith(": running")
+        assert any(_text(p.proto.text) == "step 89 of 160" for p in at.get("progress")), "the progress is stale"
+        assert list(at.dataframe[0].value["status"]) == ["running"]
+        assert dict(refreshes) == {"_runs_table": REFRESH, "_live_view": REFRESH}  # both follow the live run
+    finally:
+        for process in resumed:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize(
