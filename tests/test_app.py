@@ -593,6 +593,42 @@ def test_rollout_explains_the_new_models_prediction_after_a_model_switch(
     assert explained == target.value
 
 
+def _photo_png(width: int = 600, height: int = 800) -> bytes:
+    """A portrait-sized colour picture: smooth gradients with fine noise, as a photo's pixels vary."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    planes = [0.6 + 0.3 * np.sin(6 * x), 0.4 + 0.3 * np.cos(5 * y), 0.3 + 0.2 * x * y]
+    pixels = np.clip(np.stack(planes, axis=-1) + rng.normal(0, 0.05, (height, width, 3)), 0, 1)
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+FAR = "far from what the model was trained on"
+
+
+def test_rollout_says_what_the_model_was_trained_on_and_warns_about_a_photo() -> None:
+    at = _open("rollout")
+    assert any(_text(c) == "Trained on shapes: 10 classes, 32×32 px colour images." for c in at.caption)
+    assert not any(FAR in _text(w) for w in at.warning), [_text(w) for w in at.warning]  # a bundled sample
+    at.file_uploader(key="rollout.images.upload").set_value(("portrait.png", _photo_png(), "image/png")).run()
+    _assert_clean(at)
+    warning = next(_text(w) for w in at.warning if FAR in _text(w))
+    assert "600×800 px and shrinks 19× to the model's 32×32 px input" in warning
+    assert "timm" in warning and "hf:" in warning  # where to go for photos
+
+
+def test_compare_rollout_tab_warns_about_a_photo_for_each_model() -> None:
+    other = _other_bundled(same_grid=True)
+    at = _open("compare", query={"compare": ["bundled:shapes-default", f"bundled:{other.stem}"]})
+    _open_tab(at, "Rollout")
+    assert not any(FAR in _text(w) for w in at.warning)
+    assert sum(_text(c).startswith("Trained on shapes") for c in at.caption) == 2
+    at.file_uploader(key="compare.rollout.upload").set_value(("portrait.png", _photo_png(), "image/png")).run()
+    _assert_clean(at)
+    assert sum(FAR in _text(w) for w in at.warning) == 2
+
+
 def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:
     at = _open("rollout")
     assert list(at.dataframe[0].value.columns) == ["probability", "class"]

@@ -82,6 +82,7 @@ def render() -> None:
 
     gradient = _maps_row(loaded, image, picture, rollout_map, target, controls, shared_top)
     _top5_table(top5)
+    widgets.prediction_context(loaded, image)
     if from_uploads and len(images) > 1:
         _gallery(
             images,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import streamlit as st
 
+from vitviz.domain import TrainingDomain, domain_gaps
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, read_checkpoint_meta
 from vitviz.ui import cached, catalog, exports, keys
@@ -275,6 +276,23 @@ def model_line(loaded: LoadedModel) -> str:
         f"{card.grid[0]}×{card.grid[1]} tokens of {card.stride[0]}×{card.stride[1]} px"
         f" + {card.num_prefix_tokens} prefix · {card.parameters / 1e6:.2f} M parameters"
     )
+
+
+def prediction_context(loaded: LoadedModel, image: InputImage, where: object = st) -> None:
+    """Beside a prediction: what the model was trained on, and a warning when the image is far from it."""
+    domain = TrainingDomain.from_card(cached.model_card(loaded.source, loaded.content_hash, loaded))
+    where.caption(plain(domain.describe()))
+    gaps = domain_gaps(image.pixels, domain)
+    if gaps:
+        where.warning(
+            plain(
+                f"This image is far from what the model was trained on: {'; '.join(gaps)}. The prediction and its "
+                "maps say little about the image. For photos, add a model trained on photos under Add a model in "
+                "the sidebar: a timm name such as vit_base_patch16_224 with pretrained weights, or "
+                "hf:google/vit-base-patch16-224."
+            ),
+            icon=":material/warning:",
+        )
 
 
 def model_choices(label: str, *, key: str, default: Sequence[str], help: str | None = None) -> list[ModelEntry]:
