@@ -431,10 +431,42 @@ def test_bad_checkpoint_upload_shows_an_error_and_keeps_the_model(content: bytes
     assert [t.value for t in at.title] == ["Patch-embedding filters"]
 
 
+def _load_model_button(at: AppTest) -> object:
+    """The add-model box's button: a form's submit button, so Enter in the name box presses it."""
+    return next(b for b in at.get("form_submit_button") if b.label == "Load model")
+
+
+def _add_model_box(at: AppTest) -> object:
+    return next(e for e in at.sidebar.expander if e.label == "Add a model")
+
+
+def test_add_model_box_stays_open_after_an_error_with_one_short_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitviz.models import factory
+
+    monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
+    at = _open("rollout")
+    assert _add_model_box(at).proto.expanded is False
+    at.session_state["vv.add.open"] = True  # the user opens the box
+    at.run()
+    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224")
+    at.checkbox(key="vv.add.pretrained").check()
+    _load_model_button(at).click().run()  # Enter in the name box submits the same form
+    _assert_clean(at)
+    assert _add_model_box(at).proto.expanded is True  # still open, to correct the name or the checkbox
+    (error,) = _errors(at)
+    assert "need the network" in error and "Untick pretrained weights" in error
+    assert "--weights" not in error and "Error" not in error and "\n" not in error
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    at.checkbox(key="vv.add.pretrained").uncheck()  # random weights work offline
+    _load_model_button(at).click().run()
+    _assert_clean(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "timm:vit_tiny_patch16_224"
+
+
 def test_unknown_timm_name_shows_an_error_and_keeps_the_model() -> None:
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz").run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz")
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("unknown timm model" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -445,9 +477,9 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
 
     monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224").run()
-    at.checkbox(key="vv.add.pretrained").check().run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224")
+    at.checkbox(key="vv.add.pretrained").check()
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("need the network" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -458,8 +490,8 @@ def test_hugging_face_models_by_link_and_box_offline_give_a_clear_message(monkey
     at = _open("overview", query={"model": "hf:google/vit-base-patch16-224"})
     assert any("hf:google/vit-base-patch16-224" in e and "local folder" in e for e in _errors(at)), _errors(at)
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("hf:../../etc").run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("hf:../../etc")
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("not a Hugging Face model id" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"

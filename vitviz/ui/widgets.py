@@ -136,7 +136,7 @@ def _on_timm() -> None:
     try:
         entry = catalog.named_entry(name, pretrained=pretrained)
     except VitvizError as exc:
-        st.session_state[keys.MODEL_MESSAGE] = ("error", str(exc))
+        st.session_state[keys.MODEL_MESSAGE] = ("error", add_model_error(str(exc)))
         return
     _remember(entry)
     st.session_state["vv.model.previous"] = st.session_state.get(keys.MODEL)
@@ -228,7 +228,7 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
             # A model added in this session that does not load: forget it and go back to the previous one.
             del extra[entry.key]
             st.session_state[keys.MODEL] = st.session_state.pop("vv.model.previous", None)
-            st.session_state[keys.MODEL_MESSAGE] = ("error", str(exc))
+            st.session_state[keys.MODEL_MESSAGE] = ("error", add_model_error(str(exc)))
             st.rerun()
         show_error(exc)
         st.info("Choose another model in the sidebar.")
@@ -237,20 +237,23 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
 
 
 def _add_model_controls() -> None:
-    with st.expander("Add a model"):
-        st.text_input(
-            "timm or Hugging Face model",
-            key="vv.add.timm",
-            placeholder="vit_tiny_patch16_224",
-            help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224, or a Hugging Face "
-            "model as hf:google/vit-base-patch16-224 (downloaded once, needs the network).",
-        )
-        st.checkbox(
-            "Pretrained weights (needs the network)",
-            key="vv.add.pretrained",
-            help="Without it the architecture gets a seeded random initialisation, which works offline.",
-        )
-        st.button("Load model", on_click=_on_timm, width="stretch")
+    # A keyed expander keeps its open state in the session, so the error line above it does not fold it; the
+    # form makes Enter in the name box load the model.
+    with st.expander("Add a model", key=keys.ADD_MODEL_OPEN, on_change="rerun"):
+        with st.form("vv.add.form", border=False):
+            st.text_input(
+                "timm or Hugging Face model",
+                key="vv.add.timm",
+                placeholder="vit_tiny_patch16_224",
+                help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224, or a Hugging Face "
+                "model as hf:google/vit-base-patch16-224 (downloaded once, needs the network).",
+            )
+            st.checkbox(
+                "Pretrained weights (needs the network)",
+                key="vv.add.pretrained",
+                help="Without it the architecture gets a seeded random initialisation, which works offline.",
+            )
+            st.form_submit_button("Load model", on_click=_on_timm, width="stretch")
         st.file_uploader(
             "Checkpoint (.safetensors)",
             type=["safetensors"],
@@ -258,6 +261,25 @@ def _add_model_controls() -> None:
             on_change=_on_checkpoint_upload,
             help="A vitviz checkpoint. Other formats are refused: they could run code when loaded.",
         )
+
+
+_CLI_WEIGHTS = re.compile(r"[;,]?\s*download them elsewhere and pass --weights FILE")
+_EXCEPTION_NAME = re.compile(r":\s*[A-Za-z_.]*(?:Error|Exception|Timeout)\b")
+STUDIO_WEIGHTS_ADVICE = (
+    ". Untick pretrained weights to load the architecture with random weights (works offline), or add a "
+    "vitviz checkpoint (.safetensors) below"
+)
+
+
+def add_model_error(text: str) -> str:
+    """The one line the add-model box shows for a model that does not load: no exception class names, and
+    what the studio can do instead of the command line's --weights option."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "the model could not be loaded")
+    line = _EXCEPTION_NAME.sub("", line)
+    if _CLI_WEIGHTS.search(line):
+        line = _CLI_WEIGHTS.sub("", line).rstrip(" .;,") + STUDIO_WEIGHTS_ADVICE
+    line = line.rstrip(" .")
+    return line if line.endswith(("?", "!")) else line + "."
 
 
 def model_key(name: str, loaded: LoadedModel) -> str:
