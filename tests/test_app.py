@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
 TIMEOUT = 120
+REFRESH = 2.0  # seconds between re-reads of a live run on /train
 
 PAGES = {
     "overview": ("vitviz/ui/overview.py", "vitviz studio"),
@@ -95,6 +96,13 @@ def _query(at: AppTest, key: str) -> list[str]:
 
 def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
+
+
+def _keyed(elements: object, prefix: str) -> object:
+    """The one widget of `elements` whose key starts with `prefix` (model-dependent widgets carry the model)."""
+    found = [e for e in elements if str(e.key or "").startswith(prefix)]
+    assert len(found) == 1, [e.key for e in elements]
+    return found[0]
 
 
 def _charts(at: AppTest) -> list[dict]:
@@ -255,7 +263,7 @@ def test_overview_card_says_where_in_its_run_a_best_checkpoint_was_saved(app_fol
 
 def test_filters_page_states_the_explained_variance_of_the_top_components() -> None:
     at = _open("filters")
-    k = at.slider(key="filters.k").value
+    k = _keyed(at.slider, "filters.k").value
     weight = _tensors(DEFAULT)["patch_embed.proj.weight"].astype(np.float64)
     flat = weight.reshape(weight.shape[0], -1)
     singular = np.linalg.svd(flat - flat.mean(axis=0), compute_uv=False)
@@ -273,6 +281,18 @@ def test_position_page_draws_the_cosine_similarity_of_the_embeddings() -> None:
     for row in range(gh):
         for col in range(gw):
             np.testing.assert_allclose(_tile(mosaic, row, col, (gh, gw)), expected[row, col], atol=1e-5)
+
+
+@pytest.mark.parametrize("other", ["shapes-finetune-hires", "shapes-sincos"])  # 12 x 12 patches; 8 x 8 as the default
+def test_position_patch_sliders_start_afresh_on_the_new_models_grid(other: str) -> None:
+    at = _open("position")
+    _keyed(at.slider, "position.row").set_value(8).run()
+    at.sidebar.selectbox(key="vv.model.widget").set_value(f"bundled:{other}").run()
+    _assert_clean(at)
+    config = _meta(ROOT / "assets" / "checkpoints" / f"{other}.safetensors")["config"]
+    side = config["img_size"][0] // config["patch_size"]
+    row = _keyed(at.slider, "position.row")
+    assert (row.max, row.value) == (side, (side + 1) // 2)  # the new model's centre, not a row picked before
 
 
 def test_distance_page_modes_and_units_agree() -> None:
@@ -411,10 +431,42 @@ def test_bad_checkpoint_upload_shows_an_error_and_keeps_the_model(content: bytes
     assert [t.value for t in at.title] == ["Patch-embedding filters"]
 
 
+def _load_model_button(at: AppTest) -> object:
+    """The add-model box's button: a form's submit button, so Enter in the name box presses it."""
+    return next(b for b in at.get("form_submit_button") if b.label == "Load model")
+
+
+def _add_model_box(at: AppTest) -> object:
+    return next(e for e in at.sidebar.expander if e.label == "Add a model")
+
+
+def test_add_model_box_stays_open_after_an_error_with_one_short_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitviz.models import factory
+
+    monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
+    at = _open("rollout")
+    assert _add_model_box(at).proto.expanded is False
+    at.session_state["vv.add.open"] = True  # the user opens the box
+    at.run()
+    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224")
+    at.checkbox(key="vv.add.pretrained").check()
+    _load_model_button(at).click().run()  # Enter in the name box submits the same form
+    _assert_clean(at)
+    assert _add_model_box(at).proto.expanded is True  # still open, to correct the name or the checkbox
+    (error,) = _errors(at)
+    assert "need the network" in error and "Untick pretrained weights" in error
+    assert "--weights" not in error and "Error" not in error and "\n" not in error
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
+    at.checkbox(key="vv.add.pretrained").uncheck()  # random weights work offline
+    _load_model_button(at).click().run()
+    _assert_clean(at)
+    assert at.sidebar.selectbox(key="vv.model.widget").value == "timm:vit_tiny_patch16_224"
+
+
 def test_unknown_timm_name_shows_an_error_and_keeps_the_model() -> None:
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz").run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("vit_no_such_model_xyz")
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("unknown timm model" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -425,9 +477,9 @@ def test_pretrained_timm_weights_offline_give_a_clear_message(monkeypatch: pytes
 
     monkeypatch.setattr(factory, "weights_host_reachable", lambda *args, **kwargs: False)
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224").run()
-    at.checkbox(key="vv.add.pretrained").check().run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("vit_tiny_patch16_224")
+    at.checkbox(key="vv.add.pretrained").check()
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("need the network" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -440,8 +492,8 @@ def test_hugging_face_models_by_link_and_box_offline_give_a_clear_message(monkey
     next(b for b in at.sidebar.button if b.label == "Download hf:google/vit-base-patch16-224").click().run()
     assert any("hf:google/vit-base-patch16-224" in e and "local folder" in e for e in _errors(at)), _errors(at)
     at = _open("overview")
-    at.text_input(key="vv.add.timm").set_value("hf:../../etc").run()
-    next(b for b in at.button if b.label == "Load model").click().run()
+    at.text_input(key="vv.add.timm").set_value("hf:../../etc")
+    _load_model_button(at).click().run()
     _assert_clean(at)
     assert any("not a Hugging Face model id" in e for e in _errors(at)), _errors(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "bundled:shapes-default"
@@ -498,9 +550,9 @@ def test_rollout_says_when_a_map_is_nearly_flat(monkeypatch: pytest.MonkeyPatch)
 
 def test_rollout_marks_the_query_patch_on_every_tile() -> None:
     at = _open("rollout")
-    at.radio(key="rollout.query.kind").set_value("a patch").run()
-    at.slider(key="rollout.query.row").set_value(2).run()
-    at.slider(key="rollout.query.col").set_value(7).run()
+    _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
+    _keyed(at.slider, "rollout.query.row").set_value(2).run()
+    _keyed(at.slider, "rollout.query.col").set_value(7).run()
     _assert_clean(at)
     config = _meta(DEFAULT)["config"]
     gh, gw = (s // config["patch_size"] for s in config["img_size"])
@@ -534,13 +586,81 @@ def _grid_tile_px(chart: dict) -> tuple[float, int, int]:
 
 def test_layers_by_heads_view_keeps_readable_tiles_on_a_narrow_timm_model() -> None:
     at = _open("rollout", query={"model": "timm:vit_tiny_patch16_224"})  # random weights, 12 layers x 3 heads
-    at.radio(key="rollout.query.kind").set_value("a patch").run()
+    _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
     _assert_clean(at)
     grid = next(c for c in _charts(at) if any(t.get("name") == "query patch" for t in c["data"]))
     tile_px, layers, heads = _grid_tile_px(grid)
     assert (layers, heads) == (12, 3)
     assert tile_px >= MIN_TILE_PX, f"tiles are {tile_px:.0f} px on screen"
     assert grid["layout"]["yaxis"]["ticktext"] == [str(i) for i in range(1, 13)]
+
+
+@pytest.mark.parametrize("other", ["bundled:mnist-small", "timm:vit_tiny_patch16_224"])
+def test_rollout_explains_the_new_models_prediction_after_a_model_switch(
+    other: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitviz.ui import analyses
+
+    targets: list[tuple[tuple[str, ...], int | None]] = []
+    real = analyses.gradient_map
+
+    def recording(loaded: object, image: object, target: int | None) -> object:
+        targets.append((tuple(loaded.meta.class_names), target))
+        return real(loaded, image, target)
+
+    monkeypatch.setattr(analyses, "gradient_map", recording)  # the page imports it when it runs
+    at = _open("rollout", query={"model": other})  # a link puts the other model in the picker
+    at.sidebar.selectbox(key="vv.model.widget").set_value("bundled:shapes-default").run()
+    names = _meta(DEFAULT)["class_names"]
+    predicted = names.index(at.dataframe[0].value["class"].iloc[0])
+    chosen = (predicted + 3) % len(names)
+    _keyed(at.selectbox, "rollout.target").set_value(chosen).run()
+    _assert_clean(at)
+    assert targets[-1] == (tuple(names), chosen)
+    at.sidebar.selectbox(key="vv.model.widget").set_value(other).run()
+    _assert_clean(at)
+    top = at.dataframe[0].value["class"].iloc[0]
+    target = _keyed(at.selectbox, "rollout.target")
+    assert target.value is not None and target.options[target.index] == f"{top} (predicted)"
+    classes, explained = targets[-1]
+    assert classes != tuple(names) and classes[target.value] == top  # the new model's head, its predicted class
+    assert explained == target.value
+
+
+def _photo_png(width: int = 600, height: int = 800) -> bytes:
+    """A portrait-sized colour picture: smooth gradients with fine noise, as a photo's pixels vary."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    planes = [0.6 + 0.3 * np.sin(6 * x), 0.4 + 0.3 * np.cos(5 * y), 0.3 + 0.2 * x * y]
+    pixels = np.clip(np.stack(planes, axis=-1) + rng.normal(0, 0.05, (height, width, 3)), 0, 1)
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+FAR = "far from what the model was trained on"
+
+
+def test_rollout_says_what_the_model_was_trained_on_and_warns_about_a_photo() -> None:
+    at = _open("rollout")
+    assert any(_text(c) == "Trained on shapes: 10 classes, 32×32 px colour images." for c in at.caption)
+    assert not any(FAR in _text(w) for w in at.warning), [_text(w) for w in at.warning]  # a bundled sample
+    at.file_uploader(key="rollout.images.upload").set_value(("portrait.png", _photo_png(), "image/png")).run()
+    _assert_clean(at)
+    warning = next(_text(w) for w in at.warning if FAR in _text(w))
+    assert "600×800 px and shrinks 19× to the model's 32×32 px input" in warning
+    assert "timm" in warning and "hf:" in warning  # where to go for photos
+
+
+def test_compare_rollout_tab_warns_about_a_photo_for_each_model() -> None:
+    other = _other_bundled(same_grid=True)
+    at = _open("compare", query={"compare": ["bundled:shapes-default", f"bundled:{other.stem}"]})
+    _open_tab(at, "Rollout")
+    assert not any(FAR in _text(w) for w in at.warning)
+    assert sum(_text(c).startswith("Trained on shapes") for c in at.caption) == 2
+    at.file_uploader(key="compare.rollout.upload").set_value(("portrait.png", _photo_png(), "image/png")).run()
+    _assert_clean(at)
+    assert sum(FAR in _text(w) for w in at.warning) == 2
 
 
 def test_rollout_top5_puts_the_probability_before_long_class_names() -> None:
@@ -777,6 +897,65 @@ def test_a_stopped_run_offers_resume_and_a_finished_one_does_not(
     at.selectbox(key="train.follow.widget").set_value("done-run").run()
     assert _run_heading(at, "done-run").endswith(": finished")
     assert not any(b.label == "Resume" for b in at.button)
+
+
+def test_train_follows_status_json_after_a_resume_and_refreshes_while_a_run_is_alive(
+    app_folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    import streamlit as st
+
+    from vitviz.ui import runs
+
+    folder = _fake_run(app_folders["runs"], "ux-tiny")
+    status = json.loads((folder / "status.json").read_text())
+    progress = {"step": 60, "total_steps": 160, "epoch": 1, "epochs": 4}
+    status.update(status="failed", resumable=True, reason="stopped by a stop signal", progress=progress)
+    status["updated"] = time.time() - 30
+    (folder / "status.json").write_text(json.dumps(status))
+    monkeypatch.setattr(runs, "_PROCESSES", {})  # this test's processes only, forgotten after it
+    monkeypatch.setattr(runs, "_STARTED_AT", {})
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]  # stands in for the resumed training process
+    resumed: list[subprocess.Popen] = []
+    monkeypatch.setattr(
+        runs, "resume_run", lambda runs_dir, run_id: resumed.append(runs._spawn(sleeper, runs_dir, run_id))
+    )
+    refreshes: list[tuple[str, float | None]] = []
+    real_fragment = st.fragment
+
+    def spy(func: object = None, *, run_every: float | None = None, **kwargs: object) -> object:
+        refreshes.append((func.__name__, run_every))
+        return real_fragment(func, run_every=run_every, **kwargs)
+
+    monkeypatch.setattr(st, "fragment", spy)
+    try:
+        at = _open("train")
+        at.selectbox(key="train.follow.widget").set_value("ux-tiny").run()
+        assert _run_heading(at, "ux-tiny").endswith(": stopped")
+        assert {every for _, every in refreshes} == {None}  # nothing is alive: no refreshing
+        next(b for b in at.button if b.label == "Resume").click().run()
+        _assert_clean(at)
+        assert resumed and resumed[0].poll() is None
+        # The resumed process has not written status.json yet: its old "stopped" is not shown as the news.
+        assert _run_heading(at, "ux-tiny").endswith(": starting")
+        assert not any(b.label == "Resume" for b in at.button)
+        assert list(at.dataframe[0].value["status"]) == ["starting"]
+        refreshes.clear()
+        status.update(status="running", resumable=False, reason=None, pid=resumed[0].pid, updated=time.time())
+        status["progress"] = {**progress, "step": 89, "epoch": 3}
+        (folder / "status.json").write_text(json.dumps(status))
+        at.run()
+        _assert_clean(at)
+        assert _run_heading(at, "ux-tiny").endswith(": running")
+        assert any(_text(p.proto.text) == "step 89 of 160" for p in at.get("progress")), "the progress is stale"
+        assert list(at.dataframe[0].value["status"]) == ["running"]
+        assert dict(refreshes) == {"_runs_table": REFRESH, "_live_view": REFRESH}  # both follow the live run
+    finally:
+        for process in resumed:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize(

@@ -441,6 +441,7 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
             if len(result.top5):
                 best = result.top5[0]
                 st.caption(f"Predicts {widgets.plain(best.name)} ({100 * best.probability:.1f} %)")
+                widgets.prediction_context(model.loaded, image)
                 rows[model.name]["prediction"] = best.name
                 rows[model.name]["probability"] = round(best.probability, 4)
             _chart(

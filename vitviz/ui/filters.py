@@ -30,7 +30,9 @@ def render() -> None:
         return
     weight, components, ratio = result.weight, result.components, result.explained_variance_ratio
     max_k = len(ratio)
-    k = st.slider("Principal components shown", 1, min(max_k, 64), min(28, max_k), key="filters.k")
+    k = st.slider(
+        "Principal components shown", 1, min(max_k, 64), min(28, max_k), key=widgets.model_key("filters.k", loaded)
+    )
 
     left, right = st.columns([3, 2])
     with left:

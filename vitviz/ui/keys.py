@@ -11,6 +11,7 @@ EXTRA_MODELS = "vv.model.extra"  # dict key -> ModelEntry: timm names and upload
 URL_ADOPTED = "vv.url_adopted"  # the URL's model selection has been read once in this session
 UPLOADED_CHECKPOINTS = "vv.model.uploaded"  # file ids of checkpoint uploads already handled
 HUB_OFFER = "vv.model.hub_offer"  # a Hugging Face Hub model named in the URL: downloaded only on a click
+ADD_MODEL_OPEN = "vv.add.open"  # whether the sidebar's "Add a model" box is open (kept across reruns and errors)
 MODEL_MESSAGE = "vv.model.message"  # one-line result of the last add-a-model action: (kind, text)
 COMPARE = "vv.compare"  # keys of the models on /compare
 COMPARE_WIDGET = "vv.compare.widget"

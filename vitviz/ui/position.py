@@ -55,8 +55,9 @@ def render() -> None:
         widgets.plotly(interactive.position_figure(similarity, zmin=zmin, zmax=zmax), key="position.grid")
     with patch_col:
         st.markdown("##### One patch")
-        row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key="position.row") if gh > 1 else 1
-        col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key="position.col") if gw > 1 else 1
+        row_key, col_key = widgets.model_key("position.row", loaded), widgets.model_key("position.col", loaded)
+        row = st.slider("Patch row", 1, gh, (gh + 1) // 2, key=row_key) if gh > 1 else 1
+        col = st.slider("Patch column", 1, gw, (gw + 1) // 2, key=col_key) if gw > 1 else 1
         widgets.plotly(
             interactive.position_patch_figure(similarity, row - 1, col - 1, zmin=zmin, zmax=zmax), key="position.patch"
         )
@@ -74,7 +75,7 @@ def render() -> None:
             options=list(choices),
             value=min((r for r in choices if r > gh), default=gh),
             format_func=lambda r: f"{r}×{choices[r]} ({r * layout.stride[0]}×{choices[r] * layout.stride[1]} px)",
-            key="position.resample",
+            key=widgets.model_key("position.resample", loaded),
         )
     new_grid = (rows, choices[rows])
     new_size = (new_grid[0] * layout.stride[0], new_grid[1] * layout.stride[1])

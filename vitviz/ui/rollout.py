@@ -3,7 +3,6 @@ and where one query token attends in every layer and head."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,7 +66,7 @@ def render() -> None:
     if not images:
         return
     image = _chosen_image(images)
-    controls, class_col = _controls(len(loaded.model.blocks))
+    controls, class_col = _controls(loaded)
     try:
         with st.spinner("Running the model…"):
             attention = image_attention(loaded, image, controls.options, query_index=0)
@@ -79,10 +78,11 @@ def render() -> None:
     gallery = _gallery_maps(loaded, images, controls.options) if from_uploads and len(images) > 1 else {}
     shared_top = max([float(rollout_map.max())] + [float(m.max()) for m in gallery.values() if m is not None])
     top5 = attention.top5
-    target = _target_class(class_col, class_names, top5[0].index if class_names else 0, image)
+    target = _target_class(class_col, loaded, top5[0].index if class_names else 0, image)
 
     gradient = _maps_row(loaded, image, picture, rollout_map, target, controls, shared_top)
     _top5_table(top5)
+    widgets.prediction_context(loaded, image)
     if from_uploads and len(images) > 1:
         _gallery(
             images,
@@ -109,8 +109,9 @@ def _chosen_image(images: list[InputImage]) -> InputImage:
     return images[index]
 
 
-def _controls(depth: int) -> tuple[Controls, DeltaGenerator]:
+def _controls(loaded: LoadedModel) -> tuple[Controls, DeltaGenerator]:
     """The rollout's options and drawing controls, in two rows; also the column kept for the gradient's class."""
+    depth = len(loaded.model.blocks)
     fusion_col, discard_col, start_col, class_col = st.columns([2, 2, 2, 3])
     head_fusion = fusion_col.selectbox("Head fusion", HEAD_FUSIONS, key="rollout.fusion")
     discard_ratio = discard_col.slider(
@@ -123,7 +124,15 @@ def _controls(depth: int) -> tuple[Controls, DeltaGenerator]:
         help="Share of the weakest attention links set to zero in each layer before rolling out.",
     )
     start_layer = (
-        start_col.slider("Start layer", 1, depth, 1, key="rollout.start", help="First layer multiplied in.") - 1
+        start_col.slider(
+            "Start layer",
+            1,
+            depth,
+            1,
+            key=widgets.model_key("rollout.start", loaded),
+            help="First layer multiplied in.",
+        )
+        - 1
         if depth > 1
         else 0
     )
@@ -151,10 +160,11 @@ def _controls(depth: int) -> tuple[Controls, DeltaGenerator]:
     return Controls(options, colorscale, opacity, absolute=scale == SCALE_SHARED), class_col
 
 
-def _target_class(
-    class_col: DeltaGenerator, class_names: Sequence[str], predicted: int, image: InputImage
-) -> int | None:
-    """The class gradient rollout explains, the prediction unless another is picked; None without a head."""
+def _target_class(class_col: DeltaGenerator, loaded: LoadedModel, predicted: int, image: InputImage) -> int | None:
+    """The class gradient rollout explains, the prediction unless another is picked; None without a head.
+
+    Keyed by the model and the image: a choice made for one model's classes never carries over to another's."""
+    class_names = loaded.meta.class_names
     if not class_names:
         return None
     return class_col.selectbox(
@@ -162,7 +172,7 @@ def _target_class(
         range(len(class_names)),
         index=predicted,
         format_func=lambda i: f"{class_names[i]}{' (predicted)' if i == predicted else ''}",
-        key=f"rollout.target.{image.digest[:12]}",
+        key=widgets.model_key(f"rollout.target.{image.digest[:12]}", loaded),
         help="Chefer et al.'s rollout weights attention by the gradient of this class's score.",
     )
 
@@ -252,16 +262,22 @@ def _query_view(
     )
     kind_col, row_col, col_col, scale_col, layers_col = st.columns([2, 2, 2, 3, 2], vertical_alignment="bottom")
     query_choices = ([CLASS_TOKEN] if layout.has_class_token else []) + ["a patch"]
-    query_kind = kind_col.radio("Query token", query_choices, key="rollout.query.kind", horizontal=True)
+    query_kind = kind_col.radio(
+        "Query token", query_choices, key=widgets.model_key("rollout.query.kind", loaded), horizontal=True
+    )
     query_index, query_label, query_patch = 0, CLASS_TOKEN, None
     if query_kind == "a patch":
         gh, gw = layout.grid
-        row = row_col.slider("Patch row", 1, gh, (gh + 1) // 2, key="rollout.query.row") if gh > 1 else 1
-        col = col_col.slider("Patch column", 1, gw, (gw + 1) // 2, key="rollout.query.col") if gw > 1 else 1
+        row_key, col_key = (
+            widgets.model_key("rollout.query.row", loaded),
+            widgets.model_key("rollout.query.col", loaded),
+        )
+        row = row_col.slider("Patch row", 1, gh, (gh + 1) // 2, key=row_key) if gh > 1 else 1
+        col = col_col.slider("Patch column", 1, gw, (gw + 1) // 2, key=col_key) if gw > 1 else 1
         query_patch = (row - 1, col - 1)
         query_index = layout.num_prefix_tokens + query_patch[0] * gw + query_patch[1]
         query_label = f"patch ({row}, {col})"
-    first, last = _layers_shown(layers_col, depth)
+    first, last = _layers_shown(layers_col, loaded)
     per_tile = scale_col.toggle(
         "Scale each tile to its own maximum",
         value=True,
@@ -291,8 +307,9 @@ def _query_view(
     return QueryView(grid, query_index, query_label, query_patch, per_tile)
 
 
-def _layers_shown(layers_col: DeltaGenerator, depth: int) -> tuple[int, int]:
+def _layers_shown(layers_col: DeltaGenerator, loaded: LoadedModel) -> tuple[int, int]:
     """The first and last layer (from 1) of the tiles: all of them, or a slice of a deep model's."""
+    depth = len(loaded.model.blocks)
     first, last = 1, depth
     if depth > GRID_MAX_LAYERS:  # a deep model: a slice of layers at a time keeps the tiles readable
         first, last = layers_col.slider(
@@ -300,7 +317,7 @@ def _layers_shown(layers_col: DeltaGenerator, depth: int) -> tuple[int, int]:
             1,
             depth,
             (1, GRID_MAX_LAYERS),
-            key="rollout.query.layers",
+            key=widgets.model_key("rollout.query.layers", loaded),
             help=f"At most {GRID_MAX_LAYERS} layers are drawn at once, so each tile stays large enough to read.",
         )
         if last - first + 1 > GRID_MAX_LAYERS:

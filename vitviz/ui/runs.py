@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=.*$")
 _PROCESSES: dict[str, subprocess.Popen] = {}
+_STARTED_AT: dict[str, float] = {}  # run id -> unix time its newest process was started here
 _LOCK = threading.Lock()
 
 
@@ -175,6 +177,7 @@ def _spawn(args: list[str], runs_dir: Path, run_id: str) -> subprocess.Popen:
             )
         _PROCESSES.pop(run_id, None)  # re-inserted last: the newest run comes first in started_ids()
         _PROCESSES[run_id] = process
+        _STARTED_AT[run_id] = time.time()
     logger.info("started run %s (pid %d): %s", run_id, process.pid, " ".join(args[1:]))
     return process
 
@@ -183,6 +186,18 @@ def started_here(run_id: str) -> subprocess.Popen | None:
     """The process of a run this app started, or None."""
     with _LOCK:
         return _PROCESSES.get(run_id)
+
+
+def started_at(run_id: str) -> float | None:
+    """When this app started the run's newest process (unix time), or None when it did not start one."""
+    with _LOCK:
+        return _STARTED_AT.get(run_id)
+
+
+def alive_here(run_id: str) -> bool:
+    """Whether a process this app started for the run is still running."""
+    process = started_here(run_id)
+    return process is not None and process.poll() is None
 
 
 def started_ids() -> list[str]:

@@ -51,7 +51,9 @@ def render() -> None:
         index = 0
     image = images[index]
     picture = display_picture(loaded, image)
-    figures = _token_sections(result.tokens, index, picture, result.features.projections.shape[1:3], options)
+    grid = result.features.projections.shape[1:3]
+    layer_key = widgets.model_key("tokens.layer", loaded)  # the layers are the model's
+    figures = _token_sections(result.tokens, index, picture, grid, options, layer_key)
     figures.update(_feature_sections(result, index, picture, foreground, loaded.meta.class_names))
     _downloads(f"{selection.entry.key}-{image.name}", result, index, images, figures)
 
@@ -88,7 +90,12 @@ def _controls() -> tuple[AnalysisOptions, bool]:
 
 
 def _token_sections(
-    tokens: TokensResult, index: int, picture: np.ndarray, grid: tuple[int, int], options: AnalysisOptions
+    tokens: TokensResult,
+    index: int,
+    picture: np.ndarray,
+    grid: tuple[int, int],
+    options: AnalysisOptions,
+    layer_key: str,
 ) -> dict[str, Callable[[], Figure]]:
     """Token norms, the high-norm patches of the image shown and the attention to prefix tokens; their figures
     for download."""
@@ -104,9 +111,7 @@ def _token_sections(
     layers = tokens.norms.shape[0]
     with outlier_col:
         st.markdown("##### High-norm patches")
-        choice = st.selectbox(
-            "Layer", [ALL_LAYERS, *range(1, layers + 1)], index=0, key="tokens.layer", format_func=str
-        )
+        choice = st.selectbox("Layer", [ALL_LAYERS, *range(1, layers + 1)], index=0, key=layer_key, format_func=str)
         chosen = tokens.outlier_image == index
         if choice != ALL_LAYERS:
             chosen &= tokens.outlier_layer == int(choice) - 1

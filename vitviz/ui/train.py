@@ -26,14 +26,16 @@ def render() -> None:
         "survives a closed browser. Each run writes its folder under the runs folder: "
     )
     st.code(str(catalog.runs_dir()), language=None)
+    run_ids = _run_ids()
+    alive = frozenset(run_id for run_id in run_ids if _status(run_id) in ACTIVE)
+    # While any run is alive, the runs table and the live view re-read status.json every few seconds.
+    refresh = REFRESH_SECONDS if alive else None
     form_col, runs_col = st.columns([2, 3])
     with form_col:
         _start_form()
     with runs_col:
-        _runs_table()
+        st.fragment(_runs_table, run_every=refresh)(alive)
     follow = st.session_state.get(keys.FOLLOW_RUN)
-    run_ids = [p.name for p in run_folders.list_run_folders(catalog.runs_dir())]
-    run_ids += [run_id for run_id in runs.started_ids() if run_id not in run_ids]  # folders not created yet
     if follow not in run_ids and run_ids:
         follow = run_ids[0]
     if follow is None:
@@ -43,25 +45,37 @@ def render() -> None:
     st.session_state["train.follow.widget"] = follow
     chosen = st.selectbox("Follow run", run_ids, key="train.follow.widget", on_change=_on_follow)
     st.session_state[keys.FOLLOW_RUN] = chosen
-    active = _status(chosen) in ACTIVE
-    live = st.fragment(_live_view, run_every=REFRESH_SECONDS if active else None)
-    live(chosen, active)
+    live = st.fragment(_live_view, run_every=refresh)
+    live(chosen, chosen in alive)
 
 
 def _on_follow() -> None:
     st.session_state[keys.FOLLOW_RUN] = st.session_state["train.follow.widget"]
 
 
+def _run_ids() -> list[str]:
+    """The runs folder's runs, newest first, then runs started here whose folder does not exist yet."""
+    run_ids = [p.name for p in run_folders.list_run_folders(catalog.runs_dir())]
+    return run_ids + [run_id for run_id in runs.started_ids() if run_id not in run_ids]
+
+
 def _status(run_id: str, info: run_folders.RunInfo | None = None) -> str:
-    """The run's status, completed by what this app knows about the processes it started."""
+    """The run's status as status.json says now, completed by what this app knows about the processes it
+    started: a process started (or resumed) here that has not written status.json yet is "starting"."""
     info = info or run_folders.run_info(catalog.runs_dir() / run_id)
     process = runs.started_here(run_id)
-    if process is None or info.status not in ("running", "starting", "unknown"):
+    if process is None:
         return info.status
     code = process.poll()
     if code is None:
-        return "starting" if info.status == "unknown" else info.status
-    return f"exited ({code})" if code != 0 else info.status
+        if info.status in ACTIVE:
+            return info.status
+        started = runs.started_at(run_id) or 0.0
+        # What status.json says was written before this process started (a resumed run's old "stopped").
+        return "starting" if info.status == "unknown" or (info.updated or 0.0) < started else info.status
+    if info.status in ("running", "starting", "unknown") and code != 0:
+        return f"exited ({code})"
+    return info.status
 
 
 def _start_form() -> None:
@@ -167,20 +181,25 @@ def _start_form() -> None:
     st.rerun()
 
 
-def _runs_table() -> None:
+def _runs_table(was_alive: frozenset[str]) -> None:
+    """Every run and its status, read afresh on every rerun (and every few seconds while a run is alive)."""
     st.markdown("##### Runs")
-    folders = run_folders.list_run_folders(catalog.runs_dir())
-    if not folders:
+    run_ids = _run_ids()
+    if not run_ids:
         st.caption("No runs in the runs folder yet.")
         return
     rows = []
-    for folder in folders:
-        info = run_folders.run_info(folder)
+    alive = set()
+    for run_id in run_ids:
+        info = run_folders.run_info(catalog.runs_dir() / run_id)
+        status = _status(run_id, info)
+        if status in ACTIVE:
+            alive.add(run_id)
         rows.append(
             {
-                "run": info.run_id,
+                "run": run_id,
                 "preset": info.preset or "",
-                "status": _status(info.run_id, info),
+                "status": status,
                 "progress": info.fraction,
                 "epoch": f"{info.epoch}/{info.epochs}" if info.epochs else "",
                 "eval accuracy": info.metrics.get("eval_accuracy"),
@@ -196,6 +215,8 @@ def _runs_table() -> None:
             "eval accuracy": st.column_config.NumberColumn("eval accuracy", format="%.3f"),
         },
     )
+    if alive != was_alive:  # a run started or ended: refresh the pickers, the run list and the refreshing itself
+        st.rerun(scope="app")
 
 
 def _live_view(run_id: str, was_active: bool) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import streamlit as st
 
+from vitviz.domain import TrainingDomain, domain_gaps
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, read_checkpoint_meta
 from vitviz.ui import cached, catalog, exports, keys
@@ -139,7 +140,7 @@ def _on_timm() -> None:
     try:
         entry = catalog.named_entry(name, pretrained=pretrained)
     except VitvizError as exc:
-        st.session_state[keys.MODEL_MESSAGE] = ("error", str(exc))
+        st.session_state[keys.MODEL_MESSAGE] = ("error", add_model_error(str(exc)))
         return
     _remember(entry)
     st.session_state["vv.model.previous"] = st.session_state.get(keys.MODEL)
@@ -250,7 +251,7 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
             # A model added in this session that does not load: forget it and go back to the previous one.
             del extra[entry.key]
             st.session_state[keys.MODEL] = st.session_state.pop("vv.model.previous", None)
-            st.session_state[keys.MODEL_MESSAGE] = ("error", str(exc))
+            st.session_state[keys.MODEL_MESSAGE] = ("error", add_model_error(str(exc)))
             st.rerun()
         show_error(exc)
         st.info("Choose another model in the sidebar.")
@@ -259,20 +260,23 @@ def _load_or_explain(entry: ModelEntry) -> LoadedModel:
 
 
 def _add_model_controls() -> None:
-    with st.expander("Add a model"):
-        st.text_input(
-            "timm or Hugging Face model",
-            key="vv.add.timm",
-            placeholder="vit_tiny_patch16_224",
-            help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224, or a Hugging Face "
-            "model as hf:google/vit-base-patch16-224 (downloaded once, needs the network).",
-        )
-        st.checkbox(
-            "Pretrained weights (needs the network)",
-            key="vv.add.pretrained",
-            help="Without it the architecture gets a seeded random initialisation, which works offline.",
-        )
-        st.button("Load model", on_click=_on_timm, width="stretch")
+    # A keyed expander keeps its open state in the session, so the error line above it does not fold it; the
+    # form makes Enter in the name box load the model.
+    with st.expander("Add a model", key=keys.ADD_MODEL_OPEN, on_change="rerun"):
+        with st.form("vv.add.form", border=False):
+            st.text_input(
+                "timm or Hugging Face model",
+                key="vv.add.timm",
+                placeholder="vit_tiny_patch16_224",
+                help="A timm architecture, as vit_tiny_patch16_224 or timm:vit_tiny_patch16_224, or a Hugging Face "
+                "model as hf:google/vit-base-patch16-224 (downloaded once, needs the network).",
+            )
+            st.checkbox(
+                "Pretrained weights (needs the network)",
+                key="vv.add.pretrained",
+                help="Without it the architecture gets a seeded random initialisation, which works offline.",
+            )
+            st.form_submit_button("Load model", on_click=_on_timm, width="stretch")
         st.file_uploader(
             "Checkpoint (.safetensors)",
             type=["safetensors"],
@@ -280,6 +284,33 @@ def _add_model_controls() -> None:
             on_change=_on_checkpoint_upload,
             help="A vitviz checkpoint. Other formats are refused: they could run code when loaded.",
         )
+
+
+_CLI_WEIGHTS = re.compile(r"[;,]?\s*download them elsewhere and pass --weights FILE")
+_EXCEPTION_NAME = re.compile(r":\s*[A-Za-z_.]*(?:Error|Exception|Timeout)\b")
+STUDIO_WEIGHTS_ADVICE = (
+    ". Untick pretrained weights to load the architecture with random weights (works offline), or add a "
+    "vitviz checkpoint (.safetensors) below"
+)
+
+
+def add_model_error(text: str) -> str:
+    """The one line the add-model box shows for a model that does not load: no exception class names, and
+    what the studio can do instead of the command line's --weights option."""
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "the model could not be loaded")
+    line = _EXCEPTION_NAME.sub("", line)
+    if _CLI_WEIGHTS.search(line):
+        line = _CLI_WEIGHTS.sub("", line).rstrip(" .;,") + STUDIO_WEIGHTS_ADVICE
+    line = line.rstrip(" .")
+    return line if line.endswith(("?", "!")) else line + "."
+
+
+def model_key(name: str, loaded: LoadedModel) -> str:
+    """The key of a widget whose options or default depend on the model (classes, layers, heads, the patch grid).
+
+    The key carries the model's content hash, so a model switch starts the widget afresh from the new model's
+    default (its predicted class, its depth) instead of keeping a choice that meant something for the old one."""
+    return f"{name}.{loaded.content_hash[:12]}"
 
 
 def model_line(loaded: LoadedModel) -> str:
@@ -290,6 +321,23 @@ def model_line(loaded: LoadedModel) -> str:
         f"{card.grid[0]}×{card.grid[1]} tokens of {card.stride[0]}×{card.stride[1]} px"
         f" + {card.num_prefix_tokens} prefix · {card.parameters / 1e6:.2f} M parameters"
     )
+
+
+def prediction_context(loaded: LoadedModel, image: InputImage, where: object = st) -> None:
+    """Beside a prediction: what the model was trained on, and a warning when the image is far from it."""
+    domain = TrainingDomain.from_card(cached.model_card(loaded.source, loaded.content_hash, loaded))
+    where.caption(plain(domain.describe()))
+    gaps = domain_gaps(image.pixels, domain)
+    if gaps:
+        where.warning(
+            plain(
+                f"This image is far from what the model was trained on: {'; '.join(gaps)}. The prediction and its "
+                "maps say little about the image. For photos, add a model trained on photos under Add a model in "
+                "the sidebar: a timm name such as vit_base_patch16_224 with pretrained weights, or "
+                "hf:google/vit-base-patch16-224."
+            ),
+            icon=":material/warning:",
+        )
 
 
 def model_choices(label: str, *, key: str, default: Sequence[str], help: str | None = None) -> list[ModelEntry]:
