@@ -167,3 +167,32 @@ def test_type_checking_and_relative_imports_are_edges(tmp_path: Path) -> None:
 )
 def test_find_cycles(graph: dict[str, set[str]], expected: list[list[str]]) -> None:
     assert find_cycles(graph) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["--help"], 0),
+        (["analyze", "--help"], 0),
+        (["analyze", "m.safetensors", "--analyses", "nope", "--json", "-"], 2),
+        (["analyze", "m.safetensors", "--components", "0", "--json", "-"], 2),
+        (["info"], 2),
+    ],
+)
+def test_help_and_argument_errors_import_no_torch(argv: list[str], code: int) -> None:
+    """`python -m vitviz --help` and a mistake in the arguments answer before torch is imported (-X importtime
+    lists every module the interpreter imported)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vitviz", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == code, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time")}
+    assert "vitviz.cli" in imported
+    assert not {"torch", "timm", "torchvision"} & imported

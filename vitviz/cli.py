@@ -59,32 +59,54 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands, with the line `python -m vitviz --help` shows for each.
+COMMANDS = {
+    "info": "print a model's card: architecture, tokens, training, resolution history",
+    "analyze": "run the paper's analyses and write JSON and figures",
+    "faithfulness": "deletion/insertion curves of explanation maps and the cascading-randomisation check",
+    "compare": "what changed between two models: linear CKA, predictions, attention distance, mean maps",
+    "models": "print which ViT architectures vitviz analyses (the support table)",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, with `command`, of that one only (the others listed by name): then
+    `python -m vitviz --help` and a mistake in one command's arguments import nothing that command does not
+    need, and no torch."""
     parser = _Parser(prog="python -m vitviz", description="See what a Vision Transformer has learned.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def declared(name: str) -> bool:
+        if command is None or command == name:
+            return True
+        sub.add_parser(name, help=COMMANDS[name])
+        return False
 
     def add_model(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
         p.add_argument("--weights", help="a local state dict (.safetensors, .pth, .bin) for a timm:<name> model")
         p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the network)")
 
-    info = sub.add_parser("info", help="print a model's card: architecture, tokens, training, resolution history")
-    add_model(info)
-    info.add_argument("--json", action="store_true", help="print the card as JSON")
-
-    analyze = sub.add_parser("analyze", help="run the paper's analyses and write JSON and figures")
-    add_model(analyze)
-    analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
-    add_dataset_arguments(analyze)
-    add_analysis_arguments(analyze)
-
-    add_faithfulness_parser(sub, add_model)
-    add_compare_parser(sub)
-    models = sub.add_parser("models", help="print which ViT architectures vitviz analyses (the support table)")
-    models.add_argument("--json", action="store_true", help="print the table as JSON")
-    models.add_argument("--markdown", action="store_true", help="print the table as Markdown (README.md's block)")
-    models.add_argument("--refresh", action="store_true", help="re-run the survey (minutes) and store the table")
-    models.add_argument("--exact", action="store_true", help="with --refresh: compare with each model's eager maps")
+    if declared("info"):
+        info = sub.add_parser("info", help=COMMANDS["info"])
+        add_model(info)
+        info.add_argument("--json", action="store_true", help="print the card as JSON")
+    if declared("analyze"):
+        analyze = sub.add_parser("analyze", help=COMMANDS["analyze"])
+        add_model(analyze)
+        analyze.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
+        add_dataset_arguments(analyze)
+        add_analysis_arguments(analyze)
+    if declared("faithfulness"):
+        add_faithfulness_parser(sub, add_model)
+    if declared("compare"):
+        add_compare_parser(sub)
+    if declared("models"):
+        models = sub.add_parser("models", help=COMMANDS["models"])
+        models.add_argument("--json", action="store_true", help="print the table as JSON")
+        models.add_argument("--markdown", action="store_true", help="print the table as Markdown (README.md's block)")
+        models.add_argument("--refresh", action="store_true", help="re-run the survey (minutes) and store the table")
+        models.add_argument("--exact", action="store_true", help="with --refresh: compare with each model's eager maps")
     return parser
 
 
@@ -223,17 +245,20 @@ def _check_colormap(name: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from vitviz import analyses as registry
-    from vitviz.imagefiles import collect_images
-    from vitviz.pipeline import IMAGE_ANALYSES, image_analyses
 
+    # Every argument is checked before torch is imported (the registry's declarations are light).
     analyses = registry.parse(args.analyses)
     options = registry.AnalysisOptions(**{o.name: getattr(args, o.name) for o in registry.options()})
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
     _check_colormap(args.colormap)
+
+    from tqdm import tqdm
+
+    from vitviz.imagefiles import collect_images
+    from vitviz.pipeline import IMAGE_ANALYSES, image_analyses
+
     slice_ = _dataset_slice(args)
     if slice_ is not None:
         return analyze_dataset(args, slice_, analyses, options)
@@ -310,9 +335,7 @@ def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentPars
     """The `faithfulness` subparser; `sub` is build_parser()'s subparsers action, `add_model` its helper."""
     from vitviz.faithfulness import DEFAULT_METHODS, METHODS
 
-    p = sub.add_parser(
-        "faithfulness", help="deletion/insertion curves of explanation maps and the cascading-randomisation check"
-    )
+    p = sub.add_parser("faithfulness", help=COMMANDS["faithfulness"])
     add_model(p)
     p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
     add_dataset_arguments(p)
@@ -591,7 +614,9 @@ def _configure_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn a user's mistake into one line and status 2."""
     _configure_logging()
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if not word.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(words)
     tune_malloc()  # freed tensor memory stays for the next batch (vitviz/allocator.py)
     try:
         if args.command == "info":
@@ -623,9 +648,7 @@ def add_compare_parser(sub: Any) -> None:
     """The `compare` subparser: two models of any source, the same images, every registered comparison."""
     from vitviz import analyses as registry
 
-    p = sub.add_parser(
-        "compare", help="what changed between two models: linear CKA, predictions, attention distance, mean maps"
-    )
+    p = sub.add_parser("compare", help=COMMANDS["compare"])
     p.add_argument("model_a", metavar="A", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
     p.add_argument("model_b", metavar="B", help="the model compared with A (any source, any architecture)")
     p.add_argument("--weights-a", help="a local state dict for a timm:<name> model A")
