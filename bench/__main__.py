@@ -26,7 +26,7 @@ from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
-FAMILIES = ("capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "app")
+FAMILIES = ("capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "cli", "app")
 
 
 FULL = Plan(
@@ -120,6 +120,12 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
         from bench.extract import extract_figures
 
         for figure in extract_figures(plan):
+            figures.append(figure)
+            _log(figure)
+    if "cli" in families:
+        from bench.cli import cli_figures
+
+        for figure in cli_figures(plan):
             figures.append(figure)
             _log(figure)
     if "memory" in families:

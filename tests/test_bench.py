@@ -117,6 +117,16 @@ def test_extract_figures_set_the_capture_against_timms_attention_extract(tmp_pat
         assert floor["capture_over_plain"] > 0 and floor["baseline_s"] > 0 and figure["detail"]["layers"] == 1
 
 
+def test_cli_figure_times_the_help_against_an_interpreter_importing_argparse(tmp_path: Path) -> None:
+    (figure,) = _run_bench(tmp_path, "--only", "cli")["figures"]
+    _check_figure(figure)
+    assert figure["name"] == "cli --help start"
+    assert (figure["better"], figure["target"], figure["unit"]) == ("lower", 1.5, "ratio")
+    assert figure["baseline"].startswith('python -c "import argparse"')
+    rounds = figure["detail"]["round_ratios"]
+    assert len(rounds) == 3 and figure["value"] == pytest.approx(sorted(rounds)[1], abs=1e-4)
+
+
 def test_token_figures_are_the_memory_of_tokens_and_features_and_the_time_of_tokens(tmp_path: Path) -> None:
     memory, timing = _run_bench(tmp_path, "--only", "tokens")["figures"]
     for figure in (memory, timing):
