@@ -49,8 +49,9 @@ REGISTERED = (
     "occlusion",
     "random",
     "grad-cam",
+    "attnlrp",
 )
-NOT_DEFAULT = ("occlusion", "grad-cam")
+NOT_DEFAULT = ("occlusion", "grad-cam", "attnlrp")
 TOY = "toy-centre"
 
 
@@ -159,7 +160,7 @@ def test_not_applicable_gives_one_line_reasons() -> None:
     assert all(get_method(name).not_applicable(loaded) is None for name in REGISTERED)  # a LoadedModel too
 
     headless = _model(num_classes=0)
-    for name in ("gradient-rollout", "integrated-gradients", "occlusion", "grad-cam"):
+    for name in ("gradient-rollout", "integrated-gradients", "occlusion", "grad-cam", "attnlrp"):
         reason = get_method(name).not_applicable(headless)
         assert reason is not None and "\n" not in reason and "no classifier head" in reason and name in reason
     assert get_method("rollout").not_applicable(headless) is None

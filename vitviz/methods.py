@@ -30,6 +30,7 @@ Registered here (the numbers of docs/design.md, "Faithfulness and the Trust page
                           all channels) set to 0; the map is the logit drop of each token's block
     random                uniform [0, 1) draws from a torch.Generator seeded by the image's index
     grad-cam              Grad-CAM on the last block's first norm, patch tokens only (vitviz.methods_gradcam)
+    attnlrp               AttnLRP relevance of the tokens entering the first block (vitviz.methods_lrp)
 
 Public API:
     register_method(name, ...) -> decorator; unregister_method(name)
@@ -411,4 +412,4 @@ def _random(batch: MapBatch) -> torch.Tensor:
 
 
 # Methods kept in modules of their own register themselves on import (they import this module's names above).
-from vitviz import methods_gradcam  # noqa: E402, F401
+from vitviz import methods_gradcam, methods_lrp  # noqa: E402, F401
