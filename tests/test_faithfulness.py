@@ -492,7 +492,7 @@ def test_json_document() -> None:
 def test_bad_input_is_one_line() -> None:
     model = _timm("cls")
     cases = [
-        (lambda: parse_methods("rollout,grad-cam"), "unknown method grad-cam: choose from"),
+        (lambda: parse_methods("rollout,lime"), "unknown method lime: choose from"),
         (lambda: FaithfulnessOptions(methods=("saliency",)), "unknown method saliency"),
         (lambda: parse_methods(""), "unknown method"),
         (lambda: FaithfulnessOptions(steps=0), "--steps must be at least 1, got 0"),

@@ -41,7 +41,17 @@ from vitviz.tokens import token_layout
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
-REGISTERED = ("rollout", "gradient-rollout", "attention-last", "integrated-gradients", "occlusion", "random")
+REGISTERED = (
+    "rollout",
+    "gradient-rollout",
+    "attention-last",
+    "integrated-gradients",
+    "occlusion",
+    "random",
+    "grad-cam",
+    "attnlrp",
+)
+NOT_DEFAULT = ("occlusion", "grad-cam", "attnlrp")
 TOY = "toy-centre"
 
 
@@ -77,7 +87,7 @@ def toy_method() -> Iterator[str]:
 
 def test_the_registered_methods_are_the_methods_and_defaults() -> None:
     assert method_names() == REGISTERED == METHODS
-    assert default_method_names() == DEFAULT_METHODS == tuple(m for m in REGISTERED if m != "occlusion")
+    assert default_method_names() == DEFAULT_METHODS == tuple(m for m in REGISTERED if m not in NOT_DEFAULT)
     for name in REGISTERED:
         method = get_method(name)
         assert method.name == name and method.label and method.description and method.kind in KINDS
@@ -93,16 +103,16 @@ def test_every_registered_name_passes_methods_validation() -> None:
 
 
 def test_an_unknown_method_is_one_line_listing_every_name(capsys: pytest.CaptureFixture[str]) -> None:
-    for call in (lambda: get_method("grad-cam"), lambda: parse_methods("rollout,grad-cam")):
+    for call in (lambda: get_method("saliency"), lambda: parse_methods("rollout,saliency")):
         with pytest.raises(VitvizError) as caught:
             call()
         message = str(caught.value)
-        assert "\n" not in message and message.startswith("unknown method grad-cam: choose from ")
+        assert "\n" not in message and message.startswith("unknown method saliency: choose from ")
         assert message.endswith(",".join(REGISTERED))
 
     from vitviz.cli import main
 
-    argv = ["faithfulness", str(CHECKPOINTS / "shapes-default.safetensors"), "--methods", "grad-cam", "--json", "-"]
+    argv = ["faithfulness", str(CHECKPOINTS / "shapes-default.safetensors"), "--methods", "saliency", "--json", "-"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(name in err for name in REGISTERED)
@@ -150,7 +160,7 @@ def test_not_applicable_gives_one_line_reasons() -> None:
     assert all(get_method(name).not_applicable(loaded) is None for name in REGISTERED)  # a LoadedModel too
 
     headless = _model(num_classes=0)
-    for name in ("gradient-rollout", "integrated-gradients", "occlusion"):
+    for name in ("gradient-rollout", "integrated-gradients", "occlusion", "grad-cam", "attnlrp"):
         reason = get_method(name).not_applicable(headless)
         assert reason is not None and "\n" not in reason and "no classifier head" in reason and name in reason
     assert get_method("rollout").not_applicable(headless) is None

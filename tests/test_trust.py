@@ -138,6 +138,22 @@ def test_trust_page_auc_table_is_the_cores_and_sanity_shows_the_strip() -> None:
     assert "faithfulness.json" in [b.label for b in at.get("download_button")]
 
 
+def test_grad_cam_and_attnlrp_can_be_chosen_and_get_the_cores_aucs() -> None:
+    at = _open()
+    chosen = ["grad-cam", "attnlrp", "random"]
+    assert set(chosen) <= set(at.multiselect(key="trust.methods").options)
+    at.slider(key="trust.images.count").set_value(1)
+    at.multiselect(key="trust.methods").set_value(chosen)
+    at.run()
+    _assert_clean(at)
+    table = _auc_table(at)
+    assert list(table.index) == chosen
+    _, expected = _core(_samples(1), FaithfulnessOptions(methods=tuple(chosen)))
+    for method in chosen:
+        assert table.loc[method, "deletion AUC"] == expected.methods[method].deletion_auc
+        assert table.loc[method, "insertion AUC"] == expected.methods[method].insertion_auc
+
+
 def test_no_method_chosen_is_a_message_not_an_exception() -> None:
     at = _open()
     at.multiselect(key="trust.methods").set_value([]).run()

@@ -8,7 +8,8 @@ A method is one decorated function::
 
 Its name is the ``--methods`` spelling; ``label`` is the short name for tables; ``kind`` one of KINDS;
 ``needs_attention`` (capture must read every block) and ``needs_logits`` (a classifier head) decide
-``not_applicable``; ``default`` puts it in DEFAULT_METHODS. The function takes a MapBatch (one batch of at most
+``not_applicable``, and so does ``applies`` (model -> None or a one-line reason) for what those two cannot say;
+``default`` puts it in DEFAULT_METHODS. The function takes a MapBatch (one batch of at most
 ``batch_size`` preprocessed images, their target classes, the seeds of seeded methods, the token layout and the
 options) and returns [b, gh, gw], larger = more relevant. With ``streams_attention=True`` it instead takes
 (model, layout) and returns a vitviz.capture consumer whose ``result()`` is [B, gh, gw]: the registry runs the
@@ -28,6 +29,8 @@ Registered here (the numbers of docs/design.md, "Faithfulness and the Trust page
     occlusion             Captum's Occlusion of the target logit, one window per token (its stride x stride block,
                           all channels) set to 0; the map is the logit drop of each token's block
     random                uniform [0, 1) draws from a torch.Generator seeded by the image's index
+    grad-cam              Grad-CAM on the last block's first norm, patch tokens only (vitviz.methods_gradcam)
+    attnlrp               AttnLRP relevance of the tokens entering the first block (vitviz.methods_lrp)
 
 Public API:
     register_method(name, ...) -> decorator; unregister_method(name)
@@ -124,17 +127,20 @@ class MapMethod:
     default: bool
     streams_attention: bool
     function: Callable[..., Any]
+    applies: Callable[[nn.Module], str | None] | None = None
 
-    def not_applicable(self, model: Any) -> str | None:
-        """None when the method can explain ``model`` (an nn.Module or a LoadedModel), else a one-line reason."""
-        module = model if isinstance(model, nn.Module) else model.model
+    def _reason(self, module: nn.Module) -> str | None:
         if self.needs_attention:
             reason = unreadable_reason(module)
             if reason is not None:
                 return reason
         if self.needs_logits and not int(getattr(module, "num_classes", 0) or 0):
             return f"{type(module).__name__} has no classifier head: {self.name} explains a class logit"
-        return None
+        return None if self.applies is None else self.applies(module)
+
+    def not_applicable(self, model: Any) -> str | None:
+        """None when the method can explain ``model`` (an nn.Module or a LoadedModel), else a one-line reason."""
+        return self._reason(model if isinstance(model, nn.Module) else model.model)
 
     def consumer(self, model: nn.Module, layout: TokenLayout) -> AttentionConsumer:
         """A fresh capture consumer (methods registered with streams_attention only)."""
@@ -163,8 +169,8 @@ class MapMethod:
         indices = list(range(images.shape[0])) if image_indices is None else [int(i) for i in image_indices]
         if len(indices) != images.shape[0] or targets.shape[0] != images.shape[0]:
             raise ValueError(f"need one index and one target per image: {images.shape[0]} images")
-        if self.needs_attention:
-            reason = unreadable_reason(model)
+        if self.needs_attention or self.applies is not None:
+            reason = self._reason(model)
             if reason is not None:
                 raise VitvizError(reason)
         maps = []
@@ -195,6 +201,7 @@ def register_method(
     needs_logits: bool = False,
     default: bool = True,
     streams_attention: bool = False,
+    applies: Callable[[nn.Module], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a map method; the decorated function is returned unchanged."""
     if kind not in KINDS:
@@ -217,6 +224,7 @@ def register_method(
             default=default,
             streams_attention=streams_attention,
             function=function,
+            applies=applies,
         )
         return function
 
@@ -401,3 +409,7 @@ def _random(batch: MapBatch) -> torch.Tensor:
         for index in batch.indices
     ]
     return torch.stack(maps)
+
+
+# Methods kept in modules of their own register themselves on import (they import this module's names above).
+from vitviz import methods_gradcam, methods_lrp  # noqa: E402, F401
