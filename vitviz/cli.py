@@ -671,6 +671,8 @@ def add_compare_parser(sub: Any) -> None:
 
 def _image_file_batches(files: Sequence[Path], batch_size: int) -> Callable[[LoadedModel], Any]:
     """Batches of (images, labels -1, indices) of image files, each read and preprocessed for the model asked."""
+    import torch
+
     from vitviz.images import load_for_model
 
     def open_batches(loaded: LoadedModel) -> Any:
