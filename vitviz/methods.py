@@ -43,6 +43,7 @@ Public API:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -412,4 +413,8 @@ def _random(batch: MapBatch) -> torch.Tensor:
 
 
 # Methods kept in modules of their own register themselves on import (they import this module's names above).
-from vitviz import methods_gradcam, methods_lrp  # noqa: E402, F401
+# Methods declared in modules of their own register themselves when imported; they are loaded by name, so that
+# they import this module and not the reverse.
+METHOD_MODULES = ("vitviz.methods_gradcam", "vitviz.methods_lrp")
+for _module in METHOD_MODULES:
+    importlib.import_module(_module)

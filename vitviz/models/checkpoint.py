@@ -7,12 +7,9 @@ holds raw tensors only, and foreign .pth/.bin files go through `torch.load(weigh
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -23,6 +20,14 @@ from vitviz.errors import VitvizError
 from vitviz.fileio import atomic_path
 from vitviz.models.factory import build_model, build_timm_model
 from vitviz.models.meta import FORMAT_VERSION, PROJECT_ARCH, ModelMeta
+from vitviz.models.weights import (
+    LoadedModel,
+    describe_mismatch,
+    existing_file,
+    file_sha256,
+    first_line,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +53,6 @@ META_KEY = "vitviz"
 # Tensors beside the model's under this prefix (a fine-tune's LoRA matrices, `lora.<module>.A` and `.B`): kept for
 # checking, never part of the model's state dict.
 ADAPTER_PREFIX = "lora."
-TORCH_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
-MAX_MESSAGE_KEYS = 3  # how many offending keys a one-line error names
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for analysis, with what is needed to preprocess inputs and name its outputs."""
-
-    model: nn.Module  # eval mode
-    meta: ModelMeta
-    source: str  # what the user asked for
-    content_hash: str  # sha256 hex of the file bytes, or of "timm:<name>" for random init; caches key on it
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": resolved checkpoint path}
 
 
 def save_checkpoint(
@@ -92,12 +84,12 @@ def save_checkpoint(
 
 def read_checkpoint_meta(path: str | Path) -> ModelMeta:
     """Read and validate only the header of a project checkpoint (cheap: no tensors are loaded)."""
-    path = _existing_file(path)
+    path = existing_file(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt or foreign files
-        raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
+        raise VitvizError(f"{path} is not a readable .safetensors file ({first_line(exc)})") from None
     if META_KEY not in header:
         raise VitvizError(
             f"{path} is a safetensors file without vitviz metadata; for a bare state dict use "
@@ -108,7 +100,7 @@ def read_checkpoint_meta(path: str | Path) -> ModelMeta:
 
 def load_checkpoint(path: str | Path) -> LoadedModel:
     """Rebuild the model described by a project checkpoint and load its weights strictly (eval mode)."""
-    path = _existing_file(path)
+    path = existing_file(path)
     meta = read_checkpoint_meta(path)
     # Compare the file's tensor shapes with the architecture on the meta device first: a small file whose
     # header describes a huge model must be refused before gigabytes are allocated for it.
@@ -139,7 +131,7 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:
-        raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
+        raise VitvizError(f"{path} is not a readable .safetensors file ({first_line(exc)})") from None
 
 
 def model_from_meta(meta: ModelMeta) -> nn.Module:
@@ -148,7 +140,7 @@ def model_from_meta(meta: ModelMeta) -> nn.Module:
     if meta.config is not None:
         return build_model(meta.config)
     if meta.hf_config is not None:
-        from vitviz.models.hf import build_hf_model  # hf reads this module's LoadedModel
+        from vitviz.models.hf import build_hf_model
 
         return build_hf_model(meta.arch, meta.hf_config, meta.input_size)
     return build_timm_model(
@@ -158,31 +150,6 @@ def model_from_meta(meta: ModelMeta) -> nn.Module:
         img_size=meta.input_size,
         **meta.arch_kwargs,
     )
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors, or from .pth/.pt/.bin with torch.load(weights_only=True) only.
-
-    Dicts wrapping the state dict under "model" or "state_dict" are unwrapped, and a DistributedDataParallel
-    "module." prefix is removed. Nothing here can run code stored in the file.
-    """
-    path = _existing_file(path)
-    name = path.name.lower()
-    if name.endswith(".safetensors"):
-        try:
-            return safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(exc)})") from None
-    if not name.endswith(TORCH_PICKLE_SUFFIXES):
-        raise VitvizError(f"{path.name}: weights must be .safetensors, .pth, .pt or .bin")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
-        raise VitvizError(
-            f"refused to read {path}: it is not a plain PyTorch state dict (corrupt, or it holds Python objects "
-            "other than tensors, which could run code); re-save it as a state dict or .safetensors"
-        ) from None
-    return _unwrap_state_dict(obj, path)
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -195,30 +162,6 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
     if bad is not None:
         raise VitvizError(f"weights in {source} contain NaN or infinite values (first: {bad})")
     model.load_state_dict(dict(state), strict=True)
-
-
-def describe_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:
-    """One line naming the first missing, unexpected and wrongly shaped keys, or None when all fit."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong_shape = [
-        f"{k} {list(found[k])} vs model {list(expected[k])}" for k in expected if k in found and found[k] != expected[k]
-    ]  # in the model's order, so the first named key is the earliest layer that does not fit
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-        if keys:
-            shown = ", ".join(keys[:MAX_MESSAGE_KEYS]) + (", ..." if len(keys) > MAX_MESSAGE_KEYS else "")
-            problems.append(f"{len(keys)} {label} ({shown})")
-    return "; ".join(problems) or None
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensors_for_saving(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -263,36 +206,3 @@ def _check_meta_fits_model(meta: ModelMeta, model: nn.Module) -> None:
     problem = describe_mismatch(expected, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if problem:
         raise VitvizError(f"the model does not match meta.config, so the checkpoint could not be loaded: {problem}")
-
-
-def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(2):  # e.g. {"model": {...}} or {"state_dict": {...}}, as training scripts save them
-        if isinstance(obj, dict):
-            for wrapper in ("model", "state_dict"):
-                if isinstance(obj.get(wrapper), dict):
-                    obj = obj[wrapper]
-                    break
-    if not isinstance(obj, dict) or not obj:
-        raise VitvizError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
-    not_tensors = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise VitvizError(
-            f"{path} is not a plain state dict: {', '.join(not_tensors[:MAX_MESSAGE_KEYS])} are not tensors"
-        )
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _existing_file(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise VitvizError(f"no such file: {path}")
-    if not path.is_file():
-        raise VitvizError(f"{path} is not a file")
-    return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

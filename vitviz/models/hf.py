@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from vitviz.errors import VitvizError
-from vitviz.models.checkpoint import LoadedModel, describe_mismatch, file_sha256, read_state_dict
 from vitviz.models.meta import ModelMeta
+from vitviz.models.weights import LoadedModel, describe_mismatch, file_sha256, first_line, read_state_dict
 from vitviz.tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -309,18 +309,13 @@ def _download(repo_id: str) -> Path:
         )
     except Exception as error:  # offline, unknown repo, gated: all end in the same advice
         raise VitvizError(
-            f"cannot download hf:{repo_id} from the Hugging Face Hub ({type(error).__name__}: {_first_line(error)}); "
+            f"cannot download hf:{repo_id} from the Hugging Face Hub ({type(error).__name__}: {first_line(error)}); "
             "pass a local folder instead: hf:/path/to/folder"
         ) from error
     return Path(folder)
 
 
 # --- the checks a folder passes before anything is built ---------------------------------------------------
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
 
 
 def _is_int(value: object) -> bool:
@@ -369,7 +364,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise VitvizError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as error:
-        raise VitvizError(f"{path} is not valid JSON ({_first_line(error)})") from None
+        raise VitvizError(f"{path} is not valid JSON ({first_line(error)})") from None
     if not isinstance(document, dict):
         raise VitvizError(f"{path} holds a JSON {type(document).__name__}, not an object")
     if _depth(document) > MAX_JSON_DEPTH:
@@ -448,7 +443,7 @@ def _reference_model(model_class: type, config: dict[str, Any], path: Path) -> n
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             return model_class(hf_config)
     except Exception as error:  # a value transformers itself refuses: one line, whichever it is
-        raise VitvizError(f"{path} does not describe a {model_class.__name__} ({_first_line(error)})") from None
+        raise VitvizError(f"{path} does not describe a {model_class.__name__} ({first_line(error)})") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -492,7 +487,7 @@ def _found_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
             with safetensors.safe_open(str(path), framework="pt") as handle:
                 found.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})  # noqa: SIM118
         except Exception as error:  # safetensors' own error types for truncated, corrupt or foreign files
-            raise VitvizError(f"{path} is not a readable .safetensors file ({_first_line(error)})") from None
+            raise VitvizError(f"{path} is not a readable .safetensors file ({first_line(error)})") from None
     return found
 
 
@@ -647,7 +642,7 @@ def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
         )
     except Exception as error:  # anything the checks above did not foresee still ends in one line
         raise VitvizError(
-            f"transformers could not load hf:{name} ({type(error).__name__}: {_first_line(error)})"
+            f"transformers could not load hf:{name} ({type(error).__name__}: {first_line(error)})"
         ) from None
     hf_model.eval()
     own_size = _pair(hf_model.config.image_size)
