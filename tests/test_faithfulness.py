@@ -323,17 +323,13 @@ def _slow_integrated_gradients(
     model: torch.nn.Module, image: torch.Tensor, target: int, steps: int
 ) -> tuple[torch.Tensor, float]:
     """Signed attributions [C, H, W] and the relative completeness error, one node at a time, from the rule:
-    half the nodes Gauss-Legendre on [1e-2, 1] in alpha, half Gauss-Legendre on [1e-8, 1e-2] in log alpha."""
-    low = steps // 2
+    Gauss-Legendre in log alpha on [1e-7, 1] (weight w * alpha)."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    low = math.log(1e-7)
     rule = []
-    nodes, weights = np.polynomial.legendre.leggauss(steps - low)
-    rule += [(0.01 + (u + 1) / 2 * 0.99, w / 2 * 0.99) for u, w in zip(nodes, weights)]
-    if low:
-        nodes, weights = np.polynomial.legendre.leggauss(low)
-        lo, hi = math.log(1e-8), math.log(1e-2)
-        for u, w in zip(nodes, weights):
-            alpha = math.exp(lo + (u + 1) / 2 * (hi - lo))
-            rule.append((alpha, w / 2 * (hi - lo) * alpha))
+    for u, w in zip(nodes, weights):
+        alpha = math.exp(low + (u + 1) / 2 * (0 - low))
+        rule.append((alpha, w / 2 * (0 - low) * alpha))
     total = torch.zeros(image.shape, dtype=torch.float64)
     for alpha, weight in rule:
         point = (float(alpha) * image).detach().requires_grad_(True)
@@ -368,7 +364,7 @@ def test_integrated_gradients_from_its_rule_summed_over_channels_and_blocks(key:
 def test_ig_schedule_integrates_polynomials_and_spikes_near_zero() -> None:
     alphas, weights = ig_schedule(50)
     assert alphas.shape == weights.shape == (50,) and alphas.min() > 0 and alphas.max() < 1
-    assert float(weights.sum()) == pytest.approx(1 - 1e-8, rel=1e-12)
+    assert float(weights.sum()) == pytest.approx(1 - 1e-7, rel=1e-9)
     assert float((weights * alphas**3).sum()) == pytest.approx(0.25, rel=1e-9)
 
     # g = the derivative of a smooth step from 0 to 1 around alpha = 1e-5 (what a normalised stem does to the
@@ -614,12 +610,21 @@ def test_json_document() -> None:
     options = FaithfulnessOptions(methods=("rollout", "random"), steps=4)
     result = run_faithfulness(model, _noise((32, 32)), ["x.png", "y.png"], options)
     document = json.loads(json.dumps(result.to_json({"source": "timm:test"}), allow_nan=False))
-    assert list(document) == ["model", "protocol", "methods"]
+    assert list(document) == ["model", "protocol", "methods", "comparisons"]
     assert document["model"] == {"source": "timm:test"}
     assert document["protocol"] == {"steps": 4, "baseline": "normalised-zero", "target": "predicted"}
     assert list(document["methods"]) == ["rollout", "random"]
     rollout = document["methods"]["rollout"]
-    assert set(rollout) == {"deletion_auc", "insertion_auc", "seconds_per_image", "per_image"}
+    assert list(rollout) == [
+        "deletion_auc",
+        "insertion_auc",
+        "deletion_auc_interval",
+        "insertion_auc_interval",
+        "seconds_per_image",
+        "per_image",
+    ]
+    assert document["comparisons"]["num_images"] == 2
+    assert [(p["first"], p["second"]) for p in document["comparisons"]["deletion"]["pairs"]] == [("rollout", "random")]
     first = rollout["per_image"][0]
     assert set(first) == {"image", "target_class", "map", "deletion", "insertion", "deletion_auc", "insertion_auc"}
     assert first["image"] == "x.png" and len(first["deletion"]) == 5 and len(first["map"]) == 4
@@ -751,3 +756,26 @@ def test_cli_bad_input_is_one_line_and_status_2(extra: list[str], message: str, 
     assert main([*argv, *extra, "--json", "-"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_integrated_gradients_converges_on_the_hybrid_checkpoint() -> None:
+    """The hybrid's stem (GroupNorm after a bias-free convolution) puts all of f(x) - f(0) near alpha = 0: the
+    doubled rule must still reach a median completeness error of 5% and the ranking of a 2,000-node map."""
+    from training.data import build_dataset, eval_transform
+
+    loaded = load_model(str(CHECKPOINTS / "shapes-hybrid.safetensors"))
+    meta = loaded.meta
+    data = build_dataset("shapes", split="test", img_size=meta.input_size)
+    transform = eval_transform(input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
+    images = torch.stack([transform(data[index][0]) for index in range(4)])
+    with torch.no_grad():
+        targets = loaded.model(images).argmax(dim=-1)
+    diagnostics: dict = {}
+    maps = explanation_maps(loaded.model, images, "integrated-gradients", targets, diagnostics=diagnostics)
+    assert float(np.median(diagnostics["completeness_error"])) <= 0.05, diagnostics
+    reference = explanation_maps(
+        loaded.model, images, "integrated-gradients", targets, ig_steps=2000, ig_max_steps=2000
+    )
+    for index in range(4):
+        assert spearman(maps[index], reference[index]) >= 0.95

@@ -123,3 +123,41 @@ def test_comparisons_json_shape() -> None:
     assert document["random"] == {"a": {"deletion": "better", "insertion": "better"}}
     assert document["verdict"] == summary.verdict()
     assert summary.interval_json("a")["deletion_auc_interval"] == pytest.approx([0.1, 0.2])
+
+
+def test_images_and_dataset_runs_write_the_same_intervals_and_comparisons() -> None:
+    import json
+
+    import timm
+    import torch
+
+    from vitviz.faithfulness import FaithfulnessOptions, dataset_faithfulness, run_faithfulness
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=3
+    ).eval()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    options = FaithfulnessOptions(methods=("attention-last", "random"), steps=4)
+    whole = run_faithfulness(model, images, [str(i) for i in range(6)], options)
+    batches = [(images[s : s + 4], torch.zeros(len(images[s : s + 4])), torch.arange(s, min(s + 4, 6))) for s in (0, 4)]
+    streamed = dataset_faithfulness(model, batches, options)
+    one = json.loads(json.dumps(whole.to_json({})))
+    two = json.loads(json.dumps(streamed.to_json({})))
+    assert one["comparisons"] == two["comparisons"]
+    summary = summarise(
+        {m: [c.deletion_auc for c in r.per_image] for m, r in whole.methods.items()},
+        {m: [c.insertion_auc for c in r.per_image] for m, r in whole.methods.items()},
+    )
+    assert one["comparisons"] == json.loads(json.dumps(summary.to_json()))
+    for method in options.methods:
+        for document in (one, two):
+            entry = document["methods"][method]
+            assert list(entry)[:4] == [
+                "deletion_auc",
+                "insertion_auc",
+                "deletion_auc_interval",
+                "insertion_auc_interval",
+            ]
+            assert entry["deletion_auc_interval"] == list(summary.intervals[method]["deletion"])
+            assert entry["insertion_auc_interval"] == list(summary.intervals[method]["insertion"])

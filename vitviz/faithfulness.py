@@ -28,8 +28,10 @@ Rollout never reads the head, so its first entry is exactly 1; so is every entry
 
 Public API:
     METHODS, DEFAULT_METHODS, parse_methods(text) -> list of method names
-    FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps)
-    run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section))
+    FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps, ig_max_steps, sanity)
+    run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section); .summary: the
+        AUCs' 95% paired-bootstrap intervals and comparisons of vitviz.intervals; MethodResult.convergence: the
+        integrated-gradients steps and completeness errors)
     dataset_faithfulness(model, batches, options, ...) -> DatasetFaithfulnessResult: a data set streamed in batches
     explanation_maps(model, images, method, targets, ...) -> [B, gh, gw] float64
     deletion_insertion_curves(model, image, relevance, target, steps, stride) -> (deletion, insertion) [S+1]

@@ -16,14 +16,17 @@ capture, and several such methods can share one forward (``attention_maps_and_lo
 
 Options are read from any object with the attributes a method needs (vitviz.faithfulness.FaithfulnessOptions
 has them all); MapSettings holds the defaults: ``batch_size`` (images per forward, Captum's internal batch and
-occlusion's perturbations per forward) and ``ig_steps`` (integrated gradients' n_steps).
+occlusion's perturbations per forward), ``ig_steps`` and ``ig_max_steps`` (integrated gradients' first step count
+and the cap of its doubling).
 
 Registered here (the numbers of docs/design.md, "Faithfulness and the Trust page"):
     rollout               attention rollout (vitviz.analysis.rollout, default options: mean fusion, no discard)
     gradient-rollout      Chefer et al.'s generic rule for the target class
     attention-last        the last layer's attention, mean over heads: the class token's row over patch columns,
                           or for a model without a class token the mean of the patch rows over patch columns
-    integrated-gradients  Captum's IntegratedGradients of the target logit, baseline the all-zero normalised image;
+    integrated-gradients  integrated gradients of the target logit from the all-zero normalised image (ig_schedule:
+                          Gauss-Legendre in log alpha on [1e-7, 1]), steps doubled per image
+                          from ig_steps up to ig_max_steps until the relative completeness error is <= 5%;
                           |attribution| summed over channels and over each token's stride x stride pixel block
     occlusion             Captum's Occlusion of the target logit, one window per token (its stride x stride block,
                           all channels) set to 0; the map is the logit drop of each token's block
@@ -90,8 +93,7 @@ IG_STEPS = 50  # integrated gradients: the first step count
 IG_MAX_STEPS = 800  # the steps are doubled up to this (50, 100, 200, 400, 800)
 IG_STEPS_LIMIT = 8192  # the largest --ig-max-steps accepted
 IG_TOLERANCE = 0.05  # the relative completeness error a map must reach
-IG_SPLIT = 1e-2  # ig_schedule: half the nodes on [IG_SPLIT, 1], half log-spaced on [IG_FLOOR, IG_SPLIT]
-IG_FLOOR = 1e-8
+IG_FLOOR = 1e-7  # ig_schedule: Gauss-Legendre in log alpha on [IG_FLOOR, 1]
 
 
 class MapOptions(Protocol):
@@ -361,30 +363,21 @@ def _block_sum(pixels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 def ig_schedule(steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integrated gradients' quadrature: ``steps`` nodes α in (0, 1) and their weights (float64), for
-    ∫_0^1 g(α) dα ≈ Σ_k w_k g(α_k).
+    """Integrated gradients' quadrature: ``steps`` nodes α in (IG_FLOOR, 1) and their weights (float64), for
+    ∫_0^1 g(α) dα ≈ Σ_k w_k g(α_k): Gauss-Legendre in u = log α on [log IG_FLOOR, 0], weight w·α.
 
-    Half of the nodes (the larger half when ``steps`` is odd) are Gauss-Legendre on [IG_SPLIT, 1] in α; the other
-    half are Gauss-Legendre on [IG_FLOOR, IG_SPLIT] in log α (weight w·α). A uniform rule fails on models whose
-    stem normalises a bias-free convolution (the hybrid's GroupNorm after StdConv): f(α·x) is then nearly
-    constant in α except within about 1e-3 of 0, where all of f(x) − f(0) happens, and 2,000 uniform
-    Gauss-Legendre nodes still leave a median completeness error near 50% there. The part below IG_FLOOR is left
-    out (its share is at most IG_FLOOR times the largest gradient, and the completeness error would show it).
+    A rule uniform in α fails on models whose stem normalises a bias-free convolution (the hybrid's GroupNorm
+    after StdConv): f(α·x) is then nearly constant in α except within about 1e-3 of 0, where all of
+    f(x) − f(0) happens, and even 2,000 uniform Gauss-Legendre nodes leave a median completeness error near 50%
+    there; on the log scale every decade gets its share of nodes. The part below IG_FLOOR is left out (its share
+    is at most IG_FLOOR times the largest gradient; the completeness error would show it).
     """
     if steps < 1:
         raise ValueError(f"integrated gradients needs at least one step, got {steps}")
-    low = steps // 2
-    high = steps - low
-    nodes, weights = np.polynomial.legendre.leggauss(high)
-    alphas = [IG_SPLIT + (nodes + 1) / 2 * (1 - IG_SPLIT)]
-    masses = [weights / 2 * (1 - IG_SPLIT)]
-    if low:
-        nodes, weights = np.polynomial.legendre.leggauss(low)
-        lo, hi = math.log(IG_FLOOR), math.log(IG_SPLIT)
-        logs = np.exp(lo + (nodes + 1) / 2 * (hi - lo))
-        alphas.insert(0, logs)
-        masses.insert(0, weights / 2 * (hi - lo) * logs)
-    return np.concatenate(alphas), np.concatenate(masses)
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    low = math.log(IG_FLOOR)
+    alphas = np.exp(low + (nodes + 1) / 2 * -low)
+    return alphas, weights / 2 * -low * alphas
 
 
 def integrated_gradients(
