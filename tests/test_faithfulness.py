@@ -747,6 +747,8 @@ def test_cli_writes_what_the_api_computes(tmp_path: Path, capsys: pytest.Capture
         (["--methods", "bogus"], "unknown method bogus"),
         (["--steps", "0"], "steps"),
         (["--target-class", "10"], "out of range"),
+        (["--ig-steps", "50", "--ig-max-steps", "40"], "--ig-max-steps must be between"),
+        (["--ig-max-steps", "100000"], "--ig-max-steps must be between"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_status_2(extra: list[str], message: str, capsys) -> None:
