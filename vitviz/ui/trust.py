@@ -192,6 +192,8 @@ def _auc_table(result: FaithfulnessResult) -> None:
     with verdict_col:
         for line in summary.verdict():
             st.markdown(widgets.plain(line))
+        if "random" not in result.methods:
+            st.markdown("Add `random` to see the baseline every method should beat.")
         st.caption(
             f"Mean over {images} image{'s' if images != 1 else ''}; S = {result.steps} steps; target: {target}; "
             "deleted patches become 0 after normalisation (the model's mean colour). A method is called better "
