@@ -287,3 +287,18 @@ def test_download_figures_and_auc_csv_render(tmp_path: Path) -> None:
     np.testing.assert_array_equal(shifted, [[0.0, 3.0], [2.0, 5.0]])
     picture = plots.map_picture(None, np.array([[0.0, 1.0]]), side=8)
     assert picture.shape == (4, 8, 3) and (picture[:, :4] == picture[0, 0]).all()  # one flat block per token
+
+
+def test_integrated_gradients_that_did_not_converge_is_labelled() -> None:
+    from vitviz.faithfulness import Convergence, MethodResult
+    from vitviz.ui.trust import _method_label
+
+    def result(errors: tuple[float, ...]) -> MethodResult:
+        convergence = Convergence(steps=(800,) * len(errors), errors=errors, start_steps=50, max_steps=800)
+        return MethodResult("integrated-gradients", 0.2, 0.6, 1.0, (), convergence=convergence)
+
+    assert _method_label("integrated-gradients", result((0.01, 0.2, 0.04))) == "integrated-gradients"
+    missed = result((0.01, 0.2, 0.3))
+    assert not missed.convergence.converged and not missed.convergence.image_converged(1)
+    assert _method_label("integrated-gradients", missed) == "integrated-gradients (not converged)"
+    assert _method_label("rollout", MethodResult("rollout", 0.2, 0.6, 1.0, ())) == "rollout"
