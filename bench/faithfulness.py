@@ -133,7 +133,7 @@ def integrated_gradients_figure(source: str, plan: Plan) -> Figure:
     images = random_images(IG_IMAGES.get(plan.label, 2), loaded.meta)
     count = images.shape[0]
     targets = torch.zeros(count, dtype=torch.long)
-    interpolated = images.repeat_interleave(options.ig_steps, dim=0)  # ig_steps inputs per image, as Captum's
+    interpolated = images.repeat_interleave(options.ig_steps, dim=0)  # ig_steps inputs per image, as IG's
 
     def plain() -> None:
         _plain_forwards(model, interpolated, options.batch_size)
@@ -146,6 +146,7 @@ def integrated_gradients_figure(source: str, plan: Plan) -> Figure:
             targets,
             batch_size=options.batch_size,
             ig_steps=options.ig_steps,
+            ig_max_steps=options.ig_steps,  # one pass of ig_steps nodes, like for like with the plain forwards
         )
 
     logger.info("faithfulness integrated gradients: %s, %d images", source, count)

@@ -87,6 +87,13 @@ def test_compare_shows_each_models_aucs_equal_to_the_cli(tmp_path: Path) -> None
         for method in METHODS:
             assert rows.loc[method, "deletion AUC"] == cli["methods"][method]["deletion_auc"], (stem, method)
             assert rows.loc[method, "insertion AUC"] == cli["methods"][method]["insertion_auc"], (stem, method)
+        for curve in ("deletion", "insertion"):
+            for method in METHODS:
+                low, high = cli["methods"][method][f"{curve}_auc_interval"]
+                assert rows.loc[method, f"{curve} interval"] == f"[{low:.4f}, {high:.4f}]"
+    captions = [str(c.value).replace("\\", "") for c in at.caption]
+    assert not any("lowest deletion AUC" in text for text in captions)
+    assert sum("not told apart" in text or "ahead of every other method" in text for text in captions) >= len(STEMS)
     # The two models do not give the same numbers: the table is per model, not one model repeated.
     a, b = (table[table["model"] == n]["deletion AUC"].tolist() for n in ("A", "B"))
     assert a[:2] != b[:2]

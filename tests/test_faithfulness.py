@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from captum.attr import IntegratedGradients
 from scipy.stats import spearmanr
 
 from vitviz.analysis.rollout import attention_rollout, gradient_rollout
@@ -34,12 +33,14 @@ from vitviz.faithfulness import (
     masked_inputs,
     parse_methods,
     patch_order,
+    quantised_map,
     randomise_tensor,
     run_faithfulness,
     spearman,
     step_counts,
 )
 from vitviz.images import load_for_model
+from vitviz.methods import ig_schedule
 from vitviz.models import load_model
 from vitviz.tokens import token_layout
 
@@ -107,7 +108,9 @@ def reference_curves(
     gh, gw = len(relevance), len(relevance[0])
     n = gh * gw
     values = [relevance[r][c] for r in range(gh) for c in range(gw)]
-    order = [index for _, index in sorted((-value, index) for index, value in enumerate(values))]
+    low, high = min(values), max(values)
+    levels = [round((v - low) / (high - low) * 1_000_000) if high > low else 0 for v in values]
+    order = [index for _, index in sorted((-level, index) for index, level in enumerate(levels))]
     sh, sw = stride
 
     def probability(x: torch.Tensor) -> float:
@@ -128,6 +131,21 @@ def reference_curves(
         deletion.append(probability(deleted))
         insertion.append(probability(inserted))
     return deletion, insertion
+
+
+def curve_tolerance(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """How far a curve point (and an AUC, a weighted mean of them with weights summing to 1) may differ between
+    the batched implementation and the one-forward-at-a-time reference.
+
+    Both run the same float32 model; a batch of 64 and a batch of 1 use different kernels that sum in different
+    orders, so the logits agree only to some float32 ulps of their magnitude |z|: measured up to 4 ulps on the
+    ViT and 14 on the hybrid, whose convolutional stem adds roundings; 32 ulps leaves a margin of two. The
+    softmax then moves a probability by at most half the largest logit change (sum_j |dp_t/dz_j| = 2 p_t (1 -
+    p_t) <= 1/2). A patch taken in the wrong order moves a point by far more (1e-3 and up on these models).
+    """
+    with torch.no_grad():
+        magnitude = float(model(torch.stack([image, torch.zeros_like(image)])).abs().max())  # both ends
+    return 0.5 * 32 * float(torch.finfo(torch.float32).eps) * max(magnitude, 1.0)
 
 
 def _tied_map(grid: tuple[int, int], seed: int) -> torch.Tensor:
@@ -153,6 +171,42 @@ def test_patch_order_descending_ties_to_lower_index() -> None:
     assert patch_order(torch.tensor([[2.0, 5.0, 2.0], [5.0, 2.0, -1.0]])).tolist() == [1, 3, 0, 2, 4, 5]
     with pytest.raises(ValueError, match="non-finite"):
         patch_order(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_quantised_map_is_the_map_on_a_grid_of_1e6_levels() -> None:
+    values = [0.25, 1.0, 0.25 + 0.4e-6, 0.25 + 0.6e-6, 0.5, -1.0]  # range 2: one level is 2e-6
+    want = [round((v + 1.0) / 2.0 * 1_000_000) for v in values]
+    assert quantised_map(torch.tensor(values, dtype=torch.float64)).tolist() == want
+    assert want[0] == want[2] == want[3] - 0  # within a level of each other: tied, so ordered by index
+    assert patch_order(torch.tensor([values], dtype=torch.float64)).tolist() == [1, 4, 0, 2, 3, 5]
+    assert quantised_map(torch.full((2, 2), 3.5)).tolist() == [0, 0, 0, 0]
+
+
+def test_patch_order_and_aucs_do_not_depend_on_batch_size_or_ulps() -> None:
+    model = _timm("cls")
+    images = _noise((32, 32))
+    targets = torch.tensor([1, 3])
+    at_64 = explanation_maps(model, images, "occlusion", targets, batch_size=64)
+    at_1 = explanation_maps(model, images, "occlusion", targets, batch_size=1)
+    for index in range(2):
+        assert patch_order(at_64[index]).tolist() == patch_order(at_1[index]).tolist()
+    # An occlusion map with an exact tie, as one kernel gives it, and the same map with two values one ulp
+    # apart, as another may: a plain stable sort orders them differently, the protocol's order does not.
+    first = at_64[0].flatten().clone()
+    first[3] = first[5]
+    first[7] = first[2]
+    second = first.clone()
+    second[7] = float(np.nextafter(first[2].item(), math.inf))
+    second[9] = float(np.nextafter(first[9].item(), -math.inf))
+    first, second = first.reshape(4, 4), second.reshape(4, 4)
+    plain = [torch.sort(-m.flatten(), stable=True).indices.tolist() for m in (first, second)]
+    assert plain[0] != plain[1]
+    assert patch_order(first).tolist() == patch_order(second).tolist()
+    d64, i64 = deletion_insertion_curves(model, images[0], first, 1, 16, (8, 8), batch_size=64)
+    d1, i1 = deletion_insertion_curves(model, images[0], second, 1, 16, (8, 8), batch_size=1)
+    tolerance = curve_tolerance(model, images[0])
+    assert curve_auc(d64) == pytest.approx(curve_auc(d1), abs=tolerance)
+    assert curve_auc(i64) == pytest.approx(curve_auc(i1), abs=tolerance)
 
 
 def test_auc_is_the_trapezoid_on_unit_spacing() -> None:
@@ -201,8 +255,9 @@ def test_curves_match_slow_reference_on_timm_models(key: str) -> None:
             model, images[index], relevance.tolist(), target, steps, stride
         )
         assert deletion.dtype == torch.float64 and deletion.shape == (steps + 1,)
-        np.testing.assert_allclose(deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+        tolerance = curve_tolerance(model, images[index])
+        np.testing.assert_allclose(deletion.numpy(), want_deletion, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(insertion.numpy(), want_insertion, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("stem", list(BUNDLED))
@@ -221,13 +276,14 @@ def test_run_faithfulness_matches_slow_reference_on_bundled_checkpoints(stem: st
             want_deletion, want_insertion = reference_curves(
                 model, images[index], curves.map.tolist(), predicted[index], 50, stride
             )
-            np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
-            np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+            tolerance = curve_tolerance(model, images[index])
+            np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=tolerance)
+            np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=tolerance)
             assert curves.deletion_auc == pytest.approx(
-                sum(want_deletion[i] + want_deletion[i + 1] for i in range(50)) / 100, abs=1e-6
+                sum(want_deletion[i] + want_deletion[i + 1] for i in range(50)) / 100, abs=tolerance
             )
             assert curves.insertion_auc == pytest.approx(
-                sum(want_insertion[i] + want_insertion[i + 1] for i in range(50)) / 100, abs=1e-6
+                sum(want_insertion[i] + want_insertion[i + 1] for i in range(50)) / 100, abs=tolerance
             )
         assert outcome.deletion_auc == pytest.approx(sum(c.deletion_auc for c in outcome.per_image) / 2, abs=1e-15)
         assert outcome.seconds_per_image > 0
@@ -242,8 +298,9 @@ def test_fixed_target_class_and_custom_steps() -> None:
     for index, curves in enumerate(result.methods["attention-last"].per_image):
         assert curves.target_class == 4
         want_deletion, want_insertion = reference_curves(model, images[index], curves.map.tolist(), 4, 3, (8, 8))
-        np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=1e-6)
+        tolerance = curve_tolerance(model, images[index])
+        np.testing.assert_allclose(curves.deletion.numpy(), want_deletion, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(curves.insertion.numpy(), want_insertion, rtol=0, atol=tolerance)
 
 
 # ---------------------------------------------------------------- the methods
@@ -262,19 +319,110 @@ def _block_sum_by_loops(pixels: torch.Tensor, grid: tuple[int, int], stride: tup
     return out
 
 
+def _slow_integrated_gradients(
+    model: torch.nn.Module, image: torch.Tensor, target: int, steps: int
+) -> tuple[torch.Tensor, float]:
+    """Signed attributions [C, H, W] and the relative completeness error, one node at a time, from the rule:
+    Gauss-Legendre in log alpha on [1e-7, 1] (weight w * alpha)."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    low = math.log(1e-7)
+    rule = []
+    for u, w in zip(nodes, weights):
+        alpha = math.exp(low + (u + 1) / 2 * (0 - low))
+        rule.append((alpha, w / 2 * (0 - low) * alpha))
+    total = torch.zeros(image.shape, dtype=torch.float64)
+    for alpha, weight in rule:
+        point = (float(alpha) * image).detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(model(point[None])[0, target], point)
+        total += float(weight) * gradient.to(torch.float64)
+    attribution = image.to(torch.float64) * total
+    with torch.no_grad():
+        gap = float(model(image[None])[0, target]) - float(model(torch.zeros_like(image)[None])[0, target])
+    return attribution, abs(float(attribution.sum()) - gap) / abs(gap)
+
+
 @pytest.mark.parametrize("key", ["cls", "non_square"])
-def test_integrated_gradients_is_captum_summed_over_channels_and_blocks(key: str) -> None:
+def test_integrated_gradients_from_its_rule_summed_over_channels_and_blocks(key: str) -> None:
     model = _timm(key)
     _, _, _, grid, stride, img_size = TIMM[key]
     images = _noise(img_size)
     targets = torch.tensor([1, 3])
-    got = explanation_maps(model, images, "integrated-gradients", targets, ig_steps=8, batch_size=5)
-    attribution = IntegratedGradients(model).attribute(
-        images, baselines=torch.zeros_like(images), target=[1, 3], n_steps=8
-    )
-    want = _block_sum_by_loops(attribution.detach().abs().sum(dim=1), grid, stride)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    diagnostics: dict = {}
+    got = explanation_maps(
+        model, images, "integrated-gradients", targets, ig_steps=7, ig_max_steps=7, batch_size=5,
+        diagnostics=diagnostics,
+    )  # fmt: skip
+    for index in range(2):
+        attribution, error = _slow_integrated_gradients(model, images[index], int(targets[index]), 7)
+        want = _block_sum_by_loops(attribution.abs().sum(dim=0)[None], grid, stride)[0]
+        torch.testing.assert_close(got[index], want, rtol=1e-4, atol=1e-6)
+        assert diagnostics["completeness_error"][index] == pytest.approx(error, rel=1e-3, abs=1e-6)
+    assert diagnostics["ig_steps"] == [7, 7]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_ig_schedule_integrates_polynomials_and_spikes_near_zero() -> None:
+    alphas, weights = ig_schedule(50)
+    assert alphas.shape == weights.shape == (50,) and alphas.min() > 0 and alphas.max() < 1
+    assert float(weights.sum()) == pytest.approx(1 - 1e-7, rel=1e-9)
+    assert float((weights * alphas**3).sum()) == pytest.approx(0.25, rel=1e-9)
+
+    # g = the derivative of a smooth step from 0 to 1 around alpha = 1e-5 (what a normalised stem does to the
+    # logit along alpha * x): its integral is 1; the uniform Gauss-Legendre rule of 50 nodes misses the step.
+    def spike(alpha: np.ndarray) -> np.ndarray:
+        rise = 1 / (1 + np.exp(-2 * (np.log(alpha) - np.log(1e-5))))
+        return 2 * rise * (1 - rise) / alpha
+
+    nodes, uniform = np.polynomial.legendre.leggauss(50)
+    assert float((weights * spike(alphas)).sum()) == pytest.approx(1, abs=1e-3)
+    assert abs(float((uniform / 2 * spike((nodes + 1) / 2)).sum()) - 1) > 0.5
+
+
+def test_integrated_gradients_doubles_steps_until_completeness_error_is_5_percent() -> None:
+    model = _timm("cls")
+    images = _noise((32, 32), batch=3)
+    targets = torch.tensor([0, 2, 4])
+    diagnostics: dict = {}
+    got = explanation_maps(
+        model, images, "integrated-gradients", targets, ig_steps=1, ig_max_steps=64, diagnostics=diagnostics
+    )
+    steps, errors = diagnostics["ig_steps"], diagnostics["completeness_error"]
+    for index in range(3):  # the rule, image by image: the first of 1, 2, 4, ... 64 whose error is <= 5%
+        count = 1
+        while True:
+            attribution, error = _slow_integrated_gradients(model, images[index], int(targets[index]), count)
+            if error <= 0.05 or count * 2 > 64:
+                break
+            count *= 2
+        assert steps[index] == count
+        assert errors[index] == pytest.approx(error, rel=1e-3, abs=1e-6)
+        want = _block_sum_by_loops(attribution.abs().sum(dim=0)[None], (4, 4), (8, 8))[0]
+        torch.testing.assert_close(got[index], want, rtol=1e-4, atol=1e-6)
+    assert max(steps) > 1 and all(e <= 0.05 for e in errors)  # it doubled, and it stopped once converged
+    capped: dict = {}
+    explanation_maps(model, images, "integrated-gradients", targets, ig_steps=1, ig_max_steps=1, diagnostics=capped)
+    assert capped["ig_steps"] == [1, 1, 1] and max(capped["completeness_error"]) > 0.05
+
+
+def test_convergence_is_in_the_result_and_json() -> None:
+    model = _timm("cls")
+    options = FaithfulnessOptions(methods=("integrated-gradients", "random"), steps=2, ig_steps=1, ig_max_steps=2)
+    result = run_faithfulness(model, _noise((32, 32), batch=3), ["a", "b", "c"], options)
+    convergence = result.methods["integrated-gradients"].convergence
+    assert result.methods["random"].convergence is None
+    assert convergence is not None and convergence.start_steps == 1 and convergence.max_steps == 2
+    assert len(convergence.errors) == 3 and set(convergence.steps) <= {1, 2}
+    assert convergence.median_error == pytest.approx(sorted(convergence.errors)[1])
+    assert convergence.converged == (convergence.median_error <= 0.05)
+    document = json.loads(json.dumps(result.to_json({})))["methods"]["integrated-gradients"]["convergence"]
+    assert document["steps"] == list(convergence.steps)
+    assert document["relative_error"] == pytest.approx(list(convergence.errors))
+    assert document["median_relative_error"] == pytest.approx(convergence.median_error)
+    assert document["converged"] == convergence.converged and document["tolerance"] == 0.05
+    with pytest.raises(VitvizError, match="--ig-max-steps"):
+        FaithfulnessOptions(ig_steps=50, ig_max_steps=40)
+    with pytest.raises(VitvizError, match="--ig-max-steps"):
+        FaithfulnessOptions(ig_max_steps=10_000)
 
 
 def test_random_map_reproducible_by_image_index() -> None:
@@ -462,12 +610,21 @@ def test_json_document() -> None:
     options = FaithfulnessOptions(methods=("rollout", "random"), steps=4)
     result = run_faithfulness(model, _noise((32, 32)), ["x.png", "y.png"], options)
     document = json.loads(json.dumps(result.to_json({"source": "timm:test"}), allow_nan=False))
-    assert list(document) == ["model", "protocol", "methods"]
+    assert list(document) == ["model", "protocol", "methods", "comparisons"]
     assert document["model"] == {"source": "timm:test"}
     assert document["protocol"] == {"steps": 4, "baseline": "normalised-zero", "target": "predicted"}
     assert list(document["methods"]) == ["rollout", "random"]
     rollout = document["methods"]["rollout"]
-    assert set(rollout) == {"deletion_auc", "insertion_auc", "seconds_per_image", "per_image"}
+    assert list(rollout) == [
+        "deletion_auc",
+        "insertion_auc",
+        "deletion_auc_interval",
+        "insertion_auc_interval",
+        "seconds_per_image",
+        "per_image",
+    ]
+    assert document["comparisons"]["num_images"] == 2
+    assert [(p["first"], p["second"]) for p in document["comparisons"]["deletion"]["pairs"]] == [("rollout", "random")]
     first = rollout["per_image"][0]
     assert set(first) == {"image", "target_class", "map", "deletion", "insertion", "deletion_auc", "insertion_auc"}
     assert first["image"] == "x.png" and len(first["deletion"]) == 5 and len(first["map"]) == 4
@@ -590,6 +747,8 @@ def test_cli_writes_what_the_api_computes(tmp_path: Path, capsys: pytest.Capture
         (["--methods", "bogus"], "unknown method bogus"),
         (["--steps", "0"], "steps"),
         (["--target-class", "10"], "out of range"),
+        (["--ig-steps", "50", "--ig-max-steps", "40"], "--ig-max-steps must be between"),
+        (["--ig-max-steps", "100000"], "--ig-max-steps must be between"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_status_2(extra: list[str], message: str, capsys) -> None:
@@ -599,3 +758,26 @@ def test_cli_bad_input_is_one_line_and_status_2(extra: list[str], message: str, 
     assert main([*argv, *extra, "--json", "-"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.slow
+def test_integrated_gradients_converges_on_the_hybrid_checkpoint() -> None:
+    """The hybrid's stem (GroupNorm after a bias-free convolution) puts all of f(x) - f(0) near alpha = 0: the
+    doubled rule must still reach a median completeness error of 5% and the ranking of a 2,000-node map."""
+    from training.data import build_dataset, eval_transform
+
+    loaded = load_model(str(CHECKPOINTS / "shapes-hybrid.safetensors"))
+    meta = loaded.meta
+    data = build_dataset("shapes", split="test", img_size=meta.input_size)
+    transform = eval_transform(input_size=meta.input_size, in_chans=meta.in_chans, mean=meta.mean, std=meta.std)
+    images = torch.stack([transform(data[index][0]) for index in range(4)])
+    with torch.no_grad():
+        targets = loaded.model(images).argmax(dim=-1)
+    diagnostics: dict = {}
+    maps = explanation_maps(loaded.model, images, "integrated-gradients", targets, diagnostics=diagnostics)
+    assert float(np.median(diagnostics["completeness_error"])) <= 0.05, diagnostics
+    reference = explanation_maps(
+        loaded.model, images, "integrated-gradients", targets, ig_steps=2000, ig_max_steps=2000
+    )
+    for index in range(4):
+        assert spearman(maps[index], reference[index]) >= 0.95

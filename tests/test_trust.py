@@ -111,9 +111,19 @@ def test_trust_page_auc_table_is_the_cores_and_sanity_shows_the_strip() -> None:
     table = _auc_table(at)
     assert list(table.index) == METHODS
     _, expected = _core(_samples(2), FaithfulnessOptions(methods=tuple(METHODS)))
+    summary = expected.summary
     for method in METHODS:
         assert table.loc[method, "deletion AUC"] == expected.methods[method].deletion_auc
         assert table.loc[method, "insertion AUC"] == expected.methods[method].insertion_auc
+        low, high = summary.intervals[method]["deletion"]
+        assert table.loc[method, "deletion interval"] == f"[{low:.4f}, {high:.4f}]"
+        low, high = summary.intervals[method]["insertion"]
+        assert table.loc[method, "insertion interval"] == f"[{low:.4f}, {high:.4f}]"
+    # The verdict is the interval rule's, never a "lowest AUC" read off two images' means.
+    shown = [_text(m) for m in at.markdown]
+    for line in summary.verdict():
+        assert line in shown, (line, shown)
+    assert not any("Lowest deletion AUC" in text for text in shown)
 
     curves = next(c for c in _charts(at) if any(t.get("legendgroup") == "deletion" for t in c["data"]))
     deletion = [t for t in curves["data"] if t["legendgroup"] == "deletion"]
@@ -208,6 +218,11 @@ def test_cli_page_service_and_evaluate_give_identical_aucs(tmp_path: Path, capsy
             assert page.methods[method].insertion_auc == want["insertion_auc"]
         assert evaluated["methods"][method]["deletion_auc"] == want["deletion_auc"]
         assert evaluated["methods"][method]["insertion_auc"] == want["insertion_auc"]
+        for key in ("deletion_auc_interval", "insertion_auc_interval"):
+            assert evaluated["methods"][method][key] == want[key]
+            assert want[key][0] <= want[key.removesuffix("_interval")] <= want[key][1]
+    assert evaluated["comparisons"] == cli["comparisons"]
+    assert cli["comparisons"]["num_images"] == count and len(cli["comparisons"]["deletion"]["pairs"]) == 3
 
     # The page's JSON download is the CLI's document (timings aside: they are measured, not computed).
     document = json.loads(json.dumps(cached.to_json(model_card(loaded).model_section())))
@@ -288,3 +303,18 @@ def test_download_figures_and_auc_csv_render(tmp_path: Path) -> None:
     np.testing.assert_array_equal(shifted, [[0.0, 3.0], [2.0, 5.0]])
     picture = plots.map_picture(None, np.array([[0.0, 1.0]]), side=8)
     assert picture.shape == (4, 8, 3) and (picture[:, :4] == picture[0, 0]).all()  # one flat block per token
+
+
+def test_integrated_gradients_that_did_not_converge_is_labelled() -> None:
+    from vitviz.faithfulness import Convergence, MethodResult
+    from vitviz.ui.trust import _method_label
+
+    def result(errors: tuple[float, ...]) -> MethodResult:
+        convergence = Convergence(steps=(800,) * len(errors), errors=errors, start_steps=50, max_steps=800)
+        return MethodResult("integrated-gradients", 0.2, 0.6, 1.0, (), convergence=convergence)
+
+    assert _method_label("integrated-gradients", result((0.01, 0.2, 0.04))) == "integrated-gradients"
+    missed = result((0.01, 0.2, 0.3))
+    assert not missed.convergence.converged and not missed.convergence.image_converged(1)
+    assert _method_label("integrated-gradients", missed) == "integrated-gradients (not converged)"
+    assert _method_label("rollout", MethodResult("rollout", 0.2, 0.6, 1.0, ())) == "rollout"

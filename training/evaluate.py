@@ -132,8 +132,9 @@ def evaluate_checkpoint(
 
 
 def faithfulness_section(result: FaithfulnessResult) -> dict[str, Any]:
-    """The evaluation JSON's "faithfulness" section: the protocol and each method's mean AUCs (the numbers of
-    `python -m vitviz faithfulness` on the same images, without the per-image curves and maps)."""
+    """The evaluation JSON's "faithfulness" section: the protocol, each method's mean AUCs with their 95%
+    paired-bootstrap intervals and the paired comparisons (the numbers of `python -m vitviz faithfulness` on the
+    same images, without the per-image curves and maps)."""
     images = len(next(iter(result.methods.values())).per_image)
     return {
         "protocol": {
@@ -146,10 +147,12 @@ def faithfulness_section(result: FaithfulnessResult) -> dict[str, Any]:
             name: {
                 "deletion_auc": method.deletion_auc,
                 "insertion_auc": method.insertion_auc,
+                **result.summary.interval_json(name),
                 "seconds_per_image": method.seconds_per_image,
             }
             for name, method in result.methods.items()
         },
+        "comparisons": result.summary.to_json(),
     }
 
 

@@ -8,6 +8,7 @@
         [--outlier-factor F] [--mass-share S]   (also: tokens,features,head-maps,logit-lens in --analyses)
     python -m vitviz faithfulness MODEL [--weights FILE] [--pretrained] --images PATH ... [--methods LIST]
         [--steps S] [--target-class C] [--sanity] [--json OUT] [--figures DIR] [--batch-size B] [--ig-steps K]
+        [--ig-max-steps K]
     python -m vitviz compare A B [--weights-a FILE] [--weights-b FILE] [--pretrained] (--dataset NAME [--limit N]
         | --images PATH ...) [--json OUT] [--figures DIR] [--batch-size B] [--distance-mode M] [--head-fusion F]
         [--discard-ratio R] [--start-layer S]
@@ -349,7 +350,16 @@ def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentPars
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
     p.add_argument("--figures", metavar="DIR", help="write the curves (and sanity) figures as PNG and SVG")
     p.add_argument("--batch-size", type=int, default=64, help="masked inputs per forward (64)")
-    p.add_argument("--ig-steps", type=int, default=50, help="integrated gradients: interpolation steps (50)")
+    p.add_argument(
+        "--ig-steps", type=int, default=50, help="integrated gradients: the first interpolation step count (50)"
+    )
+    p.add_argument(
+        "--ig-max-steps",
+        type=int,
+        default=800,
+        help="integrated gradients: steps are doubled up to this until the completeness error is at most 5%% "
+        "(800; at most 8192)",
+    )
 
 
 def cmd_faithfulness(args: argparse.Namespace) -> int:
@@ -366,6 +376,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         target_class=args.target_class,
         batch_size=args.batch_size,
         ig_steps=args.ig_steps,
+        ig_max_steps=args.ig_max_steps,
         sanity=args.sanity,
     )
     if args.json_out is None and args.figures is None:

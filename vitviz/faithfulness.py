@@ -6,8 +6,9 @@ registered there). This module asks the registry for maps and wires none itself.
 
 Protocol (Petsiuk et al. 2018, written down exactly so that anyone can reproduce it):
     n = gh*gw patch tokens; patch (i, j) covers pixels [i*sh, (i+1)*sh) x [j*sw, (j+1)*sw) (``layout.stride``:
-    for a hybrid the stem's stride). Patches are ordered by map value, descending, ties to the lower row-major
-    index (a stable sort of -map). Step i = 0..S uses k_i = floor(i*n / S) patches. Deletion: the preprocessed
+    for a hybrid the stem's stride). Patches are ordered by the map quantised to 1e-6 of its range
+    (round((v - min) / (max - min) * 1e6)), descending, ties to the lower row-major index, so the order does not
+    depend on batch size or kernels. Step i = 0..S uses k_i = floor(i*n / S) patches. Deletion: the preprocessed
     image with the first k_i patches set to 0 in normalised space (the model's mean colour). Insertion: an all-0
     normalised image with the first k_i patches restored. Pixels outside the grid, if any, are never deleted
     and never restored. The curve is the softmax probability (float64, from the logits) of the target class,
@@ -27,18 +28,21 @@ Rollout never reads the head, so its first entry is exactly 1; so is every entry
 
 Public API:
     METHODS, DEFAULT_METHODS, parse_methods(text) -> list of method names
-    FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps)
-    run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section))
+    FaithfulnessOptions(methods, steps, target_class, batch_size, ig_steps, ig_max_steps, sanity)
+    run_faithfulness(model, images, names, options) -> FaithfulnessResult (.to_json(model_section); .summary: the
+        AUCs' 95% paired-bootstrap intervals and comparisons of vitviz.intervals; MethodResult.convergence: the
+        integrated-gradients steps and completeness errors)
     dataset_faithfulness(model, batches, options, ...) -> DatasetFaithfulnessResult: a data set streamed in batches
     explanation_maps(model, images, method, targets, ...) -> [B, gh, gw] float64
     deletion_insertion_curves(model, image, relevance, target, steps, stride) -> (deletion, insertion) [S+1]
     sanity_check(model, images, original_maps, targets, options) -> {method: SanityResult}
-    patch_order, step_counts, masked_inputs, curve_auc, spearman, randomise_tensor, cascading_randomisation
+    patch_order, quantised_map, step_counts, masked_inputs, curve_auc, spearman, randomise_tensor, cascading_randomisation
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -51,7 +55,18 @@ import torch
 from torch import nn
 
 from vitviz.errors import VitvizError
-from vitviz.methods import LastLayerAttention, MapSettings, default_method_names, get_method, method_names
+from vitviz.intervals import Summary, summarise
+from vitviz.methods import (
+    IG_MAX_STEPS,
+    IG_STEPS,
+    IG_STEPS_LIMIT,
+    IG_TOLERANCE,
+    LastLayerAttention,
+    MapSettings,
+    default_method_names,
+    get_method,
+    method_names,
+)
 from vitviz.models import any_training, model_device
 from vitviz.tokens import token_layout
 
@@ -61,6 +76,7 @@ __all__ = [
     "BASELINE",
     "DEFAULT_METHODS",
     "METHODS",
+    "Convergence",
     "DatasetFaithfulnessResult",
     "DatasetImage",
     "DatasetMethodResult",
@@ -79,6 +95,7 @@ __all__ = [
     "masked_inputs",
     "parse_methods",
     "patch_order",
+    "quantised_map",
     "randomise_tensor",
     "run_faithfulness",
     "sanity_check",
@@ -91,6 +108,7 @@ METHODS = method_names()
 DEFAULT_METHODS = default_method_names()
 BASELINE = "normalised-zero"  # what deleted patches become and insertion starts from: 0 after normalisation
 MAX_DEFAULT_STEPS = 50
+ORDER_LEVELS = 1_000_000  # patch_order compares map values quantised to 1e-6 of the map's range
 SANITY_SEED = 0
 
 
@@ -115,7 +133,8 @@ class FaithfulnessOptions:
     steps: int | None = None  # S; None = min(n, 50)
     target_class: int | None = None  # None = each image's predicted class
     batch_size: int = 64  # masked inputs per forward; images per map forward; Captum's internal batch
-    ig_steps: int = 50  # integrated gradients: Captum's n_steps (Gauss-Legendre)
+    ig_steps: int = IG_STEPS  # integrated gradients: the first step count (Gauss-Legendre nodes)
+    ig_max_steps: int = IG_MAX_STEPS  # integrated gradients: steps are doubled up to this until converged
     sanity: bool = False  # run the cascading randomisation
 
     def __post_init__(self) -> None:
@@ -126,6 +145,11 @@ class FaithfulnessOptions:
             raise VitvizError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.ig_steps < 1:
             raise VitvizError(f"integrated-gradients steps must be at least 1, got {self.ig_steps}")
+        if not self.ig_steps <= self.ig_max_steps <= IG_STEPS_LIMIT:
+            raise VitvizError(
+                f"--ig-max-steps must be between --ig-steps ({self.ig_steps}) and {IG_STEPS_LIMIT}, "
+                f"got {self.ig_max_steps}"
+            )
         if self.target_class is not None and self.target_class < 0:
             raise VitvizError(f"--target-class must be 0 or more, got {self.target_class}")
 
@@ -145,12 +169,27 @@ def step_counts(num_patches: int, steps: int) -> torch.Tensor:
     return torch.div(torch.arange(steps + 1, dtype=torch.long) * num_patches, steps, rounding_mode="floor")
 
 
-def patch_order(relevance: torch.Tensor) -> torch.Tensor:
-    """Row-major patch indices [n] by map value, descending, ties to the lower index (stable sort of -map)."""
+def quantised_map(relevance: torch.Tensor) -> torch.Tensor:
+    """[n] int64: each value's position on a grid of ORDER_LEVELS steps over the map's range, row-major.
+
+    q = round((v - min) / (max - min) * ORDER_LEVELS); a constant map gives all 0. Two values closer than about
+    1/ORDER_LEVELS of the range get the same q, so kernel or batch-size differences of a few ulps in the map
+    (a batched matmul sums in another order) cannot swap two patches; only a value that falls within an ulp of
+    a rounding boundary can still move, by one level.
+    """
     flat = relevance.reshape(-1).to(torch.float64)
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("the map has non-finite values; patches cannot be ordered")
-    return torch.sort(-flat, stable=True).indices
+    low, high = flat.min(), flat.max()
+    span = high - low
+    if not bool(span > 0):
+        return torch.zeros(flat.shape, dtype=torch.long)
+    return torch.round((flat - low) / span * ORDER_LEVELS).to(torch.long)
+
+
+def patch_order(relevance: torch.Tensor) -> torch.Tensor:
+    """Row-major patch indices [n] by the quantised map (quantised_map), descending, ties to the lower index."""
+    return torch.sort(-quantised_map(relevance), stable=True).indices
 
 
 def _rank_pixels(relevance: torch.Tensor, stride: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -235,21 +274,28 @@ def explanation_maps(
     *,
     image_indices: Sequence[int] | None = None,
     batch_size: int = 64,
-    ig_steps: int = 50,
+    ig_steps: int = IG_STEPS,
+    ig_max_steps: int | None = None,
+    diagnostics: dict[str, list[Any]] | None = None,
 ) -> torch.Tensor:
     """Raw maps [B, gh, gw] float64 (on the CPU) of one method for preprocessed images [B, C, H, W].
 
     Args:
         targets: [B] long, the class each image is explained for (unused by methods that read no logits).
         image_indices: the seeds of seeded methods (``random``), one per image; default 0..B-1.
+        ig_max_steps: integrated gradients' cap on the doubled steps; None: max(ig_steps, IG_MAX_STEPS).
+        diagnostics: filled with what the method reports per image (integrated gradients: "ig_steps" and
+            "completeness_error").
     """
     (method,) = parse_methods([method])
+    cap = max(ig_steps, IG_MAX_STEPS) if ig_max_steps is None else ig_max_steps
     return get_method(method).maps(
         model,
         images,
         targets,
         image_indices=image_indices,
-        options=MapSettings(batch_size=batch_size, ig_steps=ig_steps),
+        options=MapSettings(batch_size=batch_size, ig_steps=ig_steps, ig_max_steps=cap),
+        diagnostics=diagnostics,
     )
 
 
@@ -322,6 +368,53 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
+class Convergence:
+    """Integrated gradients' convergence over a set of images: per image the steps used and the relative
+    completeness error |sum(attr) − (f(x) − f(x0))| / |f(x) − f(x0)| reached (infinite when the gap is 0 and the
+    attributions are not). The maps count as converged when the median error is at most ``tolerance``."""
+
+    steps: tuple[int, ...]
+    errors: tuple[float, ...]
+    start_steps: int
+    max_steps: int
+    tolerance: float = IG_TOLERANCE
+
+    @property
+    def median_error(self) -> float:
+        return float(np.median(np.asarray(self.errors, dtype=np.float64)))
+
+    @property
+    def converged(self) -> bool:
+        return self.median_error <= self.tolerance
+
+    def image_converged(self, index: int) -> bool:
+        return self.errors[index] <= self.tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start_steps": self.start_steps,
+            "max_steps": self.max_steps,
+            "tolerance": self.tolerance,
+            "steps": list(self.steps),
+            "relative_error": [_finite_or_none(v) for v in self.errors],
+            "median_relative_error": _finite_or_none(self.median_error),
+            "converged": self.converged,
+        }
+
+    @staticmethod
+    def from_diagnostics(diagnostics: Mapping[str, Sequence[Any]], options: FaithfulnessOptions) -> Convergence | None:
+        """From a method's per-image diagnostics; None for a method that reports no completeness error."""
+        if "completeness_error" not in diagnostics:
+            return None
+        return Convergence(
+            steps=tuple(int(v) for v in diagnostics["ig_steps"]),
+            errors=tuple(float(v) for v in diagnostics["completeness_error"]),
+            start_steps=options.ig_steps,
+            max_steps=options.ig_max_steps,
+        )
+
+
+@dataclass(frozen=True)
 class ImageCurves:
     """One image under one method."""
 
@@ -354,14 +447,18 @@ class MethodResult:
     insertion_auc: float
     seconds_per_image: float  # wall time of the map and both curves, per image
     per_image: tuple[ImageCurves, ...]
+    convergence: Convergence | None = None  # integrated gradients: steps and completeness error per image
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "deletion_auc": self.deletion_auc,
             "insertion_auc": self.insertion_auc,
             "seconds_per_image": self.seconds_per_image,
             "per_image": [curves.to_json() for curves in self.per_image],
         }
+        if self.convergence is not None:
+            document["convergence"] = self.convergence.to_json()
+        return document
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -396,6 +493,11 @@ class FaithfulnessResult:
     methods: Mapping[str, MethodResult]
     sanity: Mapping[str, SanityResult] | None = None
 
+    @functools.cached_property
+    def summary(self) -> Summary:
+        """The methods' AUC intervals and paired comparisons over the images (vitviz.intervals)."""
+        return _summary(self.methods)
+
     def to_json(self, model_section: Mapping[str, Any]) -> dict[str, Any]:
         """The JSON document; ``model_section`` is the "model" section as `analyze` writes it."""
         document: dict[str, Any] = {
@@ -405,11 +507,34 @@ class FaithfulnessResult:
                 "baseline": self.baseline,
                 "target": "predicted" if self.target_class is None else self.target_class,
             },
-            "methods": {name: result.to_json() for name, result in self.methods.items()},
+            "methods": _methods_json(self.methods, self.summary),
+            "comparisons": self.summary.to_json(),
         }
         if self.sanity is not None:
             document["sanity"] = {name: result.to_json() for name, result in self.sanity.items()}
         return document
+
+
+def _summary(methods: Mapping[str, Any]) -> Summary:
+    """summarise() of the per-image AUCs of MethodResults or DatasetMethodResults."""
+    return summarise(
+        {name: [image.deletion_auc for image in method.per_image] for name, method in methods.items()},
+        {name: [image.insertion_auc for image in method.per_image] for name, method in methods.items()},
+    )
+
+
+def _methods_json(methods: Mapping[str, Any], summary: Summary) -> dict[str, Any]:
+    """Each method's JSON with its AUC intervals beside its AUCs."""
+    documents = {}
+    for name, method in methods.items():
+        document = method.to_json()
+        documents[name] = {
+            "deletion_auc": document.pop("deletion_auc"),
+            "insertion_auc": document.pop("insertion_auc"),
+            **summary.interval_json(name),
+            **document,
+        }
+    return documents
 
 
 # ---------------------------------------------------------------- driver
@@ -464,6 +589,7 @@ def run_faithfulness(
     originals: dict[str, torch.Tensor] = {}
     for method in options.methods:
         started = time.perf_counter()
+        diagnostics: dict[str, list[Any]] = {}
         maps = explanation_maps(
             model,
             images,
@@ -472,6 +598,8 @@ def run_faithfulness(
             image_indices=indices,
             batch_size=options.batch_size,
             ig_steps=options.ig_steps,
+            ig_max_steps=options.ig_max_steps,
+            diagnostics=diagnostics,
         )
         per_image = []
         for index in range(images.shape[0]):
@@ -505,6 +633,7 @@ def run_faithfulness(
             insertion_auc=sum(c.insertion_auc for c in per_image) / len(per_image),
             seconds_per_image=elapsed / len(per_image),
             per_image=tuple(per_image),
+            convergence=Convergence.from_diagnostics(diagnostics, options),
         )
         logger.info(
             "%s: deletion AUC %.4f, insertion AUC %.4f",
@@ -545,6 +674,7 @@ def sanity_check(
                     image_indices=image_indices,
                     batch_size=options.batch_size,
                     ig_steps=options.ig_steps,
+                    ig_max_steps=options.ig_max_steps,
                 )
             )
     results = {}
@@ -601,9 +731,10 @@ class DatasetMethodResult:
     mean_deletion: torch.Tensor  # [S+1] float64, the mean of the images' curves
     mean_insertion: torch.Tensor  # [S+1] float64
     per_image: tuple[DatasetImage, ...]
+    convergence: Convergence | None = None  # integrated gradients, in image order
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "deletion_auc": self.deletion_auc,
             "insertion_auc": self.insertion_auc,
             "seconds_per_image": self.seconds_per_image,
@@ -611,6 +742,9 @@ class DatasetMethodResult:
             "mean_insertion": self.mean_insertion.tolist(),
             "per_image": [image.to_json() for image in self.per_image],
         }
+        if self.convergence is not None:
+            document["convergence"] = self.convergence.to_json()
+        return document
 
 
 @dataclass(frozen=True)
@@ -623,6 +757,11 @@ class DatasetFaithfulnessResult:
     methods: Mapping[str, DatasetMethodResult]
     dataset: Mapping[str, Any]
 
+    @functools.cached_property
+    def summary(self) -> Summary:
+        """The methods' AUC intervals and paired comparisons over the images (vitviz.intervals)."""
+        return _summary(self.methods)
+
     def to_json(self, model_section: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "model": dict(model_section),
@@ -632,7 +771,8 @@ class DatasetFaithfulnessResult:
                 "baseline": self.baseline,
                 "target": "predicted" if self.target_class is None else self.target_class,
             },
-            "methods": {name: result.to_json() for name, result in self.methods.items()},
+            "methods": _methods_json(self.methods, self.summary),
+            "comparisons": self.summary.to_json(),
         }
 
 
@@ -693,6 +833,7 @@ def dataset_faithfulness(
                 "deletion_sum": torch.stack([c.deletion for c in method.per_image]).sum(dim=0),
                 "insertion_sum": torch.stack([c.insertion for c in method.per_image]).sum(dim=0),
                 "seconds": method.seconds_per_image * len(positions),
+                "convergence": method.convergence,
             }
         labels_list = [int(v) for v in torch.as_tensor(labels).tolist()]
         records.append({"indices": positions, "labels": labels_list, "methods": methods})
@@ -721,6 +862,15 @@ def dataset_faithfulness(
                 record["indices"], record["labels"], entry["targets"], entry["deletion_auc"], entry["insertion_auc"]
             ):
                 per_image.append(DatasetImage(image_name(index), index, label, target, d_auc, i_auc))
+        parts_of = [r["methods"][name]["convergence"] for r in ordered]
+        convergence = None
+        if all(part is not None for part in parts_of):
+            convergence = Convergence(
+                steps=tuple(v for part in parts_of for v in part.steps),
+                errors=tuple(v for part in parts_of for v in part.errors),
+                start_steps=options.ig_steps,
+                max_steps=options.ig_max_steps,
+            )
         results[name] = DatasetMethodResult(
             method=name,
             deletion_auc=sum(image.deletion_auc for image in per_image) / count,
@@ -729,6 +879,7 @@ def dataset_faithfulness(
             mean_deletion=deletion / count,
             mean_insertion=insertion / count,
             per_image=tuple(per_image),
+            convergence=convergence,
         )
         logger.info("%s: deletion AUC %.4f, insertion AUC %.4f over %d images", name,
                     results[name].deletion_auc, results[name].insertion_auc, count)  # fmt: skip

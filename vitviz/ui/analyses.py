@@ -23,6 +23,7 @@ from vitviz.comparison import Comparison, compare_models, slice_batches
 from vitviz.data.stream import DatasetSlice
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import (
+    Convergence,
     FaithfulnessOptions,
     FaithfulnessResult,
     ImageCurves,
@@ -230,6 +231,7 @@ def faithfulness(
         sanity=options.sanity,
         batch_size=options.batch_size,
         ig_steps=options.ig_steps,
+        ig_max_steps=options.ig_max_steps,
     )
     names = [image.name for image in images]
 
@@ -270,6 +272,11 @@ def _faithfulness_arrays(result: FaithfulnessResult) -> dict[str, np.ndarray]:
         arrays[prefix + "insertion"] = np.stack([c.insertion.numpy() for c in curves])
         arrays[prefix + "image_deletion_auc"] = np.asarray([c.deletion_auc for c in curves], dtype=np.float64)
         arrays[prefix + "image_insertion_auc"] = np.asarray([c.insertion_auc for c in curves], dtype=np.float64)
+        if method.convergence is not None:
+            convergence = method.convergence
+            arrays[prefix + "ig_steps"] = np.asarray(convergence.steps, dtype=np.int64)
+            arrays[prefix + "completeness_error"] = np.asarray(convergence.errors, dtype=np.float64)
+            arrays[prefix + "ig_range"] = np.asarray([convergence.start_steps, convergence.max_steps], dtype=np.int64)
     if result.sanity is not None:
         arrays["sanity.methods"] = np.asarray(list(result.sanity))
         first = next(iter(result.sanity.values()))
@@ -279,6 +286,18 @@ def _faithfulness_arrays(result: FaithfulnessResult) -> dict[str, np.ndarray]:
             arrays[f"s{index}.per_image_spearman"] = np.asarray(sanity.per_image_spearman, dtype=np.float64)
             arrays[f"s{index}.maps"] = sanity.maps.numpy()
     return arrays
+
+
+def _convergence_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str) -> Convergence | None:
+    if prefix + "completeness_error" not in arrays:
+        return None
+    start, cap = (int(v) for v in arrays[prefix + "ig_range"])
+    return Convergence(
+        steps=tuple(int(v) for v in arrays[prefix + "ig_steps"]),
+        errors=tuple(float(v) for v in arrays[prefix + "completeness_error"]),
+        start_steps=start,
+        max_steps=cap,
+    )
 
 
 def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> FaithfulnessResult:
@@ -307,6 +326,7 @@ def _faithfulness_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[
             insertion_auc=float(arrays[prefix + "insertion_auc"]),
             seconds_per_image=float(arrays[prefix + "seconds_per_image"]),
             per_image=per_image,
+            convergence=_convergence_from_arrays(arrays, prefix),
         )
     sanity: dict[str, SanityResult] | None = None
     if "sanity.methods" in arrays:

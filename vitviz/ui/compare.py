@@ -473,6 +473,10 @@ def _rollout(models: list[Compared], rows: dict[str, dict], figures: dict, array
     _differences(gradients, "gradient rollout, each map ÷ its maximum", figures, arrays, key="gradient", shown=shown)
 
 
+def _interval_text(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
 def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, arrays: dict) -> None:
     """Each model's deletion and insertion AUCs of the chosen methods on the same images, from the cached
     `vitviz.ui.analyses.faithfulness` (the numbers of /trust and `python -m vitviz faithfulness`)."""
@@ -511,7 +515,9 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
             "model": name,
             "method": method,
             "deletion AUC": values.deletion_auc,
+            "deletion interval": _interval_text(result.summary.intervals[method]["deletion"]),
             "insertion AUC": values.insertion_auc,
+            "insertion interval": _interval_text(result.summary.intervals[method]["insertion"]),
             "steps S": result.steps,
         }
         for name, result in results.items()
@@ -530,13 +536,15 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
         },
     )
     for name, result in results.items():
-        best_deletion = min(result.methods, key=lambda m: result.methods[m].deletion_auc)
-        best_insertion = max(result.methods, key=lambda m: result.methods[m].insertion_auc)
-        st.caption(f"**{name}**: lowest deletion AUC {best_deletion}, highest insertion AUC {best_insertion}.")
+        st.caption(f"**{widgets.plain(name)}**: " + " ".join(widgets.plain(line) for line in result.summary.verdict()))
         for method, values in result.methods.items():
             rows[name][f"{method} deletion AUC"] = round(values.deletion_auc, 4)
             rows[name][f"{method} insertion AUC"] = round(values.insertion_auc, 4)
-    st.caption(f"Mean over {len(images)} image{'s' if len(images) != 1 else ''}; each model's predicted class.")
+    st.caption(
+        f"Mean over {len(images)} image{'s' if len(images) != 1 else ''}; each model's predicted class. Intervals: "
+        "95% paired bootstrap over the images; a method is called better only when the interval of its per-image "
+        "difference excludes 0."
+    )
     for column, model in zip(_columns(models), models):
         if model.name not in results:
             continue

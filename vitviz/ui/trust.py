@@ -15,7 +15,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz.errors import VitvizError
-from vitviz.faithfulness import FaithfulnessOptions, FaithfulnessResult, default_steps
+from vitviz.faithfulness import FaithfulnessOptions, FaithfulnessResult, MethodResult, default_steps
 from vitviz.methods import get_method, method_names
 from vitviz.models import LoadedModel
 from vitviz.plots import faithfulness as faithfulness_plots
@@ -27,7 +27,8 @@ from vitviz.ui.analyses import display_picture, faithfulness
 
 PAGE_DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "random")
 COSTLY = {
-    "integrated-gradients": "integrated gradients runs {ig} forward and backward passes per image",
+    "integrated-gradients": "integrated gradients runs {ig} to {ig_max} forward and backward passes per image "
+    "(doubled until its completeness error is at most 5%)",
     "occlusion": "occlusion runs one forward per patch ({n} here) per image",
 }
 PREDICTED = -1  # the target selectbox's entry for "each image's predicted class"
@@ -92,7 +93,12 @@ def render() -> None:
     if costly:
         st.caption(
             "Slow: "
-            + "; ".join(COSTLY[m].format(ig=FaithfulnessOptions().ig_steps, n=num_patches) for m in costly)
+            + "; ".join(
+                COSTLY[m].format(
+                    ig=FaithfulnessOptions().ig_steps, ig_max=FaithfulnessOptions().ig_max_steps, n=num_patches
+                )
+                for m in costly
+            )
             + ", on top of the curves. Results are cached, so each runs once per image set."
         )
 
@@ -146,11 +152,14 @@ def render() -> None:
 
 def _auc_table(result: FaithfulnessResult) -> None:
     st.markdown("##### Area under the curves")
+    summary = result.summary
     rows = [
         {
-            "method": name,
+            "method": _method_label(name, method),
             "deletion AUC": method.deletion_auc,
+            "deletion interval": _interval_text(summary.intervals[name]["deletion"]),
             "insertion AUC": method.insertion_auc,
+            "insertion interval": _interval_text(summary.intervals[name]["insertion"]),
             "seconds per image": method.seconds_per_image,
         }
         for name, method in result.methods.items()
@@ -164,8 +173,14 @@ def _auc_table(result: FaithfulnessResult) -> None:
                 "deletion AUC": st.column_config.NumberColumn(
                     "deletion AUC ↓", format="%.4f", help="Lower is better: the prediction falls faster."
                 ),
+                "deletion interval": st.column_config.TextColumn(
+                    "95% interval", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
+                ),
                 "insertion AUC": st.column_config.NumberColumn(
                     "insertion AUC ↑", format="%.4f", help="Higher is better: the prediction returns faster."
+                ),
+                "insertion interval": st.column_config.TextColumn(
+                    "95% interval ", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
                 ),
                 "seconds per image": st.column_config.NumberColumn(
                     "s / image", format="%.2f", help="Wall time of the map and both curves, when computed."
@@ -175,37 +190,25 @@ def _auc_table(result: FaithfulnessResult) -> None:
     images = len(next(iter(result.methods.values())).per_image)
     target = "each image's prediction" if result.target_class is None else f"class {result.target_class}"
     with verdict_col:
-        for line in _verdict(result):
-            st.markdown(line)
+        for line in summary.verdict():
+            st.markdown(widgets.plain(line))
+        if "random" not in result.methods:
+            st.markdown("Add `random` to see the baseline every method should beat.")
         st.caption(
             f"Mean over {images} image{'s' if images != 1 else ''}; S = {result.steps} steps; target: {target}; "
-            "deleted patches become 0 after normalisation (the model's mean colour)."
+            "deleted patches become 0 after normalisation (the model's mean colour). A method is called better "
+            "than another only when the 95% paired-bootstrap interval of their per-image difference excludes 0."
         )
 
 
-def _verdict(result: FaithfulnessResult) -> list[str]:
-    """Plain sentences: which method is best by each curve, and which do no better than random."""
-    methods = result.methods
-    lines = []
-    if len(methods) > 1:
-        best_deletion = min(methods, key=lambda m: methods[m].deletion_auc)
-        best_insertion = max(methods, key=lambda m: methods[m].insertion_auc)
-        lines.append(f"Lowest deletion AUC: **{best_deletion}**. Highest insertion AUC: **{best_insertion}**.")
-    if "random" in methods:
-        chance = methods["random"]
-        worse = [
-            name
-            for name, method in methods.items()
-            if name != "random"
-            and (method.deletion_auc >= chance.deletion_auc or method.insertion_auc <= chance.insertion_auc)
-        ]
-        if worse:
-            lines.append(f"No better than random on at least one curve: **{', '.join(worse)}**.")
-        elif len(methods) > 1:
-            lines.append("Every method beats random on both curves.")
-    else:
-        lines.append("Add `random` to see the baseline every method should beat.")
-    return lines
+def _interval_text(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _method_label(name: str, method: MethodResult) -> str:
+    """The method's name, with "(not converged)" when its maps missed their convergence target."""
+    convergence = method.convergence
+    return name if convergence is None or convergence.converged else f"{name} (not converged)"
 
 
 def _curves(result: FaithfulnessResult, names: Sequence[str]) -> None:
@@ -242,7 +245,9 @@ def _maps(result: FaithfulnessResult, pictures: Sequence[np.ndarray], names: Seq
             cell.image(
                 map_picture(pictures[index], curves.map.numpy(), cmap=COLOUR_MAP, alpha=OPACITY), width="stretch"
             )
-            cell.caption(f"deletion {curves.deletion_auc:.3f} · insertion {curves.insertion_auc:.3f}")
+            convergence = result.methods[method].convergence
+            note = "" if convergence is None or convergence.image_converged(index) else " · not converged"
+            cell.caption(f"deletion {curves.deletion_auc:.3f} · insertion {curves.insertion_auc:.3f}{note}")
     if len(pictures) > shown:
         st.caption(f"… and {len(pictures) - shown} more images (in the table's means and in the downloads).")
     st.caption(
