@@ -188,7 +188,7 @@ def app_hf_folders(folders: list[list[str]], cache_dir: str, runs_dir: str) -> l
     results = [{"name": "(start)", **_page_state(at)}]
     for hub_id, _folder in folders:
         try:
-            at.text_input(key="vv.add.timm").set_value(f"hf:{hub_id}").run()
+            at.text_input(key="vv.add.timm").set_value(f"hf:{hub_id}")  # a form: submitted by its button
             next(b for b in at.button if b.label == "Load model").click().run()
             state = _page_state(at)
         except BaseException as exc:

@@ -78,7 +78,7 @@ def render() -> None:
     target = target_col.selectbox(
         "Target class",
         target_choices,
-        key="trust.target",
+        key=widgets.model_key("trust.target", loaded),
         format_func=lambda i: "each image's prediction" if i == PREDICTED else f"{i}: {class_names[i]}",
         help="The class whose probability the curves follow, and that gradient methods explain.",
     )
