@@ -859,6 +859,64 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     assert _query(at, "model") == ["run:demo-run/epoch-001"]
 
 
+def _fake_finetune(runs: Path, run_id: str, base_source: str, *, config: dict | None = None) -> Path:
+    """A finished fine-tune: the run folder of `_fake_run` whose checkpoint's lineage names `base_source`."""
+    folder = _fake_run(runs, run_id)
+    with open(DEFAULT, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        metadata = json.loads(handle.read(header_len))["__metadata__"]
+    meta = json.loads(metadata["vitviz"])
+    meta["training"] = {**meta.get("training", {}), "base_source": base_source, "strategy": "linear"}
+    safetensors.numpy.save_file(
+        _tensors(DEFAULT), str(folder / "best.safetensors"), {**metadata, "vitviz": json.dumps(meta)}
+    )
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_finished_fine_tune_opens_compare_with_its_base_on_what_changed(app_folders: dict[str, Path]) -> None:
+    _fake_run(app_folders["runs"], "scratch")  # trained from scratch: nothing to compare with
+    _fake_finetune(app_folders["runs"], "tuned", "assets/checkpoints/shapes-default.safetensors")  # as typed
+    at = _open("train")
+    at.selectbox(key="train.follow.widget").set_value("scratch").run()
+    assert not any(b.label == "Compare with its base" for b in at.button)
+    at.selectbox(key="train.follow.widget").set_value("tuned").run()
+    at.session_state["compare.changed.limit"] = 8  # few images: the tab computes as it opens
+    next(b for b in at.button if b.label == "Compare with its base").click().run()
+    _assert_clean(at)
+    assert [t.value for t in at.title] == ["Compare models"]
+    assert at.multiselect(key="vv.compare.widget").value == ["bundled:shapes-default", "run:tuned"]
+    assert _query(at, "compare") == ["bundled:shapes-default", "run:tuned"]
+    assert at.session_state["compare.tab"] == "What changed"
+    assert [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"], "the What changed tab is not open"
+
+
+def test_the_base_of_a_fine_tune_is_the_picker_entry_its_lineage_names(tmp_path: Path) -> None:
+    from vitviz.ui import catalog
+
+    runs = tmp_path / "lineage-runs"
+    runs.mkdir()
+    _fake_run(runs, "plain")
+    _fake_finetune(runs, "of-run", str(runs / "plain"))
+    _fake_finetune(runs, "of-timm", "timm:vit_tiny_patch16_224", config={"finetune": {"pretrained": True}})
+    _fake_finetune(runs, "of-hub", "hf:google/vit-base-patch16-224")
+    _fake_finetune(runs, "of-gone", str(tmp_path / "gone.safetensors"))
+    _fake_finetune(runs, "of-hf-folder", "hf:/data/a-folder")
+    entries = catalog.discover_models(runs=runs, epochs=False)
+    by_key = {e.key: e for e in entries}
+
+    def base(run_id: str) -> str | None:
+        found = catalog.base_entry(by_key[f"run:{run_id}"], entries)
+        return None if found is None else found.key
+
+    assert base("plain") is None  # no lineage
+    assert base("of-run") == "run:plain"
+    assert base("of-timm") == "timm-pretrained:vit_tiny_patch16_224"
+    assert base("of-hub") == "hf:google/vit-base-patch16-224"
+    assert base("of-gone") is None and base("of-hf-folder") is None  # not available to the studio
+
+
 def test_train_curves_can_be_smoothed(app_folders: dict[str, Path]) -> None:
     _fake_run(app_folders["runs"], "demo-run")
     at = _open("train")

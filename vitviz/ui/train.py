@@ -341,6 +341,8 @@ def _live_view(run_id: str, was_active: bool) -> None:
             else:
                 st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Resumed run {run_id}.")
                 st.rerun(scope="app")
+        if status == "finished":
+            _compare_with_base(run_id)
     records = run_folders.read_metrics(folder)
     if records:
         smoothing = st.slider(
@@ -379,6 +381,33 @@ def _live_view(run_id: str, was_active: bool) -> None:
             numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)},
             key="train",
         )
+
+
+COMPARE_PAGE = "vitviz/ui/compare.py"
+CHANGED_TAB = "What changed"  # the /compare tab that measures what a fine-tune changed
+
+
+def _compare_with_base(run_id: str) -> None:
+    """For a finished fine-tune: open /compare on its base (the reference) and the run, at "What changed"."""
+    entries = widgets.picker_entries()
+    entry = next((e for e in entries if e.key == f"{catalog.RUN}:{run_id}"), None)
+    base = None if entry is None else catalog.base_entry(entry, entries)
+    if base is None or not st.button(
+        "Compare with its base",
+        key=f"train.compare.{run_id}",
+        icon=":material/compare:",
+        width="stretch",
+        help=f"Open /compare with {base.label} and this run.",
+    ):
+        return
+    if base.key not in {e.key for e in entries}:
+        st.session_state.setdefault(keys.EXTRA_MODELS, {})[base.key] = base
+    chosen = [base.key, entry.key]
+    st.session_state[keys.COMPARE] = chosen
+    st.session_state[keys.COMPARE_WIDGET] = chosen
+    st.session_state[keys.COMPARE_ADOPTED] = True  # the URL's old ?compare= does not replace this choice
+    st.session_state[keys.COMPARE_TAB] = CHANGED_TAB
+    st.switch_page(COMPARE_PAGE)
 
 
 def _epoch_checkpoints(folder: Path) -> None:
