@@ -859,6 +859,64 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     assert _query(at, "model") == ["run:demo-run/epoch-001"]
 
 
+def _fake_finetune(runs: Path, run_id: str, base_source: str, *, config: dict | None = None) -> Path:
+    """A finished fine-tune: the run folder of `_fake_run` whose checkpoint's lineage names `base_source`."""
+    folder = _fake_run(runs, run_id)
+    with open(DEFAULT, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        metadata = json.loads(handle.read(header_len))["__metadata__"]
+    meta = json.loads(metadata["vitviz"])
+    meta["training"] = {**meta.get("training", {}), "base_source": base_source, "strategy": "linear"}
+    safetensors.numpy.save_file(
+        _tensors(DEFAULT), str(folder / "best.safetensors"), {**metadata, "vitviz": json.dumps(meta)}
+    )
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_finished_fine_tune_opens_compare_with_its_base_on_what_changed(app_folders: dict[str, Path]) -> None:
+    _fake_run(app_folders["runs"], "scratch")  # trained from scratch: nothing to compare with
+    _fake_finetune(app_folders["runs"], "tuned", "assets/checkpoints/shapes-default.safetensors")  # as typed
+    at = _open("train")
+    at.selectbox(key="train.follow.widget").set_value("scratch").run()
+    assert not any(b.label == "Compare with its base" for b in at.button)
+    at.selectbox(key="train.follow.widget").set_value("tuned").run()
+    at.session_state["compare.changed.limit"] = 8  # few images: the tab computes as it opens
+    next(b for b in at.button if b.label == "Compare with its base").click().run()
+    _assert_clean(at)
+    assert [t.value for t in at.title] == ["Compare models"]
+    assert at.multiselect(key="vv.compare.widget").value == ["bundled:shapes-default", "run:tuned"]
+    assert _query(at, "compare") == ["bundled:shapes-default", "run:tuned"]
+    assert at.session_state["compare.tab"] == "What changed"
+    assert [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"], "the What changed tab is not open"
+
+
+def test_the_base_of_a_fine_tune_is_the_picker_entry_its_lineage_names(tmp_path: Path) -> None:
+    from vitviz.ui import catalog
+
+    runs = tmp_path / "lineage-runs"
+    runs.mkdir()
+    _fake_run(runs, "plain")
+    _fake_finetune(runs, "of-run", str(runs / "plain"))
+    _fake_finetune(runs, "of-timm", "timm:vit_tiny_patch16_224", config={"finetune": {"pretrained": True}})
+    _fake_finetune(runs, "of-hub", "hf:google/vit-base-patch16-224")
+    _fake_finetune(runs, "of-gone", str(tmp_path / "gone.safetensors"))
+    _fake_finetune(runs, "of-hf-folder", "hf:/data/a-folder")
+    entries = catalog.discover_models(runs=runs, epochs=False)
+    by_key = {e.key: e for e in entries}
+
+    def base(run_id: str) -> str | None:
+        found = catalog.base_entry(by_key[f"run:{run_id}"], entries)
+        return None if found is None else found.key
+
+    assert base("plain") is None  # no lineage
+    assert base("of-run") == "run:plain"
+    assert base("of-timm") == "timm-pretrained:vit_tiny_patch16_224"
+    assert base("of-hub") == "hf:google/vit-base-patch16-224"
+    assert base("of-gone") is None and base("of-hf-folder") is None  # not available to the studio
+
+
 def test_train_curves_can_be_smoothed(app_folders: dict[str, Path]) -> None:
     _fake_run(app_folders["runs"], "demo-run")
     at = _open("train")
@@ -1094,6 +1152,103 @@ def test_bundled_samples_are_the_ten_shapes_and_no_masks() -> None:
     sets = catalog.discover_sample_sets()
     assert [s.name for s in sets] == ["samples"]
     assert [p.stem for p in sets[0].files] == sorted(SHAPE_CLASSES)
+
+
+def _image_folder(root: Path, classes: dict[str, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _spy_launcher(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
+    """The requests the page checks and the command lines it would start (no process is started)."""
+    from vitviz.ui import runs
+
+    checked: list = []
+    spawned: list = []
+    monkeypatch.setattr(runs, "check_request", lambda request, **kw: checked.append(request))
+    monkeypatch.setattr(runs, "_spawn", lambda args, runs_dir, run_id: spawned.append(args))
+    return checked, spawned
+
+
+def test_train_fine_tunes_a_picked_base_on_a_validated_image_folder(
+    app_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitviz.data.folder import summarize_folder
+    from vitviz.ui import runs
+
+    data = _image_folder(tmp_path / "pets", {"cat": 12, "dog": 12, "owl": 12})
+    checked, spawned = _spy_launcher(monkeypatch)
+    at = _open("train")
+    at.segmented_control(key="train.command").set_value("finetune").run()
+    assert at.selectbox(key="train.source").value == "bundled:shapes-default"  # the sidebar's model
+    assert "timm" not in " ".join(at.selectbox(key="train.source").options)  # none added in this session
+    at.selectbox(key="train.dataset").set_value("folder").run()
+    at.text_input(key="train.folder").input(str(data)).run()
+    _assert_clean(at)
+    summary = summarize_folder(data)
+    assert [_text(s) for s in at.success] == [summary.describe()] and summary.describe().startswith("3 classes, 36")
+    at.segmented_control(key="train.strategy").set_value("lora").run()
+    at.number_input(key="train.lora_rank").set_value(4)
+    at.text_input(key="train.run_id").input("pets-lora")
+    at.button(key="FormSubmitter:train.form.finetune-Start").click().run()
+    _assert_clean(at)
+    assert len(checked) == 1 and len(spawned) == 1
+    assert spawned[0] == runs.command_line(checked[0])
+    assert spawned[0][1:] == [
+        "-m", "training", "finetune", "--preset", "finetune",
+        "--from", str(DEFAULT.resolve()), "--strategy", "lora", "--lora-rank", "4",
+        "--dataset", f"folder:{data}",
+        "--runs-dir", str(app_folders["runs"].resolve()), "--run-id", "pets-lora", "--no-progress",
+    ]  # fmt: skip
+    assert any("Started run pets-lora" in _text(s) for s in at.success)
+
+
+def test_train_refuses_an_image_folder_it_cannot_train_on(
+    app_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked, spawned = _spy_launcher(monkeypatch)
+    _image_folder(tmp_path / "single", {"cat": 12})
+    at = _open("train")
+    at.segmented_control(key="train.command").set_value("finetune").run()
+    at.selectbox(key="train.dataset").set_value("folder").run()
+    at.text_input(key="train.folder").input(str(tmp_path / "missing")).run()
+    assert _errors(at) == [f"image folder {tmp_path / 'missing'} does not exist or is not a folder"]
+    at.text_input(key="train.folder").input(str(tmp_path / "single")).run()
+    assert _errors(at) == [f"{tmp_path / 'single'} has 1 class folder; a classifier needs at least two"]
+    at.segmented_control(key="train.strategy").set_value("freeze").run()
+    at.button(key="FormSubmitter:train.form.finetune-Start").click().run()
+    _assert_clean(at)
+    assert any(e.startswith("Not started: ") and "needs at least two" in e for e in _errors(at))
+    assert checked == [] and spawned == []
+
+
+def test_a_fine_tune_of_any_source_passes_its_strategy_data_set_and_weights(tmp_path: Path) -> None:
+    from vitviz.errors import VitvizError
+    from vitviz.ui import runs
+
+    def request(**kwargs: object) -> object:
+        base = {"command": "finetune", "preset": "finetune", "run_id": "ft", "runs_dir": tmp_path}
+        return runs.RunRequest(**{**base, **kwargs})
+
+    args = runs.command_line(
+        request(source="timm:vit_tiny_patch16_224", pretrained=True, strategy="freeze:2", dataset="folder:/d")
+    )
+    assert args[3:] == [
+        "finetune", "--preset", "finetune", "--from", "timm:vit_tiny_patch16_224", "--pretrained",
+        "--strategy", "freeze:2", "--dataset", "folder:/d",
+        "--runs-dir", str(tmp_path), "--run-id", "ft", "--no-progress",
+    ]  # fmt: skip
+    check = runs.check_command_line(request(source="hf:o/m", strategy="lora", lora_rank=4, dataset="shapes"))
+    assert check[3:] == [
+        "check", "--kind", "finetune", "--preset", "finetune", "--from", "hf:o/m",
+        "--strategy", "lora", "--lora-rank", "4", "--dataset", "shapes",
+    ]  # fmt: skip
+    with pytest.raises(VitvizError, match="lora strategy only"):
+        runs.command_line(request(source="a.safetensors", strategy="linear", lora_rank=4))
 
 
 def test_training_command_line_follows_the_training_cli(tmp_path: Path) -> None:

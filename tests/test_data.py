@@ -407,6 +407,40 @@ def test_folder_without_images_is_a_user_error(tmp_path: Path) -> None:
         build_dataset("folder")
 
 
+def test_a_folder_summary_counts_classes_and_the_images_of_each_split_as_training_reads_them(tmp_path: Path) -> None:
+    from vitviz.data.folder import summarize_folder
+
+    _make_folder(tmp_path / "flat", {"zebra": 40, "ant": 40, "cat": 40})
+    summary = summarize_folder(f"  {tmp_path / 'flat'} ")
+    assert summary.class_names == ["ant", "cat", "zebra"]
+    lengths = {s: len(build_dataset("folder", split=s, root=tmp_path / "flat")) for s in ("train", "val", "test")}
+    assert summary.images == lengths and summary.total == 120
+    assert (
+        summary.describe()
+        == f"3 classes, 120 images (train {lengths['train']}, val {lengths['val']}, test {lengths['test']})"
+    )
+    _make_folder(tmp_path / "given" / "train", {"a": 3, "b": 2})
+    _make_folder(tmp_path / "given" / "val", {"b": 2})
+    assert summarize_folder(tmp_path / "given").images == {"train": 5, "val": 2}  # no test/ folder: none counted
+
+
+def test_a_folder_training_could_not_use_is_one_line(tmp_path: Path) -> None:
+    from vitviz.data.folder import summarize_folder
+
+    with pytest.raises(VitvizError, match="give the path"):
+        summarize_folder("  ")
+    with pytest.raises(VitvizError, match="does not exist"):
+        summarize_folder(tmp_path / "missing")
+    with pytest.raises(VitvizError, match="no images"):
+        summarize_folder(tmp_path)
+    _make_folder(tmp_path / "one", {"only": 20})
+    with pytest.raises(VitvizError, match="1 class folder; a classifier needs at least two"):
+        summarize_folder(tmp_path / "one")
+    _make_folder(tmp_path / "noval" / "train", {"a": 2, "b": 2})
+    with pytest.raises(VitvizError, match="no val/"):
+        summarize_folder(tmp_path / "noval")  # training needs a val split too
+
+
 def test_unknown_dataset_names_are_user_errors() -> None:
     assert DATASET_NAMES == ("shapes", "digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
     with pytest.raises(VitvizError, match="unknown dataset"):

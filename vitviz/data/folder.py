@@ -14,9 +14,11 @@ format vitviz decodes; links to folders are not followed). Images are decoded by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,43 @@ class ImageFolderDataset(VisionDataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         index = self._check_index(index)
         return decode_image(self.paths[index]), int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What training on `folder:ROOT` would read: the class names and the number of images of each split."""
+
+    root: Path
+    class_names: list[str]
+    images: dict[str, int]  # split -> images ("train" and "val" always, "test" when there is one)
+
+    @property
+    def total(self) -> int:
+        return sum(self.images.values())
+
+    def describe(self) -> str:
+        """One line, e.g. "3 classes, 120 images (train 96, val 12, test 12)"."""
+        splits = ", ".join(f"{split} {count}" for split, count in self.images.items())
+        return f"{len(self.class_names)} classes, {self.total} images ({splits})"
+
+
+def summarize_folder(root: str | Path) -> FolderSummary:
+    """Check that `root` can be trained on (as `--dataset folder:ROOT`) and say what it holds.
+
+    The splits are read exactly as training reads them (`ImageFolderDataset`), so a folder accepted here gives
+    training a train and a val split; a VitvizError says in one line why a folder cannot be used.
+    """
+    text = str(root).strip()
+    if not text:
+        raise VitvizError("give the path of an image folder on the server (one subfolder per class)")
+    root = Path(text).expanduser()
+    train = ImageFolderDataset(root, split="train")
+    count = len(train.class_names)
+    if count < 2:
+        raise VitvizError(
+            f"{root} has {count} class folder{'' if count == 1 else 's'}; a classifier needs at least two"
+        )
+    images = {"train": len(train), "val": len(ImageFolderDataset(root, split="val"))}
+    with contextlib.suppress(VitvizError):  # no test split: training needs train and val only
+        images["test"] = len(ImageFolderDataset(root, split="test"))
+    return FolderSummary(root=root, class_names=list(train.class_names), images=images)

@@ -247,6 +247,43 @@ def run_dir_for(entry: ModelEntry, training: dict[str, Any], runs: Path | None =
     return None
 
 
+def base_entry(entry: ModelEntry, entries: list[ModelEntry]) -> ModelEntry | None:
+    """The model a fine-tuned checkpoint started from, as a picker entry, from its lineage (`base_source` in the
+    training summary); None when the checkpoint is no fine-tune or its base is not available to the studio
+    (a checkpoint or run that is gone, a Hugging Face folder on disk)."""
+    if entry.path is None:
+        return None
+    from vitviz.models.checkpoint import read_checkpoint_meta  # torch: only once a checkpoint is asked about
+
+    try:
+        source = read_checkpoint_meta(entry.path).training.get("base_source")
+    except VitvizError:
+        return None
+    if not isinstance(source, str) or not source.strip():
+        return None
+    try:
+        if source.startswith(f"{TIMM}:"):
+            return timm_entry(source, pretrained=_finetuned_pretrained(entry.run_dir))
+        if source.startswith(f"{HF}:"):
+            return hf_entry(source)
+    except VitvizError:
+        return None
+    path = Path(source).expanduser()
+    path = (path if path.is_absolute() else REPO_ROOT / path).resolve()  # the backend runs in the repository
+    if path.is_dir():  # a run folder: its main checkpoint
+        return next((e for e in entries if e.kind == RUN and e.run_dir is not None and e.run_dir.resolve() == path
+                     and "/" not in e.key), None)  # fmt: skip
+    return next((e for e in entries if e.path is not None and e.path.resolve() == path), None)
+
+
+def _finetuned_pretrained(run: Path | None) -> bool:
+    """Whether the fine-tune in `run` started from timm's pretrained weights (its resolved config says)."""
+    if run is None:
+        return False
+    finetune = (run_folders.read_config(run) or {}).get("finetune")
+    return isinstance(finetune, dict) and finetune.get("pretrained") is True
+
+
 def metrics_beside(entry: ModelEntry) -> Path | None:
     """A training log shipped beside a bundled checkpoint: <stem>.metrics.jsonl."""
     if entry.path is None:

@@ -85,7 +85,7 @@ def render() -> None:
         st.info("Choose at least two models to compare.")
         return
 
-    tabs = st.tabs(list(TAB_FIGURES), key="compare.tab", on_change="rerun")
+    tabs = st.tabs(list(TAB_FIGURES), key=keys.COMPARE_TAB, on_change="rerun")
     summary_tab, filters_tab, position_tab, distance_tab, rollout_tab, faithfulness_tab, changed_tab = tabs
     open_tab = next((label for label, tab in zip(TAB_FIGURES, tabs) if tab.open), "Summary")
     figures: dict[str, Any] = {}

@@ -16,5 +16,6 @@ MODEL_MESSAGE = "vv.model.message"  # one-line result of the last add-a-model ac
 COMPARE = "vv.compare"  # keys of the models on /compare
 COMPARE_WIDGET = "vv.compare.widget"
 COMPARE_ADOPTED = "vv.compare.adopted"
+COMPARE_TAB = "compare.tab"  # the open tab of /compare (its st.tabs key)
 FOLLOW_RUN = "vv.train.follow"  # run id shown in the live view of /train
 TRAIN_MESSAGE = "vv.train.message"  # (kind, text) after starting or stopping a run

@@ -41,10 +41,14 @@ class RunRequest:
     run_id: str
     runs_dir: Path
     overrides: tuple[str, ...] = ()  # KEY=VALUE, passed as --set
-    source: str | None = None  # finetune: the checkpoint or run folder to start from
+    source: str | None = None  # finetune: a checkpoint, run folder, timm:<name> or hf:<id> to start from
     img_size: tuple[int, int] | None = None  # finetune: new input size
     freeze_blocks: int | None = None
     max_steps: int | None = None
+    dataset: str | None = None  # a data set name or folder:PATH (None: the preset's)
+    strategy: str | None = None  # finetune: full, linear, freeze:K or lora (None: the preset's)
+    lora_rank: int | None = None  # finetune with lora: the adapters' rank
+    pretrained: bool = False  # finetune from timm: timm's pretrained weights
 
 
 def parse_overrides(text: str) -> tuple[str, ...]:
@@ -71,7 +75,19 @@ def _finetune_args(request: RunRequest) -> list[str]:
         args += ["--img-size", str(request.img_size[0]), str(request.img_size[1])]
     if request.freeze_blocks:
         args += ["--freeze-blocks", str(request.freeze_blocks)]
+    if request.pretrained:
+        args += ["--pretrained"]
+    if request.strategy:
+        args += ["--strategy", request.strategy]
+    if request.lora_rank is not None:
+        if request.strategy != "lora":
+            raise VitvizError("a LoRA rank goes with the lora strategy only")
+        args += ["--lora-rank", str(request.lora_rank)]
     return args
+
+
+def _dataset_args(request: RunRequest) -> list[str]:
+    return ["--dataset", request.dataset] if request.dataset else []
 
 
 def command_line(request: RunRequest) -> list[str]:
@@ -80,7 +96,7 @@ def command_line(request: RunRequest) -> list[str]:
         raise VitvizError(f"unknown training command {request.command!r}")
     check_run_id(request.run_id)
     args = [sys.executable, "-m", "training", request.command, "--preset", request.preset]
-    args += _finetune_args(request)
+    args += _finetune_args(request) + _dataset_args(request)
     args += ["--runs-dir", str(request.runs_dir), "--run-id", request.run_id, "--no-progress"]
     if request.max_steps:
         args += ["--max-steps", str(request.max_steps)]
@@ -92,7 +108,7 @@ def command_line(request: RunRequest) -> list[str]:
 def check_command_line(request: RunRequest) -> list[str]:
     """`python -m training check` with the request's preset, source and overrides (what the run would resolve)."""
     args = [sys.executable, "-m", "training", "check", "--kind", request.command, "--preset", request.preset]
-    args += _finetune_args(request)
+    args += _finetune_args(request) + _dataset_args(request)
     for override in request.overrides:
         args += ["--set", override]
     return args

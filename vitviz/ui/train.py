@@ -4,14 +4,17 @@ list the runs. Finished checkpoints appear in every model picker (they are disco
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
 from vitviz import runs as run_folders
+from vitviz.data import folder as folder_data
 from vitviz.errors import VitvizError
 from vitviz.plots import interactive
 from vitviz.ui import catalog, exports, keys, runs, widgets
+from vitviz.ui.catalog import ModelEntry
 
 REFRESH_SECONDS = 2.0
 ACTIVE = ("running", "starting")
@@ -36,8 +39,8 @@ def render() -> None:
     with runs_col:
         st.fragment(_runs_table, run_every=refresh)(alive)
     follow = st.session_state.get(keys.FOLLOW_RUN)
-    if follow not in run_ids and run_ids:
-        follow = run_ids[0]
+    if follow not in run_ids:  # a run folder removed since, or none followed yet
+        follow = run_ids[0] if run_ids else None
     if follow is None:
         st.info("No runs yet. Start one above.")
         return
@@ -78,25 +81,44 @@ def _status(run_id: str, info: run_folders.RunInfo | None = None) -> str:
     return info.status
 
 
+STRATEGIES = {
+    "full": "Everything",
+    "linear": "Only the new head",
+    "freeze": "All but the first K blocks",
+    "lora": "LoRA adapters and the head",
+}
+PRESET_DATA = "preset"  # the data set choice that passes no --dataset
+FOLDER_DATA = "folder"
+DATASETS = (PRESET_DATA, "shapes", "digits", "mnist", FOLDER_DATA)
+
+
+@dataclass(frozen=True)
+class FinetuneChoice:
+    """What the fine-tune controls above the form chose: the base, the data set and what trains."""
+
+    entry: ModelEntry | None
+    dataset: str | None  # None: the preset's; else a name or folder:PATH
+    dataset_error: str | None  # why the chosen folder cannot be trained on
+    strategy: str
+
+
 def _start_form() -> None:
     st.markdown("##### Start a run")
     presets = runs.available_presets()
     if not presets:
         st.warning("The training backend (training/) is not available in this installation.")
         return
-    entries = [e for e in catalog.discover_models() if e.is_project_checkpoint]
     command = (
         st.segmented_control(
             "Kind",
             ("train", "finetune"),
             default="train",
             key="train.command",
-            format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a checkpoint"}[c],
+            format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a model"}[c],
         )
         or "train"
     )
     default_preset = "finetune" if command == "finetune" else "shapes-default"
-    source, img_side, freeze = None, 0, 0
     # Outside the form, so that choosing a preset updates its defaults and the run-id placeholder at once.
     preset = st.selectbox(
         "Preset",
@@ -104,33 +126,12 @@ def _start_form() -> None:
         index=presets.index(default_preset) if default_preset in presets else 0,
         key=f"train.preset.{command}",
     )
+    # Also outside the form: a folder is checked as soon as it is typed, and the strategy decides the inputs below.
+    choice = _finetune_choice() if command == "finetune" else None
+    img_side, strategy, lora_rank = 0, None, None
     with st.form(f"train.form.{command}", border=True):
-        if command == "finetune":
-            if not entries:
-                st.warning("There is no checkpoint to fine-tune yet.")
-            source = (
-                st.selectbox(
-                    "Start from",
-                    [e.key for e in entries],
-                    key="train.source",
-                    format_func=lambda k: next((e.label for e in entries if e.key == k), k),
-                )
-                if entries
-                else None
-            )
-            size_col, freeze_col = st.columns(2)
-            img_side = size_col.number_input(
-                "New input size in px (0 keeps it)",
-                0,
-                1024,
-                0,
-                8,
-                key="train.img",
-                help="A multiple of the patch size; the position embeddings are resampled.",
-            )
-            freeze = freeze_col.number_input(
-                "Frozen blocks", 0, 64, 0, key="train.freeze", help="Freeze the patch embedding and the first K blocks."
-            )
+        if choice is not None:
+            img_side, strategy, lora_rank = _finetune_inputs(choice.strategy)
         overrides = st.text_area(
             "Overrides, one KEY=VALUE per line",
             key="train.overrides",
@@ -153,7 +154,10 @@ def _start_form() -> None:
             st.json(config, expanded=1)
     if not submitted:
         return
-    entry = next((e for e in entries if e.key == source), None)
+    if choice is not None and choice.dataset_error is not None:
+        widgets.show_error(f"Not started: {choice.dataset_error}", message_slot)
+        return
+    entry = choice.entry if choice is not None else None
     try:
         request = runs.RunRequest(
             command=command,
@@ -161,11 +165,91 @@ def _start_form() -> None:
             run_id=run_id.strip() or run_folders.new_run_id(preset, catalog.runs_dir()),
             runs_dir=catalog.runs_dir(),
             overrides=runs.parse_overrides(overrides),
-            source=str(entry.path) if command == "finetune" and entry is not None else None,
-            img_size=(int(img_side), int(img_side)) if command == "finetune" and img_side else None,
-            freeze_blocks=int(freeze) if command == "finetune" else None,
+            source=entry.source if entry is not None else None,
+            img_size=(int(img_side), int(img_side)) if img_side else None,
             max_steps=int(max_steps) or None,
+            dataset=choice.dataset if choice is not None else None,
+            strategy=strategy,
+            lora_rank=lora_rank,
+            pretrained=entry is not None and entry.pretrained,
         )
+    except VitvizError as exc:
+        widgets.show_error(f"Not started: {exc}", message_slot)
+        return
+    _launch(request, message_slot)
+
+
+def _finetune_choice() -> FinetuneChoice:
+    """The base model (any model the picker offers), the data set (a folder is validated here) and the strategy."""
+    entries = widgets.picker_entries()
+    keys_ = [e.key for e in entries]
+    selected = st.session_state.get(keys.MODEL)
+    base = st.selectbox(
+        "Base model",
+        keys_,
+        index=keys_.index(selected) if selected in keys_ else 0,
+        key="train.source",
+        format_func=lambda k: next((e.label for e in entries if e.key == k), k),
+        help="Any model of the picker: bundled, runs, timm and Hugging Face models added in the sidebar. "
+        "Its head is replaced by one for the data set's classes.",
+    )
+    entry = next((e for e in entries if e.key == base), None)
+    if entry is None:
+        st.warning("There is no model to fine-tune yet.")
+    data = st.selectbox(
+        "Data set",
+        DATASETS,
+        key="train.dataset",
+        format_func=lambda d: {PRESET_DATA: "the preset's", FOLDER_DATA: "an image folder on the server"}.get(d, d),
+    )
+    dataset, error = (None if data == PRESET_DATA else data), None
+    if data == FOLDER_DATA:
+        path = st.text_input(
+            "Image folder on the server",
+            key="train.folder",
+            placeholder="/data/flowers",
+            help="One subfolder per class (or train/ and val/ folders holding them).",
+        )
+        try:
+            summary = folder_data.summarize_folder(path)
+        except VitvizError as exc:
+            error = str(exc)
+            widgets.show_error(exc)
+        else:
+            dataset = f"folder:{summary.root}"
+            st.success(widgets.plain(summary.describe()))
+    strategy = st.segmented_control(
+        "What trains", tuple(STRATEGIES), default="full", key="train.strategy", format_func=STRATEGIES.get
+    )
+    return FinetuneChoice(entry=entry, dataset=dataset, dataset_error=error, strategy=strategy or "full")
+
+
+def _finetune_inputs(strategy: str) -> tuple[int, str, int | None]:
+    """The form's fine-tune inputs: (new input side or 0, the --strategy value, the LoRA rank or None)."""
+    size_col, param_col = st.columns(2)
+    img_side = size_col.number_input(
+        "New input size in px (0 keeps it)",
+        0,
+        1024,
+        0,
+        8,
+        key="train.img",
+        help="A multiple of the patch size; the position embeddings are resampled.",
+    )
+    if strategy == "freeze":
+        frozen = param_col.number_input(
+            "Frozen blocks K", 1, 64, 1, key="train.freeze", help="The patch embedding and the first K blocks."
+        )
+        return int(img_side), f"freeze:{int(frozen)}", None
+    if strategy == "lora":
+        rank = param_col.number_input("LoRA rank", 1, 256, 8, key="train.lora_rank", help="The adapters' rank r.")
+        return int(img_side), "lora", int(rank)
+    return int(img_side), strategy, None
+
+
+def _launch(request: runs.RunRequest, message_slot: object) -> None:
+    """Check the request with the backend's own parser, start its process and follow it."""
+    try:
         with st.spinner("Checking the settings…"):
             runs.check_request(request)  # the backend's own parser: a bad override never starts a run
         runs.start_run(request)
@@ -175,9 +259,8 @@ def _start_form() -> None:
     except OSError as exc:
         widgets.show_error(f"Not started: could not start the training process: {exc}", message_slot)
         return
-    else:
-        st.session_state[keys.FOLLOW_RUN] = request.run_id
-        st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Started run {request.run_id}.")
+    st.session_state[keys.FOLLOW_RUN] = request.run_id
+    st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Started run {request.run_id}.")
     st.rerun()
 
 
@@ -258,6 +341,8 @@ def _live_view(run_id: str, was_active: bool) -> None:
             else:
                 st.session_state[keys.TRAIN_MESSAGE] = ("success", f"Resumed run {run_id}.")
                 st.rerun(scope="app")
+        if status == "finished":
+            _compare_with_base(run_id)
     records = run_folders.read_metrics(folder)
     if records:
         smoothing = st.slider(
@@ -296,6 +381,33 @@ def _live_view(run_id: str, was_active: bool) -> None:
             numbers={"metrics.csv": lambda: exports.records_csv_bytes(records)},
             key="train",
         )
+
+
+COMPARE_PAGE = "vitviz/ui/compare.py"
+CHANGED_TAB = "What changed"  # the /compare tab that measures what a fine-tune changed
+
+
+def _compare_with_base(run_id: str) -> None:
+    """For a finished fine-tune: open /compare on its base (the reference) and the run, at "What changed"."""
+    entries = widgets.picker_entries()
+    entry = next((e for e in entries if e.key == f"{catalog.RUN}:{run_id}"), None)
+    base = None if entry is None else catalog.base_entry(entry, entries)
+    if base is None or not st.button(
+        "Compare with its base",
+        key=f"train.compare.{run_id}",
+        icon=":material/compare:",
+        width="stretch",
+        help=f"Open /compare with {base.label} and this run.",
+    ):
+        return
+    if base.key not in {e.key for e in entries}:
+        st.session_state.setdefault(keys.EXTRA_MODELS, {})[base.key] = base
+    chosen = [base.key, entry.key]
+    st.session_state[keys.COMPARE] = chosen
+    st.session_state[keys.COMPARE_WIDGET] = chosen
+    st.session_state[keys.COMPARE_ADOPTED] = True  # the URL's old ?compare= does not replace this choice
+    st.session_state[keys.COMPARE_TAB] = CHANGED_TAB
+    st.switch_page(COMPARE_PAGE)
 
 
 def _epoch_checkpoints(folder: Path) -> None:

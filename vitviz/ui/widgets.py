@@ -95,6 +95,12 @@ def _all_entries() -> list[ModelEntry]:
     return discovered + [entry for key, entry in extra.items() if key not in known]
 
 
+def picker_entries() -> list[ModelEntry]:
+    """Every model the sidebar's picker offers: the catalog's, then the ones added in this session (timm, Hub,
+    uploads)."""
+    return _all_entries()
+
+
 def _remember(entry: ModelEntry) -> None:
     st.session_state.setdefault(keys.EXTRA_MODELS, {})[entry.key] = entry
 
