@@ -537,19 +537,17 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
             rows[name][f"{method} deletion AUC"] = round(values.deletion_auc, 4)
             rows[name][f"{method} insertion AUC"] = round(values.insertion_auc, 4)
     st.caption(f"Mean over {len(images)} image{'s' if len(images) != 1 else ''}; each model's predicted class.")
-    for column, model in zip(_columns(models), models):
+    for model in models:  # one model per row: two panels and their legend need the page's width
         if model.name not in results:
             continue
         result = results[model.name]
         deletion = {n: np.stack([c.deletion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
         insertion = {n: np.stack([c.insertion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
-        with column:
-            st.markdown(_header(model))
-            widgets.plotly(
-                interactive.faithfulness_curves_figure(deletion, insertion),
-                key=f"compare.faithfulness.{model.name}",
-                height=FIGURE_HEIGHT,
-            )
+        st.markdown(_header(model))
+        widgets.plotly(
+            interactive.faithfulness_curves_figure(deletion, insertion),
+            key=f"compare.faithfulness.{model.name}",
+        )
         title = f"{model.name}: {len(images)} image(s), S = {result.steps}"
         figures[f"{model.name} faithfulness"] = _bind(
             faithfulness_plots.curves_figure, deletion, insertion, title=title

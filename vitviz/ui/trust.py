@@ -221,7 +221,7 @@ def _curves(result: FaithfulnessResult, names: Sequence[str]) -> None:
     pick = slice(None) if which == MEAN else slice(int(which), int(which) + 1)
     deletion = {n: np.stack([c.deletion.numpy() for c in m.per_image])[pick] for n, m in result.methods.items()}
     insertion = {n: np.stack([c.insertion.numpy() for c in m.per_image])[pick] for n, m in result.methods.items()}
-    widgets.plotly(interactive.faithfulness_curves_figure(deletion, insertion), key="trust.curves", height=420)
+    widgets.plotly(interactive.faithfulness_curves_figure(deletion, insertion), key="trust.curves")
     st.caption("Random is dashed. Each point is the mean over the images chosen; the legend gives each curve's AUC.")
 
 
