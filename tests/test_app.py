@@ -548,6 +548,13 @@ def test_rollout_says_when_a_map_is_nearly_flat(monkeypatch: pytest.MonkeyPatch)
     assert any("0.02 … 0.0205" in _text(c) for c in at.caption)
 
 
+def test_rollout_tile_scale_toggle_has_a_short_label_and_the_detail_in_its_help() -> None:
+    at = _open("rollout")
+    toggle = at.toggle(key="rollout.query.per_tile")
+    assert toggle.label == "Scale per tile"  # the long label was cut in its column
+    assert "own maximum" in toggle.help and "one scale for all tiles" in toggle.help
+
+
 def test_rollout_marks_the_query_patch_on_every_tile() -> None:
     at = _open("rollout")
     _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
@@ -857,6 +864,12 @@ def test_train_page_lists_runs_and_their_checkpoints_join_every_picker(app_folde
     _assert_clean(at)
     assert at.sidebar.selectbox(key="vv.model.widget").value == "run:demo-run/epoch-001"
     assert _query(at, "model") == ["run:demo-run/epoch-001"]
+
+
+def test_train_page_without_runs_says_so_once() -> None:
+    at = _open("train")
+    said = [_text(e) for e in [*at.info, *at.caption] if "No runs" in _text(e)]
+    assert said == ["No runs yet: start one with the form on the left."]
 
 
 def test_train_curves_can_be_smoothed(app_folders: dict[str, Path]) -> None:
