@@ -548,6 +548,13 @@ def test_rollout_says_when_a_map_is_nearly_flat(monkeypatch: pytest.MonkeyPatch)
     assert any("0.02 … 0.0205" in _text(c) for c in at.caption)
 
 
+def test_rollout_tile_scale_toggle_has_a_short_label_and_the_detail_in_its_help() -> None:
+    at = _open("rollout")
+    toggle = at.toggle(key="rollout.query.per_tile")
+    assert toggle.label == "Scale per tile"  # the long label was cut in its column
+    assert "own maximum" in toggle.help and "one scale for all tiles" in toggle.help
+
+
 def test_rollout_marks_the_query_patch_on_every_tile() -> None:
     at = _open("rollout")
     _keyed(at.radio, "rollout.query.kind").set_value("a patch").run()
@@ -915,6 +922,12 @@ def test_the_base_of_a_fine_tune_is_the_picker_entry_its_lineage_names(tmp_path:
     assert base("of-timm") == "timm-pretrained:vit_tiny_patch16_224"
     assert base("of-hub") == "hf:google/vit-base-patch16-224"
     assert base("of-gone") is None and base("of-hf-folder") is None  # not available to the studio
+
+
+def test_train_page_without_runs_says_so_once() -> None:
+    at = _open("train")
+    said = [_text(e) for e in [*at.info, *at.caption] if "No runs" in _text(e)]
+    assert said == ["No runs yet: start one with the form on the left."]
 
 
 def test_train_curves_can_be_smoothed(app_folders: dict[str, Path]) -> None:

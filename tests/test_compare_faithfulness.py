@@ -99,3 +99,20 @@ def test_compare_shows_each_models_aucs_equal_to_the_cli(tmp_path: Path) -> None
     assert a[:2] != b[:2]
     curves = [c for c in at.get("plotly_chart") if c.key and c.key.startswith("compare.faithfulness.")]
     assert len(curves) == len(STEMS)  # each model's mean curves
+    # Each model's two panels take the page's width, one model per row, with the legend in rows below them: in
+    # side-by-side columns with the legend on the right, each panel was a few dozen pixels wide and the two panel
+    # titles printed over each other.
+    assert not _keys_in_columns(at._tree) & {c.key for c in curves}
+    for curve in curves:
+        legend = json.loads(curve.proto.spec)["layout"]["legend"]
+        assert legend["orientation"] == "h" and legend["yanchor"] == "bottom", legend
+
+
+def _keys_in_columns(node: object, inside: bool = False) -> set[str]:
+    """The keys of the elements below `node` that sit in a column of `st.columns`."""
+    from streamlit.testing.v1.element_tree import Column
+
+    keys = {str(node.key)} if inside and getattr(node, "key", None) else set()
+    for child in getattr(node, "children", {}).values():
+        keys |= _keys_in_columns(child, inside or isinstance(child, Column))
+    return keys

@@ -139,7 +139,9 @@ def test_trust_page_auc_table_is_the_cores_and_sanity_shows_the_strip() -> None:
     _assert_clean(at)
     sanity = next(d.value for d in at.dataframe if "head" in d.value.columns).set_index("method")
     depth = len(load_model(str(DEFAULT)).model.blocks)
-    assert list(sanity.columns) == ["head", *[f"block {b}" for b in reversed(range(depth))]]
+    # Blocks numbered from 1, as every other page numbers layers (the core's stages count from 0).
+    blocks = [f"block {b}" for b in range(depth, 0, -1)]
+    assert list(sanity.columns) == ["head", f"{blocks[0]} (last)", *blocks[1:-1], f"{blocks[-1]} (first)"]
     assert sanity.loc["rollout", "head"] == 1.0  # rollout never reads the head: exactly 1 by construction
     assert (sanity.loc["random"] == 1.0).all()
     assert any("exactly 1 by construction" in _text(i) for i in at.info)
@@ -318,3 +320,10 @@ def test_integrated_gradients_that_did_not_converge_is_labelled() -> None:
     assert not missed.convergence.converged and not missed.convergence.image_converged(1)
     assert _method_label("integrated-gradients", missed) == "integrated-gradients (not converged)"
     assert _method_label("rollout", MethodResult("rollout", 0.2, 0.6, 1.0, ())) == "rollout"
+
+
+def test_sanity_stages_are_numbered_from_one_as_on_the_other_pages() -> None:
+    from vitviz.ui.trust import stage_labels
+
+    randomised = ["head", "block 3", "block 2", "block 1", "block 0"]
+    assert stage_labels(randomised) == ["head", "block 4 (last)", "block 3", "block 2", "block 1 (first)"]

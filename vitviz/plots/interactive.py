@@ -47,6 +47,8 @@ _FONT = {"size": 12}
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 GRID_TILE_PX = 64  # screen pixels per tile of the layers x heads view: readable whatever the model's shape
 GRID_COLORBAR_PX = 110  # right margin of that view, wide enough for its colour bar and title
+FAITHFULNESS_PLOT_PX = 380  # the faithfulness curves' height above their legend (title, panels, x titles)
+FAITHFULNESS_ROW_PX = 19  # one legend row below those curves (one method of each group side by side)
 GRID_MIN_WIDTH_PX = 560  # that view's narrowest figure (the tiles keep their size; the rest stays blank)
 
 
@@ -745,7 +747,26 @@ def faithfulness_curves_figure(
         deletion, insertion: {method: curve [S+1] or curves [images, S+1]}; several images are averaged. Point i
             is drawn at i/S, the share of patches removed (deletion) or restored (insertion).
     """
-    return render_plotly(describe_faithfulness_curves(deletion, insertion, title=title))
+    fig = render_plotly(describe_faithfulness_curves(deletion, insertion, title=title))
+    # The legend (a deletion and an insertion group, side by side) goes below the axes, across the whole width:
+    # on the right it took most of a half-page column and left each panel a few dozen pixels wide. The figure
+    # grows with its legend, so that the panels keep their height whatever the number of methods.
+    legend_px = 100 + FAITHFULNESS_ROW_PX * max(len(deletion), len(insertion))
+    fig.update_layout(
+        legend={
+            "orientation": "h",
+            "x": 0.0,
+            "xanchor": "left",
+            "yref": "container",
+            "y": 0.0,
+            "yanchor": "bottom",
+            "groupclick": "toggleitem",
+            "tracegroupgap": 24,
+        },
+        margin={**_MARGIN, "b": legend_px},
+        height=FAITHFULNESS_PLOT_PX + legend_px,
+    )
+    return fig
 
 
 def sanity_curve_figure(

@@ -545,19 +545,17 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
         "95% paired bootstrap over the images; a method is called better only when the interval of its per-image "
         "difference excludes 0."
     )
-    for column, model in zip(_columns(models), models):
+    for model in models:  # one model per row: two panels and their legend need the page's width
         if model.name not in results:
             continue
         result = results[model.name]
         deletion = {n: np.stack([c.deletion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
         insertion = {n: np.stack([c.insertion.numpy() for c in m.per_image]) for n, m in result.methods.items()}
-        with column:
-            st.markdown(_header(model))
-            widgets.plotly(
-                interactive.faithfulness_curves_figure(deletion, insertion),
-                key=f"compare.faithfulness.{model.name}",
-                height=FIGURE_HEIGHT,
-            )
+        st.markdown(_header(model))
+        widgets.plotly(
+            interactive.faithfulness_curves_figure(deletion, insertion),
+            key=f"compare.faithfulness.{model.name}",
+        )
         title = f"{model.name}: {len(images)} image(s), S = {result.steps}"
         figures[f"{model.name} faithfulness"] = _bind(
             faithfulness_plots.curves_figure, deletion, insertion, title=title

@@ -279,11 +279,11 @@ def _query_view(
         query_label = f"patch ({row}, {col})"
     first, last = _layers_shown(layers_col, loaded)
     per_tile = scale_col.toggle(
-        "Scale each tile to its own maximum",
+        "Scale per tile",
         value=True,
         key="rollout.query.per_tile",
-        help="On: each tile shows where that head looks. Off: one scale for all tiles, so strong and weak "
-        "heads can be told apart.",
+        help="On: each tile is scaled to its own maximum, so it shows where that head looks. Off: one scale for "
+        "all tiles, so strong and weak heads can be told apart.",
     )
     if query_index != query.query_index:
         try:

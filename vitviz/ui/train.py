@@ -41,8 +41,7 @@ def render() -> None:
     follow = st.session_state.get(keys.FOLLOW_RUN)
     if follow not in run_ids:  # a run folder removed since, or none followed yet
         follow = run_ids[0] if run_ids else None
-    if follow is None:
-        st.info("No runs yet. Start one above.")
+    if follow is None:  # the runs table already says there are none
         return
     st.divider()
     st.session_state["train.follow.widget"] = follow
@@ -269,7 +268,7 @@ def _runs_table(was_alive: frozenset[str]) -> None:
     st.markdown("##### Runs")
     run_ids = _run_ids()
     if not run_ids:
-        st.caption("No runs in the runs folder yet.")
+        st.caption("No runs yet: start one with the form on the left.")
         return
     rows = []
     alive = set()

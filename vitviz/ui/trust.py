@@ -224,7 +224,7 @@ def _curves(result: FaithfulnessResult, names: Sequence[str]) -> None:
     pick = slice(None) if which == MEAN else slice(int(which), int(which) + 1)
     deletion = {n: np.stack([c.deletion.numpy() for c in m.per_image])[pick] for n, m in result.methods.items()}
     insertion = {n: np.stack([c.insertion.numpy() for c in m.per_image])[pick] for n, m in result.methods.items()}
-    widgets.plotly(interactive.faithfulness_curves_figure(deletion, insertion), key="trust.curves", height=420)
+    widgets.plotly(interactive.faithfulness_curves_figure(deletion, insertion), key="trust.curves")
     st.caption("Random is dashed. Each point is the mean over the images chosen; the legend gives each curve's AUC.")
 
 
@@ -262,12 +262,28 @@ def _enlarged(picture: np.ndarray, side: int = 256) -> np.ndarray:
     return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
 
 
+def stage_labels(randomised: Sequence[str]) -> list[str]:
+    """The randomisation stages as the pages number layers, from 1: ("head", "block 3", ..., "block 0") of a
+    4-block model reads ("head", "block 4 (last)", "block 3", "block 2", "block 1 (first)")."""
+    indices = [int(s.split(" ")[1]) for s in randomised if s.startswith("block ")]
+    last = max(indices, default=0)
+
+    def label(stage: str) -> str:
+        if not stage.startswith("block "):
+            return stage
+        index = int(stage.split(" ")[1])
+        where = " (last)" if index == last and last > 0 else " (first)" if index == 0 else ""
+        return f"block {index + 1}{where}"
+
+    return [label(stage) for stage in randomised]
+
+
 def _sanity(result: FaithfulnessResult, names: Sequence[str]) -> int:
     """The Spearman curve and table, and the strip of one image; returns that image's index."""
     assert result.sanity is not None
     st.markdown("##### Sanity check: cascading randomisation")
     first = next(iter(result.sanity.values()))
-    stages = list(first.randomised)
+    stages = stage_labels(first.randomised)
     correlations = {name: list(s.spearman) for name, s in result.sanity.items()}
     curve_col, note_col = st.columns([3, 2])
     with curve_col:
@@ -283,14 +299,14 @@ def _sanity(result: FaithfulnessResult, names: Sequence[str]) -> int:
             "stays put while the model it claims to explain is destroyed is showing the input, not the model.",
             icon=":material/science:",
         )
-        widgets.table(
-            [
-                {"method": name, **{stage: values[i] for i, stage in enumerate(stages)}}
-                for name, values in correlations.items()
-            ],
-            column_config={stage: st.column_config.NumberColumn(stage, format="%.3f") for stage in stages},
-        )
-        st.caption("Mean Spearman rank correlation over the images; empty where a map was constant.")
+    widgets.table(  # the page's width: in the note's column the last blocks were cut at the right edge
+        [
+            {"method": name, **{stage: values[i] for i, stage in enumerate(stages)}}
+            for name, values in correlations.items()
+        ],
+        column_config={stage: st.column_config.NumberColumn(stage, format="%.3f") for stage in stages},
+    )
+    st.caption("Mean Spearman rank correlation over the images; empty where a map was constant.")
 
     which = 0
     if len(names) > 1:
