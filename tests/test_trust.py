@@ -125,8 +125,9 @@ def test_trust_page_auc_table_is_the_cores_and_sanity_shows_the_strip() -> None:
         assert line in shown, (line, shown)
     assert not any("Lowest deletion AUC" in text for text in shown)
 
-    curves = next(c for c in _charts(at) if any(t.get("legendgroup") == "deletion" for t in c["data"]))
-    deletion = [t for t in curves["data"] if t["legendgroup"] == "deletion"]
+    group = "Deletion AUC"  # the deletion panel's legend group (vitviz.plots.figures)
+    curves = next(c for c in _charts(at) if any(t.get("legendgroup") == group for t in c["data"]))
+    deletion = [t for t in curves["data"] if t.get("legendgroup") == group and t.get("showlegend") is not False]
     assert [t["name"].split(" ")[0] for t in deletion] == METHODS
     assert [t["line"]["dash"] for t in deletion] == ["solid", "solid", "dash"]  # random dashed
     assert len({t["line"]["color"] for t in deletion}) == 3  # one colour per method
