@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from vitviz.allocator import tune_malloc
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, one_line, quoted
 from vitviz.fileio import atomic_write_text
 
 if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast
@@ -565,6 +565,12 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: what went wrong and, quoted, the file it happened to."""
+    text = one_line(str(exc.strerror or exc))
+    return f"{text}: {quoted(exc.filename)}" if exc.filename else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn a user's mistake into one line and status 2."""
     _configure_logging()
@@ -579,10 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         return cmd_analyze(args)
     except VitvizError as exc:
-        print(f"vitviz: error: {exc}", file=sys.stderr)
+        print(f"vitviz: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as exc:  # e.g. an output folder that cannot be written
-        print(f"vitviz: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except OSError as exc:  # e.g. an output folder that cannot be written, a full disk
+        print(f"vitviz: error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vitviz: interrupted", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""Hostile and odd paths through the command line: output targets that are not regular files, a full disk under
+--figures, data-set folders with link loops, links to / and FIFOs, file names that would split or disguise the
+one error line, work limits far beyond memory, models without a classification head, and one rank's bad image
+under torchrun.
+
+Everything is generated in the test's temporary folder: FIFOs and symbolic links it creates there, and a link
+to /dev/null that is only ever stat-ed (a writer that followed it would be refused, one that replaced it would
+replace the link, never the device).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from tests.reliability.conftest import one_line_cli_error
+from vitviz.cli import main
+from vitviz.errors import VitvizError, quoted
+from vitviz.fileio import atomic_write_text, writable_target
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _refused(code: int, capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line of a refused command (status 2)."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return one_line_cli_error({"stderr": err})
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files a writer left behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
+# --- output paths ----------------------------------------------------------------------------------------
+
+
+def _analyze(checkpoint: Path, *out: str) -> list[str]:
+    return ["analyze", str(checkpoint), "--analyses", "filters", *out]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-char-device", "folder", "link-loop"])
+def test_json_onto_a_target_that_is_not_a_regular_file_is_refused_and_left_alone(
+    kind: str, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    tally["paths: output targets"]["cases"] += 1
+    target = tmp_path / "out.json"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link-to-char-device":
+        target.symlink_to("/dev/null")  # stat-ed only: a replacing writer replaces this link, not the device
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target.symlink_to(tmp_path / "loop.json")
+        (tmp_path / "loop.json").symlink_to(target)
+    before = os.lstat(target)
+    line = _refused(main(_analyze(tiny_checkpoint, "--json", str(target))), capsys)
+    assert quoted(target) in line, line
+    assert "regular file" in line or "loop of symbolic links" in line, line
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)  # the same entry, untouched
+    assert _leftovers(tmp_path) == []
+
+
+def test_the_writer_refuses_a_device_by_stat_alone() -> None:
+    """/dev/null itself: `writable_target` only stats it; nothing is opened, created or renamed."""
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    with pytest.raises(VitvizError, match="a character device, not a regular file"):
+        writable_target("/dev/null")
+
+
+def test_json_through_a_link_replaces_the_linked_file_and_keeps_the_link(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    tally["paths: output targets"]["cases"] += 2
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "model.json").write_text("old")
+    link, dangling = tmp_path / "latest.json", tmp_path / "next.json"
+    link.symlink_to(results / "model.json")
+    dangling.symlink_to(results / "new.json")  # a link to a file not written yet
+    for target in (link, dangling):
+        assert main(_analyze(tiny_checkpoint, "--json", str(target))) == 0, capsys.readouterr().err
+        assert target.is_symlink()
+    assert "filters" in json.loads((results / "model.json").read_text())
+    assert json.loads((results / "new.json").read_text()) == json.loads((results / "model.json").read_text())
+    assert _leftovers(tmp_path) == [] and _leftovers(results) == []
+    capsys.readouterr()
+
+
+def test_the_atomic_writer_keeps_the_link_and_replaces_the_file_atomically(tmp_path: Path) -> None:
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    inode = real.stat().st_ino
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert real.stat().st_ino != inode  # renamed over, not rewritten in place
+
+
+def test_figures_onto_a_fifo_are_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    tally["paths: output targets"]["cases"] += 1
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    os.mkfifo(folder / "filters.png")
+    line = _refused(main(_analyze(tiny_checkpoint, "--figures", str(folder))), capsys)
+    assert "FIFO" in line, line
+    assert stat.S_ISFIFO(os.lstat(folder / "filters.png").st_mode)
+
+
+def test_figures_on_a_full_disk_leave_the_previous_figure_and_one_line(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tally
+) -> None:
+    """ENOSPC half-way through filters.svg: the previous filters.svg stays whole, no partial or temporary file."""
+    tally["paths: full disk"]["cases"] += 1
+    folder = tmp_path / "figures"
+    assert main(_analyze(tiny_checkpoint, "--figures", str(folder))) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert {"filters.png", "filters.svg"} <= set(before)
+    real_savefig = Figure.savefig
+
+    def full_disk(self: Figure, fname: object, *args: object, **kwargs: object) -> None:
+        buffer = io.BytesIO()
+        real_savefig(self, buffer, *args, **{"format": "svg", **kwargs})
+        if kwargs.get("format") != "svg" and not str(fname).endswith(".svg"):
+            real_savefig(self, fname, *args, **kwargs)
+            return
+        with open(fname, "wb") as handle:  # type: ignore[arg-type]
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    line = _refused(main(_analyze(tiny_checkpoint, "--figures", str(folder))), capsys)
+    assert "No space left on device" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)  # no temporary file left
+    assert (folder / "filters.svg").read_bytes() == before["filters.svg"]  # the old figure, whole
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    _refused(main(_analyze(tiny_checkpoint, "--figures", str(fresh))), capsys)
+    assert not (fresh / "filters.svg").exists() and _leftovers(fresh) == []
