@@ -17,8 +17,10 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
+from PIL import Image
 
 from tests.reliability.conftest import one_line_cli_error
 from vitviz.cli import main
@@ -29,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _refused(code: int, capsys: pytest.CaptureFixture[str]) -> str:
-    """The one stderr line of a refused command (status 2)."""
-    err = capsys.readouterr().err
+    """The one stderr line of a refused command (status 2); transformers' own progress bars are not counted."""
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if "Loading weights" not in line)
     assert code == 2, err
     return one_line_cli_error({"stderr": err})
 
@@ -152,3 +154,66 @@ def test_figures_on_a_full_disk_leave_the_previous_figure_and_one_line(
     monkeypatch.setattr(Figure, "savefig", full_disk)
     _refused(main(_analyze(tiny_checkpoint, "--figures", str(fresh))), capsys)
     assert not (fresh / "filters.svg").exists() and _leftovers(fresh) == []
+
+
+# --- work limits and meaning -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "a.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--steps", "1000000000"], "--steps 1000000000 is more than the model's 16 patches: use at most 16"),
+        (["--steps", "17"], "use at most 16"),
+        (["--ig-steps", "1000000000", "--methods", "integrated-gradients"], "between 1 and 1024"),
+        (["--ig-steps", "1025"], "between 1 and 1024"),
+    ],
+)
+def test_faithfulness_counts_beyond_the_model_or_memory_are_one_line(
+    options: list[str], expected: str, tiny_checkpoint: Path, one_image: Path, capsys, tally: dict
+) -> None:
+    tally["limits: counts"]["cases"] += 1
+    argv = ["faithfulness", str(tiny_checkpoint), "--images", str(one_image), *options, "--json", "-"]
+    assert expected in _refused(main(argv), capsys)
+
+
+def test_faithfulness_at_the_bounds_and_a_huge_batch_runs(
+    tiny_checkpoint: Path, one_image: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    """S = n, 1024 IG steps and --batch-size 10^9 (a batch is never more than the work there is) all finish."""
+    tally["limits: counts"]["cases"] += 1
+    argv = ["faithfulness", str(tiny_checkpoint), "--images", str(one_image), "--steps", "16", "--json", "-"]
+    argv += ["--methods", "integrated-gradients,random", "--ig-steps", "1024", "--batch-size", "1000000000"]
+    assert main(argv) == 0, capsys.readouterr().err
+    document = json.loads(capsys.readouterr().out)
+    assert document["protocol"]["steps"] == 16 and set(document["methods"]) == {"integrated-gradients", "random"}
+
+
+def _headless_models(folder: Path) -> dict[str, str]:
+    """Models whose output is features, not class logits: a vitviz checkpoint and a Hugging Face ViTModel."""
+    from tests.reliability.conftest import safetensors_bytes, tiny_checkpoint_parts
+    from vitviz.support import save_tiny_hf
+
+    checkpoint = folder / "headless.safetensors"
+    checkpoint.write_bytes(safetensors_bytes(*tiny_checkpoint_parts(num_classes=0)))
+    save_tiny_hf("ViTModel", folder / "vit-model")
+    return {"checkpoint": str(checkpoint), "hf-vitmodel": f"hf:{folder / 'vit-model'}"}
+
+
+def test_faithfulness_on_a_model_without_a_classification_head_is_one_line(
+    tmp_path: Path, one_image: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    models = _headless_models(tmp_path)
+    capsys.readouterr()  # transformers' progress while saving
+    for name, model in models.items():
+        tally["limits: no classification head"]["cases"] += 1
+        argv = ["faithfulness", model, "--images", str(one_image), "--methods", "rollout", "--json", "-"]
+        line = _refused(main(argv), capsys)
+        assert "the model has no classification head" in line, (name, line)
