@@ -15,7 +15,8 @@ Instead of --images, both analyze and faithfulness take a slice of a data set, s
 and then also run under `torchrun --nproc_per_node=K`, the images shared out between the processes and the
 JSON (written by rank 0) the one a single process writes (docs/design.md, "Data sets and torchrun").
 
-MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>. A user's mistake prints one
+MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>, optionally built smaller with timm's
+keyword arguments: timm:<name>?depth=2&img_size=64 (depth, img_size, num_classes). A user's mistake prints one
 line on stderr and exits with status 2; progress goes to stderr, results to the files asked for (or the
 JSON to stdout with `--json -`).
 """
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add_model(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
+        p.add_argument(
+            "model",
+            help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>[?depth=D&img_size=S&num_classes=C]",
+        )
         p.add_argument("--weights", help="a local state dict (.safetensors, .pth, .bin) for a timm:<name> model")
         p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the network)")
 

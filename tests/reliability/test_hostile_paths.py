@@ -217,3 +217,78 @@ def test_faithfulness_on_a_model_without_a_classification_head_is_one_line(
         argv = ["faithfulness", model, "--images", str(one_image), "--methods", "rollout", "--json", "-"]
         line = _refused(main(argv), capsys)
         assert "the model has no classification head" in line, (name, line)
+
+
+# --- the support table tells the truth -------------------------------------------------------------------
+
+
+def _table_samples() -> list[tuple[str, str]]:
+    """Per timm family of the stored support table, its smallest architecture whose row says it works, and the
+    reduced size the survey built it at ("depth=2,img_size=64")."""
+    from vitviz import support
+
+    best: dict[str, tuple[int, str, str]] = {}
+    for row in support.rows_of(support.load_table()):
+        working = all(s == "ok" or s.startswith("not_applicable") for s in row.status.values())
+        if row.name.startswith("hf:") or not working:
+            continue
+        candidate = (row.params or 0, row.name, row.built_with)
+        best[row.family] = min(best.get(row.family, candidate), candidate)
+    return [(name, built_with) for _, name, built_with in sorted(best.values(), key=lambda c: c[1])]
+
+
+SAMPLES = _table_samples()
+
+
+def test_the_samples_cover_every_timm_family_and_naflexvit() -> None:
+    assert len(SAMPLES) >= 12 and any(name.startswith("naflexvit") for name, _ in SAMPLES)
+
+
+@pytest.mark.parametrize(("name", "built_with"), SAMPLES, ids=[name for name, _ in SAMPLES])
+def test_a_working_row_works_through_the_users_timm_entry_point(
+    name: str, built_with: str, one_image: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    """`timm:<name>` as a user types it is accepted (built on the meta device: the same checks, no memory), and
+    `info` and `analyze` run on `timm:<name>?<the survey's reduced size>`, the source the survey itself loads."""
+    import torch
+
+    from vitviz.models import load_model
+
+    tally["support table: rows sampled"]["cases"] += 1
+    with torch.device("meta"):
+        load_model(f"timm:{name}")
+    source = f"timm:{name}" + ("" if built_with == "default" else "?" + built_with.replace(",", "&"))
+    assert main(["info", source, "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["source"] == source  # what a result or checkpoint records
+    argv = ["analyze", source, "--images", str(one_image), "--analyses", "rollout", "--json", "-"]
+    assert main(argv) == 0, capsys.readouterr().err
+    document = json.loads(capsys.readouterr().out)
+    assert document["model"]["source"] == source
+    assert np.isfinite(np.asarray(document["rollout"][0]["map"], dtype=float)).all()
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("timm:vit_tiny_patch16_224?depth=1000000", "depth must be an integer from 1 to 64"),
+        ("timm:vit_tiny_patch16_224?img_size=99999999", "img_size must be an integer from 8 to 4096"),
+        ("timm:vit_tiny_patch16_224?depth=two", "got 'two'"),
+        ("timm:vit_tiny_patch16_224?pretrained_cfg_overlay=x", "unknown timm keyword 'pretrained_cfg_overlay'"),
+        ("timm:vit_tiny_patch16_224?depth=2&depth=3", "given twice"),
+        ("timm:vit_tiny_patch16_224?depth=2\nimg_size=64", "got '2\\nimg_size=64'"),
+    ],
+)
+def test_timm_keyword_arguments_are_checked_in_one_line(
+    source: str, expected: str, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    tally["support table: timm keywords"]["cases"] += 1
+    assert expected in _refused(main(["info", source]), capsys)
+
+
+def test_a_timm_model_without_a_head_is_refused_by_faithfulness(
+    one_image: Path, capsys: pytest.CaptureFixture[str], tally: dict
+) -> None:
+    tally["limits: no classification head"]["cases"] += 1
+    source = "timm:vit_tiny_patch16_224?depth=1&img_size=32&num_classes=0"
+    argv = ["faithfulness", source, "--images", str(one_image), "--methods", "rollout", "--json", "-"]
+    assert "the model has no classification head" in _refused(main(argv), capsys)

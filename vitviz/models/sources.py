@@ -1,5 +1,11 @@
 """Every way a user can name a model: a checkpoint file, a run folder, `timm:<name>` (+ local weights), or
-`hf:<repo id or local folder>` (Hugging Face transformers, see vitviz.models.hf)."""
+`hf:<repo id or local folder>` (Hugging Face transformers, see vitviz.models.hf).
+
+A timm source may carry keyword arguments for `timm.create_model` after a "?", as in a URL:
+`timm:vit_base_patch16_224?depth=2&img_size=64` builds the architecture with 2 blocks for 64-pixel inputs (random
+or --weights only). The keys are those of TIMM_KWARGS, each an integer within its bounds; the source string, with
+the keys sorted (`timm_source`), is what a result or checkpoint records, and it alone determines the model.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, quoted
 from vitviz.models.checkpoint import (
     LoadedModel,
     ModelMeta,
@@ -25,6 +31,11 @@ from vitviz.runs import run_checkpoint
 from vitviz.tokens import token_layout
 
 TIMM_PREFIX = "timm:"
+TIMM_KWARGS: dict[str, tuple[int, int]] = {  # keyword: (least, most)
+    "depth": (1, 64),  # transformer blocks
+    "img_size": (8, 4096),  # input size in pixels (square)
+    "num_classes": (0, 100_000),  # classifier outputs; 0: no head (features only)
+}
 RANDOM_INIT_SEED = 0  # timm random inits are seeded so one content hash always means the same weights
 
 
@@ -43,7 +54,8 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
             raise VitvizError("--weights and pretrained apply only to timm:<name> sources; hf: models bring their own")
         return load_hf(source)
     if source.startswith(TIMM_PREFIX):
-        return _load_timm(source, source[len(TIMM_PREFIX) :].strip(), weights=weights, pretrained=pretrained)
+        name, kwargs = parse_timm_source(source)
+        return _load_timm(name, kwargs, weights=weights, pretrained=pretrained)
     if weights is not None or pretrained:
         raise VitvizError(
             "--weights and pretrained apply only to timm:<name> sources; a checkpoint has its own weights"
@@ -66,16 +78,51 @@ def load_model(source: str, *, weights: str | Path | None = None, pretrained: bo
     return loaded
 
 
-def _load_timm(source: str, name: str, *, weights: str | Path | None, pretrained: bool) -> LoadedModel:
+def parse_timm_source(source: str) -> tuple[str, dict[str, int]]:
+    """The model name and keyword arguments of "timm:<name>[?key=value&...]" (see the module docstring)."""
+    name, sep, query = source[len(TIMM_PREFIX) :].strip().partition("?")
+    name = name.strip()
     if not name:
         raise VitvizError("timm: needs a model name, e.g. timm:vit_tiny_patch16_224")
+    kwargs: dict[str, int] = {}
+    for item in query.split("&") if sep else []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if key not in TIMM_KWARGS:
+            raise VitvizError(
+                f"unknown timm keyword {quoted(key)} in {quoted(source)}: use {', '.join(TIMM_KWARGS)} (as ?depth=2)"
+            )
+        if key in kwargs:
+            raise VitvizError(f"timm keyword {key} is given twice in {quoted(source)}")
+        least, most = TIMM_KWARGS[key]
+        try:
+            number = int(value.strip(), 10) if eq else None
+        except ValueError:
+            number = None
+        if number is None or not least <= number <= most:
+            raise VitvizError(f"timm keyword {key} must be an integer from {least} to {most}, got {quoted(value)}")
+        kwargs[key] = number
+    return name, kwargs
+
+
+def timm_source(name: str, kwargs: dict[str, int] | None = None) -> str:
+    """The canonical source string of a timm model with keyword arguments (keys sorted): what results record."""
+    query = "&".join(f"{key}={kwargs[key]}" for key in sorted(kwargs or {}))
+    return f"{TIMM_PREFIX}{name}" + (f"?{query}" if query else "")
+
+
+def _load_timm(name: str, kwargs: dict[str, int], *, weights: str | Path | None, pretrained: bool) -> LoadedModel:
+    source = timm_source(name, kwargs)
     if weights is not None and pretrained:
         raise VitvizError("choose either pretrained weights or --weights FILE, not both")
+    if pretrained and kwargs:
+        raise VitvizError(f"pretrained weights are for the architecture as published: drop the ? part of {source}")
     if weights is not None:
         state = read_state_dict(weights)
         head = state.get("head.weight")
         # Fine-tuned weights often have their own number of classes; size the head from the file.
-        kwargs = {"num_classes": int(head.shape[0])} if isinstance(head, torch.Tensor) and head.ndim == 2 else {}
+        if "num_classes" not in kwargs and isinstance(head, torch.Tensor) and head.ndim == 2:
+            kwargs = {**kwargs, "num_classes": int(head.shape[0])}
         model = build_timm_model(name, **kwargs)
         load_state_dict_checked(model, state, str(weights))
         content_hash = file_sha256(weights)
@@ -86,10 +133,12 @@ def _load_timm(source: str, name: str, *, weights: str | Path | None, pretrained
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = build_timm_model(name)
-        content_hash = hashlib.sha256(f"{TIMM_PREFIX}{name}".encode()).hexdigest()
+            model = build_timm_model(name, **kwargs)
+        content_hash = hashlib.sha256(source.encode()).hexdigest()
     model.eval()
     summary = {"source": "timm", "pretrained": pretrained, "weights": None if weights is None else str(weights)}
+    if kwargs:
+        summary["timm_kwargs"] = dict(sorted(kwargs.items()))
     meta = timm_meta(name, model, training=summary)
     extra = {} if weights is None else {"path": str(weights)}
     return LoadedModel(model=model, meta=meta, source=source, content_hash=content_hash, extra=extra)
