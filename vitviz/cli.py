@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from vitviz.allocator import tune_malloc
-from vitviz.errors import VitvizError, one_line, quoted
+from vitviz.errors import VitvizError, one_line, shown
 from vitviz.fileio import atomic_write_text
 
 if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast
@@ -572,7 +572,7 @@ def _configure_logging() -> None:
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: what went wrong and, quoted, the file it happened to."""
     text = one_line(str(exc.strerror or exc))
-    return f"{text}: {quoted(exc.filename)}" if exc.filename else text
+    return f"{text}: {shown(exc.filename)}" if exc.filename else text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,3 +31,11 @@ def _escaped(char: str) -> str:
     if char in "'\\":
         return "\\" + char
     return char if char.isprintable() else repr(char)[1:-1]
+
+
+def shown(name: object) -> str:
+    """A file name as a message shows it: bare when it is plain printable text, else `quoted`."""
+    text = quoted(name)
+    bare = text[1:-1]
+    plain = bare == (os.fspath(name) if isinstance(name, os.PathLike) else str(name))
+    return bare if plain and bare == bare.strip() and " " not in bare else text

@@ -292,3 +292,86 @@ def test_a_timm_model_without_a_head_is_refused_by_faithfulness(
     source = "timm:vit_tiny_patch16_224?depth=1&img_size=32&num_classes=0"
     argv = ["faithfulness", source, "--images", str(one_image), "--methods", "rollout", "--json", "-"]
     assert "the model has no classification head" in _refused(main(argv), capsys)
+
+
+# --- data-set folders ------------------------------------------------------------------------------------
+
+
+def _png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+def _hostile_tree(root: Path) -> int:
+    """An ImageFolder tree with train/ and test/: 3 real test images, and in test/ a link loop (a/again -> .), a
+    link to / (b/root), a class folder that is a link to / (c), and a FIFO named pipe.png. Returns 3."""
+    for split in ("train", "test"):
+        for index, name in enumerate(("a", "b")):
+            _png(root / split / name / f"{index}.png", index)
+    _png(root / "test" / "a" / "sub" / "2.png", 2)
+    (root / "test" / "a" / "again").symlink_to(".")
+    (root / "test" / "b" / "root").symlink_to("/")
+    (root / "train" / "c").mkdir()
+    (root / "test" / "c").symlink_to("/")
+    os.mkfifo(root / "test" / "a" / "pipe.png")
+    return 3
+
+
+def _cli(*argv: str, timeout: int = 240) -> tuple[int, str, str]:
+    """`python -m vitviz` in a child process (a hang is a failure, not a stuck suite)."""
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vitviz", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_a_folder_with_link_loops_links_to_root_and_a_fifo_counts_only_real_images(
+    tiny_checkpoint: Path, tmp_path: Path, tally: dict
+) -> None:
+    tally["data-set folders: hostile trees"]["cases"] += 4
+    real = _hostile_tree(tmp_path / "data")
+    argv = ["analyze", str(tiny_checkpoint), "--dataset", f"folder:{tmp_path / 'data'}", "--analyses", "rollout"]
+    code, out, err = _cli(*argv, "--limit", "5", "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["dataset"]["num_images"] == real
+    notes = [line for line in err.splitlines() if "skipped" in line]
+    assert notes == ["vitviz: skipped 4 entries that are not regular files or are links to folders"], err
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "data" / "test" / "a" / "pipe.png").st_mode)
+
+
+def test_a_fifo_named_as_an_image_is_never_opened(tmp_path: Path, capsys, tally: dict) -> None:
+    """--images pipe.png and the decoder itself: one line, at once (opening a FIFO with no writer blocks)."""
+    from vitviz.images import decode_image
+
+    tally["data-set folders: hostile trees"]["cases"] += 1
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(VitvizError, match="FIFO"):
+        decode_image(tmp_path / "pipe.png")
+    code, _, err = _cli("analyze", "timm:vit_tiny_patch16_224?depth=1", "--images", str(tmp_path / "pipe.png"),
+                        "--json", "-", timeout=120)  # fmt: skip
+    assert code == 2 and "FIFO" in one_line_cli_error({"stderr": err}), err
+
+
+NASTY_NAMES = {"newline": "bad\nname.png", "right-to-left": "bad\u202egnp.exe.png", "quote": "it's bad.png"}
+
+
+@pytest.mark.parametrize("kind", list(NASTY_NAMES))
+def test_file_names_that_would_split_or_disguise_the_error_line_are_escaped(
+    kind: str, tiny_checkpoint: Path, tmp_path: Path, capsys, tally: dict
+) -> None:
+    tally["data-set folders: file names"]["cases"] += 1
+    name = NASTY_NAMES[kind]
+    for split in ("train", "test"):
+        _png(tmp_path / "data" / split / "a" / "0.png", 0)
+        (tmp_path / "data" / split / "a" / name).write_bytes(b"not an image")
+    for source in (["--images", str(tmp_path / "data" / "test" / "a")], ["--dataset", f"folder:{tmp_path / 'data'}"]):
+        argv = ["analyze", str(tiny_checkpoint), *source, "--analyses", "rollout", "--json", "-"]
+        line = _refused(main(argv), capsys)
+        assert quoted(name) in line and "\u202e" not in line, line
+        assert "\\n" in line if kind == "newline" else True
