@@ -399,6 +399,13 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
     return sections
 
 
+def _agree_on_failure(ranks: Any, exc: BaseException) -> None:
+    """Under torchrun, a rank that meets a user error before the ranks' one gather sends it there, so every rank
+    stops with the same one-line error (printed by rank 0) instead of the others waiting for it."""
+    message = str(exc) if isinstance(exc, VitvizError) else os_error_line(exc)  # type: ignore[arg-type]
+    ranks.fail(exc, message)
+
+
 def _quiet_unless_main(ranks: Any) -> None:
     """Under torchrun only rank 0 reports: the other ranks' notes are dropped (their errors still print)."""
     if not ranks.is_main:
@@ -460,6 +467,9 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
             written = write_figures(folder, loaded, weight_results, None, None, [])
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
+    except (VitvizError, OSError) as exc:
+        _agree_on_failure(ranks, exc)
+        raise
     finally:
         ranks.close()
 
@@ -506,6 +516,9 @@ def faithfulness_dataset(args: argparse.Namespace, slice_: Any, options: Any) ->
             )
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
+    except (VitvizError, OSError) as exc:
+        _agree_on_failure(ranks, exc)
+        raise
     finally:
         ranks.close()
 
@@ -569,6 +582,13 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
+def _is_main_process() -> bool:
+    """Whether this process speaks for the job: always, but for the ranks other than 0 under torchrun."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as one line: what went wrong and, quoted, the file it happened to."""
     text = one_line(str(exc.strerror or exc))
@@ -589,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         return cmd_analyze(args)
     except VitvizError as exc:
-        print(f"vitviz: error: {one_line(str(exc))}", file=sys.stderr)
+        if _is_main_process():  # under torchrun every rank has the same error (Ranks.fail): rank 0 says it
+            print(f"vitviz: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:  # e.g. an output folder that cannot be written, a full disk
         print(f"vitviz: error: {os_error_line(exc)}", file=sys.stderr)

@@ -375,3 +375,45 @@ def test_file_names_that_would_split_or_disguise_the_error_line_are_escaped(
         line = _refused(main(argv), capsys)
         assert quoted(name) in line and "\u202e" not in line, line
         assert "\\n" in line if kind == "newline" else True
+
+
+# --- torchrun: one rank's bad image ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["analyze", "faithfulness"])
+def test_one_ranks_bad_image_stops_every_rank_with_one_line(
+    command: str, tiny_checkpoint: Path, tmp_path: Path, tally: dict
+) -> None:
+    """4 test images in batches of 1 over 2 gloo processes: rank 1 takes images 1 and 3, and image 1 is not an
+    image. Every rank exits 2; rank 0 prints the one line, rank 1 nothing (torchrun's own report aside)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import ROOT
+
+    tally["torchrun: one rank's bad image"]["cases"] += 1
+    for index in range(4):
+        _png(tmp_path / "data" / "train" / "a" / f"{index}.png", index)
+        _png(tmp_path / "data" / "test" / "a" / f"{index}.png", index)
+    (tmp_path / "data" / "test" / "a" / "1.png").write_bytes(b"not an image")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [command, str(tiny_checkpoint), "--dataset", f"folder:{tmp_path / 'data'}", "--batch-size", "1"]
+    argv += ["--analyses", "rollout"] if command == "analyze" else ["--methods", "random", "--steps", "4"]
+    logs = tmp_path / "logs"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    torchrun += [f"--log-dir={logs}", "--redirects=3", "-m", "vitviz", *argv, "--json", str(tmp_path / "out.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    stderr = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert sorted(stderr) == [0, 1], done.stderr[-2000:]
+    lines = stderr[0].splitlines()  # progress notes ("vitviz: random: deletion AUC ...") and the one error
+    assert all(line.startswith("vitviz: ") for line in lines), stderr[0]
+    errors = [line for line in lines if line.startswith("vitviz: error: ")]
+    assert len(errors) == 1 and "could not read image '1.png'" in errors[0], stderr[0]
+    assert stderr[1].strip() == "", stderr[1]
+    assert done.stderr.count("exitcode  : 2") + done.stderr.count("exitcode: 2") >= 1, done.stderr[-2000:]
+    assert "Traceback" not in "".join(stderr.values()) and not (tmp_path / "out.json").exists()
