@@ -19,7 +19,8 @@ Instead of --images, both analyze and faithfulness take a slice of a data set, s
 and then also run under `torchrun --nproc_per_node=K`, the images shared out between the processes and the
 JSON (written by rank 0) the one a single process writes (docs/design.md, "Data sets and torchrun").
 
-MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>. A user's mistake prints one
+MODEL is a vitviz checkpoint (.safetensors), a run folder, or timm:<name>, optionally built smaller with timm's
+keyword arguments: timm:<name>?depth=2&img_size=64 (depth, img_size, num_classes). A user's mistake prints one
 line on stderr and exits with status 2; progress goes to stderr, results to the files asked for (or the
 JSON to stdout with `--json -`).
 """
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from vitviz.allocator import tune_malloc
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, one_line, shown
 from vitviz.fileio import atomic_write_text
 
 if TYPE_CHECKING:  # imported where used, so `--help` and argument errors stay fast (no torch before a command runs)
@@ -84,7 +85,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return False
 
     def add_model(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
+        p.add_argument(
+            "model",
+            help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>[?depth=D&img_size=S&num_classes=C]",
+        )
         p.add_argument("--weights", help="a local state dict (.safetensors, .pth, .bin) for a timm:<name> model")
         p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the network)")
 
@@ -450,6 +454,13 @@ def dataset_sections(results: Any, slice_: Any, class_names: Sequence[str], opti
     return sections
 
 
+def _agree_on_failure(ranks: Any, exc: BaseException) -> None:
+    """Under torchrun, a rank that meets a user error before the ranks' one gather sends it there, so every rank
+    stops with the same one-line error (printed by rank 0) instead of the others waiting for it."""
+    message = str(exc) if isinstance(exc, VitvizError) else os_error_line(exc)  # type: ignore[arg-type]
+    ranks.fail(exc, message)
+
+
 def _quiet_unless_main(ranks: Any) -> None:
     """Under torchrun only rank 0 reports: the other ranks' notes are dropped (their errors still print)."""
     if not ranks.is_main:
@@ -511,6 +522,9 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
             written = write_figures(folder, loaded, weight_results, None, None, [], colormap=args.colormap)
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
+    except (VitvizError, OSError) as exc:
+        _agree_on_failure(ranks, exc)
+        raise
     finally:
         ranks.close()
 
@@ -557,6 +571,9 @@ def faithfulness_dataset(args: argparse.Namespace, slice_: Any, options: Any) ->
             )
             logger.info("wrote %d figures to %s", len(written), args.figures)
         return 0
+    except (VitvizError, OSError) as exc:
+        _agree_on_failure(ranks, exc)
+        raise
     finally:
         ranks.close()
 
@@ -622,6 +639,19 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
+def _is_main_process() -> bool:
+    """Whether this process speaks for the job: always, but for the ranks other than 0 under torchrun."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: what went wrong and, quoted, the file it happened to."""
+    text = one_line(str(exc.strerror or exc))
+    return f"{text}: {shown(exc.filename)}" if exc.filename else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn a user's mistake into one line and status 2."""
     _configure_logging()
@@ -640,10 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args)
         return cmd_analyze(args)
     except VitvizError as exc:
-        print(f"vitviz: error: {exc}", file=sys.stderr)
+        if _is_main_process():  # under torchrun every rank has the same error (Ranks.fail): rank 0 says it
+            print(f"vitviz: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except OSError as exc:  # e.g. an output folder that cannot be written
-        print(f"vitviz: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except OSError as exc:  # e.g. an output folder that cannot be written, a full disk
+        print(f"vitviz: error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vitviz: interrupted", file=sys.stderr)

@@ -109,6 +109,7 @@ DEFAULT_METHODS = default_method_names()
 BASELINE = "normalised-zero"  # what deleted patches become and insertion starts from: 0 after normalisation
 MAX_DEFAULT_STEPS = 50
 ORDER_LEVELS = 1_000_000  # patch_order compares map values quantised to 1e-6 of the map's range
+NO_CLASSIFICATION_HEAD = "the model has no classification head: faithfulness follows a class probability"
 SANITY_SEED = 0
 
 
@@ -143,8 +144,8 @@ class FaithfulnessOptions:
             raise VitvizError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise VitvizError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.ig_steps < 1:
-            raise VitvizError(f"integrated-gradients steps must be at least 1, got {self.ig_steps}")
+        if not 1 <= self.ig_steps <= IG_STEPS_LIMIT:
+            raise VitvizError(f"integrated-gradients steps must be between 1 and {IG_STEPS_LIMIT}, got {self.ig_steps}")
         if not self.ig_steps <= self.ig_max_steps <= IG_STEPS_LIMIT:
             raise VitvizError(
                 f"--ig-max-steps must be between --ig-steps ({self.ig_steps}) and {IG_STEPS_LIMIT}, "
@@ -160,6 +161,19 @@ class FaithfulnessOptions:
 def default_steps(num_patches: int) -> int:
     """S = min(n, 50)."""
     return min(num_patches, MAX_DEFAULT_STEPS)
+
+
+def checked_steps(model: nn.Module, steps: int | None) -> int:
+    """S for `model`: `steps`, or the default; refuses a model without class logits and S above its patch count
+    (each step deletes at least one more patch, so S <= n; a larger S would only repeat steps, S + 1 at a time)."""
+    if int(getattr(model, "num_classes", 0) or 0) < 1:
+        raise VitvizError(NO_CLASSIFICATION_HEAD)
+    num_patches = token_layout(model).num_patches
+    if steps is None:
+        return default_steps(num_patches)
+    if steps > num_patches:
+        raise VitvizError(f"--steps {steps} is more than the model's {num_patches} patches: use at most {num_patches}")
+    return steps
 
 
 def step_counts(num_patches: int, steps: int) -> torch.Tensor:
@@ -579,9 +593,8 @@ def run_faithfulness(
         raise ValueError(f"{len(names)} names for {images.shape[0]} images")
     if any_training(model):
         raise ValueError("faithfulness needs model.eval()")
+    steps = checked_steps(model, options.steps)
     layout = token_layout(model)
-    num_patches = layout.num_patches
-    steps = default_steps(num_patches) if options.steps is None else options.steps
     indices = list(range(images.shape[0])) if image_indices is None else list(image_indices)
     targets = _targets(model, images, options.target_class, options.batch_size)
 
@@ -807,8 +820,7 @@ def dataset_faithfulness(
         raise VitvizError("--sanity keeps every map of every randomisation stage: run it on --images, not --dataset")
     if any_training(model):
         raise ValueError("faithfulness needs model.eval()")
-    layout = token_layout(model)
-    steps = default_steps(layout.num_patches) if options.steps is None else options.steps
+    steps = checked_steps(model, options.steps)
     device = model_device(model)
     records: list[dict[str, Any]] = []
     for batch in batches:

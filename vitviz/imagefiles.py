@@ -19,7 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, shown
+from vitviz.fileio import file_kind
 from vitviz.images import ALLOWED_FORMATS
 
 
@@ -42,17 +43,25 @@ def images_in(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
-def images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path, skipped: list[Path] | None = None) -> list[Path]:
     """The image files in `folder` and its visible sub-folders, folder by folder in path order, each by name.
 
-    Links to folders are not followed, so a link back up the tree cannot make the walk endless.
+    Links to folders are not followed, so a link back up the tree (or to /) cannot make the walk endless; entries
+    with an image's name that are not regular files (a FIFO, a device, a socket) are never opened. Both are
+    appended to `skipped` when it is given, so the caller can say what it left out.
     """
     found: list[Path] = []
-    for root, dirs, names in os.walk(folder):  # followlinks=False
+    for root, dirs, names in os.walk(folder):  # followlinks=False: lists links to folders in dirs, never enters
+        if skipped is not None:
+            skipped += [Path(root, name) for name in dirs if os.path.islink(os.path.join(root, name))]
         dirs[:] = [name for name in dirs if not name.startswith(".")]
-        found += [
-            Path(root, name) for name in names if is_image_name(name) and os.path.isfile(os.path.join(root, name))
-        ]
+        for name in names:
+            if not is_image_name(name):
+                continue
+            if os.path.isfile(os.path.join(root, name)):  # stat only: a FIFO is not opened
+                found.append(Path(root, name))
+            elif skipped is not None:
+                skipped.append(Path(root, name))
     return sorted(found, key=lambda path: (str(path.parent), path.name))
 
 
@@ -68,10 +77,12 @@ def collect_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             found = images_in(path)
             if not found:
-                raise VitvizError(f"no images in folder {raw} (looked for {', '.join(image_extensions())})")
+                raise VitvizError(f"no images in folder {shown(raw)} (looked for {', '.join(image_extensions())})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise VitvizError(f"{shown(raw)} is {file_kind(path.stat().st_mode)}, not an image file")
         else:
-            raise VitvizError(f"no such image file or folder: {raw}")
+            raise VitvizError(f"no such image file or folder: {shown(raw)}")
     return files

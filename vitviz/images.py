@@ -18,6 +18,7 @@ import importlib.util
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, quoted
+from vitviz.fileio import file_kind
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def decode_image(
     with _open_binary(data, label) as fp:
         head = fp.read(512)
         if not head:
-            raise VitvizError(f"could not read image '{label}': the file is empty")
+            raise VitvizError(f"could not read image {quoted(label)}: the file is empty")
         fp.seek(0)
         try:
             # PIL signals oversized images with a warning first: make it an error, only here. Its other
@@ -97,15 +99,15 @@ def decode_image(
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise VitvizError(
-                f"could not read image '{label}': it declares more pixels than the {max_pixels:,} pixel "
+                f"could not read image {quoted(label)}: it declares more pixels than the {max_pixels:,} pixel "
                 "limit (a decompression bomb or a very large scan); downscale it first"
             ) from None
         except UnidentifiedImageError:
-            raise VitvizError(f"could not read image '{label}': {_describe_unreadable(head)}") from None
+            raise VitvizError(f"could not read image {quoted(label)}: {_describe_unreadable(head)}") from None
         except Exception as exc:
             logger.debug("decoding %s failed", label, exc_info=True)
             raise VitvizError(
-                f"could not read image '{label}': the file is damaged or truncated ({_one_line(exc)})"
+                f"could not read image {quoted(label)}: the file is damaged or truncated ({_one_line(exc)})"
             ) from None
     return flat if flat.mode == mode else flat.convert(mode)
 
@@ -231,13 +233,19 @@ def _open_binary(data: ImageSource, label: str) -> Iterator[BinaryIO]:
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None  # open() below says what is wrong
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # never open a FIFO or a device
+            raise VitvizError(f"could not read image {quoted(label)}: it is {file_kind(mode)}, not a file")
+        try:
             fp = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
-            raise VitvizError(f"could not read image '{label}': no such file ({path})") from None
+            raise VitvizError(f"could not read image {quoted(label)}: no such file ({path})") from None
         except IsADirectoryError:
-            raise VitvizError(f"could not read image '{label}': it is a folder, not a file") from None
+            raise VitvizError(f"could not read image {quoted(label)}: it is a folder, not a file") from None
         except OSError as exc:
-            raise VitvizError(f"could not read image '{label}': {exc.strerror or exc}") from None
+            raise VitvizError(f"could not read image {quoted(label)}: {exc.strerror or exc}") from None
         with fp:
             yield fp
         return
@@ -253,10 +261,10 @@ def _open_binary(data: ImageSource, label: str) -> Iterator[BinaryIO]:
 def _check_pixel_count(size: tuple[int, int], max_pixels: int, label: str) -> None:
     width, height = size
     if width < 1 or height < 1:
-        raise VitvizError(f"could not read image '{label}': it declares an empty size {width}x{height}")
+        raise VitvizError(f"could not read image {quoted(label)}: it declares an empty size {width}x{height}")
     if width * height > max_pixels:
         raise VitvizError(
-            f"could not read image '{label}': {width}x{height} is {width * height:,} pixels, more than the "
+            f"could not read image {quoted(label)}: {width}x{height} is {width * height:,} pixels, more than the "
             f"{max_pixels:,} pixel limit (a decompression bomb or a very large scan); downscale it first"
         )
 

@@ -408,24 +408,23 @@ def _exactness(model: nn.Module, images: torch.Tensor, reference: Callable[[], l
         return _status(error)
 
 
-def build_small_timm(name: str) -> tuple[nn.Module, str]:
-    """The architecture at reduced depth and input size where timm accepts them, random weights, eval mode."""
-    import timm
-
-    from vitviz.tokens import token_layout
+def build_small_timm(name: str) -> tuple[Any, str]:
+    """The architecture at reduced depth and input size where timm accepts them, random weights, eval mode, loaded
+    through the entry point users name it by: `load_model("timm:<name>?depth=2&img_size=64&num_classes=10")`.
+    Returns the LoadedModel and how it was built ("depth=2,img_size=64", or "default")."""
+    from vitviz.models import load_model
+    from vitviz.models.sources import timm_source
 
     failure: BaseException | None = None
     for overrides in _ATTEMPTS:
-        torch.manual_seed(0)
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=10, **overrides).eval()
-            layout = token_layout(model)
+            loaded = load_model(timm_source(name, {**overrides, "num_classes": 10}))
             with torch.no_grad():
-                model(torch.randn(1, 3, *layout.img_size))
+                loaded.model(torch.randn(1, loaded.meta.in_chans, *loaded.meta.input_size))
         except Exception as error:  # try the next, less reduced configuration
             failure = error
             continue
-        return model, ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+        return loaded, ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
     assert failure is not None
     raise failure
 
@@ -436,13 +435,12 @@ def _images(img_size: tuple[int, int], in_chans: int = 3) -> torch.Tensor:
 
 def survey_timm(name: str, params: int | None = None, exact: bool = False) -> Row:
     """Build one timm architecture small and run every section through the pipeline."""
-    from vitviz.models import LoadedModel, timm_meta
     from vitviz.tokens import token_layout
 
     family = timm_family(name) or "?"
     try:
-        model, built_with = build_small_timm(name)
-        loaded = LoadedModel(model=model, meta=timm_meta(name, model), source=f"timm:{name}", content_hash="")
+        loaded, built_with = build_small_timm(name)
+        model = loaded.model
         images = _images(token_layout(model).img_size, loaded.meta.in_chans)
     except Exception as error:
         status = _status(error)

@@ -8,7 +8,8 @@ Two layouts:
   the class names come from train/.
 A class's images are the image files in its folder and in that folder's visible sub-folders, by the rule
 of `vitviz.imagefiles` that the CLI's --images and the studio's samples follow too (visible files in a
-format vitviz decodes; links to folders are not followed). Images are decoded by vitviz's one image loader
+format vitviz decodes; links to folders are not followed, class folders that are links included, and files
+that are not regular files are never opened). What was left out is said in one line on the log. Images are decoded by vitviz's one image loader
 (`vitviz.images.decode_image`: safe formats, EXIF orientation, transparency on grey) and served as RGB.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vitviz.data.base import VisionDataset
-from vitviz.errors import VitvizError
+from vitviz.errors import VitvizError, shown
 from vitviz.imagefiles import image_extensions, images_under
 from vitviz.images import decode_image
 
@@ -36,9 +37,23 @@ _SPLIT_FOLDER_ALIASES = {"train": ("train",), "val": ("val", "valid", "validatio
 _HASH_BUCKETS = 10_000
 
 
-def find_class_folders(directory: Path) -> list[str]:
-    """Sorted names of the visible subfolders of `directory`: the class names."""
-    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+SKIPPED_NOTE = "skipped {count} entries that are not regular files or are links to folders"
+
+
+def find_class_folders(directory: Path, skipped: list[Path] | None = None) -> list[str]:
+    """Sorted names of the visible subfolders of `directory` (links to folders are not followed): the class
+    names. Links to folders are appended to `skipped` when it is given."""
+    names = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if entry.is_symlink():
+                if skipped is not None:
+                    skipped.append(Path(entry.path))
+                continue
+            names.append(entry.name)
+    return sorted(names)
 
 
 def hash_split(relative_path: str) -> str:
@@ -68,7 +83,8 @@ class ImageFolderDataset(VisionDataset):
     def __init__(self, root: str | Path, *, split: str = "train") -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise VitvizError(f"image folder {root} does not exist or is not a folder")
+            raise VitvizError(f"image folder {shown(root)} does not exist or is not a folder")
+        skipped: list[Path] = []
         train_folder = _split_folder(root, "train")
         if train_folder is not None:
             # Layout with split folders: classes come from train/, the split folder is read as it is.
@@ -76,41 +92,55 @@ class ImageFolderDataset(VisionDataset):
             split_folder = _split_folder(root, split)
             if split_folder is None:
                 raise VitvizError(
-                    f"{root} has a train/ folder but no {'/ or '.join(_SPLIT_FOLDER_ALIASES[split])}/ folder for the {split} split"
+                    f"{shown(root)} has a train/ folder but no {'/ or '.join(_SPLIT_FOLDER_ALIASES[split])}/ folder for the {split} split"
                 )
-            unknown = sorted(set(find_class_folders(split_folder)) - set(class_names))
+            unknown = sorted(set(find_class_folders(split_folder, skipped)) - set(class_names))
             if unknown:
-                raise VitvizError(f"{split_folder} has class folders that train/ lacks: {', '.join(unknown)}")
-            samples = self._list_images(split_folder, class_names)
+                raise VitvizError(
+                    f"{shown(split_folder)} has class folders that train/ lacks: {', '.join(map(shown, unknown))}"
+                )
+            samples = self._list_images(split_folder, class_names, skipped)
             if not samples:
                 raise VitvizError(
-                    f"no images in {split_folder} (looked for {', '.join(image_extensions())} in its class folders)"
+                    f"no images in {shown(split_folder)} (looked for {', '.join(image_extensions())} in its class folders)"
                 )
         else:
-            class_names = find_class_folders(root)
-            all_samples = self._list_images(root, class_names)
+            class_names = find_class_folders(root, skipped)
+            all_samples = self._list_images(root, class_names, skipped)
             if not all_samples:
                 raise VitvizError(
-                    f"no images in {root}: put them in one subfolder per class (looked for {', '.join(image_extensions())})"
+                    f"no images in {shown(root)}: put them in one subfolder per class (looked for {', '.join(image_extensions())})"
                 )
             samples = [
                 (path, label) for path, label in all_samples if hash_split(path.relative_to(root).as_posix()) == split
             ]
             if not samples:
                 raise VitvizError(
-                    f"the {split} split of {root} is empty: {len(all_samples)} images are split "
+                    f"the {split} split of {shown(root)} is empty: {len(all_samples)} images are split "
                     f"{'/'.join(f'{f:.0%}' for f in HASH_SPLIT_FRACTIONS.values())} by file-name hash; "
                     "add images, or make train/ and val/ folders"
                 )
+        skipped = sorted(set(skipped))  # a split folder's class link is met twice (as a folder, as a class)
+        if skipped:
+            log.info(SKIPPED_NOTE.format(count=len(skipped)))
         self.root = root
         self.split = split
+        self.skipped = skipped
         self.class_names = class_names
         self.paths = [path for path, _ in samples]
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
 
     @staticmethod
-    def _list_images(directory: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-        return [(path, label) for label, name in enumerate(class_names) for path in images_under(directory / name)]
+    def _list_images(directory: Path, class_names: list[str], skipped: list[Path]) -> list[tuple[Path, int]]:
+        """(path, label) of every image of the classes; links to folders and non-regular files go to `skipped`."""
+        samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(class_names):
+            folder = directory / name
+            if folder.is_symlink():  # a split folder's class that is a link (to / perhaps): never entered
+                skipped.append(folder)
+                continue
+            samples += [(path, label) for path in images_under(folder, skipped)]
+        return samples
 
     def __len__(self) -> int:
         return len(self.paths)

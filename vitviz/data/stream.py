@@ -164,6 +164,7 @@ class Ranks:
         self.rank = rank
         self.world_size = world_size
         self._owns_group = owns_group
+        self._gathered = 0
 
     @classmethod
     def from_environment(cls) -> Ranks:
@@ -193,7 +194,20 @@ class Ranks:
 
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
+        self._gathered += 1
+        failures = [item for item in gathered if isinstance(item, _RankFailure)]
+        if failures:  # one rank's user error is every rank's: the first by rank is the message
+            raise VitvizError(failures[0].message)
         return gathered
+
+    def fail(self, error: BaseException, message: str) -> None:
+        """On a rank whose work failed with a user error before it reached its gather: join the gather the other
+        ranks wait in with the failure, so that every rank raises the same VitvizError instead of waiting for ever
+        (or ending in a gloo traceback). Raises that VitvizError; does nothing for one process or after the gather."""
+        if self.world_size == 1 or self._gathered:
+            return
+        self.gather(_RankFailure(message))
+        raise VitvizError(message) from None  # only if the gather came back without it (it never does)
 
     def close(self) -> None:
         """Leave the process group if this object joined it."""
@@ -203,6 +217,13 @@ class Ranks:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self._owns_group = False
+
+
+@dataclass(frozen=True)
+class _RankFailure:
+    """What a failed rank sends in place of its records (`Ranks.fail`)."""
+
+    message: str
 
 
 def rank_batches(num_images: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

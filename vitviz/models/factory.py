@@ -25,6 +25,7 @@ from torch import nn
 from vitviz.errors import VitvizError
 from vitviz.models.config import ViTConfig
 from vitviz.models.posembed import FactorisedPosEmbedViT, sincos_pos_embed
+from vitviz.tokens import token_layout
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,10 @@ def build_timm_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> n
             f"pretrained weights for timm:{name} could not be downloaded (no network?): "
             f"{type(exc).__name__}; download them elsewhere and pass --weights FILE"
         ) from None
-    patch_embed = getattr(model, "patch_embed", None)
-    if getattr(patch_embed, "grid_size", None) is None:
-        raise VitvizError(f"timm model {name!r} is not a Vision Transformer with a fixed patch grid")
+    try:  # the rule every analysis reads tokens by: a fixed patch grid, or NaFlexViT's at its input size
+        token_layout(model)
+    except TypeError:
+        raise VitvizError(f"timm model {name!r} is not a Vision Transformer with a patch grid") from None
     return model
 
 

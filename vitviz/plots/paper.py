@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from vitviz.fileio import atomic_path
 from vitviz.plots import as_rgb_uint8, scale_by_max, upsample_bilinear
 from vitviz.plots.figures import (
     DEFAULT_COLORMAP,
@@ -50,13 +51,18 @@ _DEFAULT_DPI = 150
 
 
 def save_figure(fig: Figure, path_without_ext: str | Path, *, dpi: int = _DEFAULT_DPI) -> list[Path]:
-    """Write `fig` as PNG and SVG beside each other (parent folders are created); return both paths."""
+    """Write `fig` as PNG and SVG beside each other (parent folders are created); return both paths.
+
+    Each file is written as `vitviz.fileio` writes results: to a temporary file in the same folder, fsynced, then
+    renamed over the old one, so a full disk or a kill leaves the previous figure or none, never half of one.
+    """
     base = Path(path_without_ext)
     base.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix in (".png", ".svg"):
         path = base.with_name(base.name + suffix)  # keeps dots in names such as "vit-b.16"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+        with atomic_path(path) as partial:
+            fig.savefig(partial, format=suffix[1:], dpi=dpi, bbox_inches="tight", facecolor="white")
         paths.append(path)
     logger.debug("wrote %s", ", ".join(str(p) for p in paths))
     return paths
