@@ -1305,3 +1305,27 @@ def test_training_command_line_follows_the_training_cli(tmp_path: Path) -> None:
     ]
     with pytest.raises(VitvizError):
         runs.command_line(runs.RunRequest(command="train", preset="tiny", run_id="../escape", runs_dir=tmp_path))
+
+
+def test_tokens_page_explains_the_attention_sink_and_the_outlier_count() -> None:
+    at = _open("tokens")
+    captions = " ".join(_text(c) for c in at.caption)
+    assert "An attention sink is a token that receives much of the patches' attention" in captions
+    assert "whose norm exceeds 2 times the median patch-token norm" in captions
+    assert "the head is undecided" not in captions  # the bundled default is trained: its lens is not uniform
+
+
+def test_tokens_page_says_why_a_random_models_logit_lens_is_dark() -> None:
+    at = _open("tokens", query={"model": "timm:vit_tiny_patch16_224"})  # random weights, 1000 classes
+    captions = " ".join(_text(c) for c in at.caption)
+    assert "the head is undecided" in captions and "1/1000" in captions
+
+
+def test_head_maps_carry_a_colour_bar_on_the_heads_scale() -> None:
+    from vitviz.plots.tokens import head_maps_figure
+
+    attention = np.random.default_rng(0).random((3, 4, 4))
+    fig = head_maps_figure(attention, attention > 0.5, query="class token", mass_share=0.6)
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "attention ÷ the head's peak"
+

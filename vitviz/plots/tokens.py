@@ -142,15 +142,21 @@ def head_maps_figure(attention: np.ndarray, masks: np.ndarray, *, query: str, ma
     heads = maps.shape[0]
     columns = min(heads, 6)
     rows = math.ceil(heads / columns)
-    fig = Figure(figsize=(1.9 * columns + 0.6, 2.0 * rows + 0.5), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    fig = Figure(figsize=(1.9 * columns + 1.2, 2.0 * rows + 0.5), layout="constrained")
+    grid = np.atleast_1d(fig.subplots(rows, columns, squeeze=False))
+    axes = grid.reshape(-1)
+    image = None
     for head, ax in enumerate(axes):
         ax.set_axis_off()
         if head >= heads:
             continue
-        ax.imshow(maps[head], cmap="viridis", norm=Normalize(0, max(float(maps[head].max()), 1e-12)))
+        # each head on its own scale, 0 to its peak, so a diffuse head still shows where it looks
+        peak = max(float(maps[head].max()), 1e-12)
+        image = ax.imshow(maps[head] / peak, cmap="viridis", norm=Normalize(0.0, 1.0))
         _outline_patches(ax, np.asarray(masks[head], dtype=bool))
         ax.set_title(f"head {head + 1}", fontsize=_TICK_SIZE)
+    if image is not None:
+        fig.colorbar(image, ax=grid, shrink=0.8, label="attention ÷ the head's peak")
     fig.suptitle(
         f"Last layer, {query} attention; outline: {100 * mass_share:.0f}% of each head's mass", fontsize=_LABEL_SIZE
     )

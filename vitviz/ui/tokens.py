@@ -54,7 +54,8 @@ def render() -> None:
     grid = result.features.projections.shape[1:3]
     layer_key = widgets.model_key("tokens.layer", loaded)  # the layers are the model's
     figures = _token_sections(result.tokens, index, picture, grid, options, layer_key)
-    figures.update(_feature_sections(result, index, picture, foreground, loaded.meta.class_names))
+    num_classes = int(getattr(loaded.model, "num_classes", 0) or 0) or len(loaded.meta.class_names)
+    figures.update(_feature_sections(result, index, picture, foreground, loaded.meta.class_names, num_classes))
     _downloads(f"{selection.entry.key}-{image.name}", result, index, images, figures)
 
 
@@ -125,11 +126,19 @@ def _token_sections(
         )
         widgets.pyplot(outlier_fig)
         counts = ", ".join(f"{layer + 1}: {count}" for layer, count in enumerate(tokens.outlier_counts))
-        st.caption(f"Outliers per layer over all images — {counts}")
+        st.caption(
+            f"Outlined: the patch tokens whose norm exceeds {options.outlier_factor:g} times the median patch-token "
+            "norm of their image at that layer; such high-norm tokens tend to hold global information rather "
+            f"than their patch's content. Outliers per layer over all images — {counts}"
+        )
     with prefix_col:
         st.markdown("##### Attention to prefix tokens")
         prefix_fig = plots.prefix_attention_figure(tokens.prefix_attention, tokens.num_prefix_tokens)
         widgets.pyplot(prefix_fig)
+        st.caption(
+            "An attention sink is a token that receives much of the patches' attention while carrying little "
+            "content; the lines show the share of each layer's patch attention that goes to the prefix tokens."
+        )
         if not tokens.num_prefix_tokens:
             st.caption("The model has no prefix tokens, so the share is 0 everywhere.")
     return {
@@ -140,7 +149,12 @@ def _token_sections(
 
 
 def _feature_sections(
-    result: TokenAnalyses, index: int, picture: np.ndarray, foreground: bool, class_names: Sequence[str]
+    result: TokenAnalyses,
+    index: int,
+    picture: np.ndarray,
+    foreground: bool,
+    class_names: Sequence[str],
+    num_classes: int,
 ) -> dict[str, Callable[[], Figure]]:
     """The patch features' PCA, the head maps and the logit lens of the image shown; their figures for download."""
     st.markdown("##### Patch features, first three principal components as RGB")
@@ -170,8 +184,27 @@ def _feature_sections(
         lens_fig = plots.logit_lens_figure(lens.probabilities, name)
         widgets.pyplot(lens_fig)
         st.caption(f"The predicted class, {widgets.plain(name)}, followed through every layer.")
+        uniform = near_uniform_note(lens.probabilities, num_classes)
+        if uniform:
+            st.caption(uniform)
         figures["logit-lens"] = lambda: lens_fig
     return figures
+
+
+def near_uniform_note(probabilities: np.ndarray, num_classes: int) -> str | None:
+    """A sentence for a logit lens that is dark everywhere because its probabilities stay near the uniform
+    1/num_classes (within ten times it, and under 0.05 of the 0..1 scale; as with random weights); None
+    otherwise."""
+    if num_classes < 2 or not np.size(probabilities):
+        return None
+    peak = float(np.max(probabilities))
+    if peak > min(10.0 / num_classes, 0.05):
+        return None
+    return (
+        f"The maps are dark because the head is undecided: the highest probability anywhere is {peak:.2g}, close "
+        f"to 1/{num_classes} = {1 / num_classes:.2g} for {num_classes} classes (as with untrained or random "
+        "weights), so every patch sits near 0 on the 0..1 scale."
+    )
 
 
 def _downloads(
