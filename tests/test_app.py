@@ -1329,3 +1329,18 @@ def test_head_maps_carry_a_colour_bar_on_the_heads_scale() -> None:
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == 1 and bars[0].get_ylabel() == "attention ÷ the head's peak"
 
+
+def test_compare_summary_names_fit_and_position_maps_share_one_narrow_colour_bar() -> None:
+    keys = ["bundled:shapes-default-epoch-001", "bundled:shapes-default"]
+    at = _open("compare", query={"compare": keys})
+    summary = at.dataframe[0].value
+    row = summary[summary[""] == "checkpoint"]
+    assert list(row[["A", "B"]].iloc[0]) == ["shapes-default-epoch-001", "shapes-default"]  # no "(bundled" cut
+    config = json.loads(at.dataframe[0].proto.columns)
+    assert config["A"]["help"] == "shapes-default-epoch-001 (bundled)" and config["A"]["width"] == "large"
+    _open_tab(at, "Position embeddings")
+    maps = [c["data"][0] for c in _charts(at) if "difference" not in c["data"][0].get("hovertemplate", "")]
+    assert len(maps) == 2
+    assert [trace.get("showscale", True) for trace in maps] == [False, True]
+    assert maps[1]["colorbar"]["thickness"] == 12
+

@@ -108,7 +108,7 @@ def render() -> None:
         with changed_tab:
             _what_changed(models, figures, arrays)
     with summary_tab:
-        widgets.table(_transposed(rows))
+        widgets.table(_transposed(rows, short=True), column_config=_model_columns(models))
         st.caption(
             "Accuracy is what the checkpoint's training recorded; the rest is measured here on the inputs "
             "chosen in the other tabs."
@@ -298,7 +298,8 @@ def _position(models: list[Compared], figures: dict, arrays: dict, *, shown: boo
         zmin = min(float(v.min()) for v in similarities.values())
         zmax = max(float(v.max()) for v in similarities.values())
         zmax = zmax if zmax > zmin else zmin + 1e-6
-    st.caption(f"Colour range {zmin:.3f} … {zmax:.3f}, shared by every model.")
+    st.caption(f"Colour range {zmin:.3f} … {zmax:.3f}, shared by every model: one colour bar, at the last map.")
+    last_with_map = next((m.name for m in reversed(models) if m.name in similarities), None)
     for column, model in zip(_columns(models), models):
         with column:
             st.markdown(_header(model))
@@ -308,17 +309,25 @@ def _position(models: list[Compared], figures: dict, arrays: dict, *, shown: boo
             similarity = similarities[model.name]
             _chart(
                 shown,
-                interactive.position_figure,
+                _position_chart,
                 similarity,
-                title=" ",
                 zmin=zmin,
                 zmax=zmax,
+                scale_bar=model.name == last_with_map,
                 key=f"compare.position.{model.name}",
                 height=FIGURE_HEIGHT,
             )
             figures[f"{model.name} position similarity"] = _bind(paper.position_similarity_figure, similarity)
             arrays[f"{model.name}_position_similarity"] = similarity
     _differences(similarities, "position similarity", figures, arrays, key="position", shown=shown)
+
+
+def _position_chart(similarity: np.ndarray, *, zmin: float, zmax: float, scale_bar: bool) -> Any:
+    """One model's similarity mosaic; the scale is shared, so only one map carries a (narrow) colour bar and the
+    others use their column's whole width."""
+    fig = interactive.position_figure(similarity, title=" ", zmin=zmin, zmax=zmax)
+    fig.update_traces(showscale=scale_bar, colorbar={"thickness": 12}, selector={"type": "heatmap"})
+    return fig
 
 
 def _differences(maps: dict[str, np.ndarray], what: str, figures: dict, arrays: dict, *, key: str, shown: bool) -> None:
@@ -693,10 +702,26 @@ def _changed_maps(result: Comparison, figures: dict, arrays: dict) -> None:
         figures["A vs B map differences"] = _bind(comparison_plots.difference_maps_figure, maps, limit)
 
 
-def _transposed(rows: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per property, one column per model, every value as text ("—" where missing)."""
+def _transposed(rows: dict[str, dict[str, Any]], *, short: bool = False) -> list[dict[str, str]]:
+    """One row per property, one column per model, every value as text ("—" where missing); with short, the
+    checkpoint's name without its kind in brackets (the column's tooltip has it whole)."""
     properties = list(dict.fromkeys(k for row in rows.values() for k in row if k != "model"))
-    return [{"": prop, **{name: _text(row.get(prop)) for name, row in rows.items()}} for prop in properties]
+    table = [{"": prop, **{name: _text(row.get(prop)) for name, row in rows.items()}} for prop in properties]
+    for row in table:
+        if short and row[""] == "checkpoint":
+            row.update({name: _short_label(text) for name, text in row.items() if name})
+    return table
+
+
+def _short_label(label: str) -> str:
+    """A picker label without its trailing kind in brackets: 'shapes-default (bundled)' -> 'shapes-default'."""
+    head, bracket, _ = label.rpartition(" (")
+    return head if bracket and label.endswith(")") and head else label
+
+
+def _model_columns(models: list[Compared]) -> dict[str, Any]:
+    """Each model's summary column wide enough for a checkpoint's name, its full label in the header's tooltip."""
+    return {m.name: st.column_config.TextColumn(m.name, help=m.entry.label, width="large") for m in models}
 
 
 def _text(value: Any) -> str:
