@@ -1344,3 +1344,8 @@ def test_compare_summary_names_fit_and_position_maps_share_one_narrow_colour_bar
     assert [trace.get("showscale", True) for trace in maps] == [False, True]
     assert maps[1]["colorbar"]["thickness"] == 12
 
+
+def test_position_one_patch_ticks_sit_against_the_map() -> None:
+    at = _open("position")
+    patch = next(c for c in _charts(at) if c["layout"].get("title", {}).get("text", "").startswith("Similarity with"))
+    assert patch["layout"]["yaxis"]["constrain"] == "domain" and patch["layout"]["xaxis"]["constrain"] == "domain"

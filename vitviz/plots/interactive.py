@@ -130,8 +130,10 @@ def position_patch_figure(
         ticktext=[str(i + 1) for i in ticks_y],
         autorange="reversed",
         scaleanchor="x",
+        constrain="domain",  # the square shrinks its axes, not its range: the ticks stay against the map
         showgrid=False,
     )
+    fig.update_xaxes(constrain="domain")
     fig.update_layout(
         title=f"Similarity with patch ({row + 1}, {col + 1})", font=_FONT, margin=_MARGIN, plot_bgcolor="white"
     )
