@@ -72,6 +72,7 @@ STUDIO_PAGES = (
     ("distance", "Mean attention distance"),
     ("rollout", "Attention rollout"),
     ("tokens", "What tokens carry"),
+    ("analyses", "Every analysis"),
     ("trust", "Which map to trust?"),
     ("compare", "Compare models"),
     ("train", "Train"),
