@@ -40,7 +40,7 @@ READY = {
     "compare": "[data-testid='stDataFrame']",
     "tokens": "[data-testid='stImage']",
     "trust": "[data-testid='stDataFrame']",
-    "train": "[data-testid='stForm']",
+    "train": "[data-testid='stMain'] [data-testid='stForm']",
 }
 TIMEOUT_S = 180.0
 

@@ -32,6 +32,7 @@ PAGE_TITLES = {
     "distance": "Mean attention distance",
     "rollout": "Attention rollout",
     "tokens": "What tokens carry",
+    "analyses": "Every analysis",
     "trust": "Which map to trust?",
     "compare": "Compare models",
     "train": "Train",
@@ -43,9 +44,10 @@ PAGE_CONTENT = {  # an element each page shows once its analysis is drawn
     "distance": ".js-plotly-plot",
     "rollout": ".js-plotly-plot",
     "tokens": "[data-testid='stImage']",
+    "analyses": "[data-testid='stImage']",
     "trust": "[data-testid='stDataFrame']",
     "compare": "[data-testid='stDataFrame']",
-    "train": "[data-testid='stForm']",
+    "train": "[data-testid='stMain'] [data-testid='stForm']",  # the sidebar's add-model form is folded
 }
 STARTUP_TIMEOUT_S = 120
 PAGE_TIMEOUT_MS = 120_000
