@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -18,3 +19,13 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _runs_started_here_are_each_tests_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The studio remembers the training processes it started in module globals (vitviz.ui.runs, one server's
+    memory); each test starts with none, so a run one test left behind never shows in another's runs table."""
+    runs = sys.modules.get("vitviz.ui.runs")
+    if runs is not None:
+        monkeypatch.setattr(runs, "_PROCESSES", {})
+        monkeypatch.setattr(runs, "_STARTED_AT", {})
