@@ -99,6 +99,11 @@ def _held(obj: object, seen: set[int] | None = None) -> int:
     return 0
 
 
+# The kernel's own classes, before any test replaces them (a recording subclass must not subclass another).
+_FEATURE_MOMENTS = token_analysis.FeatureMoments
+_FEATURE_PROJECTIONS = token_analysis.FeatureProjections
+
+
 def _peak_holdings(monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel, count: int, batch: int) -> dict[str, int]:
     """Run the features analysis with accumulators that record what they hold after every forward they see."""
     peaks = {"moments": 0, "projections": 0}
@@ -106,18 +111,19 @@ def _peak_holdings(monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel, count: 
     def record(name: str, accumulator: object) -> None:
         peaks[name] = max(peaks[name], _held(accumulator))
 
-    class Moments(token_analysis.FeatureMoments):
+    class Moments(_FEATURE_MOMENTS):
         def consume_features(self, features: torch.Tensor) -> None:
             super().consume_features(features)
             record("moments", self)
 
-    class Projections(token_analysis.FeatureProjections):
+    class Projections(_FEATURE_PROJECTIONS):
         def consume_patches(self, patches: torch.Tensor) -> None:
             super().consume_patches(patches)
             record("projections", self)
 
-    monkeypatch.setattr(pipeline, "FeatureMoments", Moments)
-    monkeypatch.setattr(pipeline, "FeatureProjections", Projections)
+    # The features analysis (vitviz/analyses/features.py) takes its accumulators from the kernel module when it runs.
+    monkeypatch.setattr(token_analysis, "FeatureMoments", Moments)
+    monkeypatch.setattr(token_analysis, "FeatureProjections", Projections)
     images = _images(loaded.model, count)
     results = pipeline.image_analyses(loaded, images, ["features"], AnalysisOptions(batch_size=batch))
     assert results.features is not None and results.features.projections.shape[0] == count
