@@ -40,7 +40,7 @@ from vitviz.analyses.rollout import HEAD_FUSIONS, TOP_K, Prediction, RolloutResu
 from vitviz.analyses.tokens import TokensResult
 from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.analysis.tokens import block_outputs
-from vitviz.capture import QueryAttention, attention_modules, capture_attention, unreadable_reason
+from vitviz.capture import QueryAttention, capture_attention, unreadable_reason
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel, count_parameters, model_device
 from vitviz.tokens import TokenLayout, token_layout
@@ -178,11 +178,6 @@ class ModelCard:
             "resolution_history": copy.deepcopy(list(self.resolution_history)),
             "content_hash": self.content_hash,
         }
-
-
-def _attention_depth(model: nn.Module) -> int:
-    """Attention layers: the blocks, plus CaiT's class-attention blocks (when vitviz reads the attention)."""
-    return len(getattr(model, "blocks", [])) if unreadable_reason(model) is not None else len(attention_modules(model))
 
 
 def _num_heads(block: nn.Module) -> int:
@@ -394,7 +389,7 @@ def image_analyses(
     unreadable = attention_not_applicable(loaded)
     if unreadable is not None and query_index is not None:
         raise VitvizError(unreadable.reason)
-    context = registry.StreamContext(loaded, layout, options, images, _attention_depth(model))
+    context = registry.StreamContext(loaded, layout, options, images)
     by_name: dict[str, Any] = {}
     streams: dict[str, registry.Stream] = {}
     for name in analyses:
@@ -413,27 +408,25 @@ def image_analyses(
     blocks = _BlockOutputs([c for s in streams.values() for c in s.blocks], layout.num_tokens)
     features = _features_hook(list(streams.values()))
     needs_logits = any(s.needs_logits for s in streams.values())
-    predicts = any(s.reports_predictions for s in streams.values())
     shared_forward = bool(attention or blocks.consumers or features is not None)
     device = model_device(model)
-    probabilities: list[np.ndarray] = []
     for start in range(0, total, options.batch_size):
         stop = min(start + options.batch_size, total)
         batch = images_batch(images, start, stop).to(device)
         logits = _forward(model, batch, attention, blocks, features, needs_logits) if shared_forward else None
-        if logits is not None and predicts:
-            probabilities.append(logits.float().softmax(dim=-1).cpu().numpy())
         for stream in streams.values():
             stream.after_batch(batch, logits, blocks.unfit is None)
         if progress is not None:
             progress(stop, total)
     for name, stream in streams.items():
         by_name[name] = stream.result(blocks.unfit)
-    probs = np.concatenate(probabilities) if probabilities else None
+    # The predictions come from the stream that computed them with the shared forward (rollout's top-5).
+    predicting = next((s for s in streams.values() if s.reports_predictions), None)
+    probs, top5 = predicting.predictions() if predicting is not None else (None, ())
     return ImageResults(
         by_name={name: by_name[name] for name in analyses if name in by_name},
         probabilities=probs,
-        top5=tuple(top_k(p, loaded.meta.class_names) for p in probs) if probs is not None else (),
+        top5=top5,
         queries=_queries(query_acc, layout) if query_acc is not None else (),
     )
 

@@ -8,6 +8,7 @@ model, so declarations can be read (for `--help`, say) before anything heavy is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,11 +60,17 @@ class StreamContext:
     layout: TokenLayout
     options: Any  # AnalysisOptions
     images: Any  # a [B, C, H, W] tensor or a sequence of [C, H, W] tensors, read one batch at a time
-    attention_depth: int  # attention layers: the blocks, plus CaiT's class-attention blocks
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
+
+    @functools.cached_property
+    def attention_depth(self) -> int:
+        """Attention layers: the blocks, plus CaiT's class-attention blocks (only the streams that need it ask)."""
+        from vitviz.capture import attention_depth
+
+        return attention_depth(self.model)
 
 
 class Stream:
@@ -79,13 +86,17 @@ class Stream:
     blocks: Sequence[Any] = ()
     features: Callable[[torch.Tensor], None] | None = None
     needs_logits: bool = False
-    reports_predictions: bool = False  # the results carry each image's softmax probabilities and top-5
+    reports_predictions: bool = False  # it computes each image's softmax probabilities and top-5: `predictions`
 
     def after_batch(self, batch: torch.Tensor, logits: torch.Tensor | None, blocks_fit: bool) -> None:
         """Called after every batch's forward."""
 
     def result(self, blocks_unfit: str | None) -> Any:
         """The typed result; `blocks_unfit` says why the blocks' outputs were not the token sequence, if so."""
+        raise NotImplementedError
+
+    def predictions(self) -> tuple[np.ndarray, tuple[Any, ...]]:
+        """With `reports_predictions`: the softmax probabilities [B, K] float32 and each image's top-5."""
         raise NotImplementedError
 
 

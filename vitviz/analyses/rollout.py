@@ -88,12 +88,17 @@ class _RolloutStream(Stream):
             start_layer=options.start_layer,
         )
         self.attention = (self.accumulator,)
+        self.probabilities: list[np.ndarray] = []
         self.top5: list[TopK] = []
 
     def after_batch(self, batch: torch.Tensor, logits: torch.Tensor | None, blocks_fit: bool) -> None:
         assert logits is not None
-        for probabilities in logits.float().softmax(dim=-1).cpu().numpy():
-            self.top5.append(top_k(probabilities, self.class_names))
+        probabilities = logits.float().softmax(dim=-1).cpu().numpy()
+        self.probabilities.append(probabilities)
+        self.top5.extend(top_k(p, self.class_names) for p in probabilities)
+
+    def predictions(self) -> tuple[np.ndarray, tuple[TopK, ...]]:
+        return np.concatenate(self.probabilities), tuple(self.top5)
 
     def result(self, blocks_unfit: str | None) -> tuple[RolloutResult, ...]:
         o = self.options
@@ -135,14 +140,10 @@ def _figures(rollouts: Sequence[RolloutResult], context: FigureContext) -> Figur
     return overlay_figures("rollout", "Attention rollout", [r.map for r in rollouts], context)
 
 
-def _attention_depth(model: Any) -> int:
-    from vitviz.capture import attention_modules, unreadable_reason
-
-    return len(getattr(model, "blocks", [])) if unreadable_reason(model) is not None else len(attention_modules(model))
-
-
 def _check_start_layer(loaded: LoadedModel, options: Any) -> None:
-    depth = _attention_depth(loaded.model)
+    from vitviz.capture import attention_depth
+
+    depth = attention_depth(loaded.model)
     if options.start_layer >= depth:
         raise VitvizError(f"--start-layer {options.start_layer} is past the last layer ({depth - 1})")
 

@@ -66,7 +66,7 @@ from __future__ import annotations
 from vitviz.capture.api import AttentionGradients, attention_gradients, attention_maps, capture_attention
 from vitviz.capture.consumers import AttentionConsumer, KeepAllAttention, QueryAttention
 from vitviz.capture.core import HOOK_LOCK
-from vitviz.capture.readers import attention_modules, class_attention_layers, unreadable_reason
+from vitviz.capture.readers import attention_depth, attention_modules, class_attention_layers, unreadable_reason
 
 __all__ = [
     "HOOK_LOCK",
@@ -74,6 +74,7 @@ __all__ = [
     "AttentionGradients",
     "KeepAllAttention",
     "QueryAttention",
+    "attention_depth",
     "attention_gradients",
     "attention_maps",
     "attention_modules",

@@ -75,6 +75,15 @@ def unreadable_reason(model: nn.Module) -> str | None:
     return None
 
 
+def attention_depth(model: nn.Module) -> int:
+    """Attention layers as the analyses count them: every block read (CaiT's class-attention blocks included), or,
+    when the capture cannot read the model, its blocks. One walk over the model."""
+    try:
+        return len(attention_sites(model))
+    except VitvizError:
+        return len(getattr(model, "blocks", []))
+
+
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention module of every transformer block (the block itself for parallel blocks), in order;
     refuses models it cannot capture exactly with a one-line VitvizError."""
