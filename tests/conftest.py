@@ -29,3 +29,14 @@ def _runs_started_here_are_each_tests_own(monkeypatch: pytest.MonkeyPatch) -> No
     if runs is not None:
         monkeypatch.setattr(runs, "_PROCESSES", {})
         monkeypatch.setattr(runs, "_STARTED_AT", {})
+
+
+@pytest.fixture(scope="module")
+def module_app_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A runs folder and a cache folder of the module's own for the studio (read from the environment), shared by
+    the module's tests so one disk cache serves them all."""
+    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITVIZ_RUNS_DIR", str(runs))
+        patch.setenv("VITVIZ_CACHE_DIR", str(cache))
+        yield

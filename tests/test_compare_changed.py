@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,7 @@ CHECKPOINTS = ROOT / "assets" / "checkpoints"
 STEMS = ("shapes-default", "shapes-hybrid")
 LIMIT, BATCH = 10, 4
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def app_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VITVIZ_RUNS_DIR", str(runs))
-        patch.setenv("VITVIZ_CACHE_DIR", str(cache))
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "module_app_folders")
 
 
 def _assert_clean(at: AppTest) -> None:

@@ -8,7 +8,6 @@ the app's code; the protocol itself is held to a slow reference in tests/test_fa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,7 @@ STEMS = ("shapes-default", "shapes-nopos")
 METHODS = ["rollout", "gradient-rollout", "random"]
 IMAGES = 2
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def app_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    runs, cache = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VITVIZ_RUNS_DIR", str(runs))
-        patch.setenv("VITVIZ_CACHE_DIR", str(cache))
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "module_app_folders")
 
 
 def _assert_clean(at: AppTest) -> None:
