@@ -180,7 +180,7 @@ def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:
         _check_figure(figure)
         assert figure["unit"] == "s" and figure["target"] == target
         assert len(figure["detail"]["runs_s"]) >= 1
-    # Studio latency: the first visit of /, every page of app.py, every bundled comparison, with the targets.
+    # Studio latency: the first visit of /, every page of app.py, every bundled comparison, with their targets.
     from vitviz.ui.compare import READY_MADE
 
     pages = [f"/{path}" for path in _app_url_paths()]
