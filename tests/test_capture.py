@@ -208,6 +208,37 @@ def test_hooks_removed_when_a_consumer_raises() -> None:
     assert len(attention_maps(model, _images(model, batch=1))) == 12
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_maps_stop_after_the_last_layer_and_leave_no_mode(fused: bool) -> None:
+    """`attention_maps` reads nothing after the last layer's attention: the last block's MLP and the final norm do
+    not run, the maps are those of a full capture, and no hook or function mode is left behind."""
+    model = copy.deepcopy(_model("deit_distilled"))
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    before = _model_state(model)
+    images = _images(model, batch=2)
+    keep = KeepAllAttention()
+    capture_attention(model, images, keep)  # the whole forward, for reference
+    ran = []
+    handles = [
+        model.blocks[-1].mlp.register_forward_hook(lambda *_: ran.append("last mlp")),
+        model.norm.register_forward_hook(lambda *_: ran.append("norm")),
+    ]
+    try:
+        maps = attention_maps(model, images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == []
+    assert len(maps) == len(keep.result()) == len(model.blocks)
+    for got, want in zip(maps, keep.result()):
+        assert torch.equal(got, want)
+    assert _get_current_function_mode_stack() == []
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="with_logits=False"):
+        capture_attention(model, images, keep, stop_after_attention=True)
+
+
 @pytest.mark.parametrize("key", ["vit_tiny", "relpos_cls"])
 def test_both_softmax_paths_equal_timm_eager_attention(key: str) -> None:
     """Without autograd the softmax runs in place over the scores; under autograd (attention_gradients) it

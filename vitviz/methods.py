@@ -201,7 +201,7 @@ class MapMethod:
             batch = images[start : start + size]
             if self.streams_attention:
                 consumer = self.consumer(model, layout)
-                capture_attention(model, batch, consumer, with_logits=False)
+                capture_attention(model, batch, consumer, with_logits=False, stop_after_attention=True)
                 maps.append(consumer.result())
                 continue
             chosen = targets[start : start + size].to(batch.device)

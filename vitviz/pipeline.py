@@ -333,7 +333,11 @@ def _forward(
     through forward hooks. Returns the logits when asked for."""
     with block_outputs(model, blocks if blocks.consumers else None, features):
         if attention:
-            return capture_attention(model, batch, list(attention), with_logits=logits)
+            # Nothing after the last attention is read when no block, feature or logit consumer waits for it.
+            tail_unread = not logits and not blocks.consumers and features is None
+            return capture_attention(
+                model, batch, list(attention), with_logits=logits, stop_after_attention=tail_unread
+            )
         with torch.no_grad():  # nothing reads attention: a plain forward feeds the hooks
             if logits:
                 return model(batch)

@@ -402,7 +402,7 @@ def _exactness(model: nn.Module, images: torch.Tensor, reference: Callable[[], l
         return "-"
     try:
         keep = KeepAllAttention()
-        capture_attention(model, images, [keep], with_logits=False)
+        capture_attention(model, images, [keep], with_logits=False, stop_after_attention=True)
         return _compare(keep.result(), reference(), whose)
     except Exception as error:
         return _status(error)

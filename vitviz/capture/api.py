@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,12 +40,17 @@ def _as_consumers(consumers: AttentionConsumer | Sequence[AttentionConsumer]) ->
     return list(consumers)  # type: ignore[arg-type]
 
 
+class _LastLayerRead(Exception):
+    """Raised after the last layer's attention was delivered, to skip the rest of a forward nobody reads."""
+
+
 def capture_attention(
     model: nn.Module,
     images: torch.Tensor,
     consumers: AttentionConsumer | Sequence[AttentionConsumer],
     *,
     with_logits: bool = True,
+    stop_after_attention: bool = False,
 ) -> torch.Tensor | None:
     """Run one forward without autograd, streaming every layer's attention [B, H, N, N] to the consumers.
 
@@ -53,19 +59,28 @@ def capture_attention(
         images: [B, C, H, W] preprocessed images on the model's device.
         consumers: one consumer or several; each gets every layer in order, then the tensor is dropped.
         with_logits: run the classifier head and return its logits; False stops after forward_features.
+        stop_after_attention: (with ``with_logits`` False) stop the forward once the last layer's attention has
+            been delivered: the last block's projection and MLP and the final norm are not run. Only for callers
+            that read nothing but the attention (no block or feature hooks of their own).
 
     Returns:
         The logits [B, num_classes], or None when ``with_logits`` is False.
     """
+    if stop_after_attention and with_logits:
+        raise ValueError("stop_after_attention skips the head: pass with_logits=False")
     sites = _check_capturable(model)
     targets = _as_consumers(consumers)
+    last = len(sites) - 1
 
     def deliver(layer_index: int, attn: torch.Tensor) -> None:
         for consumer in targets:
             consumer.consume(layer_index, attn)
+        if stop_after_attention and layer_index == last:
+            raise _LastLayerRead
 
     session = CaptureSession(sites, deliver)
-    with torch.no_grad(), session.installed():
+    output = None
+    with torch.no_grad(), session.installed(), contextlib.suppress(_LastLayerRead):
         output = model(images) if with_logits else model.forward_features(images)
     session.check_complete()
     return output if with_logits else None
@@ -74,7 +89,7 @@ def capture_attention(
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's attention [B, H, N, N] kept in memory; fine for small models, tests and one image."""
     keep = KeepAllAttention()
-    capture_attention(model, images, [keep], with_logits=False)
+    capture_attention(model, images, [keep], with_logits=False, stop_after_attention=True)
     return keep.result()
 
 
