@@ -73,6 +73,43 @@ def _top_level(modules: list[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
+_SERVER_START = """
+import asyncio, json, sys
+from vitviz.ui import startup
+before = sorted(sys.modules)
+from vitviz.ui import runs
+runs._read_preset_configs = lambda: {"tiny": {}}  # the child process is another test's business
+
+async def serve():
+    async with startup.lifespan(None):
+        return sorted(sys.modules), runs.available_presets()
+
+after, presets = asyncio.run(serve())
+print(json.dumps({"before": before, "after": after, "presets": presets}))
+"""
+
+
+def test_streamlit_run_serves_app_py_through_its_st_app() -> None:
+    """`streamlit run app.py` looks for an ASGI app in the file (without running it) and serves that with
+    uvicorn, so the App's lifespan runs when the server starts, before `/_stcore/health` answers."""
+    from streamlit.web.server.app_discovery import discover_asgi_app
+
+    found = discover_asgi_app(ROOT / "app.py")
+    assert found.is_asgi_app and found.import_string == "app:app"
+
+
+def test_the_server_start_imports_what_the_first_page_needs(tmp_path: Path) -> None:
+    """Before the server reports healthy, its start-up has imported torch, timm, plotly and the overview page,
+    and read /train's presets; importing the start-up module itself costs none of that."""
+    report = json.loads(_child(_SERVER_START, tmp_path=tmp_path))
+    before, after = _top_level(report["before"]), _top_level(report["after"])
+    assert not {"torch", "timm", "plotly"} & before, sorted(before)
+    assert {"torch", "timm", "torchvision", "plotly"} <= after
+    assert "vitviz.ui.overview" in report["after"]
+    assert report["presets"] == ["tiny"]
+    assert not after & set(DEFERRED), sorted(after & set(DEFERRED))
+
+
 def test_first_visit_of_the_overview_imports_nothing_it_does_not_draw(tmp_path: Path) -> None:
     """A fresh process runs app.py's first page (the bundled default's overview) and lists its modules."""
     assert DEFAULT.is_file(), f"the bundled default checkpoint {DEFAULT} is missing"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -302,19 +303,31 @@ def test_unknown_family_is_refused_with_one_line() -> None:
 
 def test_the_first_visit_is_the_median_of_fresh_servers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """One fresh server's first visit varies by seconds here: the figure is the median of `studio_repeats`
-    servers (two of their own, then the one the walk continues on), with every run in the detail."""
+    fresh servers against the median of as many fresh servers of the floor app, visited alternately, with
+    every run in the detail; the pages are ratios to the one-chart floor."""
     import bench.app as app
     from bench.__main__ import QUICK
 
-    visits = iter([9.0, 15.0])
+    visits = iter([9.0, 2.0, 15.0, 3.0, 11.0, 4.0][: 2 * QUICK.studio_repeats])
+    scripts = []
+
+    def fresh(folder: Path, script: str, path: str, heading: str) -> float:
+        scripts.append(script)
+        return next(visits)
+
     monkeypatch.setattr(app, "measure_floor", lambda folder, repeats: {"text": 1.5, "plotly": 3.0, "imports": 7.0})
-    monkeypatch.setattr(app, "first_visit_s", lambda folder: next(visits))
-    walk = {"first_visit_s": 11.0, "sidebar_s": {"/filters": 1.0}, "linked_s": {"/filters": 4.0}, "compare_s": {}}
+    monkeypatch.setattr(app, "fresh_visit_s", fresh)
+    walk = {"first_visit_s": 11.0, "sidebar_s": {"/filters": 5.0}, "linked_s": {"/filters": 7.0}, "compare_s": {}}
     monkeypatch.setattr(app, "measure_studio", lambda folder: walk)
     figures = {f.name: f for f in app.studio_figures(QUICK, tmp_path)}
+    assert scripts == ["app.py", "bench/floor_app.py"] * QUICK.studio_repeats
     first = figures["app studio: first visit of / on a fresh server"]
-    assert first.value == 11.0 and first.detail["runs_s"] == [9.0, 15.0, 11.0] and not first.met
+    studio_runs, floor_runs = [9.0, 15.0, 11.0][: QUICK.studio_repeats], [2.0, 3.0, 4.0][: QUICK.studio_repeats]
+    assert first.detail["runs_s"] == studio_runs and first.unit == "ratio"
+    assert first.value == pytest.approx(statistics.median(studio_runs) / statistics.median(floor_runs))
+    assert not first.met
     assert figures["app floor: import torch and timm in a fresh interpreter"].value == 7.0
-    assert figures["app studio: /filters by the sidebar, warm server"].met
+    sidebar = figures["app studio: /filters by the sidebar, warm server"]
+    assert sidebar.value == pytest.approx(5.0 / 3.0) and sidebar.met
     linked = figures["app studio: /filters in a new session, warm server"]
-    assert not linked.met and linked.detail["plotly_page_s"] == 3.0
+    assert linked.value == pytest.approx(7.0 / 3.0) and not linked.met and linked.detail["seconds"] == 7.0
