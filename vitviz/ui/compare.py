@@ -747,9 +747,9 @@ def _changed_aucs(result: Comparison, figures: dict, arrays: dict) -> None:
         },
     )
     st.caption(
-        f"Mean over the {result.num_images} images, each model explaining its own prediction; S = {a.steps} for A, "
-        f"{b.steps} for B. Intervals: 95% paired bootstrap over the images; B − A is told apart from 0 only when "
-        "its interval excludes 0 (lower deletion, higher insertion is better)."
+        f"Mean over the {result.num_images} images, each model explaining its own prediction; "
+        f"S = {a.steps or '—'} for A, {b.steps or '—'} for B. Intervals: 95% paired bootstrap over the images; "
+        "B − A is told apart from 0 only when its interval excludes 0 (lower deletion, higher insertion is better)."
     )
     if any(points.values()):
         widgets.plotly(comparison_plots.auc_intervals_chart(points), key="compare.changed.aucs", height=340)
