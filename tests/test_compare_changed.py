@@ -1,6 +1,6 @@
-"""/compare's "What changed" tab through Streamlit's AppTest: the CKA heat map and the agreement shown for two
-bundled checkpoints on a data-set slice are what the core (`vitviz.comparison.compare_models`, the numbers of
-`python -m vitviz compare`) computes for the same slice."""
+"""/compare's "What changed" tab through Streamlit's AppTest: the CKA heat map, the agreement and the table of
+both models' AUCs with B − A shown for two bundled checkpoints on a data-set slice are what the core
+(`vitviz.comparison.compare_models`, the numbers of `python -m vitviz compare`) computes for the same slice."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ APP = ROOT / "app.py"
 CHECKPOINTS = ROOT / "assets" / "checkpoints"
 STEMS = ("shapes-default", "shapes-hybrid")
 LIMIT, BATCH = 10, 4
+METHODS = ["rollout", "random"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "module_app_folders")
 
@@ -46,12 +47,16 @@ def test_what_changed_shows_the_cores_cka_and_agreement() -> None:
     _assert_clean(at)
     assert not [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"]  # only when its tab is open
 
+    # The tab's inputs are set before it first draws, so it computes the small slice only (its defaults, 64 images
+    # and four methods' curves, take minutes here).
+    inputs = {"compare.changed.limit": LIMIT, "compare.changed.batch": BATCH, "compare.changed.methods": METHODS}
+    for key, value in inputs.items():
+        at.session_state[key] = value
     at.session_state["compare.tab"] = "What changed"
     at.run()
-    at.number_input(key="compare.changed.limit").set_value(LIMIT)
-    at.number_input(key="compare.changed.batch").set_value(BATCH)
-    at.run()
     _assert_clean(at)
+    assert at.number_input(key="compare.changed.limit").value == LIMIT
+    assert at.multiselect(key="compare.changed.methods").value == METHODS
     charts = [c for c in at.get("plotly_chart") if c.key == "compare.changed.cka"]
     assert len(charts) == 1, "no CKA heat map on the tab"
     shown = _trace_array(json.loads(charts[0].proto.spec)["data"][0]["z"])
@@ -59,12 +64,16 @@ def test_what_changed_shows_the_cores_cka_and_agreement() -> None:
     from vitviz.analyses import AnalysisOptions
     from vitviz.comparison import compare_models, slice_batches
     from vitviz.data.stream import DatasetSlice
+    from vitviz.faithfulness import FaithfulnessOptions
     from vitviz.models import load_model
 
     models = [load_model(str(CHECKPOINTS / f"{stem}.safetensors")) for stem in STEMS]
     options = AnalysisOptions(batch_size=BATCH)
     open_batches, names, classes = slice_batches(DatasetSlice("shapes", limit=LIMIT), models, BATCH)
-    core = compare_models(*models, open_batches, options, image_names=names, dataset_classes=classes)
+    faithfulness = FaithfulnessOptions(methods=tuple(METHODS))
+    core = compare_models(
+        *models, open_batches, options, image_names=names, dataset_classes=classes, faithfulness=faithfulness
+    )
     np.testing.assert_allclose(shown, core.pairs["cka"].matrix, rtol=1e-12)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Agreement"] == f"{100 * core.agreement():.1f} %"
@@ -74,4 +83,24 @@ def test_what_changed_shows_the_cores_cka_and_agreement() -> None:
         "compare.changed.distance",
         "compare.changed.rollout",
         "compare.changed.gradient",
+        "compare.changed.aucs",
     ]
+    _assert_auc_table(at, core)
+
+
+def _assert_auc_table(at: AppTest, core: object) -> None:
+    """One row per method and curve: each model's AUC and interval, B − A, its interval and the verdict."""
+    tables = [d.value for d in at.dataframe if {"method", "curve", "B − A", "verdict"} <= set(d.value.columns)]
+    assert len(tables) == 1, "no AUC table on the tab"
+    table = tables[0]
+    assert list(zip(table["method"], table["curve"])) == [(m, c) for m in METHODS for c in ("deletion", "insertion")]
+    points, differences = core.auc_points(), core.auc_differences()  # type: ignore[attr-defined]
+    for row in table.to_dict("records"):
+        method, curve = row["method"], row["curve"]
+        for side in ("A", "B"):
+            auc, low, high = points[side][curve][method]
+            assert row[side] == auc and row[f"{side} interval"] == f"[{low:.4f}, {high:.4f}]"
+        difference = differences[method][curve]
+        assert row["B − A"] == difference.difference
+        assert row["B − A interval"] == f"[{difference.interval[0]:.4f}, {difference.interval[1]:.4f}]"
+        assert row["verdict"] == ("not told apart" if difference.better is None else f"{difference.better} better")

@@ -10,6 +10,7 @@ import pytest
 from vitviz.intervals import (
     bootstrap_indices,
     bootstrap_means,
+    paired_differences,
     percentile_interval,
     summarise,
 )
@@ -100,6 +101,41 @@ def test_summary_is_paired_and_matches_a_python_loop() -> None:
     assert "Deletion: a has the lowest AUC, ahead of every other method." in verdict
     assert "Better than random on both curves: a." in verdict
     assert f"Not told apart from random on these {n} images: b (deletion, insertion)." in verdict
+
+
+def test_paired_differences_of_two_sets_match_a_python_loop() -> None:
+    """Two models' AUCs of the same methods on the same images: first − second per method and curve, paired over
+    the images on summarise's resamples; a method only one set holds is not compared."""
+    rng = np.random.default_rng(5)
+    n = 30
+    shared = rng.normal(0.4, 0.1, n)  # image difficulty both models share
+
+    def noisy(shift: float) -> list[float]:
+        return (shared + shift + rng.normal(0, 0.005, n)).tolist()
+
+    first = {"deletion": {"m": noisy(-0.05), "r": noisy(0.0)}, "insertion": {"m": noisy(0.05), "r": noisy(0.0)}}
+    second = {curve: {"m": noisy(0.0), "r": noisy(0.0), "only": noisy(0.0)} for curve in ("deletion", "insertion")}
+    found = paired_differences(first, second, ("B", "A"))
+    assert list(found) == ["m", "r"] and all(list(curves) == ["deletion", "insertion"] for curves in found.values())
+    draws = bootstrap_indices(n)
+    for method, curves in found.items():
+        for curve, pair in curves.items():
+            differences = [x - y for x, y in zip(first[curve][method], second[curve][method])]
+            assert (pair.curve, pair.first, pair.second) == (curve, "B", "A")
+            assert pair.interval == pytest.approx(_slow_interval(differences, draws), rel=1e-9, abs=1e-12)
+            assert pair.difference == pytest.approx(sum(differences) / n, rel=1e-12)
+    assert found["m"]["deletion"].better == "B" and found["m"]["insertion"].better == "B"
+    assert found["r"]["deletion"].better is None
+    assert found["r"]["deletion"].verdict(n) == f"deletion: A and B not told apart on these {n} images."
+    low, high = found["m"]["deletion"].interval
+    assert found["m"]["deletion"].verdict(n) == (
+        f"deletion: B has the lower AUC (B − A {found['m']['deletion'].difference:+.4f}, "
+        f"95% interval [{low:+.4f}, {high:+.4f}])."
+    )
+    assert found["m"]["insertion"].verdict(n).startswith("insertion: B has the higher AUC")
+    # The same resamples as summarise's: a set compared with a copy of itself shifted by c has the interval c.
+    shifted = {c: {m: [v + 0.25 for v in values] for m, values in first[c].items()} for c in first}
+    assert paired_differences(shifted, first, ("B", "A"))["m"]["deletion"].interval == pytest.approx((0.25, 0.25))
 
 
 def test_no_winner_from_overlapping_or_single_images() -> None:

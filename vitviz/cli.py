@@ -11,7 +11,7 @@
         [--ig-max-steps K]
     python -m vitviz compare A B [--weights-a FILE] [--weights-b FILE] [--pretrained] (--dataset NAME [--limit N]
         | --images PATH ...) [--json OUT] [--figures DIR] [--batch-size B] [--distance-mode M] [--head-fusion F]
-        [--discard-ratio R] [--start-layer S]
+        [--discard-ratio R] [--start-layer S] [--methods LIST|none] [--steps S]
     python -m vitviz models [--json | --markdown] [--refresh [--exact]]
 
 Instead of --images, both analyze and faithfulness take a slice of a data set, streamed in batches:
@@ -66,7 +66,7 @@ COMMANDS = {
     "info": "print a model's card: architecture, tokens, training, resolution history",
     "analyze": "run the paper's analyses and write JSON and figures",
     "faithfulness": "deletion/insertion curves of explanation maps and the cascading-randomisation check",
-    "compare": "what changed between two models: linear CKA, predictions, attention distance, mean maps",
+    "compare": "what changed between two models: linear CKA, predictions, attention distance, mean maps, AUCs",
     "models": "print which ViT architectures vitviz analyses (the support table)",
 }
 
@@ -689,6 +689,7 @@ COMPARE_OPTIONS = ("batch_size", "distance_mode", "head_fusion", "discard_ratio"
 def add_compare_parser(sub: Any) -> None:
     """The `compare` subparser: two models of any source, the same images, every registered comparison."""
     from vitviz import analyses as registry
+    from vitviz.comparison import DEFAULT_METHODS
 
     p = sub.add_parser("compare", help=COMMANDS["compare"])
     p.add_argument("model_a", metavar="A", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
@@ -699,7 +700,15 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--images", nargs="+", default=[], metavar="PATH", help="image files or folders of images")
     add_dataset_arguments(p)
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON ('-' for stdout)")
-    p.add_argument("--figures", metavar="DIR", help="write the CKA heat map, distance shift and difference maps")
+    p.add_argument(
+        "--figures", metavar="DIR", help="write the CKA heat map, distance shift, difference maps and AUC intervals"
+    )
+    p.add_argument(
+        "--methods",
+        help="comma-separated map methods whose deletion and insertion AUCs both models get, as faithfulness "
+        f"--methods names them; none: no AUCs (default {','.join(DEFAULT_METHODS)})",
+    )
+    p.add_argument("--steps", type=int, help="curve steps S of the AUCs (default min(patches, 50) for each model)")
     for option in (o for o in registry.options() if o.name in COMPARE_OPTIONS):
         help_text = option.help + ("; linear CKA's minibatch b, at least 4" if option.name == "batch_size" else "")
         p.add_argument(
@@ -709,6 +718,20 @@ def add_compare_parser(sub: Any) -> None:
             default=option.default,
             help=f"{help_text} ({option.default})",
         )
+
+
+def _compare_faithfulness(args: argparse.Namespace) -> Any:
+    """The FaithfulnessOptions of compare's --methods and --steps (checked before any model is loaded), or None for
+    --methods none (or empty)."""
+    from vitviz.comparison import DEFAULT_METHODS
+    from vitviz.faithfulness import FaithfulnessOptions, parse_methods
+
+    if args.methods is not None and args.methods.strip().lower() in ("", "none"):
+        if args.steps is not None:
+            raise VitvizError("--steps applies to the AUCs, and --methods none asks for none")
+        return None
+    methods = parse_methods(DEFAULT_METHODS if args.methods is None else args.methods)
+    return FaithfulnessOptions(methods=tuple(methods), steps=args.steps)
 
 
 def _image_file_batches(files: Sequence[Path], batch_size: int) -> Callable[[LoadedModel], Any]:
@@ -739,13 +762,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
     from vitviz import analyses as registry
-    from vitviz.comparison import PASSES, compare_models, slice_batches
+    from vitviz.comparison import compare_models, slice_batches, work
     from vitviz.data.stream import Ranks
     from vitviz.imagefiles import collect_images
     from vitviz.models import load_model
     from vitviz.pipeline import model_card
 
     options = registry.AnalysisOptions(**{name: getattr(args, name) for name in COMPARE_OPTIONS})
+    faithfulness = _compare_faithfulness(args)
     if args.json_out is None and args.figures is None:
         raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -769,9 +793,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         files = collect_images(args.images)
         names, classes, open_batches = [str(f) for f in files], None, _image_file_batches(files, options.batch_size)
         dataset = {"images": names, "num_images": len(names)}
-    with _progress_bar(PASSES * len(names), "comparing", "img", Ranks()) as bar:
+    methods = () if faithfulness is None else faithfulness.methods
+    with _progress_bar(work(len(names), methods), "comparing", "img", Ranks()) as bar:
         comparison = compare_models(
-            *models, open_batches, options, image_names=names, dataset_classes=classes, progress=bar.update
+            *models,
+            open_batches,
+            options,
+            image_names=names,
+            dataset_classes=classes,
+            progress=bar.update,
+            faithfulness=faithfulness,
         )
     cards = [model_card(m).model_section() for m in models]
     document = {"models": {"a": cards[0], "b": cards[1]}, "dataset": dataset, **comparison.to_json()}
@@ -784,8 +815,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def write_compare_figures(folder: Path, loaded_a: LoadedModel, loaded_b: LoadedModel, comparison: Any) -> list[Path]:
-    """Every comparison's registered figures (the CKA heat map), the distance shift where the shapes match and
-    the B − A mean-map differences, as PNG and SVG."""
+    """Every comparison's registered figures (the CKA heat map), the distance shift where the shapes match, the
+    B − A mean-map differences and both models' AUCs with their intervals, as PNG and SVG."""
     import numpy as np
 
     from vitviz import analyses as registry
@@ -810,4 +841,7 @@ def write_compare_figures(folder: Path, loaded_a: LoadedModel, loaded_b: LoadedM
     if maps:
         limit = max(float(np.abs(v).max()) for v in maps.values()) or 1e-12
         written += save_figure(plots.difference_maps_figure(maps, limit), folder / "map-differences")
+    points = comparison.auc_points()
+    if any(points.values()):
+        written += save_figure(plots.auc_intervals_figure(points), folder / "faithfulness-aucs")
     return written

@@ -5,34 +5,139 @@
     comparison.agreement()              # share of images both models give the same class
     comparison.distance_shift()         # B - A mean attention distance per layer and head, where shapes match
     comparison.map_difference("rollout")  # B - A mean rollout map, on A's grid
+    comparison.a.aucs                   # A's deletion and insertion AUCs per map method and image (ModelAUCs)
+    comparison.auc_differences()        # B - A of those AUCs per method and curve, paired over the images
 
 `open_batches(loaded)` gives the images preprocessed for that model (its input size, channels and
 normalisation), in batches of (images, labels, indices) in the same order for both models; it is called once per
-pass (the comparisons, then each model's data-set analyses), so nothing of more than a batch is held.
-Deletion and insertion AUCs of both models would be one more pass per model with
-`vitviz.faithfulness.dataset_faithfulness` and one more field of `ModelSummary` (docs/design.md, "Comparing two
-models").
+pass (the comparisons, then each model's data-set analyses, then, with `faithfulness` options, each model's
+deletion and insertion curves through `vitviz.faithfulness.dataset_faithfulness`), so nothing of more than a batch
+is held but each image's AUCs (docs/design.md, "Comparing two models").
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitviz import analyses as registry
+from vitviz import intervals
 from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.errors import VitvizError
 from vitviz.models import LoadedModel
 
-__all__ = ["MAPS", "Comparison", "ModelSummary", "compare_models", "scaled_map", "slice_batches"]
+if TYPE_CHECKING:
+    from vitviz.faithfulness import FaithfulnessOptions
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "MAPS",
+    "Comparison",
+    "ModelAUCs",
+    "ModelSummary",
+    "compare_models",
+    "scaled_map",
+    "slice_batches",
+    "work",
+]
 
 # The mean maps compared: the data-set analysis that makes each, and its JSON section in a comparison.
 MAPS = {"rollout": "rollout_difference", "gradient": "gradient_rollout_difference"}
 PASSES = 3  # the comparisons, then model A's and model B's data-set analyses
+# The map methods whose AUCs a comparison gives unless told otherwise: the cheap ones (no integrated gradients,
+# no occlusion), `random` the baseline.
+DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "random")
 Batches = Iterable[Any]  # (images, labels, indices) or vitviz.data.stream.DatasetBatch
+
+
+def work(num_images: int, methods: Sequence[str] = ()) -> int:
+    """What `compare_models` reports through `progress` in all: every image in each of the PASSES, then every
+    image under every method for each model (fewer where a method does not apply to a model)."""
+    return num_images * (PASSES + 2 * len(methods))
+
+
+@dataclass(frozen=True)
+class ModelAUCs:
+    """One model's deletion and insertion AUCs of each map method, per image in image order: the numbers of
+    `python -m vitviz faithfulness --dataset` (`vitviz.faithfulness.dataset_faithfulness`, each image explained
+    for the class the model predicts)."""
+
+    methods: tuple[str, ...]  # the methods asked, in order
+    steps: int | None  # S; None where no method applies
+    deletion: Mapping[str, np.ndarray]  # method -> [N] float64, for the methods that apply
+    insertion: Mapping[str, np.ndarray]
+    not_applicable: Mapping[str, str] = field(default_factory=dict)  # method -> why it does not apply
+
+    @functools.cached_property
+    def summary(self) -> intervals.Summary | None:
+        """The AUCs' 95% paired-bootstrap intervals and the methods' comparisons, as `faithfulness` gives them."""
+        return intervals.summarise(self.deletion, self.insertion) if self.deletion else None
+
+    def mean(self, curve: str, method: str) -> float:
+        """The AUC over the images: the images' AUCs summed in image order, as `faithfulness` sums them."""
+        values = (self.deletion if curve == "deletion" else self.insertion)[method].tolist()
+        return sum(values) / len(values)
+
+    def points(self) -> dict[str, dict[str, tuple[float, float, float]]]:
+        """curve -> method -> (AUC, interval low, interval high), for the methods that apply."""
+        summary = self.summary
+        if summary is None:
+            return {}
+        return {
+            curve: {m: (self.mean(curve, m), *summary.intervals[m][curve]) for m in self.deletion}
+            for curve in intervals.CURVES
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The sections "protocol", "methods" (each method's AUCs and intervals) and "comparisons", as
+        `faithfulness` writes them (without its per-image numbers and curves)."""
+        from vitviz.faithfulness import BASELINE
+
+        methods: dict[str, Any] = {}
+        for method in self.methods:
+            if method in self.not_applicable:
+                methods[method] = {"not_applicable": self.not_applicable[method]}
+                continue
+            assert self.summary is not None
+            methods[method] = {
+                "deletion_auc": self.mean("deletion", method),
+                "insertion_auc": self.mean("insertion", method),
+                **self.summary.interval_json(method),
+                "num_images": len(self.deletion[method]),
+            }
+        document: dict[str, Any] = {
+            "protocol": {"steps": self.steps, "baseline": BASELINE, "target": "predicted"},
+            "methods": methods,
+        }
+        if self.summary is not None:
+            document["comparisons"] = self.summary.to_json()
+        return document
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        arrays = {prefix + "methods": np.asarray(self.methods), prefix + "steps": np.asarray(self.steps or 0)}
+        for curve, values in (("deletion", self.deletion), ("insertion", self.insertion)):
+            arrays.update({f"{prefix}{curve}.{method}": aucs for method, aucs in values.items()})
+        arrays.update({f"{prefix}reason.{method}": np.asarray(why) for method, why in self.not_applicable.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str) -> ModelAUCs | None:
+        """The AUCs stored under `prefix`; None where none were."""
+        if prefix + "methods" not in arrays:
+            return None
+        methods = tuple(str(m) for m in arrays[prefix + "methods"])
+        reasons = {m: str(arrays[f"{prefix}reason.{m}"]) for m in methods if f"{prefix}reason.{m}" in arrays}
+
+        def read(curve: str) -> dict[str, np.ndarray]:
+            return {
+                m: np.asarray(arrays[f"{prefix}{curve}.{m}"], dtype=np.float64) for m in methods if m not in reasons
+            }
+
+        return cls(methods, int(arrays[prefix + "steps"]) or None, read("deletion"), read("insertion"), reasons)
 
 
 @dataclass(frozen=True)
@@ -46,11 +151,14 @@ class ModelSummary:
     distance: np.ndarray | str  # [L, H] float64 pixels, mean over the images; else why not
     rollout: np.ndarray | str  # [gh, gw] float64, the mean of the raw rollout maps; else why not
     gradient: np.ndarray | str  # [gh, gw] float64, the mean of the raw gradient-rollout maps (predicted class)
+    aucs: ModelAUCs | None = None  # deletion and insertion AUCs per map method (None: none asked)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         arrays = {prefix + "source": np.asarray(self.source), prefix + "class_names": np.asarray(self.class_names)}
         if self.predicted is not None:
             arrays[prefix + "predicted"] = self.predicted
+        if self.aucs is not None:
+            arrays.update(self.aucs.to_arrays(prefix + "aucs."))
         for key in ("distance", "rollout", "gradient"):
             value = getattr(self, key)
             arrays[prefix + key + ("" if isinstance(value, np.ndarray) else ".reason")] = np.asarray(value)
@@ -71,6 +179,7 @@ class ModelSummary:
             distance=read("distance"),
             rollout=read("rollout"),
             gradient=read("gradient"),
+            aucs=ModelAUCs.from_arrays(arrays, prefix + "aucs."),
         )
 
 
@@ -129,6 +238,46 @@ class Comparison:
         assert found is not None
         return found
 
+    def auc_differences(self) -> dict[str, dict[str, intervals.Comparison] | str]:
+        """method -> curve -> B − A of the method's AUCs over the same images (`vitviz.intervals.
+        paired_differences`: the mean per-image difference, its 95% paired-bootstrap interval on the resamples of
+        each model's own intervals, and the model it calls better, if any); else why the method is not compared.
+        Empty where no AUCs were computed."""
+        a, b = self.a.aucs, self.b.aucs
+        if a is None or b is None:
+            return {}
+        found = intervals.paired_differences(
+            {"deletion": b.deletion, "insertion": b.insertion},
+            {"deletion": a.deletion, "insertion": a.insertion},
+            ("B", "A"),
+        )
+        result: dict[str, dict[str, intervals.Comparison] | str] = {}
+        for method in a.methods:
+            reasons = [
+                f"model {side}: {m.not_applicable[method]}"
+                for side, m in (("A", a), ("B", b))
+                if method in m.not_applicable
+            ]
+            result[method] = found[method] if method in found else "; ".join(reasons)
+        return result
+
+    def auc_points(self) -> dict[str, dict[str, dict[str, tuple[float, float, float]]]]:
+        """Model ("A", "B") -> curve -> method -> (AUC, interval low, interval high) (`ModelAUCs.points`); empty
+        where no AUCs were computed."""
+        if self.a.aucs is None or self.b.aucs is None:
+            return {}
+        return {"A": self.a.aucs.points(), "B": self.b.aucs.points()}
+
+    def auc_verdict(self) -> list[str]:
+        """One sentence per method and curve: the model the B − A interval calls better, or "not told apart"."""
+        lines = []
+        for method, found in self.auc_differences().items():
+            if isinstance(found, str):
+                lines.append(f"{method}: not compared ({found}).")
+            else:
+                lines += [f"{method}, {difference.verdict(self.num_images)}" for difference in found.values()]
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         """The JSON sections of a comparison after "models" and "dataset" (docs/design.md, "Comparing two models")."""
         document: dict[str, Any] = {}
@@ -139,7 +288,33 @@ class Comparison:
         document["distance_shift"] = self._distance_json()
         for which, section in MAPS.items():
             document[section] = self._map_json(which)
+        if self.a.aucs is not None and self.b.aucs is not None:
+            document["faithfulness"] = self._faithfulness_json()
         return document
+
+    def _faithfulness_json(self) -> dict[str, Any]:
+        assert self.a.aucs is not None and self.b.aucs is not None
+        differences: dict[str, Any] = {}
+        for method, found in self.auc_differences().items():
+            differences[method] = (
+                {"not_applicable": found}
+                if isinstance(found, str)
+                else {
+                    curve: {**difference.to_json(), "verdict": difference.verdict(self.num_images)}
+                    for curve, difference in found.items()
+                }
+            )
+        return {
+            "methods": list(self.a.aucs.methods),
+            "num_images": self.num_images,
+            "resamples": intervals.RESAMPLES,
+            "seed": intervals.SEED,
+            "confidence": intervals.CONFIDENCE,
+            "a": self.a.aucs.to_json(),
+            "b": self.b.aucs.to_json(),
+            "difference": differences,
+            "verdict": self.auc_verdict(),
+        }
 
     def _predictions_json(self) -> dict[str, Any]:
         def predicted(model: ModelSummary, position: int) -> int | None:
@@ -272,7 +447,51 @@ def _paired(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]
         yield images_a, images_b
 
 
-def _summary(loaded: LoadedModel, results: Any) -> ModelSummary:
+def _checked_steps(loaded: LoadedModel, options: FaithfulnessOptions) -> int | None:
+    """S for the model (`--steps` above its patch count refused in one line); None for a model without a
+    classification head, to which no method applies."""
+    from vitviz.faithfulness import checked_steps
+
+    if int(getattr(loaded.model, "num_classes", 0) or 0) < 1:
+        return None
+    return checked_steps(loaded.model, options.steps)
+
+
+def _model_aucs(
+    loaded: LoadedModel,
+    batches: Batches,
+    options: FaithfulnessOptions,
+    image_names: Sequence[str],
+    progress: Callable[[int], None] | None,
+) -> ModelAUCs:
+    """One model's AUCs of the methods that apply to it, in one pass over the images."""
+    from vitviz.faithfulness import NO_CLASSIFICATION_HEAD, dataset_faithfulness
+    from vitviz.methods import get_method
+
+    if _checked_steps(loaded, options) is None:
+        return ModelAUCs(options.methods, None, {}, {}, dict.fromkeys(options.methods, NO_CLASSIFICATION_HEAD))
+    reasons = {m: why for m in options.methods if (why := get_method(m).not_applicable(loaded)) is not None}
+    applicable = tuple(m for m in options.methods if m not in reasons)
+    if not applicable:
+        return ModelAUCs(options.methods, None, {}, {}, reasons)
+    result = dataset_faithfulness(
+        loaded.model,
+        batches,
+        replace(options, methods=applicable),
+        image_name=lambda index: image_names[index],
+        progress=progress,
+    )
+
+    def per_image(curve: str) -> dict[str, np.ndarray]:
+        return {
+            name: np.array([getattr(image, f"{curve}_auc") for image in method.per_image], dtype=np.float64)
+            for name, method in result.methods.items()
+        }
+
+    return ModelAUCs(options.methods, result.steps, per_image("deletion"), per_image("insertion"), reasons)
+
+
+def _summary(loaded: LoadedModel, results: Any, aucs: ModelAUCs | None) -> ModelSummary:
     from vitviz.pipeline import NotApplicable
 
     def value(result: Any, what: str) -> np.ndarray | str:
@@ -290,6 +509,7 @@ def _summary(loaded: LoadedModel, results: Any) -> ModelSummary:
         distance=value(distance if isinstance(distance, NotApplicable | None) else distance.pixels, "distance"),
         rollout=value(results.rollout_mean, "rollout"),
         gradient=value(results.gradient_mean, "gradient rollout"),
+        aucs=aucs,
     )
 
 
@@ -302,14 +522,22 @@ def compare_models(
     image_names: Sequence[str],
     dataset_classes: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    faithfulness: FaithfulnessOptions | None = None,
 ) -> Comparison:
     """Every registered comparison of the two models (one pass over the images, both models batch by batch), then
     each model's predictions, mean attention distance and mean rollout and gradient-rollout maps (one pass each,
-    `vitviz.pipeline.dataset_analyses`); `progress(images)` after every batch of every pass (PASSES × N)."""
+    `vitviz.pipeline.dataset_analyses`), then, with `faithfulness`, each model's deletion and insertion AUCs of
+    its methods (one pass each, `vitviz.faithfulness.dataset_faithfulness`; its `target_class` and `sanity` are
+    not used: each model explains its own prediction); `progress(units)` after every batch of every pass (`work`
+    in all)."""
     from vitviz.pipeline import dataset_analyses, pair_analyses
 
     if options.batch_size < 1:
         raise VitvizError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if faithfulness is not None:
+        faithfulness = replace(faithfulness, target_class=None, sanity=False)
+        for loaded in (loaded_a, loaded_b):  # refuse a --steps above a model's patches before any forward
+            _checked_steps(loaded, faithfulness)
     pairs = pair_analyses(
         loaded_a,
         loaded_b,
@@ -322,9 +550,12 @@ def compare_models(
     results = [dataset_analyses(m, open_batches(m), wanted, options, progress) for m in (loaded_a, loaded_b)]
     if results[0].num_images != len(image_names) or results[1].num_images != len(image_names):
         raise ValueError("the batches do not hold the images named")
+    aucs: list[ModelAUCs | None] = [None, None]
+    if faithfulness is not None:
+        aucs = [_model_aucs(m, open_batches(m), faithfulness, image_names, progress) for m in (loaded_a, loaded_b)]
     return Comparison(
-        a=_summary(loaded_a, results[0]),
-        b=_summary(loaded_b, results[1]),
+        a=_summary(loaded_a, results[0], aucs[0]),
+        b=_summary(loaded_b, results[1], aucs[1]),
         labels=results[0].labels.astype(np.int64),
         image_names=tuple(image_names),
         dataset_classes=None if dataset_classes is None else tuple(dataset_classes),

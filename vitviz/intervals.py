@@ -19,6 +19,8 @@ Public API:
     bootstrap_means(values [M, N], indices [R, N]) -> [R, M]: each row's mean over each resample
     percentile_interval(means [R, ...], confidence) -> [..., 2]
     summarise(deletion {method: [N]}, insertion {method: [N]}) -> Summary (intervals, comparisons, verdicts)
+    paired_differences(first, second, names) -> {key: {curve: Comparison}}: two sets of the same methods over the
+        same images (two models' maps), first − second per method and curve, on the same resamples
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "Summary",
     "bootstrap_indices",
     "bootstrap_means",
+    "paired_differences",
     "percentile_interval",
     "summarise",
 ]
@@ -104,6 +107,7 @@ class Comparison:
     difference: float  # mean over the images of first − second
     interval: tuple[float, float]  # its 95% paired-bootstrap interval
     better: str | None  # the method the interval says is better (first or second), None when it contains 0
+    confidence: float = CONFIDENCE  # the interval's
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +117,22 @@ class Comparison:
             "interval": list(self.interval),
             "better": self.better,
         }
+
+    def verdict(self, num_images: int) -> str:
+        """One sentence: the side the interval calls better, else that the two are not told apart."""
+        if self.better is None:
+            sides = " and ".join(sorted((self.first, self.second)))
+            return f"{self.curve}: {sides} not told apart on these {_images(num_images)}."
+        word = "lower" if self.curve == "deletion" else "higher"
+        low, high = self.interval
+        return (
+            f"{self.curve}: {self.better} has the {word} AUC ({self.first} − {self.second} {self.difference:+.4f}, "
+            f"{100 * self.confidence:g}% interval [{low:+.4f}, {high:+.4f}])."
+        )
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'s' if count != 1 else ''}"
 
 
 def _better(curve: str, first: str, second: str, low: float, high: float, num_images: int) -> str | None:
@@ -144,7 +164,7 @@ class Summary:
                 return pair
             if (pair.first, pair.second) == (second, first):
                 low, high = pair.interval
-                return Comparison(curve, first, second, -pair.difference, (-high, -low), pair.better)
+                return Comparison(curve, first, second, -pair.difference, (-high, -low), pair.better, pair.confidence)
         raise KeyError(f"no comparison of {first} and {second}")
 
     def leaders(self, curve: str) -> list[str]:
@@ -179,7 +199,7 @@ class Summary:
 
     def verdict(self) -> list[str]:
         """Plain sentences: which method leads each curve, and how each compares with random, by the interval rule."""
-        images = f"{self.num_images} image{'s' if self.num_images != 1 else ''}"
+        images = _images(self.num_images)
         lines = []
         if len(self.methods) > 1:
             for curve, word in (("deletion", "lowest"), ("insertion", "highest")):
@@ -267,18 +287,63 @@ def summarise(
     columns = [(i, j) for i in range(count) for j in range(i + 1, count)]
     pairs: dict[str, tuple[Comparison, ...]] = {}
     for offset, curve in ((0, "deletion"), (count, "insertion")):
-        if not columns:
-            pairs[curve] = ()
-            continue
-        first = np.array([offset + i for i, _ in columns])
-        second = np.array([offset + j for _, j in columns])
-        differences = means[:, first] - means[:, second]
-        diff_bounds = percentile_interval(differences, confidence)
-        observed = (table[first] - table[second]).mean(axis=1)
-        built = []
-        for k, (i, j) in enumerate(columns):
-            low, high = float(diff_bounds[k, 0]), float(diff_bounds[k, 1])
-            better = _better(curve, methods[i], methods[j], low, high, num_images)
-            built.append(Comparison(curve, methods[i], methods[j], float(observed[k]), (low, high), better))
-        pairs[curve] = tuple(built)
+        rows = [(offset + i, offset + j, methods[i], methods[j]) for i, j in columns]
+        pairs[curve] = _differences(curve, table, means, rows, confidence)
     return Summary(num_images, methods, intervals, pairs, resamples, seed, confidence)
+
+
+def _differences(
+    curve: str,
+    table: np.ndarray,
+    means: np.ndarray,
+    rows: Sequence[tuple[int, int, str, str]],
+    confidence: float,
+) -> tuple[Comparison, ...]:
+    """The Comparison of each (first row, second row, first name, second name) of ``table`` [rows, N] on
+    ``curve``: the mean of the per-image differences, and the interval of the difference of the two rows'
+    resampled means ``means`` [R, rows] (the mean is linear, so this is the resampled mean of the differences)."""
+    if not rows:
+        return ()
+    first = np.array([row[0] for row in rows])
+    second = np.array([row[1] for row in rows])
+    bounds = percentile_interval(means[:, first] - means[:, second], confidence)
+    observed = (table[first] - table[second]).mean(axis=1)
+    built = []
+    for k, (_, _, first_name, second_name) in enumerate(rows):
+        low, high = float(bounds[k, 0]), float(bounds[k, 1])
+        better = _better(curve, first_name, second_name, low, high, table.shape[1])
+        built.append(Comparison(curve, first_name, second_name, float(observed[k]), (low, high), better, confidence))
+    return tuple(built)
+
+
+def paired_differences(
+    first: Mapping[str, Mapping[str, Sequence[float] | np.ndarray]],
+    second: Mapping[str, Mapping[str, Sequence[float] | np.ndarray]],
+    names: tuple[str, str],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    confidence: float = CONFIDENCE,
+) -> dict[str, dict[str, Comparison]]:
+    """key -> curve -> the Comparison first − second, for two sets of per-image AUCs over the same N images in
+    the same order (``first`` and ``second``: curve -> key -> [N], e.g. model B's and model A's methods).
+
+    The resamples are summarise's for N images (same R and seed), so these intervals are paired with the
+    intervals summarise gives each set; ``names`` (first's, second's) are what ``better`` names. Only keys that
+    both sets hold on every curve are compared, in first's order.
+    """
+    keys = [key for key in first[CURVES[0]] if all(key in first[c] and key in second[c] for c in CURVES)]
+    if not keys:
+        return {}
+    table = np.stack(
+        [np.asarray(side[curve][key], dtype=np.float64) for curve in CURVES for side in (first, second) for key in keys]
+    )
+    means = bootstrap_means(table, bootstrap_indices(table.shape[1], resamples, seed))
+    count = len(keys)
+    result: dict[str, dict[str, Comparison]] = {key: {} for key in keys}
+    for position, curve in enumerate(CURVES):
+        offset = 2 * count * position  # this curve's rows: first's keys, then second's
+        rows = [(offset + k, offset + count + k, *names) for k in range(count)]
+        for key, comparison in zip(keys, _differences(curve, table, means, rows, confidence)):
+            result[key][curve] = comparison
+    return result

@@ -1,6 +1,7 @@
 """Figures of a comparison of two models: the linear-CKA heat map (matplotlib for export, plotly for the studio),
-the mean-attention-distance shift and the mean-map differences. Every function takes numpy arrays (never a model);
-the matplotlib ones build a `Figure` without pyplot (thread-safe, Agg)."""
+the mean-attention-distance shift, the mean-map differences and the two models' AUCs with their intervals (described
+once in `vitviz.plots.figures`, drawn by both renderers). Every function takes numpy arrays (never a model); the
+matplotlib ones build a `Figure` without pyplot (thread-safe, Agg)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from collections.abc import Mapping
 import numpy as np
 import plotly.graph_objects as go
 from matplotlib.figure import Figure
+
+from vitviz.plots.figures import describe_auc_intervals
+from vitviz.plots.interactive import render_plotly
+from vitviz.plots.paper import render_matplotlib
 
 _TITLE_SIZE = 11
 _LABEL_SIZE = 10
@@ -97,6 +102,17 @@ def difference_maps_figure(maps: Mapping[str, np.ndarray], limit: float) -> Figu
         bar = fig.colorbar(image, ax=list(axes), fraction=0.046, pad=0.04)
         bar.ax.tick_params(labelsize=_TICK_SIZE)
     return fig
+
+
+def auc_intervals_figure(aucs: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, float]]]]) -> Figure:
+    """Each model's deletion and insertion AUC per method with its interval (`figures.describe_auc_intervals`:
+    model -> curve -> method -> (AUC, low, high))."""
+    return render_matplotlib(describe_auc_intervals(aucs, title="Deletion and insertion AUCs, 95% intervals"))
+
+
+def auc_intervals_chart(aucs: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, float]]]]) -> go.Figure:
+    """The plotly version of `auc_intervals_figure`: hover gives the model, the method, the AUC and its interval."""
+    return render_plotly(describe_auc_intervals(aucs))
 
 
 def _short(text: str, limit: int = 28) -> str:

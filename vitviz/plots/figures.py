@@ -43,10 +43,14 @@ __all__ = [
     "CurvesFigure",
     "DistanceFigure",
     "FiltersFigure",
+    "IntervalPanel",
+    "IntervalSeries",
+    "IntervalsFigure",
     "MosaicFigure",
     "OverlayFigure",
     "Ticks",
     "describe_attention_grid",
+    "describe_auc_intervals",
     "describe_distance",
     "describe_faithfulness_curves",
     "describe_filters",
@@ -200,6 +204,37 @@ class CurvesFigure:
     panels: tuple[CurvePanel, ...]
     title: str | None
     share_y: bool = False
+
+
+@dataclass(frozen=True)
+class IntervalSeries:
+    label: str
+    values: tuple[float, ...]  # one per category; NaN where the series has none
+    lows: tuple[float, ...]
+    highs: tuple[float, ...]
+    colour: str
+
+
+@dataclass(frozen=True)
+class IntervalPanel:
+    title: str
+    y_label: str
+    series: tuple[IntervalSeries, ...]
+
+
+@dataclass(frozen=True)
+class IntervalsFigure:
+    """Panels side by side of one value per category and series, its interval an error bar; the series of a
+    category stand side by side around its tick (`offsets`)."""
+
+    categories: tuple[str, ...]
+    panels: tuple[IntervalPanel, ...]
+    title: str | None
+
+    def offsets(self) -> tuple[float, ...]:
+        """Each series' distance from its category's tick, in categories."""
+        count = max((len(panel.series) for panel in self.panels), default=0)
+        return tuple(0.18 * (k - (count - 1) / 2) for k in range(count))
 
 
 def _tile_ticks(count: int, tile_len: int, offset: int = 0) -> Ticks:
@@ -578,3 +613,36 @@ def describe_sanity_curve(
         zero_line=True,
     )
     return CurvesFigure(panels=(panel,), title=title)
+
+
+def describe_auc_intervals(
+    aucs: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, float]]]],
+    *,
+    title: str | None = None,
+) -> IntervalsFigure:
+    """Deletion (left) and insertion (right) AUCs of each method for several models, each with its interval.
+
+    Args:
+        aucs: model -> curve ("deletion", "insertion") -> method -> (AUC, interval low, interval high); a method
+            a model lacks is left out of that model's series. One colour per model, in order.
+    """
+    methods = tuple(dict.fromkeys(m for curves in aucs.values() for points in curves.values() for m in points))
+    if not methods:
+        raise ValueError("no AUCs to draw")
+    nan = (math.nan, math.nan, math.nan)
+    panels = []
+    for curve, better in (("deletion", "lower"), ("insertion", "higher")):
+        series = []
+        for index, (model, curves) in enumerate(aucs.items()):
+            points = [curves.get(curve, {}).get(method, nan) for method in methods]
+            series.append(
+                IntervalSeries(
+                    label=model,
+                    values=tuple(float(p[0]) for p in points),
+                    lows=tuple(float(p[1]) for p in points),
+                    highs=tuple(float(p[2]) for p in points),
+                    colour=SERIES_COLOURS[index % len(SERIES_COLOURS)],
+                )
+            )
+        panels.append(IntervalPanel(f"{curve.capitalize()} ({better} AUC is better)", "AUC", tuple(series)))
+    return IntervalsFigure(categories=methods, panels=tuple(panels), title=title)

@@ -31,6 +31,7 @@ from vitviz.plots.figures import (
     CurvesFigure,
     DistanceFigure,
     FiltersFigure,
+    IntervalsFigure,
     MosaicFigure,
     OverlayFigure,
     describe_attention_grid,
@@ -660,6 +661,46 @@ def _(description: CurvesFigure) -> go.Figure:
             )
     legend = {"groupclick": "toggleitem", "tracegroupgap": 12} if any(p.legend_title for p in panels) else {}
     fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, hovermode="x unified", legend=legend)
+    return fig
+
+
+@render_plotly.register
+def _(description: IntervalsFigure) -> go.Figure:
+    panels, count = description.panels, len(description.categories)
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[panel.title for panel in panels])
+    positions = np.arange(count, dtype=np.float64)
+    for col, panel in enumerate(panels, start=1):
+        for offset, series in zip(description.offsets(), panel.series):
+            values, lows, highs = (np.asarray(v, dtype=np.float64) for v in (series.values, series.lows, series.highs))
+            fig.add_trace(
+                go.Scatter(
+                    x=positions + offset,
+                    y=values,
+                    mode="markers",
+                    name=series.label,
+                    legendgroup=series.label,
+                    showlegend=col == 1,
+                    marker={"color": series.colour, "size": 8},
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": highs - values,
+                        "arrayminus": values - lows,
+                        "color": series.colour,
+                    },
+                    customdata=np.stack([lows, highs], axis=-1),
+                    text=list(description.categories),
+                    hovertemplate=f"{series.label}, %{{text}}: %{{y:.4f}} "
+                    "[%{customdata[0]:.4f}, %{customdata[1]:.4f}]<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_xaxes(
+            tickvals=list(positions), ticktext=list(description.categories), range=[-0.5, count - 0.5], row=1, col=col
+        )
+        fig.update_yaxes(title=panel.y_label, row=1, col=col)
+    fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN)
     return fig
 
 

@@ -30,6 +30,7 @@ from vitviz.plots.figures import (
     CurvesFigure,
     DistanceFigure,
     FiltersFigure,
+    IntervalsFigure,
     MosaicFigure,
     OverlayFigure,
     Ticks,
@@ -395,6 +396,39 @@ def _(description: CurvesFigure) -> Figure:
                 ax.set_ylim(0, 1)
         elif panel.empty_text:
             ax.text(0.5, 0.5, panel.empty_text, ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
+    if description.title:
+        fig.suptitle(description.title, fontsize=_TITLE_SIZE)
+    return fig
+
+
+@render_matplotlib.register
+def _(description: IntervalsFigure) -> Figure:
+    panels, count = description.panels, len(description.categories)
+    fig = Figure(figsize=(len(panels) * max(2.6, 1.2 + 0.7 * count), 3.6))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    positions = np.arange(count, dtype=np.float64)
+    for ax, panel in zip(axes, panels):
+        for offset, series in zip(description.offsets(), panel.series):
+            values, lows, highs = (np.asarray(v, dtype=np.float64) for v in (series.values, series.lows, series.highs))
+            ax.errorbar(
+                positions + offset,
+                values,
+                yerr=np.stack([values - lows, highs - values]),
+                fmt="o",
+                color=series.colour,
+                markersize=4,
+                capsize=3,
+                linewidth=1.2,
+                label=series.label,
+            )
+        ax.set_title(panel.title, fontsize=_TITLE_SIZE)
+        ax.set_ylabel(panel.y_label, fontsize=_LABEL_SIZE)
+        ax.set_xticks(positions, description.categories, rotation=30, ha="right")
+        ax.set_xlim(-0.5, count - 0.5)
+        ax.tick_params(labelsize=_TICK_SIZE)
+        ax.grid(True, axis="y", linewidth=0.4, alpha=0.4)
+        ax.legend(fontsize=7, frameon=False)
     if description.title:
         fig.suptitle(description.title, fontsize=_TITLE_SIZE)
     return fig

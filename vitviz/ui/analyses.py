@@ -362,10 +362,12 @@ def comparison(
     slice_: DatasetSlice,
     options: AnalysisOptions,
     progress: Callable[[int], None] | None = None,
+    faithfulness: FaithfulnessOptions | None = None,
 ) -> Comparison:
     """`vitviz.comparison.compare_models` of model A and model B on a data-set slice (the numbers of `python -m
-    vitviz compare A B --dataset ...`), cached on disk by both models' content hashes, the slice and the options.
-    `progress(images)` is called after every batch of every pass (not when the result was cached)."""
+    vitviz compare A B --dataset ...`, with `faithfulness` those of its --methods and --steps), cached on disk by
+    both models' content hashes, the slice and the options. `progress(units)` is called after every batch of every
+    pass (not when the result was cached)."""
     import dataclasses
 
     key = cache_key(
@@ -374,12 +376,20 @@ def comparison(
         b=loaded_b.content_hash,
         dataset=slice_.describe(),
         options=dataclasses.asdict(options),
+        faithfulness=None if faithfulness is None else dataclasses.asdict(faithfulness),
     )
 
     def compute() -> Comparison:
         open_batches, names, classes = slice_batches(slice_, (loaded_a, loaded_b), options.batch_size)
         return compare_models(
-            loaded_a, loaded_b, open_batches, options, image_names=names, dataset_classes=classes, progress=progress
+            loaded_a,
+            loaded_b,
+            open_batches,
+            options,
+            image_names=names,
+            dataset_classes=classes,
+            progress=progress,
+            faithfulness=faithfulness,
         )
 
     return cached_result("comparison", key, compute, Comparison.to_arrays, Comparison.from_arrays)

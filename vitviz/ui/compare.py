@@ -1,6 +1,7 @@
 """Page `/compare`: two or more checkpoints, every analysis side by side on the same inputs, shared colour
 scales, difference maps where the patch grids match, overlaid distance curves, each model's deletion and
-insertion AUCs (through `vitviz.ui.analyses.faithfulness`, as /trust) and a table of numbers."""
+insertion AUCs (through `vitviz.ui.analyses.faithfulness`, as /trust), what changed between two of them on a
+data-set slice (`vitviz.ui.analyses.comparison`, as `python -m vitviz compare`) and a table of numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import streamlit as st
 
-from vitviz.comparison import Comparison
+from vitviz.comparison import DEFAULT_METHODS as CHANGED_METHODS
+from vitviz.comparison import Comparison, work
 from vitviz.data.stream import DatasetSlice
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import METHODS, FaithfulnessOptions, FaithfulnessResult
@@ -57,7 +59,7 @@ TAB_FIGURES: dict[str, tuple[str, ...] | None] = {
     "Attention distance": ("attention distance",),
     "Rollout": ("rollout",),
     "Faithfulness": ("faithfulness",),
-    "What changed": ("linear CKA", "distance shift", "map differences"),
+    "What changed": ("linear CKA", "distance shift", "map differences", "AUC intervals"),
 }
 POSITION_FIXED = "−1 … 1"
 POSITION_AUTO = "automatic"
@@ -596,13 +598,21 @@ def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
         split = st.selectbox("Split", CHANGED_SPLITS, key="compare.changed.split")
     with limit_col:
         limit = st.number_input("First images", 4, 10_000, 64, step=16, key="compare.changed.limit")
+    methods = st.multiselect(
+        "Deletion and insertion AUCs of",
+        METHODS,
+        default=list(CHANGED_METHODS),
+        key="compare.changed.methods",
+        help="Each model's AUCs of these map methods on the same images, and B − A per method; none: no curves "
+        "(2(S+1) forwards per image, method and model).",
+    )
     model_a, model_b = (next(m for m in models if m.name == n) for n in (first, second))
     bar = st.progress(0.0, text="Comparing…")
-    done = [0]
+    done, total = [0], work(int(limit), methods)
 
-    def progress(images: int) -> None:
-        done[0] += images
-        bar.progress(min(done[0] / (3 * int(limit)), 1.0), text=f"{done[0]} / {3 * int(limit)} image passes")
+    def progress(units: int) -> None:
+        done[0] += units
+        bar.progress(min(done[0] / total, 1.0), text=f"{done[0]} / {total} image passes")
 
     try:
         result = comparison(
@@ -611,6 +621,7 @@ def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
             DatasetSlice(dataset, split=split, limit=int(limit)),
             AnalysisOptions(batch_size=int(batch)),
             progress=progress,
+            faithfulness=FaithfulnessOptions(methods=tuple(methods)) if methods else None,
         )
     except VitvizError as exc:
         widgets.show_error(exc)
@@ -622,6 +633,7 @@ def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
     _changed_predictions(result)
     _changed_distance(result, figures, arrays)
     _changed_maps(result, figures, arrays)
+    _changed_aucs(result, figures, arrays)
 
 
 def _changed_cka(result: Comparison, figures: dict, arrays: dict) -> None:
@@ -700,6 +712,51 @@ def _changed_maps(result: Comparison, figures: dict, arrays: dict) -> None:
     if maps:
         limit = max(float(np.abs(v).max()) for v in maps.values()) or 1e-12
         figures["A vs B map differences"] = _bind(comparison_plots.difference_maps_figure, maps, limit)
+
+
+def _changed_aucs(result: Comparison, figures: dict, arrays: dict) -> None:
+    """Both models' AUCs with their intervals and B − A per method and curve, with the verdict of its interval."""
+    a, b = result.a.aucs, result.b.aucs
+    if a is None or b is None:
+        return
+    st.markdown("##### Deletion and insertion AUCs, B − A")
+    points, differences = result.auc_points(), result.auc_differences()
+    table = []
+    for method, found in differences.items():
+        for curve in ("deletion", "insertion"):
+            row: dict[str, Any] = {"method": method, "curve": curve}
+            for side in ("A", "B"):
+                auc, low, high = points[side].get(curve, {}).get(method, (None, None, None))
+                row[side] = auc
+                row[f"{side} interval"] = "—" if auc is None else _interval_text((low, high))
+            if isinstance(found, str):
+                row.update({"B − A": None, "B − A interval": "—", "verdict": f"not compared: {found}"})
+            else:
+                difference = found[curve]
+                row["B − A"] = difference.difference
+                row["B − A interval"] = _interval_text(difference.interval)
+                row["verdict"] = "not told apart" if difference.better is None else f"{difference.better} better"
+            table.append(row)
+    number = {"format": "%.4f"}
+    widgets.table(
+        table,
+        column_config={
+            "A": st.column_config.NumberColumn("A AUC", **number),
+            "B": st.column_config.NumberColumn("B AUC", **number),
+            "B − A": st.column_config.NumberColumn("B − A", **number),
+        },
+    )
+    st.caption(
+        f"Mean over the {result.num_images} images, each model explaining its own prediction; "
+        f"S = {a.steps or '—'} for A, {b.steps or '—'} for B. Intervals: 95% paired bootstrap over the images; "
+        "B − A is told apart from 0 only when its interval excludes 0 (lower deletion, higher insertion is better)."
+    )
+    if any(points.values()):
+        widgets.plotly(comparison_plots.auc_intervals_chart(points), key="compare.changed.aucs", height=340)
+        figures["A vs B AUC intervals"] = _bind(comparison_plots.auc_intervals_figure, points)
+    for side, aucs in (("A", a), ("B", b)):
+        for curve, values in (("deletion", aucs.deletion), ("insertion", aucs.insertion)):
+            arrays.update({f"{side}_{method}_{curve}_auc": v for method, v in values.items()})
 
 
 def _transposed(rows: dict[str, dict[str, Any]], *, short: bool = False) -> list[dict[str, str]]:
