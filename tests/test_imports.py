@@ -177,6 +177,11 @@ def test_find_cycles(graph: dict[str, set[str]], expected: list[list[str]]) -> N
         (["analyze", "m.safetensors", "--analyses", "nope", "--json", "-"], 2),
         (["analyze", "m.safetensors", "--components", "0", "--json", "-"], 2),
         (["info"], 2),
+        (["faithfulness", "--help"], 0),
+        (["faithfulness", "m.safetensors", "--methods", "saliency", "--json", "-"], 2),
+        (["compare", "--help"], 0),
+        (["compare", "a.safetensors", "b.safetensors", "--methods", "saliency", "--json", "-"], 2),
+        (["compare", "a.safetensors", "b.safetensors", "--dataset", "shapes"], 2),
     ],
 )
 def test_help_and_argument_errors_import_no_torch(argv: list[str], code: int) -> None:

@@ -14,6 +14,7 @@ import timm
 import torch
 
 from tests.fakes import OpaqueAttention
+from vitviz import method_names as method_list
 from vitviz.capture import capture_attention
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import (
@@ -86,8 +87,10 @@ def toy_method() -> Iterator[str]:
 
 
 def test_the_registered_methods_are_the_methods_and_defaults() -> None:
-    assert method_names() == REGISTERED == METHODS
+    assert method_names() == REGISTERED == METHODS == method_list.METHODS  # the CLI's torch-free names
+    assert set(method_list.COMPARE_METHODS) <= set(method_list.DEFAULT_METHODS)
     assert default_method_names() == DEFAULT_METHODS == tuple(m for m in REGISTERED if m not in NOT_DEFAULT)
+    assert DEFAULT_METHODS == method_list.DEFAULT_METHODS
     for name in REGISTERED:
         method = get_method(name)
         assert method.name == name and method.label and method.description and method.kind in KINDS

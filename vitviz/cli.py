@@ -338,7 +338,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentParser], None]) -> None:
     """The `faithfulness` subparser; `sub` is build_parser()'s subparsers action, `add_model` its helper."""
-    from vitviz.faithfulness import DEFAULT_METHODS, METHODS
+    from vitviz.method_names import DEFAULT_METHODS, METHODS
 
     p = sub.add_parser("faithfulness", help=COMMANDS["faithfulness"])
     add_model(p)
@@ -368,6 +368,12 @@ def add_faithfulness_parser(sub: Any, add_model: Callable[[argparse.ArgumentPars
 
 def cmd_faithfulness(args: argparse.Namespace) -> int:
     """Run the comparison and write the JSON and figures asked for."""
+    from vitviz.method_names import parse_method_list
+
+    parse_method_list(args.methods)  # a misspelt method is refused before torch is imported
+    if args.json_out is None and args.figures is None:
+        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+
     from tqdm import tqdm
 
     from vitviz.faithfulness import FaithfulnessOptions, parse_methods, run_faithfulness
@@ -383,8 +389,6 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
         ig_max_steps=args.ig_max_steps,
         sanity=args.sanity,
     )
-    if args.json_out is None and args.figures is None:
-        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
     slice_ = _dataset_slice(args)
     if slice_ is not None:
         return faithfulness_dataset(args, slice_, options)
@@ -689,7 +693,7 @@ COMPARE_OPTIONS = ("batch_size", "distance_mode", "head_fusion", "discard_ratio"
 def add_compare_parser(sub: Any) -> None:
     """The `compare` subparser: two models of any source, the same images, every registered comparison."""
     from vitviz import analyses as registry
-    from vitviz.comparison import DEFAULT_METHODS
+    from vitviz.method_names import COMPARE_METHODS
 
     p = sub.add_parser("compare", help=COMMANDS["compare"])
     p.add_argument("model_a", metavar="A", help="a vitviz checkpoint (.safetensors), a run folder, or timm:<name>")
@@ -706,7 +710,7 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument(
         "--methods",
         help="comma-separated map methods whose deletion and insertion AUCs both models get, as faithfulness "
-        f"--methods names them; none: no AUCs (default {','.join(DEFAULT_METHODS)})",
+        f"--methods names them; none: no AUCs (default {','.join(COMPARE_METHODS)})",
     )
     p.add_argument("--steps", type=int, help="curve steps S of the AUCs (default min(patches, 50) for each model)")
     for option in (o for o in registry.options() if o.name in COMPARE_OPTIONS):
@@ -723,14 +727,17 @@ def add_compare_parser(sub: Any) -> None:
 def _compare_faithfulness(args: argparse.Namespace) -> Any:
     """The FaithfulnessOptions of compare's --methods and --steps (checked before any model is loaded), or None for
     --methods none (or empty)."""
-    from vitviz.comparison import DEFAULT_METHODS
-    from vitviz.faithfulness import FaithfulnessOptions, parse_methods
+    from vitviz.method_names import COMPARE_METHODS, parse_method_list
 
     if args.methods is not None and args.methods.strip().lower() in ("", "none"):
         if args.steps is not None:
             raise VitvizError("--steps applies to the AUCs, and --methods none asks for none")
         return None
-    methods = parse_methods(DEFAULT_METHODS if args.methods is None else args.methods)
+    parse_method_list(args.methods, default=COMPARE_METHODS)  # before torch is imported
+
+    from vitviz.faithfulness import FaithfulnessOptions, parse_methods
+
+    methods = parse_methods(COMPARE_METHODS if args.methods is None else args.methods)
     return FaithfulnessOptions(methods=tuple(methods), steps=args.steps)
 
 
@@ -762,16 +769,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
     from vitviz import analyses as registry
+
+    options = registry.AnalysisOptions(**{name: getattr(args, name) for name in COMPARE_OPTIONS})
+    if args.json_out is None and args.figures is None:
+        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
+    faithfulness = _compare_faithfulness(args)
+
     from vitviz.comparison import compare_models, slice_batches, work
     from vitviz.data.stream import Ranks
     from vitviz.imagefiles import collect_images
     from vitviz.models import load_model
     from vitviz.pipeline import model_card
 
-    options = registry.AnalysisOptions(**{name: getattr(args, name) for name in COMPARE_OPTIONS})
-    faithfulness = _compare_faithfulness(args)
-    if args.json_out is None and args.figures is None:
-        raise VitvizError("nothing to write: pass --json OUT (or --json -) and/or --figures DIR")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VitvizError("compare runs in one process: run it without torchrun")
     slice_ = _dataset_slice(args)

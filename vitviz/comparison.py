@@ -28,6 +28,7 @@ from vitviz import analyses as registry
 from vitviz import intervals
 from vitviz.analysis.differences import MapDifferences, map_differences
 from vitviz.errors import VitvizError
+from vitviz.method_names import COMPARE_METHODS
 from vitviz.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ MAPS = {"rollout": "rollout_difference", "gradient": "gradient_rollout_differenc
 PASSES = 3  # the comparisons, then model A's and model B's data-set analyses
 # The map methods whose AUCs a comparison gives unless told otherwise: the cheap ones (no integrated gradients,
 # no occlusion), `random` the baseline.
-DEFAULT_METHODS = ("rollout", "gradient-rollout", "attention-last", "random")
+DEFAULT_METHODS = COMPARE_METHODS
 Batches = Iterable[Any]  # (images, labels, indices) or vitviz.data.stream.DatasetBatch
 
 

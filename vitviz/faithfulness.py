@@ -56,6 +56,7 @@ from torch import nn
 
 from vitviz.errors import VitvizError
 from vitviz.intervals import Summary, summarise
+from vitviz.method_names import parse_method_list
 from vitviz.methods import (
     IG_MAX_STEPS,
     IG_STEPS,
@@ -114,16 +115,9 @@ SANITY_SEED = 0
 
 
 def parse_methods(text: str | Sequence[str] | None) -> list[str]:
-    """A comma-separated method list (or a sequence of names), checked; None gives DEFAULT_METHODS."""
-    if text is None:
-        return list(default_method_names())
-    raw = text.split(",") if isinstance(text, str) else list(text)
-    names = [name.strip() for name in raw if name.strip()]
-    known = method_names()
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise VitvizError(f"unknown method {', '.join(unknown) or repr(text)}: choose from {','.join(known)}")
-    return list(dict.fromkeys(names))
+    """A comma-separated method list (or a sequence of names), checked against the registry; None gives
+    DEFAULT_METHODS."""
+    return parse_method_list(text, method_names(), default_method_names())
 
 
 @dataclass(frozen=True)
