@@ -239,6 +239,10 @@ class Comparison:
         assert found is not None
         return found
 
+    def with_aucs(self, a: ModelAUCs, b: ModelAUCs) -> Comparison:
+        """The same comparison with each model's AUCs (`model_aucs` over the same images) attached."""
+        return replace(self, a=replace(self.a, aucs=a), b=replace(self.b, aucs=b))
+
     def auc_differences(self) -> dict[str, dict[str, intervals.Comparison] | str]:
         """method -> curve -> B − A of the method's AUCs over the same images (`vitviz.intervals.
         paired_differences`: the mean per-image difference, its 95% paired-bootstrap interval on the resamples of
@@ -458,14 +462,16 @@ def _checked_steps(loaded: LoadedModel, options: FaithfulnessOptions) -> int | N
     return checked_steps(loaded.model, options.steps)
 
 
-def _model_aucs(
+def model_aucs(
     loaded: LoadedModel,
     batches: Batches,
     options: FaithfulnessOptions,
     image_names: Sequence[str],
     progress: Callable[[int], None] | None,
 ) -> ModelAUCs:
-    """One model's AUCs of the methods that apply to it, in one pass over the images."""
+    """One model's deletion and insertion AUCs of the methods that apply to it, in one pass over the images
+    (`batches`, as `open_batches` gives them; each image explains the model's own prediction). `compare_models`
+    calls it for both models; the studio calls it on its own, after drawing the rest of a comparison."""
     from vitviz.faithfulness import NO_CLASSIFICATION_HEAD, dataset_faithfulness
     from vitviz.methods import get_method
 
@@ -553,7 +559,7 @@ def compare_models(
         raise ValueError("the batches do not hold the images named")
     aucs: list[ModelAUCs | None] = [None, None]
     if faithfulness is not None:
-        aucs = [_model_aucs(m, open_batches(m), faithfulness, image_names, progress) for m in (loaded_a, loaded_b)]
+        aucs = [model_aucs(m, open_batches(m), faithfulness, image_names, progress) for m in (loaded_a, loaded_b)]
     return Comparison(
         a=_summary(loaded_a, results[0], aucs[0]),
         b=_summary(loaded_b, results[1], aucs[1]),

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from vitviz import pipeline
-from vitviz.comparison import Comparison, compare_models, slice_batches
+from vitviz.comparison import Comparison, ModelAUCs, compare_models, slice_batches
+from vitviz.comparison import model_aucs as comparison_model_aucs
 from vitviz.data.stream import DatasetSlice
 from vitviz.errors import VitvizError
 from vitviz.faithfulness import (
@@ -393,6 +394,37 @@ def comparison(
         )
 
     return cached_result("comparison", key, compute, Comparison.to_arrays, Comparison.from_arrays)
+
+
+def model_aucs(
+    loaded: LoadedModel,
+    slice_: DatasetSlice,
+    faithfulness: FaithfulnessOptions,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> ModelAUCs:
+    """One model's deletion and insertion AUCs of `faithfulness.methods` on a data-set slice, each image explaining
+    the model's own prediction (`vitviz.comparison.model_aucs`, the numbers `python -m vitviz compare` writes),
+    cached on disk by the model's content hash, the slice and the options; `batch_size` images are read at a
+    time. /compare's "What changed" draws the rest of a comparison first, then asks for these per model."""
+    import dataclasses
+
+    options = dataclasses.replace(faithfulness, target_class=None, sanity=False)
+    key = cache_key(
+        "model-aucs", model=loaded.content_hash, dataset=slice_.describe(), faithfulness=dataclasses.asdict(options)
+    )
+
+    def compute() -> ModelAUCs:
+        open_batches, names, _ = slice_batches(slice_, (loaded,), batch_size)
+        return comparison_model_aucs(loaded, open_batches(loaded), options, names, progress)
+
+    def read(arrays: Mapping[str, np.ndarray]) -> ModelAUCs:
+        found = ModelAUCs.from_arrays(arrays, "")
+        if found is None:
+            raise KeyError("no AUCs stored")
+        return found
+
+    return cached_result("model-aucs", key, compute, lambda aucs: aucs.to_arrays(""), read)
 
 
 # --- any registered analysis, as the CLI writes it (disk cache) ---------------------------------------------

@@ -30,6 +30,7 @@ from vitviz.ui.analyses import (
     faithfulness,
     gradient_map,
     image_attention,
+    model_aucs,
 )
 from vitviz.ui.catalog import ModelEntry
 
@@ -607,33 +608,51 @@ def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
         "(2(S+1) forwards per image, method and model).",
     )
     model_a, model_b = (next(m for m in models if m.name == n) for n in (first, second))
-    bar = st.progress(0.0, text="Comparing…")
-    done, total = [0], work(int(limit), methods)
-
-    def progress(units: int) -> None:
-        done[0] += units
-        bar.progress(min(done[0] / total, 1.0), text=f"{done[0]} / {total} image passes")
-
-    try:
-        result = comparison(
-            model_a.loaded,
-            model_b.loaded,
-            DatasetSlice(dataset, split=split, limit=int(limit)),
-            AnalysisOptions(batch_size=int(batch)),
-            progress=progress,
-            faithfulness=FaithfulnessOptions(methods=tuple(methods)) if methods else None,
-        )
-    except VitvizError as exc:
-        widgets.show_error(exc)
+    chosen = DatasetSlice(dataset, split=split, limit=int(limit))
+    # The comparison first, drawn as soon as it is there; the AUCs (the slow part) after it, model by model.
+    result = _with_progress(
+        "Comparing…",
+        work(int(limit)),
+        lambda progress: comparison(
+            model_a.loaded, model_b.loaded, chosen, AnalysisOptions(batch_size=int(batch)), progress=progress
+        ),
+    )
+    if result is None:
         return
-    finally:
-        bar.empty()
     st.caption(f"**A** = {first}, **B** = {second}; {result.num_images} images of {dataset} {split}.")
     _changed_cka(result, figures, arrays)
     _changed_predictions(result)
     _changed_distance(result, figures, arrays)
     _changed_maps(result, figures, arrays)
-    _changed_aucs(result, figures, arrays)
+    if not methods:
+        return
+    options = FaithfulnessOptions(methods=tuple(methods))
+    aucs = _with_progress(
+        "Deletion and insertion curves…",
+        work(int(limit), methods) - work(int(limit)),
+        lambda progress: [model_aucs(m.loaded, chosen, options, int(batch), progress) for m in (model_a, model_b)],
+    )
+    if aucs is not None:
+        _changed_aucs(result.with_aucs(*aucs), figures, arrays)
+
+
+def _with_progress(text: str, total: int, compute: Callable[[Callable[[int], None]], Any]) -> Any:
+    """`compute(progress)` under a progress bar of `total` units (gone when it is done); None after showing a
+    one-line error."""
+    bar = st.progress(0.0, text=text)
+    done = [0]
+
+    def progress(units: int) -> None:
+        done[0] += units
+        bar.progress(min(done[0] / max(total, 1), 1.0), text=f"{text} {done[0]} / {total} image passes")
+
+    try:
+        return compute(progress)
+    except VitvizError as exc:
+        widgets.show_error(exc)
+        return None
+    finally:
+        bar.empty()
 
 
 def _changed_cka(result: Comparison, figures: dict, arrays: dict) -> None:
