@@ -1,6 +1,7 @@
 """Regenerate the README's screenshots: every studio page on the bundled models, in headless Chromium.
 
-    python docs/screenshots.py            # writes docs/images/<page>.png (1280 x 800, palette PNG)
+    python docs/screenshots.py            # writes docs/images/<page>.png (1400 x 900, palette PNG)
+    python docs/screenshots.py --size 1000x800 --out /tmp/narrow   # the same pages in a narrower window, to look at
 
 Runs `streamlit run app.py` on a free port with empty runs and cache folders (bench/browser.py), opens each
 page, waits until its script has finished, and saves the visible window. The pictures are reduced to a
@@ -23,7 +24,7 @@ from bench.browser import launch_chromium, streamlit_server, wait_idle  # noqa: 
 
 logger = logging.getLogger(__name__)
 OUT = ROOT / "docs" / "images"
-VIEWPORT = {"width": 1280, "height": 800}
+SIZE = "1400x900"
 PAGES = {  # file name -> URL path and query (the bundled checkpoints)
     "overview": "",
     "filters": "filters",
@@ -31,6 +32,7 @@ PAGES = {  # file name -> URL path and query (the bundled checkpoints)
     "distance": "distance",
     "rollout": "rollout",
     "compare": "compare?compare=bundled:shapes-default&compare=bundled:shapes-sincos",
+    "changed": "compare?compare=bundled:shapes-default&compare=bundled:shapes-finetune-hires",
     "tokens": "tokens?model=bundled:shapes-reg4",
     "trust": "trust",
     "train": "train",
@@ -38,11 +40,13 @@ PAGES = {  # file name -> URL path and query (the bundled checkpoints)
 READY = {
     "overview": "[data-testid='stMarkdown'] table",
     "compare": "[data-testid='stDataFrame']",
+    "changed": "[data-testid='stDataFrame']",
     "tokens": "[data-testid='stImage']",
     "trust": "[data-testid='stDataFrame']",
     "train": "[data-testid='stMain'] [data-testid='stForm']",
 }
-TIMEOUT_S = 180.0
+TAB = {"changed": "What changed"}  # shots of a tab: clicked once the page is drawn
+TIMEOUT_S = 900.0  # "What changed" computes a comparison over 64 images first
 
 
 def optimise(path: Path) -> int:
@@ -53,28 +57,40 @@ def optimise(path: Path) -> int:
     return path.stat().st_size
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from playwright.sync_api import sync_playwright
 
+    parser = argparse.ArgumentParser(description="Regenerate the README's screenshots of the studio.")
+    parser.add_argument("--size", default=SIZE, help=f"window WIDTHxHEIGHT in CSS pixels ({SIZE})")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the PNG files (docs/images)")
+    parser.add_argument("--pages", help=f"comma-separated subset of {','.join(PAGES)}")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    chosen = args.pages.split(",") if args.pages else list(PAGES)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder, streamlit_server(Path(folder)) as url, sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:
-            context = browser.new_context(viewport=VIEWPORT)
+            context = browser.new_context(viewport={"width": width, "height": height})
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_S * 1000)
-            for name, path in PAGES.items():
-                page.goto(f"{url}/{path}")
+            for name in chosen:
+                page.goto(f"{url}/{PAGES[name]}")
                 page.locator("h1").first.wait_for()
+                if name in TAB:
+                    wait_idle(page, timeout_s=TIMEOUT_S, quiet_checks=4, interval_ms=400)
+                    page.get_by_role("tab", name=TAB[name]).click()
                 page.locator(READY.get(name, ".js-plotly-plot")).first.wait_for()
                 wait_idle(page, timeout_s=TIMEOUT_S, quiet_checks=4, interval_ms=400)
-                target = OUT / f"{name}.png"
+                target = args.out / f"{name}.png"
                 page.screenshot(path=str(target))
-                logger.info("%s: %.0f kB", target.relative_to(ROOT), optimise(target) / 1024)
+                logger.info("%s: %.0f kB", target, optimise(target) / 1024)
         finally:
             browser.close()
-    total = sum(p.stat().st_size for p in OUT.glob("*.png"))
+    total = sum(p.stat().st_size for p in args.out.glob("*.png"))
     logger.info("total %.2f MB", total / 2**20)
     return 0
 

@@ -164,41 +164,39 @@ def _auc_table(result: FaithfulnessResult) -> None:
         }
         for name, method in result.methods.items()
     ]
-    table_col, verdict_col = st.columns([3, 2])
-    with table_col:
-        widgets.table(
-            rows,
-            column_config={
-                "method": st.column_config.TextColumn("method"),
-                "deletion AUC": st.column_config.NumberColumn(
-                    "deletion AUC ↓", format="%.4f", help="Lower is better: the prediction falls faster."
-                ),
-                "deletion interval": st.column_config.TextColumn(
-                    "95% interval", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
-                ),
-                "insertion AUC": st.column_config.NumberColumn(
-                    "insertion AUC ↑", format="%.4f", help="Higher is better: the prediction returns faster."
-                ),
-                "insertion interval": st.column_config.TextColumn(
-                    "95% interval ", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
-                ),
-                "seconds per image": st.column_config.NumberColumn(
-                    "s / image", format="%.2f", help="Wall time of the map and both curves, when computed."
-                ),
-            },
-        )
+    # The table takes the page's width (six columns did not fit beside the verdicts at 1400 px); verdicts below.
+    widgets.table(
+        rows,
+        column_config={
+            "method": st.column_config.TextColumn("method"),
+            "deletion AUC": st.column_config.NumberColumn(
+                "deletion AUC ↓", format="%.4f", help="Lower is better: the prediction falls faster."
+            ),
+            "deletion interval": st.column_config.TextColumn(
+                "95% interval", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
+            ),
+            "insertion AUC": st.column_config.NumberColumn(
+                "insertion AUC ↑", format="%.4f", help="Higher is better: the prediction returns faster."
+            ),
+            "insertion interval": st.column_config.TextColumn(
+                "95% interval ", help="Paired bootstrap over the images (2,000 resamples, seed 0, percentiles)."
+            ),
+            "seconds per image": st.column_config.NumberColumn(
+                "s / image", format="%.2f", help="Wall time of the map and both curves, when computed."
+            ),
+        },
+    )
     images = len(next(iter(result.methods.values())).per_image)
     target = "each image's prediction" if result.target_class is None else f"class {result.target_class}"
-    with verdict_col:
-        for line in summary.verdict():
-            st.markdown(widgets.plain(line))
-        if "random" not in result.methods:
-            st.markdown("Add `random` to see the baseline every method should beat.")
-        st.caption(
-            f"Mean over {images} image{'s' if images != 1 else ''}; S = {result.steps} steps; target: {target}; "
-            "deleted patches become 0 after normalisation (the model's mean colour). A method is called better "
-            "than another only when the 95% paired-bootstrap interval of their per-image difference excludes 0."
-        )
+    for line in summary.verdict():
+        st.markdown(widgets.plain(line))
+    if "random" not in result.methods:
+        st.markdown("Add `random` to see the baseline every method should beat.")
+    st.caption(
+        f"Mean over {images} image{'s' if images != 1 else ''}; S = {result.steps} steps; target: {target}; "
+        "deleted patches become 0 after normalisation (the model's mean colour). A method is called better "
+        "than another only when the 95% paired-bootstrap interval of their per-image difference excludes 0."
+    )
 
 
 def _interval_text(interval: tuple[float, float]) -> str:
