@@ -406,6 +406,9 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
             bar.update(sum(done.values()) - bar.n)
 
         result = run_faithfulness(loaded.model, images, [str(f) for f in files], options, progress=progress)
+    for name, method in result.methods.items():
+        logger.info("%s: deletion AUC %.4f, insertion AUC %.4f over %d images", name,
+                    method.deletion_auc, method.insertion_auc, len(files))  # fmt: skip
     document = result.to_json(model_card(loaded).model_section())
 
     if args.json_out is not None:

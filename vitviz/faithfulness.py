@@ -642,7 +642,7 @@ def run_faithfulness(
             per_image=tuple(per_image),
             convergence=Convergence.from_diagnostics(diagnostics, options),
         )
-        logger.info(
+        logger.debug(  # a data set runs this per batch: its totals are logged once, by dataset_faithfulness
             "%s: deletion AUC %.4f, insertion AUC %.4f",
             method,
             methods[method].deletion_auc,
