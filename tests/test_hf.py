@@ -166,7 +166,12 @@ def test_cli_analyze_runs_end_to_end(saved: dict[str, Path], tmp_path: Path, cap
     Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()).save(image)
     out = tmp_path / "out.json"
     code = main(["analyze", f"hf:{saved['dinov2-registers']}", "--images", str(image), "--json", str(out)])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Loading weights" not in err  # transformers' progress bar stays off for a local folder
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # ...and is back on for whoever else uses transformers
     report = json.loads(out.read_text())
     assert report["model"]["num_prefix_tokens"] == 5 and report["model"]["grid"] == [4, 4]
     assert set(report) >= {"distance", "rollout", "gradient_rollout"}, sorted(report)

@@ -633,6 +633,10 @@ def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
     reference = _reference_model(model_class, config, config_path)
     _check_weights(reference, _found_shapes(weights), folder)
     del reference
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local folder loads in a moment: no "Loading weights" bar on stderr
     try:
         hf_model = model_class.from_pretrained(
             str(folder),
@@ -644,6 +648,9 @@ def load_hf(source: str, *, local_folders: bool = True) -> LoadedModel:
         raise VitvizError(
             f"transformers could not load hf:{name} ({type(error).__name__}: {first_line(error)})"
         ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     hf_model.eval()
     own_size = _pair(hf_model.config.image_size)
     img_size = wanted if (wanted is not None and family.interpolates) else own_size
