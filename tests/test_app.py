@@ -769,6 +769,11 @@ def test_a_bundled_fine_tunes_card_names_its_base_strategy_data_set_and_trained_
     assert rows["base content hash"] == hashlib.sha256(DEFAULT.read_bytes()).hexdigest()
     assert (rows["strategy"], rows["dataset"], rows["train split"]) == (stem.rsplit("-", 1)[1], "mnist", "test[:8000]")
     assert rows["trainable parameters"] == str(training["trainable_parameters"])
+    from vitviz.ui import catalog
+
+    entries = catalog.discover_models(epochs=False)
+    tuned = next(e for e in entries if e.key == f"bundled:{stem}")
+    assert catalog.base_entry(tuned, entries).key == "bundled:shapes-default"  # the studio finds the base
 
 
 def test_compare_difference_maps_have_grid_axes_and_distance_curves_differ_by_hue_and_dash() -> None:
