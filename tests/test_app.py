@@ -8,6 +8,7 @@ through the app's code), following the definitions in docs/design.md.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -738,6 +739,41 @@ def test_bundled_comparisons_pick_their_checkpoints_in_one_click() -> None:
     summary = at.dataframe[0].value
     row = summary[summary[""] == "position embedding"]
     assert list(row[["A", "B", "C", "D"]].iloc[0]) == ["learned", "learned_2d", "sincos", "none"]
+
+
+STRATEGY_FINETUNES = ("shapes-to-mnist-linear", "shapes-to-mnist-lora", "shapes-to-mnist-full")
+
+
+def test_the_strategies_comparison_sets_the_base_beside_its_three_fine_tunes() -> None:
+    from vitviz.ui.compare import READY_MADE
+
+    stems = READY_MADE["Linear vs LoRA vs full"]
+    assert stems == ("shapes-default", *STRATEGY_FINETUNES)
+    at = _open("compare")
+    next(b for b in at.button if b.label == "Linear vs LoRA vs full").click().run()
+    _assert_clean(at)
+    wanted = [f"bundled:{stem}" for stem in stems]
+    assert at.multiselect(key="vv.compare.widget").value == wanted and _query(at, "compare") == wanted
+    summary = at.dataframe[0].value
+    recorded = summary[summary[""] == "recorded accuracy"]
+    expected = [_meta(DEFAULT.parent / f"{s}.safetensors")["training"]["metrics"]["eval_accuracy"] for s in stems]
+    assert list(recorded[["A", "B", "C", "D"]].iloc[0]) == [str(round(a, 4)) for a in expected]  # cells are text
+
+
+@pytest.mark.parametrize("stem", STRATEGY_FINETUNES)
+def test_a_bundled_fine_tunes_card_names_its_base_strategy_data_set_and_trained_parameters(stem: str) -> None:
+    at = _open("overview", query={"model": f"bundled:{stem}"})
+    rows = _card_rows(at)
+    training = _meta(DEFAULT.parent / f"{stem}.safetensors")["training"]
+    assert rows["base source"] == "assets/checkpoints/shapes-default.safetensors"
+    assert rows["base content hash"] == hashlib.sha256(DEFAULT.read_bytes()).hexdigest()
+    assert (rows["strategy"], rows["dataset"], rows["train split"]) == (stem.rsplit("-", 1)[1], "mnist", "test[:8000]")
+    assert rows["trainable parameters"] == str(training["trainable_parameters"])
+    from vitviz.ui import catalog
+
+    entries = catalog.discover_models(epochs=False)
+    tuned = next(e for e in entries if e.key == f"bundled:{stem}")
+    assert catalog.base_entry(tuned, entries).key == "bundled:shapes-default"  # the studio finds the base
 
 
 def test_compare_difference_maps_have_grid_axes_and_distance_curves_differ_by_hue_and_dash() -> None:

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from PIL import Image
 
 from training.data.shapes import SHAPE_CLASSES, ShapesDataset
 from training.evaluate import evaluate_checkpoint
-from vitviz.models import load_model, read_checkpoint_meta
+from vitviz.card import card_rows
+from vitviz.models import file_sha256, load_model, read_checkpoint_meta
+from vitviz.models.checkpoint import ADAPTER_PREFIX
+from vitviz.pipeline import model_card
 from vitviz.tokens import token_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +76,17 @@ EXPECTED = {
         "classes": [str(d) for d in range(10)],
     },
 }
+# One task, three strategies (docs/training.md, "Linear, LoRA and full on one task"): the default fine-tuned onto
+# MNIST digits. stem -> (held-out accuracy on MNIST test[8000:], trainable parameters).
+FINETUNES = {
+    "shapes-to-mnist-linear": (0.7855, 970),  # the new head: 96 x 10 + 10
+    "shapes-to-mnist-lora": (0.9445, 13_258),  # 4 blocks x rank 8 x (96 + 288) on qkv, and the head
+    "shapes-to-mnist-full": (0.9695, 311_338),  # all of them
+}
+DIGITS = [str(d) for d in range(10)]
+EXPECTED.update(
+    {stem: {**EXPECTED["shapes-default"], "classes": DIGITS} for stem in FINETUNES}  # the default with a new head
+)
 # The position-embedding variants and the hybrid are the paper's ablation: the default's recipe with one change;
 # the registers checkpoint is the same kind of variant (4 register tokens after the class token).
 ABLATION = ("shapes-2d", "shapes-sincos", "shapes-nopos", "shapes-hybrid", "shapes-reg4")
@@ -198,3 +213,95 @@ def test_mnist_small_reproduces_its_documented_accuracy_on_held_out_digits() -> 
     assert result["num_images"] == 2000
     assert result["accuracy"] == pytest.approx(MNIST_DOCUMENTED, abs=3 / 2000)
     assert result["accuracy"] > MNIST_REFERENCE_TRAIN_ACCURACY
+
+
+# --- the fine-tuning example: one task, three strategies ------------------------------------------------------
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(str(path))
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("stem", sorted(FINETUNES))
+def test_a_strategy_fine_tune_names_its_base_strategy_data_and_trained_parameters(stem: str) -> None:
+    """The lineage every tool shows (`python -m vitviz info`, the studio's card): the bundled default by its
+    repository path and the SHA-256 of that very file, the strategy, the MNIST digits it trained on, and how many
+    parameters trained."""
+    loaded = load_model(str(CHECKPOINTS / f"{stem}.safetensors"))
+    training = loaded.meta.training
+    assert training["base_source"] == "assets/checkpoints/shapes-default.safetensors"
+    assert training["base_content_hash"] == file_sha256(DEFAULT)
+    assert (training["strategy"], training["dataset"]) == (stem.rsplit("-", 1)[1], "mnist")
+    assert training["train_split"] == "test[:8000]"  # never the 2,000 digits it is measured on
+    assert training["trainable_parameters"] == FINETUNES[stem][1]
+    rows = dict(card_rows(model_card(loaded)))
+    assert rows["base source"] == training["base_source"] and rows["base content hash"] == file_sha256(DEFAULT)
+    assert (rows["strategy"], rows["dataset"]) == (training["strategy"], "mnist")
+    assert rows["trainable parameters"] == str(FINETUNES[stem][1])
+    assert (CHECKPOINTS / f"{stem}.metrics.jsonl").is_file()  # the studio draws its training curves
+
+
+def test_the_three_strategies_ran_the_same_task_with_only_what_trains_and_its_learning_rate_changed() -> None:
+    from training.presets import get_preset
+
+    def flat(document: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in document.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    configs = [flat(get_preset(stem).to_dict()) for stem in FINETUNES]
+    changed = {key for key in configs[0] if len({repr(c[key]) for c in configs}) > 1}
+    assert changed == {"preset", "finetune.strategy", "optim.lr"}
+    summaries = [read_checkpoint_meta(CHECKPOINTS / f"{stem}.safetensors").training for stem in FINETUNES]
+    for key in ("dataset", "train_split", "steps", "epochs", "base_content_hash"):
+        assert len({s[key] for s in summaries}) == 1, key
+
+
+def test_the_linear_probe_keeps_every_tensor_of_its_base_but_the_head_bitwise() -> None:
+    base, probe = _arrays(DEFAULT), _arrays(CHECKPOINTS / "shapes-to-mnist-linear.safetensors")
+    assert probe.keys() == base.keys()
+    changed = sorted(name for name in base if not _same_bits(base[name], probe[name]))
+    assert changed == ["head.bias", "head.weight"]
+
+
+def test_lora_changes_only_its_adapted_projections_by_their_merged_adapters_and_the_head() -> None:
+    """W = W0 + (alpha / rank) * B @ A on every adapted projection, the head new, everything else the base's bits."""
+    path = CHECKPOINTS / "shapes-to-mnist-lora.safetensors"
+    lora = read_checkpoint_meta(path).training["lora"]
+    base, stored = _arrays(DEFAULT), _arrays(path)
+    adapters = {k: v for k, v in stored.items() if k.startswith(ADAPTER_PREFIX)}
+    tuned = {k: v for k, v in stored.items() if not k.startswith(ADAPTER_PREFIX)}
+    assert tuned.keys() == base.keys()
+    assert sorted(adapters) == sorted(f"{ADAPTER_PREFIX}{m}.{x}" for m in lora["modules"] for x in "AB")
+    changed = {name for name in base if not _same_bits(base[name], tuned[name])}
+    assert changed == {f"{m}.weight" for m in lora["modules"]} | {"head.weight", "head.bias"}
+    assert lora["scaling"] == lora["alpha"] / lora["rank"]
+    for module in lora["modules"]:
+        a, b = adapters[f"{ADAPTER_PREFIX}{module}.A"], adapters[f"{ADAPTER_PREFIX}{module}.B"]
+        assert a.shape[0] == lora["rank"] == b.shape[1]
+        merged = base[f"{module}.weight"].astype(np.float64) + lora["scaling"] * (b.astype(np.float64) @ a)
+        np.testing.assert_allclose(tuned[f"{module}.weight"], merged, atol=1e-6)
+
+
+def test_full_fine_tuning_changes_every_tensor() -> None:
+    base, tuned = _arrays(DEFAULT), _arrays(CHECKPOINTS / "shapes-to-mnist-full.safetensors")
+    assert tuned.keys() == base.keys()
+    assert [name for name in base if _same_bits(base[name], tuned[name])] == []
+
+
+@pytest.mark.parametrize("stem", sorted(FINETUNES))
+def test_a_strategy_fine_tune_reproduces_its_documented_accuracy_on_held_out_digits(stem: str) -> None:
+    result = evaluate_checkpoint(
+        str(CHECKPOINTS / f"{stem}.safetensors"),
+        dataset="mnist",
+        root=str(MNIST_DIR),
+        split="test[8000:]",
+        device="cpu",
+    )
+    assert result["num_images"] == 2000
+    assert result["accuracy"] == pytest.approx(FINETUNES[stem][0], abs=3 / 2000)

@@ -74,13 +74,45 @@ def test_training_processes_get_the_asked_for_threads(monkeypatch: pytest.Monkey
     assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3"
 
 
-def test_the_mnist_bundle_is_evaluated_on_the_bundled_test_set_whatever_the_working_directory() -> None:
-    bundle = next(b for b in make_assets.BUNDLES if b.name == "mnist-small")
+MNIST_BUNDLES = ("mnist-small", "shapes-to-mnist-linear", "shapes-to-mnist-lora", "shapes-to-mnist-full")
+
+
+@pytest.mark.parametrize("name", MNIST_BUNDLES)
+def test_the_mnist_bundles_are_evaluated_on_the_bundled_test_set_whatever_the_working_directory(name: str) -> None:
+    bundle = next(b for b in make_assets.BUNDLES if b.name == name)
     args = list(bundle.eval_args)
     root = Path(args[args.index("--root") + 1])
     assert root.is_absolute() and root == make_assets.REPO_ROOT / "assets" / "data" / "mnist"
     assert sorted(p.name for p in root.glob("t10k-*")) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-    assert args[args.index("--split") + 1] == "test[8000:]"  # the 2,000 images mnist-small never trains on
+    assert args[args.index("--split") + 1] == "test[8000:]"  # the 2,000 images no MNIST run trains on
+
+
+def test_a_fine_tune_of_a_bundled_checkpoint_starts_from_its_repository_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base is named relative to the repository root (the runs' working directory), so the lineage the
+    checkpoint records is the same on every machine and the studio finds the base among the bundled ones."""
+    monkeypatch.setattr(make_assets, "CHECKPOINTS_DIR", tmp_path / "assets")
+    calls: list[list[str]] = []
+
+    def run(args: list[str], threads: int) -> make_assets.StepTimes:
+        calls.append(list(args))
+        if args[0] == "finetune":
+            _finished_run(Path(args[args.index("--runs-dir") + 1]) / args[args.index("--run-id") + 1], epochs=0)
+        else:
+            Path(args[args.index("--json") + 1]).write_text(json.dumps({"accuracy": 0.9, "num_images": 2000}))
+        return make_assets.StepTimes(1.0, 1.0)
+
+    monkeypatch.setattr(make_assets, "_run", run)
+    bundle = next(b for b in make_assets.BUNDLES if b.name == "shapes-to-mnist-lora")
+    make_bundle(bundle, tmp_path / "runs", retrain=True, threads=1)
+    training = calls[0]
+    assert training[:3] == ["finetune", "--preset", "shapes-to-mnist-lora"]
+    source = training[training.index("--from") + 1]
+    assert source == "assets/checkpoints/shapes-default.safetensors"
+    assert (make_assets.REPO_ROOT / source).is_file()
+    names = [b.name for b in make_assets.BUNDLES]
+    assert names.index("shapes-default") < names.index(bundle.name)  # a full rebuild remakes the base first
 
 
 def test_samples_and_their_masks_go_to_separate_folders(tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ SAMPLE_IMG_SIZE = (64, 64)
 SAMPLE_SEED = 0
 
 
+# The 2,000 MNIST test digits that no MNIST run trains on (they train on test[:8000]), wherever the script runs.
+MNIST_HELD_OUT = ("--dataset", "mnist", "--root", str(BUNDLED_MNIST_ROOT), "--split", "test[8000:]")
+
+
 @dataclass(frozen=True)
 class Bundle:
     """One bundled checkpoint: the run that makes it and how it is evaluated."""
@@ -59,8 +63,15 @@ class Bundle:
     name: str  # file stem in assets/checkpoints and the run id
     command: tuple[str, ...]  # `python -m training` arguments before the run options
     finetunes: str | None = None  # the bundle whose last checkpoint this run fine-tunes
+    base: str | None = None  # the bundled checkpoint (a stem in assets/checkpoints) this run fine-tunes
     snapshots: tuple[int, ...] = ()  # epochs also bundled as <name>-epoch-NNN.safetensors
     eval_args: tuple[str, ...] = ("--dataset", "shapes", "--split", "test")
+
+
+def bundled_source(stem: str) -> str:
+    """A bundled checkpoint as a fine-tune's `--from`: relative to the repository root, where every run starts,
+    so that the lineage it records (base_source) names the same file on every machine and the studio finds it."""
+    return f"assets/checkpoints/{stem}.safetensors"
 
 
 BUNDLES: tuple[Bundle, ...] = (
@@ -71,10 +82,11 @@ BUNDLES: tuple[Bundle, ...] = (
     Bundle("shapes-nopos", ("train", "--preset", "shapes-nopos")),
     Bundle("shapes-hybrid", ("train", "--preset", "shapes-hybrid")),
     Bundle("shapes-reg4", ("train", "--preset", "shapes-reg4")),
-    Bundle(
-        "mnist-small",
-        ("train", "--preset", "mnist-small"),
-        eval_args=("--dataset", "mnist", "--root", str(BUNDLED_MNIST_ROOT), "--split", "test[8000:]"),
+    Bundle("mnist-small", ("train", "--preset", "mnist-small"), eval_args=MNIST_HELD_OUT),
+    # One task, three strategies: the bundled default fine-tuned onto MNIST digits (docs/training.md).
+    *(
+        Bundle(name, ("finetune", "--preset", name), base="shapes-default", eval_args=MNIST_HELD_OUT)
+        for name in ("shapes-to-mnist-linear", "shapes-to-mnist-lora", "shapes-to-mnist-full")
     ),
 )
 
@@ -124,6 +136,8 @@ def make_bundle(bundle: Bundle, runs_dir: Path, *, retrain: bool, threads: int) 
         args = list(bundle.command)
         if bundle.finetunes is not None:
             args += ["--from", str(runs_dir / bundle.finetunes / "last.safetensors")]
+        elif bundle.base is not None:
+            args += ["--from", bundled_source(bundle.base)]
         args += ["--runs-dir", str(runs_dir), "--run-id", bundle.name, "--no-progress"]
         times = _run(args, threads)
         logger.info("%s: trained in %.0f s wall, %.0f s CPU", bundle.name, times.wall_s, times.cpu_s)

@@ -49,6 +49,13 @@ READY_MADE: dict[str, tuple[str, ...]] = {
     "ViT vs hybrid": ("shapes-default", "shapes-hybrid"),
     "Default vs registers": ("shapes-default", "shapes-reg4"),
     "Base vs fine-tuned": ("shapes-default", "shapes-finetune-hires"),
+    # One task, three strategies: the default and what fine-tuning it onto MNIST digits made of it.
+    "Linear vs LoRA vs full": (
+        "shapes-default",
+        "shapes-to-mnist-linear",
+        "shapes-to-mnist-lora",
+        "shapes-to-mnist-full",
+    ),
 }
 
 
