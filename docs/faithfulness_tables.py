@@ -107,6 +107,14 @@ def pair_lines(runs: Runs) -> list[str]:
     return lines
 
 
+def verdict_lines(runs: Runs) -> list[str]:
+    """`Summary.verdict()` over the images every method has: which method leads each curve, and each against
+    random."""
+    shared = sorted(set.intersection(*(set(images) for images in runs.values())))
+    summary = summarise(*_aucs(runs, list(runs), shared))
+    return [f"- {line}" for line in summary.verdict()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments:
@@ -121,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("| --- | --- | --- | --- |")
         print("\n".join(method_rows(runs)))
         print("\n" + "\n".join(convergence_lines(paths)))
+        print("\n" + "\n".join(verdict_lines(runs)))
         print("\n| curve | first − second | images | difference [95%] | better |")
         print("| --- | --- | --- | --- | --- |")
         print("\n".join(pair_lines(runs)))

@@ -104,3 +104,24 @@ def _assert_auc_table(at: AppTest, core: object) -> None:
         assert row["B − A"] == difference.difference
         assert row["B − A interval"] == f"[{difference.interval[0]:.4f}, {difference.interval[1]:.4f}]"
         assert row["verdict"] == ("not told apart" if difference.better is None else f"{difference.better} better")
+
+
+def test_a_typed_split_slice_is_read_and_a_bad_one_is_one_line() -> None:
+    """The split box takes a slice as the command line does (test[900:]; test[8000:] for MNIST's held-out digits); a split that
+    does not exist is one error line, not an exception."""
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    at.query_params["compare"] = [f"bundled:{stem}" for stem in STEMS]
+    at.run()
+    at.switch_page("vitviz/ui/compare.py").run()
+    inputs = {"compare.changed.limit": 4, "compare.changed.batch": 4, "compare.changed.methods": []}
+    for key, value in inputs.items():
+        at.session_state[key] = value
+    at.session_state["compare.tab"] = "What changed"
+    at.run()
+    at.text_input(key="compare.changed.split").input("nope").run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value.replace("\\", "") for e in at.error]  # shown as escaped Markdown
+    assert len(errors) == 1 and "unknown split 'nope'" in errors[0] and "\n" not in errors[0].strip()
+    at.text_input(key="compare.changed.split").input("test[900:]").run()
+    _assert_clean(at)
+    assert any("4 images of shapes test[900:]" in c.value for c in at.caption)

@@ -585,7 +585,6 @@ def _faithfulness(models: list[Compared], rows: dict[str, dict], figures: dict, 
 
 
 CHANGED_DATASETS = ("shapes", "digits", "mnist")  # offline, no download: mnist is the bundled test set
-CHANGED_SPLITS = ("test", "val", "train")
 
 
 def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
@@ -603,7 +602,13 @@ def _what_changed(models: list[Compared], figures: dict, arrays: dict) -> None:
     with name_col:
         dataset = st.selectbox("Data set", CHANGED_DATASETS, key="compare.changed.dataset")
     with split_col:
-        split = st.selectbox("Split", CHANGED_SPLITS, key="compare.changed.split")
+        split = st.text_input(
+            "Split",
+            "test",
+            key="compare.changed.split",
+            help="test, val or train, or a slice of one as the command line takes it: test[8000:] (MNIST's digits "
+            "no bundled fine-tune trained on).",
+        ).strip()
     with limit_col:
         limit = st.number_input("First images", 4, 10_000, 64, step=16, key="compare.changed.limit")
     methods = st.multiselect(
