@@ -110,9 +110,17 @@ def pair_lines(runs: Runs) -> list[str]:
 def verdict_lines(runs: Runs) -> list[str]:
     """`Summary.verdict()` over the images every method has: which method leads each curve, and each against
     random."""
-    shared = sorted(set.intersection(*(set(images) for images in runs.values())))
-    summary = summarise(*_aucs(runs, list(runs), shared))
-    return [f"- {line}" for line in summary.verdict()]
+    lines = []
+    most = max(len(images) for images in runs.values())
+    groups = [list(runs)]
+    if any(len(images) < most for images in runs.values()):  # also the methods run on every image, alone
+        groups.append([method for method, images in runs.items() if len(images) == most])
+    for methods in groups:
+        shared = sorted(set.intersection(*(set(runs[m]) for m in methods)))
+        summary = summarise(*_aucs(runs, methods, shared))
+        lines.append(f"Over the {len(shared)} images {len(methods)} methods share ({', '.join(methods)}):")
+        lines += [f"- {line}" for line in summary.verdict()]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
