@@ -776,7 +776,7 @@ class _Run:
     def _log_step(self, lr: float, bar: tqdm) -> None:
         record = self.metrics.step_record(self.position.step, lr)
         if self.ctx.is_main and self.folder is not None:
-            self.folder.write_status("running", progress=self.position.progress(), last=record)
+            self.folder.write_status("running", progress=self.position.progress(), last=record, durable=False)
             postfix = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan"}
             if record["accuracy"] is not None:
                 postfix["acc"] = f"{record['accuracy']:.3f}"
