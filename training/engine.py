@@ -732,7 +732,8 @@ class _Run:
             raise
 
     def _save_state(self) -> None:
-        """Write the resume state at the current step (main process)."""
+        """Write the resume state at the current step (main process; every rank calls this, at the same steps)."""
+        self.metrics.prepare_state()  # a collective: the state holds every rank's sums
         if self.ctx.is_main and self.folder is not None:
             capture(self).to_files(self.folder)
 
