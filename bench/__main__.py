@@ -26,7 +26,10 @@ from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
-FAMILIES = ("capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "cli", "app")
+FAMILIES = (
+    "capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "finetune", "compare",
+    "cli", "app",
+)  # fmt: skip
 
 
 FULL = Plan(
@@ -164,6 +167,18 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
         from bench.train import train_figures
 
         for figure in train_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    if "finetune" in families:
+        from bench.finetune import finetune_figures
+
+        for figure in finetune_figures(plan, scratch):
+            figures.append(figure)
+            _log(figure)
+    if "compare" in families:
+        from bench.compare import compare_figures
+
+        for figure in compare_figures(plan, scratch):
             figures.append(figure)
             _log(figure)
     if "app" in families:
