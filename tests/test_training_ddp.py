@@ -1,26 +1,22 @@
 """Distributed training: torchrun with 2 CPU (gloo) processes computes the same weights as one process with
-the same global batch, and only rank 0 writes the run folder."""
+the same global batch, and only rank 0 writes the run folder; the same for a timm model fine-tuned with LoRA,
+stopped and resumed under torchrun."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fakes import torchrun
 from training import presets
 from training.config import apply_overrides
 from training.distributed import DistContext
 from training.engine import RunOptions, epoch_order, rank_batches, run
 from vitviz.models import read_state_dict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # SGD with momentum: Adam's first steps divide each gradient by its own magnitude, which turns float
 # rounding differences in near-zero gradients into +-lr jumps, so only SGD can be compared at 1e-5.
@@ -35,12 +31,6 @@ OVERRIDES = {
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ranks_together_take_exactly_the_single_process_batch() -> None:
@@ -68,16 +58,19 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert apply_overrides(presets.tiny(), [f"{k}={v}" for k, v in OVERRIDES.items()]) == cfg  # same config both ways
     run(cfg, RunOptions(runs_dir=tmp_path, run_id="single", device="cpu"))
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "training", "train", "--preset", "tiny", "--no-progress", "--device", "cpu",
-        "--runs-dir", str(tmp_path), "--run-id", "ddp",
-    ]  # fmt: skip
-    for key, value in OVERRIDES.items():
-        command += ["--set", f"{key}={value}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-id",
+        "ddp",
+    ]
+    torchrun("training", *args, *(f"--set={key}={value}" for key, value in OVERRIDES.items()), timeout=300)
 
     single = read_state_dict(tmp_path / "single" / "last.safetensors")
     ddp = read_state_dict(tmp_path / "ddp" / "last.safetensors")
@@ -120,16 +113,6 @@ FINETUNE_OVERRIDES = {
 }
 
 
-def _torchrun(args: list[str]) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "training", *args,
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -141,10 +124,10 @@ def test_two_gloo_processes_fine_tune_a_timm_model_with_lora_as_one_process_does
 
     overrides = [arg for key, value in FINETUNE_OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
     assert main([*FINETUNE, *overrides, "--runs-dir", str(tmp_path), "--run-id", "single"]) == 0
-    _torchrun([*FINETUNE, *overrides, "--runs-dir", str(tmp_path), "--run-id", "ddp", "--max-steps", "3"])
+    torchrun("training", *FINETUNE, *overrides, "--runs-dir", str(tmp_path), "--run-id", "ddp", "--max-steps", "3")
     stopped = json.loads((tmp_path / "ddp" / "status.json").read_text())
     assert stopped["status"] == "failed" and stopped["resumable"] and stopped["progress"]["step"] == 3
-    _torchrun(["train", "--resume", str(tmp_path / "ddp"), "--no-progress", "--device", "cpu"])
+    torchrun("training", "train", "--resume", str(tmp_path / "ddp"), "--no-progress", "--device", "cpu")
 
     single = read_state_dict(tmp_path / "single" / "last.safetensors")
     ddp = read_state_dict(tmp_path / "ddp" / "last.safetensors")
