@@ -36,12 +36,11 @@ from typing import Any
 import torch
 
 from bench.common import LOWER, Figure, Plan, paired_timing
-from bench.faithfulness import BUNDLED_DEFAULT, BUNDLED_HYBRID, run_probe
+from bench.faithfulness import BUNDLED_DEFAULT, BUNDLED_HYBRID, limit_memory_figure
 
 logger = logging.getLogger(__name__)
 
 TIME_TARGET = 1.15
-MEMORY_TARGET = 1.05
 TIME_IMAGES = {"full": 1024, "quick": 256, "tiny": 8}
 MEMORY_IMAGES = {"full": (64, 1024), "quick": (64, 1024), "tiny": (4, 16)}  # (baseline, measured) --limit
 DATASET = ("--dataset", "shapes", "--split", "train")
@@ -196,38 +195,10 @@ def time_figures(plan: Plan) -> list[Figure]:
 def memory_figure(plan: Plan, scratch: Path) -> Figure:
     """Peak memory of the CLI's compare over the large --limit against the small one."""
     source_a, source_b = sources(plan)
-    small, large = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
-
-    def probe(limit: int) -> dict:
-        out = scratch / f"compare-{limit}.json"
-        logger.info("compare: memory, --limit %d", limit)
-        probed = run_probe(["compare", source_a, source_b, *DATASET, "--limit", str(limit), "--json", str(out)])
-        out.unlink(missing_ok=True)
-        return probed
-
-    small_run, large_run = probe(small), probe(large)
-
-    def working(probed: dict) -> float | None:
-        return None if probed["start_kib"] is None else round((probed["peak_kib"] - probed["start_kib"]) / 1024, 1)
-
-    return Figure(
-        name=f"compare memory {_stem(source_a)} vs {_stem(source_b)}: compare --dataset of {large} vs {small} images",
-        value=large_run["peak_kib"] / small_run["peak_kib"],
-        target=MEMORY_TARGET,
-        better=LOWER,
-        unit="ratio",
-        baseline=f"peak of the same run with --limit {small}, a fresh process: {small_run['peak_kib'] / 1024:.0f} MiB",
-        detail={
-            "peak_mib": round(large_run["peak_kib"] / 1024, 1),
-            "baseline_peak_mib": round(small_run["peak_kib"] / 1024, 1),
-            "images": large,
-            "baseline_images": small,
-            "working_mib": working(large_run),
-            "baseline_working_mib": working(small_run),
-            "method": large_run["method"],
-            "command": f"python -m vitviz compare {source_a} {source_b} {' '.join(DATASET)} --limit {large} --json OUT",
-        },
-    )
+    limits = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
+    command = f"python -m vitviz compare {source_a} {source_b} {' '.join(DATASET)} --limit {limits[1]} --json OUT"
+    family = f"compare memory {_stem(source_a)} vs {_stem(source_b)}"
+    return limit_memory_figure(family, ["compare", source_a, source_b, *DATASET], limits, scratch, {"command": command})
 
 
 def compare_figures(plan: Plan, scratch: Path) -> list[Figure]:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import HIGHER, LOWER, Figure, Plan, paired_timing, probe_in_child
+from bench.common import HIGHER, LOWER, Figure, Plan, paired_timing, probe_in_child, working_mib
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,8 @@ def memory_figure(plan: Plan) -> Figure:
 
     def working(strategy: str) -> float:
         measured = probes[strategy]
-        if measured["start_kib"] is None:  # no VmRSS: the whole-process peak is all there is
-            return measured["peak_kib"] / 1024
-        return (measured["peak_kib"] - measured["start_kib"]) / 1024
+        above = working_mib(measured)  # None without VmRSS: the whole-process peak is all there is
+        return measured["peak_kib"] / 1024 if above is None else above
 
     lora, full = working("lora"), working("full")
     return Figure(
