@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,10 @@ from vitviz.allocator import tune_malloc
 
 logger = logging.getLogger("bench")
 
-FAMILIES = ("capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "cli", "app")
+FAMILIES = (
+    "capture", "families", "extract", "memory", "distance", "tokens", "faithfulness", "train", "finetune", "compare",
+    "cli", "app",
+)  # fmt: skip
 
 
 FULL = Plan(
@@ -113,27 +116,19 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
     if "families" in families:
         from bench.families import family_figures
 
-        for figure in family_figures(plan, scratch):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, family_figures(plan, scratch))
     if "extract" in families:
         from bench.extract import extract_figures
 
-        for figure in extract_figures(plan):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, extract_figures(plan))
     if "cli" in families:
         from bench.cli import cli_figures
 
-        for figure in cli_figures(plan):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, cli_figures(plan))
     if "memory" in families:
         from bench.memory import memory_figures
 
-        for figure in memory_figures(plan.memory_source, plan.memory_batch):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, memory_figures(plan.memory_source, plan.memory_batch))
     if "distance" in families:
         from bench.distance import distance_figure
 
@@ -151,31 +146,36 @@ def measure(plan: Plan, families: Sequence[str], scratch: Path) -> list[Figure]:
     if "tokens" in families:
         from bench.tokens import token_figures
 
-        for figure in token_figures(plan, scratch):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, token_figures(plan, scratch))
     if "faithfulness" in families:
         from bench.faithfulness import faithfulness_figures
 
-        for figure in faithfulness_figures(plan, scratch):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, faithfulness_figures(plan, scratch))
     if "train" in families:
         from bench.train import train_figures
 
-        for figure in train_figures(plan, scratch):
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, train_figures(plan, scratch))
+    if "finetune" in families:
+        from bench.finetune import finetune_figures
+
+        _extend(figures, finetune_figures(plan, scratch))
+    if "compare" in families:
+        from bench.compare import compare_figures
+
+        _extend(figures, compare_figures(plan, scratch))
     if "app" in families:
         from bench.app import app_figures, studio_figures
 
-        for figure in app_figures(plan, scratch):
-            figures.append(figure)
-            _log(figure)
-        for figure in studio_figures(plan, scratch):  # the studio on the bundled default, whatever the plan's model
-            figures.append(figure)
-            _log(figure)
+        _extend(figures, app_figures(plan, scratch))
+        _extend(figures, studio_figures(plan, scratch))  # the studio on the bundled default, whatever the plan's model
     return figures
+
+
+def _extend(figures: list[Figure], produced: Iterable[Figure]) -> None:
+    """Append each figure a family produces as it comes, logging it."""
+    for figure in produced:
+        figures.append(figure)
+        _log(figure)
 
 
 def _log(figure: Figure) -> None:

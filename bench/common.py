@@ -261,6 +261,13 @@ def random_images(count: int, meta: ModelMeta, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, meta.in_chans, *meta.input_size, generator=generator)
 
 
+def working_mib(probed: dict[str, Any]) -> float | None:
+    """MiB a memory probe's peak lies above the resident size at its reset (`start_kib`; None where it had none)."""
+    if probed.get("start_kib") is None:
+        return None
+    return round((probed["peak_kib"] - probed["start_kib"]) / 1024, 1)
+
+
 def probe_in_child(module: str, args: Sequence[str], what: str) -> dict[str, Any]:
     """Run `python -m <module> <args>` in a fresh interpreter (so a memory probe's peak is its own) and return
     the JSON object its last line of output prints; a failed run raises with `what` and its last error line."""

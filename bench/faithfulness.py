@@ -32,10 +32,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.common import LOWER, Figure, Plan, paired_timing, probe_in_child, random_images
+from bench.common import LOWER, Figure, Plan, paired_timing, probe_in_child, random_images, working_mib
 from vitviz.faithfulness import (
     FaithfulnessOptions,
     default_steps,
@@ -195,27 +196,26 @@ def run_probe(argv: list[str]) -> dict:
     return probe_in_child("bench.faithfulness", argv, argv[0])
 
 
-def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) -> Figure:
-    """Peak memory of a data-set run of the large --limit against the same run of the small one."""
-    small, large = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
+def limit_memory_figure(
+    family: str, argv: list[str], limits: tuple[int, int], scratch: Path, detail: dict[str, Any]
+) -> Figure:
+    """Peak memory of `python -m vitviz ARGV --limit N --json OUT` (a data-set run) for the large N of `limits`
+    over the small one, each a fresh process (`probe`); the figure is named "<family>: <command> --dataset of ..."."""
+    small, large = limits
+    command = argv[0]
 
     def run(limit: int) -> dict:
         out = scratch / f"{command}-{limit}.json"
-        argv = [command, source, "--dataset", "shapes", "--split", "train", "--limit", str(limit)]
-        logger.info("faithfulness memory: %s --limit %d", command, limit)
-        probed = run_probe([*argv, *MEMORY_RUNS[command], "--json", str(out)])
+        logger.info("%s: %s --limit %d", family, command, limit)
+        probed = run_probe([*argv, "--limit", str(limit), "--json", str(out)])
         out.unlink(missing_ok=True)
         return probed
 
     small_run, large_run = run(small), run(large)
     baseline, measured = small_run["peak_kib"], large_run["peak_kib"]
 
-    def working(probed: dict) -> float | None:
-        return None if probed["start_kib"] is None else round((probed["peak_kib"] - probed["start_kib"]) / 1024, 1)
-
-    name = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
     return Figure(
-        name=f"faithfulness memory {name}: {command} --dataset of {large} vs {small} images",
+        name=f"{family}: {command} --dataset of {large} vs {small} images",
         value=measured / baseline,
         target=MEMORY_TARGET,
         better=LOWER,
@@ -226,13 +226,21 @@ def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) 
             "baseline_peak_mib": round(baseline / 1024, 1),
             "images": large,
             "baseline_images": small,
-            "working_mib": working(large_run),
-            "baseline_working_mib": working(small_run),
-            "arguments": " ".join(MEMORY_RUNS[command]),
+            "working_mib": working_mib(large_run),
+            "baseline_working_mib": working_mib(small_run),
             "method": large_run["method"],
-            "source": source,
+            **detail,
         },
     )
+
+
+def dataset_memory_figure(command: str, source: str, plan: Plan, scratch: Path) -> Figure:
+    """Peak memory of a data-set run of the large --limit against the same run of the small one."""
+    name = source.removeprefix("timm:") if source.startswith("timm:") else Path(source).stem
+    argv = [command, source, "--dataset", "shapes", "--split", "train", *MEMORY_RUNS[command]]
+    limits = MEMORY_IMAGES.get(plan.label, MEMORY_IMAGES["tiny"])
+    detail = {"arguments": " ".join(MEMORY_RUNS[command]), "source": source}
+    return limit_memory_figure(f"faithfulness memory {name}", argv, limits, scratch, detail)
 
 
 def faithfulness_figures(plan: Plan, scratch: Path) -> list[Figure]:

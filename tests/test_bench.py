@@ -167,6 +167,63 @@ def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
         assert figure["value"] == pytest.approx(detail["peak_mib"] / detail["baseline_peak_mib"], rel=1e-3)
 
 
+def test_finetune_figures_set_the_projects_step_against_a_hand_written_loop_and_lora_against_full(
+    tmp_path: Path,
+) -> None:
+    full, lora, memory = _run_bench(tmp_path, "--only", "finetune")["figures"]
+    for figure, strategy in ((full, "full"), (lora, "lora")):
+        _check_figure(figure)
+        assert figure["name"] == (
+            f"finetune vit_small_patch16_224 depth 1 32px batch 8 {strategy}: project step vs hand-written AdamW step"
+        )
+        assert (figure["better"], figure["target"], figure["unit"]) == ("higher", 0.95, "ratio")
+        detail = figure["detail"]
+        assert detail["strategy"] == strategy and detail["trainable_parameters"] > 0
+        assert detail["command"].startswith(
+            f"python -m training finetune --from timm:vit_small_patch16_224 --strategy {strategy} --dataset shapes"
+        )
+        rounds = detail["round_ratios"]  # time ratios; the figure is a speed ratio, the inverse of their median
+        assert figure["value"] == pytest.approx(1 / sorted(rounds)[len(rounds) // 2], rel=1e-3)
+    assert (
+        "peft-wrapped" in lora["baseline"]
+        and lora["detail"]["trainable_parameters"] < full["detail"]["trainable_parameters"]
+    )
+    _check_figure(memory)
+    assert (
+        memory["name"]
+        == "finetune memory vit_small_patch16_224 depth 1 32px batch 8: lora vs full, peak training memory"
+    )
+    assert (memory["better"], memory["target"], memory["unit"]) == ("lower", 0.6, "ratio")
+    detail = memory["detail"]
+    assert detail["full_working_mib"] > 0 and detail["steps"] == 3 and detail["method"]
+    assert memory["value"] == pytest.approx(detail["lora_working_mib"] / detail["full_working_mib"], rel=1e-2)
+
+
+def test_compare_figures_are_its_time_against_plain_forwards_and_its_memory_against_fewer_images(
+    tmp_path: Path,
+) -> None:
+    timed, rest, memory = _run_bench(tmp_path, "--only", "compare")["figures"]
+    for figure in (timed, rest, memory):
+        _check_figure(figure)
+    assert timed["name"] == "compare time tiny vs tiny, 8 images: compare_models vs plain forwards"
+    assert (timed["better"], timed["target"], timed["unit"]) == ("lower", 1.15, "ratio")
+    assert rest["name"].startswith("compare time tiny vs tiny, 8 images: without gradient rollout")
+    assert rest["target"] is None and rest["better"] == "lower"
+    for figure in (timed, rest):
+        rounds = figure["detail"]["round_ratios"]
+        assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
+        assert figure["detail"]["images"] == 8 and figure["detail"]["batch_size"] == 16
+    parts = timed["detail"]["parts"]
+    assert {"pair_pass_s", "model_pass_a_s", "model_pass_a_no_gradient_s", "forward_backward_b_s"} <= set(parts)
+    assert all(seconds >= 0 for seconds in parts.values())
+    assert memory["name"] == "compare memory tiny vs tiny: compare --dataset of 16 vs 4 images"
+    assert (memory["better"], memory["target"], memory["unit"]) == ("lower", 1.05, "ratio")
+    detail = memory["detail"]
+    assert (detail["baseline_images"], detail["images"]) == (4, 16) and detail["baseline_peak_mib"] > 0
+    assert memory["value"] == pytest.approx(detail["peak_mib"] / detail["baseline_peak_mib"], rel=1e-3)
+    assert detail["command"].startswith("python -m vitviz compare ")
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs the system Chromium at /usr/bin/chromium")
 def test_app_figures_come_from_the_real_browser(tmp_path: Path) -> None:

@@ -7,10 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fakes import torchrun
 from vitviz.cli import main
 from vitviz.data.shapes import SHAPE_CLASSES
 from vitviz.data.stream import DatasetSlice, Ranks, dataset_batches, open_dataset, rank_batches
@@ -277,29 +274,13 @@ def test_a_data_set_that_is_not_there_is_one_line_and_status_2(
     assert not (tmp_path / "out.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(*argv: str) -> None:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "-m", "vitviz", *argv,
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_two_gloo_processes_write_the_one_process_json(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """14 shapes images in batches of 4: rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (2 images)."""
     common = [str(checkpoint), "--dataset", "shapes", "--limit", "14", "--batch-size", "4"]
     assert main(["analyze", *common, "--json", str(tmp_path / "one.json")]) == 0
-    _torchrun("analyze", *common, "--json", str(tmp_path / "two.json"))
+    torchrun("vitviz", "analyze", *common, "--json", str(tmp_path / "two.json"))
     one = (tmp_path / "one.json").read_bytes()
     assert (tmp_path / "two.json").read_bytes() == one  # byte for byte
     document = json.loads(one)
@@ -310,7 +291,7 @@ def test_two_gloo_processes_write_the_one_process_json(
     faithful = [str(checkpoint), "--dataset", "shapes", "--limit", "10", "--batch-size", "4"]
     faithful += ["--methods", "rollout,gradient-rollout,random", "--steps", "6"]
     assert main(["faithfulness", *faithful, "--json", str(tmp_path / "f-one.json")]) == 0
-    _torchrun("faithfulness", *faithful, "--json", str(tmp_path / "f-two.json"))
+    torchrun("vitviz", "faithfulness", *faithful, "--json", str(tmp_path / "f-two.json"))
     single, double = (json.loads((tmp_path / name).read_text()) for name in ("f-one.json", "f-two.json"))
     for document in (single, double):
         for method in document["methods"].values():

@@ -95,10 +95,22 @@ def test_the_metrics_log_saves_its_sums_and_cuts_its_files_back_on_the_main_proc
     other_rank = MetricsLog(OTHER_RANK, folder, steps_per_epoch=2, guard=guard)
     other_rank.load_state_dict(state)
     assert folder.log_sizes() != state["log_sizes"]  # only the main process touches the files
+    # The state's sums are every rank's added up: the main process continues from them, the others from zero
+    # (with the step and skip counts, which every rank shares).
+    per_rank = dict.fromkeys(("loss_sum", "correct", "count", "images"), 0.0)
+    assert other_rank.epoch_sums.values == {**state["epoch_sums"], **per_rank}
+    assert other_rank.window.values == {**state["window_sums"], **per_rank}
+    assert (other_rank.best, other_rank.last_eval, other_rank.last_train) == (
+        state["best"], state["last_eval"], state["last_train"],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="prepare_state"):
+        other_rank.state_dict()  # a rank's own sums are not the run's
     restored = MetricsLog(CPU, folder, steps_per_epoch=2, guard=guard)
     restored.load_state_dict(state)
     assert folder.log_sizes() == state["log_sizes"]
-    assert restored.state_dict() == state == other_rank.state_dict() | {"log_sizes": state["log_sizes"]}
+    assert restored.state_dict() == state
+    restored.prepare_state()  # one process: the ranks' sums are its own
+    assert restored.state_dict() == state
 
 
 # --- the composition, declared once -----------------------------------------------------------------------

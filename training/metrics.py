@@ -33,6 +33,10 @@ class StepOutcome:
 class Sums:
     """Running sums of loss, correct and count (and images, skipped steps) over a window of steps."""
 
+    # Summed over the ranks when reduced; "skipped" and "steps" are the same on every rank (the guard's decision
+    # is all-reduced), so they are not.
+    PER_RANK = ("loss_sum", "correct", "count", "images")
+
     def __init__(self, values: Mapping[str, float] | None = None) -> None:
         self.values = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "images": 0.0, "skipped": 0.0, "steps": 0.0}
         if values:
@@ -49,10 +53,7 @@ class Sums:
 
     def reduced(self, ctx: DistContext) -> dict[str, float | None]:
         """Mean loss and accuracy over all ranks (None before any counted prediction), images, skipped steps."""
-        keys = ("loss_sum", "correct", "count", "images")
-        totals = torch.tensor([self.values[k] for k in keys], dtype=torch.float64, device=ctx.device)
-        totals = distributed.all_reduce_sum(totals, ctx)
-        out = dict(zip(keys, (float(t) for t in totals)))
+        (out,) = world_values([self], ctx)
         count = out["count"]
         return {
             "loss": out["loss_sum"] / count if count else None,
@@ -60,6 +61,15 @@ class Sums:
             "images": out["images"],
             "skipped": self.values["skipped"],
         }
+
+
+def world_values(sums: list[Sums], ctx: DistContext) -> list[dict[str, float]]:
+    """The values of each of `sums` with the per-rank ones added up over all ranks, in one all-reduce (every rank
+    calls this)."""
+    keys = Sums.PER_RANK
+    local = torch.tensor([[s.values[k] for k in keys] for s in sums], dtype=torch.float64, device=ctx.device)
+    totals = distributed.all_reduce_sum(local, ctx).tolist()
+    return [{**s.values, **dict(zip(keys, row))} for s, row in zip(sums, totals, strict=True)]
 
 
 class SkipCounts(Protocol):
@@ -75,7 +85,13 @@ def finite_or_none(value: float | None) -> float | None:
 class MetricsLog:
     """Sums since the last step record and over the epoch, the best score, the latest records, and the
     records written to metrics.jsonl and summary.csv; a component of the resume state, whose state includes
-    how long those two files were (a resumed run cuts them back to it, so replayed steps are logged once)."""
+    how long those two files were (a resumed run cuts them back to it, so replayed steps are logged once).
+
+    Each rank sums its own images. The resume state holds the sums of all ranks added up (`prepare_state`, which
+    every rank runs before the main process saves): on resume the main process starts from them and the other
+    ranks from zero, so the records after a resume are those of the run that never stopped, whatever the number
+    of processes before and after.
+    """
 
     def __init__(self, ctx: DistContext, folder: RunFolder | None, steps_per_epoch: int, guard: SkipCounts) -> None:
         self.ctx = ctx
@@ -88,13 +104,25 @@ class MetricsLog:
         self.last_eval: dict[str, Any] = {}
         self.last_train: dict[str, Any] = {}
         self._window_start = self._epoch_start = time.perf_counter()
+        self._world_sums: tuple[dict[str, float], dict[str, float]] | None = None  # set by prepare_state
+
+    def prepare_state(self) -> None:
+        """Add the ranks' sums up for the resume state (every rank calls this right before the state is saved)."""
+        epoch, window = world_values([self.epoch_sums, self.window], self.ctx)
+        self._world_sums = (epoch, window)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's sums, the best score, the latest evaluation and epoch record ({} before the first),
-        and the byte length of the logs (main process)."""
+        """The sums of all ranks (see `prepare_state`), the best score, the latest evaluation and epoch record
+        ({} before the first), and the byte length of the logs (main process)."""
+        if self._world_sums is not None:
+            epoch, window = self._world_sums
+        elif not self.ctx.is_distributed:
+            epoch, window = dict(self.epoch_sums.values), dict(self.window.values)
+        else:
+            raise RuntimeError("MetricsLog.prepare_state() must run on every rank before its state is saved")
         return {
-            "epoch_sums": dict(self.epoch_sums.values),
-            "window_sums": dict(self.window.values),
+            "epoch_sums": dict(epoch),
+            "window_sums": dict(window),
             "best": self.best,
             "last_eval": dict(self.last_eval),
             "last_train": dict(self.last_train),
@@ -102,9 +130,15 @@ class MetricsLog:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a resume state's values; the main process cuts the logs back to their saved length."""
-        self.epoch_sums = Sums(state["epoch_sums"])
-        self.window = Sums(state["window_sums"])
+        """Continue from a resume state's values: the main process from the saved sums (every rank's, added up)
+        and the other ranks from zero; the main process cuts the logs back to their saved length."""
+        epoch, window = dict(state["epoch_sums"]), dict(state["window_sums"])
+        if not self.ctx.is_main:
+            for values in (epoch, window):
+                values.update(dict.fromkeys(Sums.PER_RANK, 0.0))
+        self.epoch_sums = Sums(epoch)
+        self.window = Sums(window)
+        self._world_sums = None
         self.best = state["best"]
         self.last_eval = dict(state["last_eval"])
         self.last_train = dict(state["last_train"])
@@ -117,6 +151,7 @@ class MetricsLog:
 
     def add(self, outcome: StepOutcome, images: int) -> None:
         """Count one step of this rank (`images` of its images) into the window and the epoch."""
+        self._world_sums = None  # a state saved from here on needs the ranks' sums again
         self.epoch_sums.add(outcome, images)
         self.window.add(outcome, images)
 
@@ -125,6 +160,7 @@ class MetricsLog:
         reduced = self.window.reduced(self.ctx)
         elapsed = time.perf_counter() - self._window_start
         self.window = Sums()
+        self._world_sums = None
         record = {
             "kind": "step",
             "step": step,
@@ -148,6 +184,7 @@ class MetricsLog:
         epoch = step // self.steps_per_epoch  # 1-based count of completed epochs
         train = self.epoch_sums.reduced(self.ctx)
         self.epoch_sums = Sums()
+        self._world_sums = None
         if evaluation is not None:
             self.last_eval = {"epoch": epoch, **evaluation}
         evaluated = evaluation or {}

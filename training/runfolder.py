@@ -5,7 +5,9 @@ The layout, the run id rule, the status.json and config.json schemas and the rea
 used to define are re-exported from there.
 
 JSON files and resume state are written to a temporary file, fsynced and renamed, so a process killed at
-any moment leaves either the old or the new version. A resume state counts only once its .json is
+any moment leaves either the old or the new version. The progress that status.json shows between two status
+changes (rewritten every `log_every` steps) is renamed into place without the fsyncs, which cost more than a
+small model's step: readers still never see a torn file, and only a crash of the machine can lose it. A resume state counts only once its .json is
 written (the .json is written after the tensors and names them), and on resume the logs are cut back to
 the length they had when that state was saved, so replayed steps are not logged twice.
 """
@@ -140,9 +142,11 @@ class RunFolder(RunLayout):
                 with open(path, "r+b") as handle:
                     handle.truncate(size)
 
-    def write_status(self, status: str, *, reason: str | None = None, **fields: Any) -> None:
-        """Replace status.json with `vitviz.runs.status_document(status, reason, **fields)`."""
-        atomic_write_json(self.status_path, status_document(status, run_id=self.run_id, reason=reason, **fields))
+    def write_status(self, status: str, *, reason: str | None = None, durable: bool = True, **fields: Any) -> None:
+        """Replace status.json with `vitviz.runs.status_document(status, reason, **fields)`; `durable=False` for the
+        progress updates between the status changes (no fsync: see `vitviz.fileio.atomic_path`)."""
+        document = status_document(status, run_id=self.run_id, reason=reason, **fields)
+        atomic_write_json(self.status_path, document, durable=durable)
 
     def read_status(self) -> RunStatus | None:
         """status.json as `vitviz.runs.RunStatus`, or None when it is missing or half-written."""

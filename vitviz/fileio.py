@@ -73,12 +73,17 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that takes a file name; rename it over `path` on success.
 
     The caller writes the whole file to the yielded path; it is then fsynced, renamed and the folder fsynced.
     If the block raises, the temporary file is removed and `path` is untouched. A `path` that exists and is not
     a regular file (or a link to one) is refused first (`writable_target`).
+
+    `durable=False` leaves out both fsyncs: readers still see the old file or the new one, never a mix, but after
+    a crash of the machine (not of the process) the rename may be lost or the file empty. For files rewritten
+    every few seconds whose content is stale by the next write (a running job's progress), where two fsyncs
+    cost more than the write.
     """
     path = writable_target(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -88,18 +93,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; these are ordinary files
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-        fsync_dir(folder)
+        if durable:
+            fsync_dir(folder)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
     """Replace `path` with `data` so that readers see either the old or the new file, never a mix."""
-    with atomic_path(path) as tmp_path, open(tmp_path, "wb") as handle:
+    with atomic_path(path, durable=durable) as tmp_path, open(tmp_path, "wb") as handle:
         handle.write(data)
         handle.flush()
 
@@ -108,5 +115,5 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+def atomic_write_json(path: str | Path, obj: Any, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"), durable=durable)
