@@ -14,6 +14,7 @@ the command computes them for one run.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,12 +40,23 @@ def read_runs(paths: Sequence[Path]) -> tuple[Runs, dict, dict]:
             protocol, model = document["protocol"], document["model"]
         elif document["protocol"] != protocol or document["model"]["source"] != model["source"]:
             raise SystemExit(f"{path}: another model or protocol than {paths[0]}")
+        offset = _slice_start(document["dataset"]["split"])  # indices count from the start of a sliced split
         for method, result in document["methods"].items():
             images = runs.setdefault(method, {})
             for image in result["per_image"]:
-                images[int(image["index"])] = (float(image["deletion_auc"]), float(image["insertion_auc"]))
+                images[offset + int(image["index"])] = (float(image["deletion_auc"]), float(image["insertion_auc"]))
     assert protocol is not None and model is not None
     return runs, protocol, model
+
+
+def _slice_start(split: str) -> int:
+    """Where a split sliced by image counts starts in the whole split: test[64:128] -> 64, test -> 0."""
+    found = re.fullmatch(r"\w+\[(\d*):\d*\]", split.strip())
+    if found is None:
+        if "[" in split:
+            raise SystemExit(f"split {split!r}: only slices by image counts can be joined (test[64:128])")
+        return 0
+    return int(found.group(1) or 0)
 
 
 def convergence_lines(paths: Sequence[Path]) -> list[str]:
