@@ -61,7 +61,7 @@ def render() -> None:
 
 def _controls() -> tuple[AnalysisOptions, bool]:
     """The options the analyses run with, and whether the feature colours black out the background."""
-    factor_col, share_col, mask_col = st.columns([3, 3, 2])
+    factor_col, share_col, mask_col = st.columns(3)
     outlier_factor = factor_col.slider(
         "Outlier factor",
         1.1,
@@ -82,7 +82,7 @@ def _controls() -> tuple[AnalysisOptions, bool]:
         help="DINO's threshold: each head's mask is the smallest set of patches holding this share of its attention.",
     )
     foreground = mask_col.toggle(
-        "Foreground mask",
+        "Foreground only",
         value=False,
         key="tokens.foreground",
         help="Black out patches whose first principal component (scaled over all images) is below one half.",

@@ -113,7 +113,7 @@ def _start_form() -> None:
             ("train", "finetune"),
             default="train",
             key="train.command",
-            format_func=lambda c: {"train": "Train from scratch", "finetune": "Fine-tune a model"}[c],
+            format_func=lambda c: {"train": "From scratch", "finetune": "Fine-tune"}[c],
         )
         or "train"
     )
