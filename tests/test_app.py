@@ -224,7 +224,7 @@ def _card_rows(at: AppTest) -> dict[str, str]:
         for line in lines[2:]:
             cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # cells between unescaped pipes
             assert len(cells) == 2, line
-            rows[_text(cells[0]).strip()] = _text(cells[1]).strip()
+            rows[_text(cells[0]).strip()] = _text(cells[1]).replace("\u200b", "").strip()  # wrap points
     return rows
 
 

@@ -25,12 +25,15 @@ def render() -> None:
     card = cached.model_card(loaded.source, loaded.content_hash, loaded)
     layout = token_layout(loaded.model)
     parameters = card.parameters
-    cols = st.columns(5)
-    cols[0].metric("Parameters", f"{parameters / 1e6:.2f} M" if parameters >= 1e5 else f"{parameters:,}")
-    cols[1].metric("Layers × heads", f"{card.depth} × {card.num_heads}")
-    cols[2].metric("Width", card.embed_dim)
-    cols[3].metric("Input", f"{card.img_size[0]}×{card.img_size[1]} px")
-    cols[4].metric("Tokens", f"{card.grid[0]}×{card.grid[1]} + {card.num_prefix_tokens}")
+    # A wrapping row of metrics as wide as their values: five equal columns cut the values at 1000 px.
+    with st.container(horizontal=True, wrap=True, gap="large"):
+        st.metric(
+            "Parameters", f"{parameters / 1e6:.2f} M" if parameters >= 1e5 else f"{parameters:,}", width="content"
+        )
+        st.metric("Layers × heads", f"{card.depth} × {card.num_heads}", width="content")
+        st.metric("Width", card.embed_dim, width="content")
+        st.metric("Input", f"{card.img_size[0]}×{card.img_size[1]} px", width="content")
+        st.metric("Tokens", f"{card.grid[0]}×{card.grid[1]} + {card.num_prefix_tokens}", width="content")
 
     arch_col, train_col = st.columns(2)
     with arch_col:
@@ -53,9 +56,9 @@ def render() -> None:
             st.caption("This model carries no training summary.")
         accuracy = card_text.accuracies(card.training)
         if accuracy:
-            metric_cols = st.columns(len(accuracy))
-            for col, (label, value) in zip(metric_cols, accuracy.items()):
-                col.metric(label, f"{100 * value:.1f} %")
+            with st.container(horizontal=True, wrap=True, gap="large"):
+                for label, value in accuracy.items():
+                    st.metric(label, f"{100 * value:.1f} %", width="content")
 
     records, where = _training_log(entry, card.training)
     st.markdown("##### Training curves")
@@ -148,12 +151,17 @@ def _architecture_rows(card: ModelCard, layout: TokenLayout) -> list[tuple[str, 
     return [(key, str(value)) for key, value in rows]
 
 
+ZWSP = "\u200b"
+
+
 def _property_table(rows: list[tuple[str, str]]) -> None:
     """Property/value rows as a Markdown table: long values (paths, class lists) wrap instead of being cut, and
     the first page a user sees imports neither pandas nor pyarrow (about a second of a fresh server's first
     visit) and needs none of Streamlit's Arrow JavaScript, which a data table would."""
     lines = ["| property | value |", "| --- | --- |"]
-    lines += [f"| {widgets.plain(label)} | {widgets.plain(value)} |" for label, value in rows]
+    # A zero-width space after each "/" lets a long path wrap inside its cell instead of running into the
+    # table beside it.
+    lines += [f"| {widgets.plain(label)} | {widgets.plain(value).replace('/', '/' + ZWSP)} |" for label, value in rows]
     st.markdown("\n".join(lines))
 
 
