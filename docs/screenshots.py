@@ -40,12 +40,13 @@ PAGES = {  # file name -> URL path and query (the bundled checkpoints)
 READY = {
     "overview": "[data-testid='stMarkdown'] table",
     "compare": "[data-testid='stDataFrame']",
-    "changed": "[data-testid='stDataFrame']",
+    "changed": "[data-testid='stDataFrame']:visible",
     "tokens": "[data-testid='stImage']",
     "trust": "[data-testid='stDataFrame']",
     "train": "[data-testid='stMain'] [data-testid='stForm']",
 }
 TAB = {"changed": "What changed"}  # shots of a tab: clicked once the page is drawn
+SCROLL = {"changed": "Linear CKA, every block"}  # shots scrolled to put this text at the top of the window
 TIMEOUT_S = 900.0  # "What changed" computes a comparison over 64 images first
 
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                     page.get_by_role("tab", name=TAB[name]).click()
                 page.locator(READY.get(name, ".js-plotly-plot")).first.wait_for()
                 wait_idle(page, timeout_s=TIMEOUT_S, quiet_checks=4, interval_ms=400)
+                if name in SCROLL:
+                    page.get_by_text(SCROLL[name]).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+                    page.wait_for_timeout(500)
                 target = args.out / f"{name}.png"
                 page.screenshot(path=str(target))
                 logger.info("%s: %.0f kB", target, optimise(target) / 1024)

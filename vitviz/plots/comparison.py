@@ -63,8 +63,13 @@ def cka_heatmap(matrix: np.ndarray, *, title: str | None = None) -> go.Figure:
             hovertemplate="A block %{y}, B block %{x}<br>CKA %{z:.3f}<extra></extra>",
         )
     )
-    fig.update_yaxes(title="Model A block", range=[rows + 0.5, 0.5], showgrid=False, zeroline=False)
-    fig.update_xaxes(title="Model B block", range=[0.5, cols + 0.5], showgrid=False, zeroline=False)
+    # Blocks are whole numbers: a tick every block (every few on deep models), never at the half-way edges.
+    fig.update_yaxes(
+        title="Model A block", range=[rows + 0.5, 0.5], dtick=-(-rows // 16), showgrid=False, zeroline=False
+    )
+    fig.update_xaxes(
+        title="Model B block", range=[0.5, cols + 0.5], dtick=-(-cols // 16), showgrid=False, zeroline=False
+    )
     fig.update_layout(title=title, font={"size": 12}, margin={"l": 60, "r": 20, "t": 50, "b": 50})
     return fig
 
