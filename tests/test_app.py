@@ -257,6 +257,8 @@ def test_overview_card_says_where_in_its_run_a_best_checkpoint_was_saved(app_fol
     )
     assert "epochs" not in rows and "steps" not in rows  # no bare counts that read as the run's length
     assert any(f"the curves run to step {last_step}" in _text(c) for c in at.caption)
+    assert not _charts(at) and len(at.get("image")) == 1  # a picture of the curves until asked for the chart
+    at.toggle(key="overview.curves.interactive").set_value(True).run()
     curves = next(c for c in _charts(at) if any("loss" in str(t.get("name")) for t in c["data"]))
     marks = [shape for shape in curves["layout"].get("shapes", []) if shape.get("x0") == shape.get("x1")]
     assert marks and {m["x0"] for m in marks} == {saved["steps"]}  # a line on each panel of the curves

@@ -24,12 +24,13 @@ from vitviz.ui import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "assets" / "checkpoints" / "shapes-default.safetensors"
-# Needed by no part of drawing the overview: matplotlib only renders downloads (and /tokens' figures), pandas
-# and pyarrow only data tables (the card's tables are Markdown), the others belong to other pages or to the
-# training backend, which the app never imports.
-DEFERRED = ("matplotlib", "pandas", "pyarrow", "transformers", "captum", "sklearn", "training")
-# Pages whose drawing needs no matplotlib (their downloads import it when clicked).
-PLOTLY_PAGES = ("overview", "filters", "position", "rollout", "train")
+# Needed by no part of drawing the overview: pandas and pyarrow only data tables (the card's tables are
+# Markdown), the others belong to other pages or to the training backend, which the app never imports.
+DEFERRED = ("pandas", "pyarrow", "transformers", "captum", "sklearn", "training")
+# Pages whose drawing needs no matplotlib (their downloads import it when clicked). The overview draws its
+# training curves with matplotlib, as a picture, so that a first visit needs none of Plotly's JavaScript; the
+# server's start-up imports it.
+PLOTLY_PAGES = ("filters", "position", "rollout", "train")
 
 _FIRST_VISIT = """
 import json, sys
@@ -40,6 +41,8 @@ print(json.dumps({
     "exceptions": [str(e.value) for e in at.exception],
     "title": [t.value for t in at.title],
     "metrics": len(at.metric),
+    "images": len(at.get("image")),
+    "plotly_charts": len(at.get("plotly_chart")),
     "modules": sorted(sys.modules),
 }))
 """
@@ -99,12 +102,12 @@ def test_streamlit_run_serves_app_py_through_its_st_app() -> None:
 
 
 def test_the_server_start_imports_what_the_first_page_needs(tmp_path: Path) -> None:
-    """Before the server reports healthy, its start-up has imported torch, timm, plotly and the overview page,
-    and read /train's presets; importing the start-up module itself costs none of that."""
+    """Before the server reports healthy, its start-up has imported torch, timm, plotly, matplotlib and the
+    overview page, and read /train's presets; importing the start-up module itself costs none of that."""
     report = json.loads(_child(_SERVER_START, tmp_path=tmp_path))
     before, after = _top_level(report["before"]), _top_level(report["after"])
-    assert not {"torch", "timm", "plotly"} & before, sorted(before)
-    assert {"torch", "timm", "torchvision", "plotly"} <= after
+    assert not {"torch", "timm", "plotly", "matplotlib"} & before, sorted(before)
+    assert {"torch", "timm", "torchvision", "plotly", "matplotlib"} <= after
     assert "vitviz.ui.overview" in report["after"]
     assert report["presets"] == ["tiny"]
     assert not after & set(DEFERRED), sorted(after & set(DEFERRED))
@@ -117,7 +120,9 @@ def test_first_visit_of_the_overview_imports_nothing_it_does_not_draw(tmp_path: 
     assert report["exceptions"] == []
     assert report["title"] == ["vitviz studio"] and report["metrics"] >= 5  # the page was really drawn
     loaded = _top_level(report["modules"])
-    assert {"torch", "timm", "plotly"} <= loaded  # the model was loaded and the curves drawn in this process
+    assert {"torch", "timm", "matplotlib"} <= loaded  # the model was loaded and the curves drawn in this process
+    assert report["images"] == 1  # the training curves, as a picture
+    assert report["plotly_charts"] == 0  # so the browser loads none of Plotly's JavaScript for the first page
     assert not loaded & set(DEFERRED), sorted(loaded & set(DEFERRED))
 
 

@@ -292,6 +292,23 @@ def test_paper_training_curves_match_the_interactive_series(tmp_path: Path) -> N
     assert not any(ax.lines for ax in empty.axes)
 
 
+def test_training_curves_mark_a_step_in_both_panels_in_both_renderers() -> None:
+    """The checkpoint's step (the overview's dotted line) is one vertical line per panel, labelled once, whether
+    the curves are drawn with matplotlib (the overview's picture) or with plotly (its interactive chart)."""
+    records = [{"step": s, "loss": 2.0 / s, "accuracy": s / 100} for s in range(10, 60, 10)]
+    fig = paper.training_curves_figure(records, marker=(30.0, "this checkpoint"))
+    for ax in fig.axes:
+        verticals = [line for line in ax.lines if list(line.get_xdata()) == [30.0, 30.0]]
+        assert len(verticals) == 1 and verticals[0].get_linestyle() == ":"
+    assert [t.get_text().strip() for ax in fig.axes for t in ax.texts] == ["this checkpoint"]
+    plotly_fig = interactive.training_curves_figure(records, marker=(30.0, "this checkpoint"))
+    shapes = [s for s in plotly_fig.layout.shapes if s.x0 == s.x1 == 30.0]
+    assert sorted(s.xref for s in shapes) == ["x", "x2"] and all(s.line.dash == "dot" for s in shapes)
+    assert [a.text for a in plotly_fig.layout.annotations if a.text == "this checkpoint"] == ["this checkpoint"]
+    unmarked = paper.training_curves_figure(records)
+    assert not any(list(line.get_xdata()) == [30.0, 30.0] for ax in unmarked.axes for line in ax.lines)
+
+
 def test_interactive_figures_avoid_streamlits_placeholder_colours() -> None:
     """Streamlit's plotly theme swaps #000001-#000040 for theme colours in the browser; Inferno starts at #000004."""
     import json

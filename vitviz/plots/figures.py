@@ -199,11 +199,13 @@ class CurvePanel:
 
 @dataclass(frozen=True)
 class CurvesFigure:
-    """Line panels side by side, on one y scale when `share_y`."""
+    """Line panels side by side, on one y scale when `share_y`; `marker`, an x value and its label, is a dotted
+    vertical line across every panel (a checkpoint's step on its run's curves)."""
 
     panels: tuple[CurvePanel, ...]
     title: str | None
     share_y: bool = False
+    marker: tuple[float, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,7 @@ def describe_training_curves(
     metrics: Sequence[str] | None = None,
     smoothing: float = 0.0,
     title: str | None = None,
+    marker: tuple[float, str] | None = None,
 ) -> CurvesFigure:
     """Loss (left) and accuracy (right, as percent) against `x`, from logged records such as metrics.jsonl rows.
 
@@ -473,6 +476,7 @@ def describe_training_curves(
         metrics: keys to draw (see `vitviz.plots.curve_series`); keys containing "acc" go to the right panel.
         smoothing: weight of an exponential moving average (0 <= w < 1, see `smoothed`); above 0 each
             series keeps its raw values, drawn faintly under the smoothed line.
+        marker: (x, label) drawn as a dotted vertical line in both panels, e.g. the step a checkpoint was saved.
     """
     loss: list[CurveSeries] = []
     accuracy: list[CurveSeries] = []
@@ -494,6 +498,7 @@ def describe_training_curves(
             CurvePanel("Accuracy", x_label, "Accuracy", tuple(accuracy), percent=True),
         ),
         title=title,
+        marker=marker,
     )
 
 

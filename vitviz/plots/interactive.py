@@ -419,8 +419,10 @@ def training_curves_figure(
     x: str = "step",
     metrics: Sequence[str] | None = None,
     smoothing: float = 0.0,
+    marker: tuple[float, str] | None = None,
 ) -> go.Figure:
-    """Loss (left) and accuracy (right) against `x` from logged records, e.g. metrics.jsonl rows.
+    """Loss (left) and accuracy (right) against `x` from logged records, e.g. metrics.jsonl rows; `marker` (x,
+    label) a dotted vertical line across both.
 
     Args:
         records: one mapping per logged point; records without `x` or a metric are skipped for it.
@@ -429,7 +431,7 @@ def training_curves_figure(
         smoothing: weight of an exponential moving average (0 <= w < 1, see `vitviz.plots.figures.smoothed`); above 0 the raw
             values stay as a faint line of the same colour under the smoothed one.
     """
-    return render_plotly(describe_training_curves(records, x=x, metrics=metrics, smoothing=smoothing))
+    return render_plotly(describe_training_curves(records, x=x, metrics=metrics, smoothing=smoothing, marker=marker))
 
 
 # --- the renderer -----------------------------------------------------------------------------------
@@ -659,9 +661,26 @@ def _(description: CurvesFigure) -> go.Figure:
             fig.add_annotation(
                 text=panel.empty_text, x=0.5, y=0.5, xref=f"x{axis} domain", yref=f"y{axis} domain", showarrow=False
             )
+        if description.marker is not None:
+            fig.add_vline(x=description.marker[0], line=_MARKER_LINE, row=1, col=col)
+    if description.marker is not None:  # labelled once, in the first panel
+        fig.add_annotation(
+            text=description.marker[1],
+            x=description.marker[0],
+            y=1.0,
+            xref="x",
+            yref="y domain",
+            xanchor="right",
+            yanchor="top",
+            showarrow=False,
+            font={"size": 11, "color": "#555"},
+        )
     legend = {"groupclick": "toggleitem", "tracegroupgap": 12} if any(p.legend_title for p in panels) else {}
     fig.update_layout(title=description.title, font=_FONT, margin=_MARGIN, hovermode="x unified", legend=legend)
     return fig
+
+
+_MARKER_LINE = {"dash": "dot", "color": "#555", "width": 1.5}
 
 
 @render_plotly.register

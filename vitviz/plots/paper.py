@@ -122,13 +122,14 @@ def training_curves_figure(
     x: str = "step",
     metrics: Sequence[str] | None = None,
     title: str | None = None,
+    marker: tuple[float, str] | None = None,
 ) -> Figure:
     """Loss (left) and accuracy (right, in percent) against `x`, from logged records such as metrics.jsonl rows.
 
     The same series as the app's interactive curves; curves with 30 points or fewer (per-epoch evaluations)
-    get markers.
+    get markers. `marker` (x, label): a dotted vertical line across both panels, labelled in the first.
     """
-    return render_matplotlib(describe_training_curves(records, x=x, metrics=metrics, title=title))
+    return render_matplotlib(describe_training_curves(records, x=x, metrics=metrics, title=title, marker=marker))
 
 
 def overlay_image(
@@ -396,6 +397,19 @@ def _(description: CurvesFigure) -> Figure:
                 ax.set_ylim(0, 1)
         elif panel.empty_text:
             ax.text(0.5, 0.5, panel.empty_text, ha="center", va="center", transform=ax.transAxes, fontsize=_LABEL_SIZE)
+        if description.marker is not None:
+            ax.axvline(description.marker[0], linestyle=":", color="#555", linewidth=1.2)
+    if description.marker is not None:  # labelled once, in the first panel
+        axes[0].text(
+            description.marker[0],
+            0.98,
+            description.marker[1] + " ",
+            transform=axes[0].get_xaxis_transform(),
+            ha="right",
+            va="top",
+            fontsize=7,
+            color="#555",
+        )
     if description.title:
         fig.suptitle(description.title, fontsize=_TITLE_SIZE)
     return fig

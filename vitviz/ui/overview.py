@@ -71,15 +71,16 @@ def render() -> None:
                 f"; the curves run to step {last_step:g}, this checkpoint was saved at step {saved_step} (dotted line)"
             )
         st.caption(note + ".")
-        curves = interactive.training_curves_figure(records, x="step")
-        if saved_step is not None:
-            curves.add_vline(
-                x=saved_step,
-                line={"dash": "dot", "color": "#555", "width": 1.5},
-                annotation_text="this checkpoint",
-                annotation_position="top left",
-            )
-        widgets.plotly(curves, key="overview.curves")
+        marker = (float(saved_step), "this checkpoint") if saved_step is not None else None
+        if st.toggle(
+            "Interactive",
+            key="overview.curves.interactive",
+            help="An interactive chart: hover for values, zoom. Off, the same curves as a picture, which a "
+            "browser draws without first loading the chart library (a second on a first visit).",
+        ):
+            widgets.plotly(interactive.training_curves_figure(records, x="step", marker=marker), key="overview.curves")
+        else:
+            widgets.pyplot(exports.paper_figures().training_curves_figure(records, x="step", marker=marker))
     else:
         st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
 
@@ -87,7 +88,9 @@ def render() -> None:
     figures = {}
     if records:
         numbers["metrics.csv"] = lambda: exports.records_csv_bytes(records)
-        figures["training-curves"] = lambda: exports.paper_figures().training_curves_figure(records, x="step")
+        figures["training-curves"] = lambda: exports.paper_figures().training_curves_figure(
+            records, x="step", marker=marker
+        )
     widgets.downloads(entry.key, figures=figures, numbers=numbers, key="overview")
 
     st.divider()

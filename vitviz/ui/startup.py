@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["WARM_MODULES", "lifespan", "warm_up"]
 
 # What the first page (the default one) imports to draw itself, heaviest first; the page's own module is added.
-WARM_MODULES = ("torch", "timm", "plotly.graph_objects")
+# The overview draws its training curves with matplotlib (a picture: the browser need not load Plotly's
+# JavaScript for the first page) unless asked for the interactive chart; the other pages draw with Plotly.
+WARM_MODULES = ("torch", "timm", "plotly.graph_objects", "vitviz.plots.paper")
 
 
 def _page_module(path: str) -> str:
