@@ -525,7 +525,7 @@ def test_rollout_shows_the_input_beside_a_perceptually_uniform_overlay_and_its_r
     np.testing.assert_allclose(_array(overlay["z"]), raw / high, rtol=1e-6)  # ÷ max by default
     at.selectbox(key="rollout.cmap").set_value("Jet").run()
     assert _overlay_heatmaps(at)[0]["colorscale"][0][1].replace(" ", "") == "rgb(0,0,131)"  # jet's dark blue
-    at.get("button_group")[0].set_value("shared absolute").run()
+    at.get("button_group")[0].set_value("shared").run()
     _assert_clean(at)
     shared = _overlay_heatmaps(at)[0]
     np.testing.assert_allclose(_array(shared["z"]), raw, rtol=1e-6)

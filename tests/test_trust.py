@@ -116,9 +116,9 @@ def test_trust_page_auc_table_is_the_cores_and_sanity_shows_the_strip() -> None:
         assert table.loc[method, "deletion AUC"] == expected.methods[method].deletion_auc
         assert table.loc[method, "insertion AUC"] == expected.methods[method].insertion_auc
         low, high = summary.intervals[method]["deletion"]
-        assert table.loc[method, "deletion interval"] == f"[{low:.4f}, {high:.4f}]"
+        assert table.loc[method, "deletion interval"] == f"[{low:.3f}, {high:.3f}]"
         low, high = summary.intervals[method]["insertion"]
-        assert table.loc[method, "insertion interval"] == f"[{low:.4f}, {high:.4f}]"
+        assert table.loc[method, "insertion interval"] == f"[{low:.3f}, {high:.3f}]"
     # The verdict is the interval rule's, never a "lowest AUC" read off two images' means.
     shown = [_text(m) for m in at.markdown]
     for line in summary.verdict():

@@ -26,8 +26,8 @@ CLASS_TOKEN = "class token"
 OVERLAY_HEIGHT = 380  # pixels: the overlays are square, so the default plotly height leaves a gap above
 INPUT_HEIGHT = 330  # the input has no colour bar, so it is drawn a little smaller to line up with the overlays
 THUMBNAIL_SIDE = 320  # longer side of a gallery picture, in pixels
-SCALE_MAX = "each map ÷ its maximum"
-SCALE_SHARED = "shared absolute"
+SCALE_MAX = "own maximum"  # each map ÷ its maximum
+SCALE_SHARED = "shared"  # one absolute scale for every map
 GRID_MAX_LAYERS = 12  # the layers x heads view draws at most this many layers at once (a slider picks which)
 
 
