@@ -88,7 +88,9 @@ async def serve():
         return sorted(sys.modules), runs.available_presets()
 
 after, presets = asyncio.run(serve())
-print(json.dumps({"before": before, "after": after, "presets": presets}))
+from vitviz.ui import cached
+pictures = cached.training_curves_png.cache_info().currsize
+print(json.dumps({"before": before, "after": after, "presets": presets, "pictures": pictures}))
 """
 
 
@@ -103,13 +105,15 @@ def test_streamlit_run_serves_app_py_through_its_st_app() -> None:
 
 def test_the_server_start_imports_what_the_first_page_needs(tmp_path: Path) -> None:
     """Before the server reports healthy, its start-up has imported torch, timm, plotly, matplotlib and the
-    overview page, and read /train's presets; importing the start-up module itself costs none of that."""
+    overview page, drawn the default's training curves and read /train's presets; importing the start-up module
+    itself costs none of that."""
     report = json.loads(_child(_SERVER_START, tmp_path=tmp_path))
     before, after = _top_level(report["before"]), _top_level(report["after"])
     assert not {"torch", "timm", "plotly", "matplotlib"} & before, sorted(before)
     assert {"torch", "timm", "torchvision", "plotly", "matplotlib"} <= after
     assert "vitviz.ui.overview" in report["after"]
     assert report["presets"] == ["tiny"]
+    assert report["pictures"] == 1  # the default's training-curves picture, drawn for its first visit
     assert not after & set(DEFERRED), sorted(after & set(DEFERRED))
 
 

@@ -7,12 +7,17 @@
 - `st.cache_data` holds model cards, the small typed results of analyses that need only the model
   (filters, position embeddings) and decoded images. Arguments starting with "_" are not hashed: the
   content hash passed beside them names the model.
+- `functools.lru_cache` holds the overview's training-curves pictures, keyed by the records' JSON, so that the
+  server's start-up can draw the bundled default's before any session exists (no Streamlit runtime there).
 Image analyses that cost real time live in the on-disk cache (`vitviz.ui.diskcache`), not here.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import json
 import logging
 from pathlib import Path
 
@@ -29,6 +34,19 @@ from vitviz.ui import analyses
 logger = logging.getLogger(__name__)
 
 MAX_MODELS = 4  # models kept in memory at once (a ViT-B/16 is about 350 MB)
+
+
+@functools.lru_cache(maxsize=32)
+def training_curves_png(records_json: str, marker: tuple[float, str] | None, width_px: int) -> bytes:
+    """The training curves of `records_json` (a JSON list of metrics records) as a PNG `width_px` wide, drawn
+    by `vitviz.plots.paper` (the same description as the interactive chart and the download)."""
+    from vitviz.plots import paper
+
+    fig = paper.training_curves_figure(json.loads(records_json), x="step", marker=marker)
+    buffer = io.BytesIO()
+    # The constrained layout keeps every label inside the canvas, so no second, "tight" drawing pass is needed.
+    fig.savefig(buffer, format="png", dpi=width_px / fig.get_figwidth(), pil_kwargs={"compress_level": 1})
+    return buffer.getvalue()
 
 
 @st.cache_data(show_spinner=False, max_entries=512)

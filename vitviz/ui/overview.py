@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from vitviz import card as card_text
+from vitviz import pipeline
 from vitviz import runs as run_folders
 from vitviz.pipeline import ModelCard
 from vitviz.plots import interactive
@@ -62,16 +64,15 @@ def render() -> None:
 
     records, where = _training_log(entry, card.training)
     st.markdown("##### Training curves")
+    marker = _curves_marker(card.training)
     if records:
-        saved_step = card_text.saved_step(card.training)
         last_step = max((r["step"] for r in records if isinstance(r.get("step"), (int, float))), default=None)
         note = f"From {widgets.plain(where)}"
-        if saved_step is not None and last_step is not None and saved_step < last_step:
+        if marker is not None and last_step is not None and marker[0] < last_step:
             note += (
-                f"; the curves run to step {last_step:g}, this checkpoint was saved at step {saved_step} (dotted line)"
+                f"; the curves run to step {last_step:g}, this checkpoint was saved at step {marker[0]:g} (dotted line)"
             )
         st.caption(note + ".")
-        marker = (float(saved_step), "this checkpoint") if saved_step is not None else None
         if st.toggle(
             "Interactive",
             key="overview.curves.interactive",
@@ -80,7 +81,7 @@ def render() -> None:
         ):
             widgets.plotly(interactive.training_curves_figure(records, x="step", marker=marker), key="overview.curves")
         else:
-            widgets.pyplot(exports.paper_figures().training_curves_figure(records, x="step", marker=marker))
+            st.image(curves_picture(records, marker), width="stretch")
     else:
         st.caption("No training log was found for this model (runs keep theirs in metrics.jsonl).")
 
@@ -100,6 +101,36 @@ def render() -> None:
         link_col.page_link(page.path, label=page.title)
         text_col.markdown(page.about)
     st.caption("Every page uses the model chosen in the sidebar, and offers its figures and numbers for download.")
+
+
+CURVES_WIDTH_PX = 1260  # the picture's width: the page's main column at 1400 px and wider
+
+
+def curves_picture(records: list[dict[str, Any]], marker: tuple[float, str] | None) -> bytes:
+    """The training curves as a PNG, drawn once per server for the same records (`cached.training_curves_png`).
+    The JSON keeps each record's key order, which orders the series and so their colours."""
+    return cached.training_curves_png(json.dumps(records), marker, CURVES_WIDTH_PX)
+
+
+def warm_default_curves(loaded: Any) -> None:
+    """Draw the bundled default's curves picture into the cache, as its overview will ask for it (the server's
+    start-up calls this, so that the first visit does not wait for matplotlib)."""
+    entry = catalog.ModelEntry(
+        key=f"{catalog.BUNDLED}:{catalog.DEFAULT_CHECKPOINT.stem}",
+        label=catalog.DEFAULT_CHECKPOINT.stem,
+        kind=catalog.BUNDLED,
+        path=catalog.DEFAULT_CHECKPOINT,
+    )
+    training = pipeline.model_card(loaded).training
+    records, _ = _training_log(entry, training)
+    if records:
+        curves_picture(records, _curves_marker(training))
+
+
+def _curves_marker(training: dict[str, Any]) -> tuple[float, str] | None:
+    """The step the checkpoint was saved at, to mark on its run's curves."""
+    saved_step = card_text.saved_step(training)
+    return (float(saved_step), "this checkpoint") if saved_step is not None else None
 
 
 def _grid(value: Any) -> str:
