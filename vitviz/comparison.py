@@ -10,9 +10,10 @@
 
 `open_batches(loaded)` gives the images preprocessed for that model (its input size, channels and
 normalisation), in batches of (images, labels, indices) in the same order for both models; it is called once per
-pass (the comparisons, then each model's data-set analyses, then, with `faithfulness` options, each model's
-deletion and insertion curves through `vitviz.faithfulness.dataset_faithfulness`), so nothing of more than a batch
-is held but each image's AUCs (docs/design.md, "Comparing two models").
+pass: the analysis pass (each batch read once for each model and forwarded once through each, the forward feeding
+that model's data-set analyses and the comparisons' consumers of its block outputs), then, with `faithfulness`
+options, each model's deletion and insertion curves through `vitviz.faithfulness.dataset_faithfulness`. Nothing
+of more than a batch is held but each image's numbers (docs/design.md, "Comparing two models").
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ __all__ = [
 
 # The mean maps compared: the data-set analysis that makes each, and its JSON section in a comparison.
 MAPS = {"rollout": "rollout_difference", "gradient": "gradient_rollout_difference"}
-PASSES = 3  # the comparisons, then model A's and model B's data-set analyses
+PASSES = 3  # progress units per image of the analysis pass: model A's forward, model B's, the comparisons
 # The map methods whose AUCs a comparison gives unless told otherwise: the cheap ones (no integrated gradients,
 # no occlusion), `random` the baseline.
 DEFAULT_METHODS = COMPARE_METHODS
@@ -440,16 +441,15 @@ def slice_batches(
     return open_batches, [slice_.image_name(i) for i in range(len(first))], first.class_names
 
 
-def _paired(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]:
-    """(images for A, images for B) of each batch; the batches must hold the same images in the same order."""
+def _same_images(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]:
+    """(A's batch, B's batch) of each step; the two must hold the same images in the same order."""
     from vitviz.pipeline import _batch_parts
 
     for batch_a, batch_b in zip(batches_a, batches_b, strict=True):
-        images_a, _, indices_a = _batch_parts(batch_a)
-        images_b, _, indices_b = _batch_parts(batch_b)
+        indices_a, indices_b = _batch_parts(batch_a)[2], _batch_parts(batch_b)[2]
         if indices_a.tolist() != indices_b.tolist():
             raise ValueError("the two models' batches do not hold the same images")
-        yield images_a, images_b
+        yield batch_a, batch_b
 
 
 def _checked_steps(loaded: LoadedModel, options: FaithfulnessOptions) -> int | None:
@@ -531,13 +531,14 @@ def compare_models(
     progress: Callable[[int], None] | None = None,
     faithfulness: FaithfulnessOptions | None = None,
 ) -> Comparison:
-    """Every registered comparison of the two models (one pass over the images, both models batch by batch), then
-    each model's predictions, mean attention distance and mean rollout and gradient-rollout maps (one pass each,
-    `vitviz.pipeline.dataset_analyses`), then, with `faithfulness`, each model's deletion and insertion AUCs of
+    """Every registered comparison of the two models and each model's predictions, mean attention distance and
+    mean rollout and gradient-rollout maps, in one pass over the images: per batch one forward of each model
+    (`vitviz.pipeline.DatasetPass`, the data-set analyses' own code) hands its block outputs to the comparisons
+    (`vitviz.pipeline.PairPass`) as well. Then, with `faithfulness`, each model's deletion and insertion AUCs of
     its methods (one pass each, `vitviz.faithfulness.dataset_faithfulness`; its `target_class` and `sanity` are
-    not used: each model explains its own prediction); `progress(units)` after every batch of every pass (`work`
+    not used: each model explains its own prediction). `progress(units)` after every batch of every pass (`work`
     in all)."""
-    from vitviz.pipeline import dataset_analyses, pair_analyses
+    from vitviz.pipeline import DatasetPass, PairPass
 
     if options.batch_size < 1:
         raise VitvizError(f"--batch-size must be at least 1, got {options.batch_size}")
@@ -545,16 +546,18 @@ def compare_models(
         faithfulness = replace(faithfulness, target_class=None, sanity=False)
         for loaded in (loaded_a, loaded_b):  # refuse a --steps above a model's patches before any forward
             _checked_steps(loaded, faithfulness)
-    pairs = pair_analyses(
-        loaded_a,
-        loaded_b,
-        _paired(open_batches(loaded_a), open_batches(loaded_b)),
-        registry.pair_names(),
-        options,
-        progress,
-    )
+    pair = PairPass(loaded_a, loaded_b, registry.pair_names(), options)
     wanted = ["distance", "rollout", "gradient-rollout"]
-    results = [dataset_analyses(m, open_batches(m), wanted, options, progress) for m in (loaded_a, loaded_b)]
+    runs = [DatasetPass(m, wanted, options) for m in (loaded_a, loaded_b)]
+    for batch_a, batch_b in _same_images(open_batches(loaded_a), open_batches(loaded_b)):
+        size_a = runs[0].add(batch_a, pair_blocks=pair.blocks_a)  # one forward of A feeds its analyses and the pair's
+        size_b = runs[1].add(batch_b, pair_blocks=pair.blocks_b)
+        pair.after_batch(size_a, size_b)
+        if progress is not None:
+            progress(PASSES * size_a)
+        del batch_a, batch_b  # nothing of a batch is held while the next one is read
+    pairs = pair.result()
+    results = [run.result() for run in runs]
     if results[0].num_images != len(image_names) or results[1].num_images != len(image_names):
         raise ValueError("the batches do not hold the images named")
     aucs: list[ModelAUCs | None] = [None, None]

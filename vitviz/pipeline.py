@@ -60,6 +60,7 @@ __all__ = [
     "NO_POSITION_EMBEDDINGS",
     "TOP_K",
     "AnalysisOptions",
+    "DatasetPass",
     "DatasetResults",
     "DistanceResult",
     "FeaturesResult",
@@ -72,6 +73,7 @@ __all__ = [
     "MapDifferences",
     "ModelCard",
     "NotApplicable",
+    "PairPass",
     "PositionResult",
     "Prediction",
     "Progress",
@@ -327,14 +329,19 @@ class _BlockOutputs:
 
 
 def _forward(
-    model: nn.Module, batch: torch.Tensor, attention: Sequence[Any], blocks: _BlockOutputs, features: Any, logits: bool
+    model: nn.Module,
+    batch: torch.Tensor,
+    attention: Sequence[Any],
+    on_block: Callable[[int, Any], None] | None,
+    features: Any,
+    logits: bool,
 ) -> torch.Tensor | None:
     """One forward feeding every consumer: attention through the capture, block outputs and the final features
     through forward hooks. Returns the logits when asked for."""
-    with block_outputs(model, blocks if blocks.consumers else None, features):
+    with block_outputs(model, on_block, features):
         if attention:
             # Nothing after the last attention is read when no block, feature or logit consumer waits for it.
-            tail_unread = not logits and not blocks.consumers and features is None
+            tail_unread = not logits and on_block is None and features is None
             return capture_attention(
                 model, batch, list(attention), with_logits=logits, stop_after_attention=tail_unread
             )
@@ -343,6 +350,22 @@ def _forward(
                 return model(batch)
             model.forward_features(batch)
             return None
+
+
+def _block_hook(blocks: _BlockOutputs, pair_blocks: Sequence[Any]) -> Callable[[int, Any], None] | None:
+    """One block hook for the streams' consumers (while the outputs are the token sequence) and a comparison's
+    (every block's output as the block returns it, its first element when a tuple); None when nobody reads."""
+    if not pair_blocks:
+        return blocks if blocks.consumers else None
+
+    def hand_on(layer: int, output: Any) -> None:
+        x = output[0] if isinstance(output, tuple) else output
+        for consumer in pair_blocks:
+            consumer.consume(layer, x)
+        if blocks.consumers:
+            blocks(layer, output)
+
+    return hand_on
 
 
 def _features_hook(streams: Sequence[registry.Stream]) -> Callable[[torch.Tensor], None] | None:
@@ -366,12 +389,14 @@ def image_analyses(
     progress: Progress | None = None,
     *,
     query_index: int | None = None,
+    pair_blocks: Sequence[Any] = (),
 ) -> ImageResults:
     """The image analyses named in `analyses` over all images, `options.batch_size` images per forward.
 
     One streamed forward per batch feeds every registered analysis asked for (vitviz/analyses) and, when
     `query_index` is given, that token's attention; an analysis that needs more (gradient rollout's backward)
-    runs it after the shared forward.
+    runs it after the shared forward. `pair_blocks` are a comparison's consumers of this model's block outputs
+    (`PairPass`), fed by the same forward, so that comparing two models reads and runs each model once.
 
     Args:
         images: preprocessed images, a [B, C, H, W] tensor or a sequence of [C, H, W] tensors (read one
@@ -410,14 +435,15 @@ def image_analyses(
     query_acc = QueryAttention(query_index) if query_index is not None else None
     attention = [c for s in streams.values() for c in s.attention] + ([query_acc] if query_acc is not None else [])
     blocks = _BlockOutputs([c for s in streams.values() for c in s.blocks], layout.num_tokens)
+    on_block = _block_hook(blocks, pair_blocks)
     features = _features_hook(list(streams.values()))
     needs_logits = any(s.needs_logits for s in streams.values())
-    shared_forward = bool(attention or blocks.consumers or features is not None)
+    shared_forward = bool(attention or on_block is not None or features is not None)
     device = model_device(model)
     for start in range(0, total, options.batch_size):
         stop = min(start + options.batch_size, total)
         batch = images_batch(images, start, stop).to(device)
-        logits = _forward(model, batch, attention, blocks, features, needs_logits) if shared_forward else None
+        logits = _forward(model, batch, attention, on_block, features, needs_logits) if shared_forward else None
         for stream in streams.values():
             stream.after_batch(batch, logits, blocks.unfit is None)
         if progress is not None:
@@ -663,26 +689,48 @@ def dataset_analyses(
     Each batch goes through `image_analyses` on its own; a batch's per-image numbers therefore equal those of a
     one-process run with the same batches. The means add the batches' float64 sums in image order.
     """
-    refused = [name for name in analyses if name in IMAGE_ANALYSES and name not in DATASET_ANALYSES]
-    if refused:
-        verb = "keeps" if len(refused) == 1 else "keep"
-        raise VitvizError(
-            f"{', '.join(refused)} {verb} a map per image: run on --images for that; a data-set run computes "
-            f"{', '.join(DATASET_ANALYSES)}"
-        )
-    wanted = [name for name in analyses if name in DATASET_ANALYSES]
-    if not wanted:
-        raise VitvizError(f"nothing to compute over a data set: ask for one of {', '.join(DATASET_ANALYSES)}")
-    options.check_model(loaded, wanted)
-    records: list[dict[str, Any]] = []
+    run = DatasetPass(loaded, analyses, options)
     for batch in batches:
-        images, labels, indices = _batch_parts(batch)
-        results = image_analyses(loaded, images, wanted, options)
-        records.append(_dataset_record(results, labels, indices))
+        added = run.add(batch)
         if progress is not None:
-            progress(len(indices))
-        del batch, images, results  # nothing of a batch is held while the next one is read
-    parts = ranks.gather(records) if ranks is not None else [records]
+            progress(added)
+        del batch  # nothing of a batch is held while the next one is read
+    return run.result(ranks)
+
+
+class DatasetPass:
+    """`dataset_analyses` one batch at a time: `add` each batch, then `result`. A comparison drives two of them
+    (one per model) and its own consumers of block outputs (`pair_blocks`) with the same forwards."""
+
+    def __init__(self, loaded: LoadedModel, analyses: Sequence[str], options: AnalysisOptions) -> None:
+        refused = [name for name in analyses if name in IMAGE_ANALYSES and name not in DATASET_ANALYSES]
+        if refused:
+            verb = "keeps" if len(refused) == 1 else "keep"
+            raise VitvizError(
+                f"{', '.join(refused)} {verb} a map per image: run on --images for that; a data-set run computes "
+                f"{', '.join(DATASET_ANALYSES)}"
+            )
+        self.wanted = [name for name in analyses if name in DATASET_ANALYSES]
+        if not self.wanted:
+            raise VitvizError(f"nothing to compute over a data set: ask for one of {', '.join(DATASET_ANALYSES)}")
+        options.check_model(loaded, self.wanted)
+        self.loaded, self.options = loaded, options
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, batch: Any, *, pair_blocks: Sequence[Any] = ()) -> int:
+        """Analyse one batch (a DatasetBatch or (images, labels, indices)); returns its number of images."""
+        images, labels, indices = _batch_parts(batch)
+        results = image_analyses(self.loaded, images, self.wanted, self.options, pair_blocks=pair_blocks)
+        self.records.append(_dataset_record(results, labels, indices))
+        return len(indices)
+
+    def result(self, ranks: Any = None) -> DatasetResults:
+        """The results over every batch added (under torchrun, every rank's, gathered through `ranks`)."""
+        return _dataset_results(self.loaded, ranks.gather(self.records) if ranks is not None else [self.records])
+
+
+def _dataset_results(loaded: LoadedModel, parts: Sequence[Sequence[dict[str, Any]]]) -> DatasetResults:
+    """The batch records of every rank combined in image order: per-image numbers, float64 means."""
     ordered = _in_image_order(parts)
     if not ordered:
         raise VitvizError("no images to analyse")
@@ -764,42 +812,61 @@ def pair_analyses(
             grow with the number of images.
         progress: called with the number of images after each batch.
 
-    Returns each comparison's typed result (or NotApplicable) by name.
+    Returns each comparison's typed result (or NotApplicable) by name. `vitviz.comparison.compare_models` runs
+    the same comparisons inside each model's data-set analyses instead (`PairPass`), one forward per model.
     """
-    context = registry.PairContext(loaded_a, loaded_b, options)
-    by_name: dict[str, Any] = {}
-    streams: dict[str, registry.PairStream] = {}
-    for name in analyses:
-        analysis = registry.get(name)
-        if not analysis.on_pairs:
-            raise VitvizError(f"{name} is an analysis of one model: run it with `python -m vitviz analyze`")
-        if analysis.check_model is not None:
-            analysis.check_model(loaded_a, options)
-            analysis.check_model(loaded_b, options)
-        reasons = [
-            f"model {side}: {reason}"
-            for side, loaded in (("A", loaded_a), ("B", loaded_b))
-            if analysis.not_applicable is not None and (reason := analysis.not_applicable(loaded)) is not None
-        ]
-        if reasons:
-            by_name[name] = NotApplicable("; ".join(reasons))
-        else:
-            streams[name] = analysis.pair(context)
-    consumers_a = [c for s in streams.values() for c in s.blocks_a]
-    consumers_b = [c for s in streams.values() for c in s.blocks_b]
-    seen = 0
+    run = PairPass(loaded_a, loaded_b, analyses, options)
     for images_a, images_b in batches:
-        if len(images_a) != len(images_b):
-            raise ValueError(f"a batch holds {len(images_a)} images for model A and {len(images_b)} for model B")
-        _pair_forward(loaded_a.model, images_a, consumers_a)
-        _pair_forward(loaded_b.model, images_b, consumers_b)
-        for stream in streams.values():
-            stream.after_batch(len(images_a))
-        seen += len(images_a)
+        _pair_forward(loaded_a.model, images_a, run.blocks_a)
+        _pair_forward(loaded_b.model, images_b, run.blocks_b)
+        run.after_batch(len(images_a), len(images_b))
         if progress is not None:
             progress(len(images_a))
         del images_a, images_b
-    if seen == 0:
-        raise VitvizError("no images to compare the models on")
-    by_name.update({name: stream.result() for name, stream in streams.items()})
-    return {name: by_name[name] for name in analyses}
+    return run.result()
+
+
+class PairPass:
+    """The comparisons named in `analyses` over batches that the caller forwards through both models, handing
+    each model's block outputs to `blocks_a` and `blocks_b` (their `consume(layer, x)`), then `after_batch`."""
+
+    def __init__(
+        self, loaded_a: LoadedModel, loaded_b: LoadedModel, analyses: Sequence[str], options: AnalysisOptions
+    ) -> None:
+        context = registry.PairContext(loaded_a, loaded_b, options)
+        self.analyses = list(analyses)
+        self.by_name: dict[str, Any] = {}
+        self.streams: dict[str, registry.PairStream] = {}
+        for name in analyses:
+            analysis = registry.get(name)
+            if not analysis.on_pairs:
+                raise VitvizError(f"{name} is an analysis of one model: run it with `python -m vitviz analyze`")
+            if analysis.check_model is not None:
+                analysis.check_model(loaded_a, options)
+                analysis.check_model(loaded_b, options)
+            reasons = [
+                f"model {side}: {reason}"
+                for side, loaded in (("A", loaded_a), ("B", loaded_b))
+                if analysis.not_applicable is not None and (reason := analysis.not_applicable(loaded)) is not None
+            ]
+            if reasons:
+                self.by_name[name] = NotApplicable("; ".join(reasons))
+            else:
+                self.streams[name] = analysis.pair(context)
+        self.blocks_a = [c for s in self.streams.values() for c in s.blocks_a]
+        self.blocks_b = [c for s in self.streams.values() for c in s.blocks_b]
+        self.seen = 0
+
+    def after_batch(self, size_a: int, size_b: int) -> None:
+        """Both models have seen the batch (`size_a` and `size_b` images: the same images)."""
+        if size_a != size_b:
+            raise ValueError(f"a batch holds {size_a} images for model A and {size_b} for model B")
+        for stream in self.streams.values():
+            stream.after_batch(size_a)
+        self.seen += size_a
+
+    def result(self) -> dict[str, Any]:
+        if self.seen == 0:
+            raise VitvizError("no images to compare the models on")
+        self.by_name.update({name: stream.result() for name, stream in self.streams.items()})
+        return {name: self.by_name[name] for name in self.analyses}
