@@ -204,3 +204,38 @@ def test_lora_targets_that_name_nothing_are_one_line(
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
     assert error.startswith("error: no Linear layer named qkv") and "q_proj" in error
+
+
+@pytest.mark.parametrize("kind", ["timm", "hf", "vitviz"])
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_gradient_checkpointing_trains_the_same_weights(
+    kind: str, strategy: str, images: Path, hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--grad-checkpointing` recomputes the blocks' activations in the backward pass: the run's weights after an
+    epoch equal those of the same run without it (the recomputation repeats the same float operations on the
+    CPU; a tolerance of a few float32 ulps of the weights' scale covers a kernel that orders a sum differently),
+    LoRA's adapters included: the recomputation must not cut the gradient at the frozen blocks' inputs."""
+    import torch.utils.checkpoint as torch_checkpoint
+
+    source = _source_args(kind, hf_folder)
+    plain = _finetune(tmp_path, "plain", images, *source, "--strategy", strategy)
+    recomputations = []
+    real = torch_checkpoint.checkpoint
+
+    def counted(*args: object, **kwargs: object) -> object:
+        recomputations.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_checkpoint, "checkpoint", counted)  # what timm calls
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)  # what transformers bound at import
+    recomputed = _finetune(tmp_path, "ckpt", images, *source, "--strategy", strategy, "--grad-checkpointing")
+    assert recomputations and set(recomputations) == {False}  # the blocks ran checkpointed, non-reentrant
+    config = json.loads((recomputed / "config.json").read_text())
+    assert config["grad_checkpointing"] is True
+    a, b = read_state_dict(plain / "last.safetensors"), read_state_dict(recomputed / "last.safetensors")
+    assert a.keys() == b.keys()
+    base, _ = _base(plain)
+    moved = [k for k in base if k in a and not torch.equal(a[k], base[k])]
+    assert len(moved) > 2  # more than the head trained: the blocks (or their adapters) got gradients
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -73,6 +73,12 @@ def _regularisation_options(parser: argparse.ArgumentParser) -> None:
         "--ema-decay", type=float, metavar="DECAY", help="keep a model EMA (timm ModelEmaV3), e.g. 0.999"
     )
     parser.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the global gradient norm to NORM")
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each block's activations in the backward pass: less memory, about a third more time",
+    )
 
 
 def _finetune_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -227,6 +233,7 @@ def _config_for(args: argparse.Namespace):  # -> TrainConfig
         "label_smoothing": _option(args, "smoothing"),
         "ema_decay": _option(args, "ema_decay"),
         "grad_clip": _option(args, "clip_grad"),
+        "grad_checkpointing": _option(args, "grad_checkpointing"),
     }
     cfg = replace(cfg, **{k: v for k, v in regularisation.items() if v is not None})
     if args.dataset:

@@ -49,6 +49,7 @@ from training.ema import ModelEma
 from training.finetune import (
     Tuned,
     apply_strategy,
+    enable_grad_checkpointing,
     export,
     load_base,
     model_geometry,
@@ -217,6 +218,8 @@ class Trainer:
         else:
             self.module = tuned.module if tuned is not None else vit
         self.lora = tuned.lora if tuned is not None else None
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.vit)
         self.module.to(ctx.device)
         # What can have a gradient, in the module's order (walking a peft model's parameters every step costs more
         # than its small steps' optimiser update).

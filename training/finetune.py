@@ -84,6 +84,27 @@ def head_module(vit: nn.Module) -> nn.Module:
     return vit.get_classifier()
 
 
+def enable_grad_checkpointing(vit: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant, so gradients reach adapters and
+    later layers behind frozen inputs): timm's `set_grad_checkpointing` (vitviz's models are timm ones), or
+    transformers' `activation_checkpointing_enable` (`gradient_checkpointing_enable` before transformers 5)."""
+    if isinstance(vit, HFVisionTransformer):
+        if not getattr(vit.hf, "supports_gradient_checkpointing", False):
+            raise VitvizError(f"{type(vit.hf).__name__} does not support gradient checkpointing")
+        kwargs = {"use_reentrant": False}
+        if hasattr(vit.hf, "activation_checkpointing_enable"):  # its name since transformers 5
+            vit.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            vit.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    if not hasattr(vit, "set_grad_checkpointing"):
+        raise VitvizError(f"{type(vit).__name__} does not support gradient checkpointing")
+    try:
+        vit.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as exc:  # timm's families that do not implement it
+        raise VitvizError(f"{type(vit).__name__} does not support gradient checkpointing") from exc
+
+
 def with_new_head(loaded: LoadedModel, cfg: TrainConfig, class_names: list[str]) -> tuple[nn.Module, ModelMeta]:
     """The source model at the fine-tune's input size with a zero-initialised linear head for `class_names`, and
     the metadata that rebuilds it (its lineage under `training`)."""
