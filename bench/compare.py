@@ -4,18 +4,18 @@ time             `vitviz.comparison.compare_models(A, B, ...)` over N images of 
                  `python -m vitviz compare A B --dataset shapes --split train --limit N` runs between loading the
                  models and writing the JSON), against the two models' plain forwards over the same images: for
                  each model, its batches read from the same data-set stream (`slice_batches`, the batch size
-                 compare uses) and forwarded under `torch.inference_mode()`. Both sides read the images from the
-                 stream (compare reads them four times: twice in its pair pass, once in each model's pass; the
-                 baseline twice). Target: at most 1.15. compare runs three passes: the pair analyses (linear CKA,
-                 one forward of each model per batch), then each model's data-set analyses (distance, rollout and
-                 gradient rollout: a forward and a backward per image), so the target cannot be met by
-                 construction; the figure says by how much it is missed.
-time, no         the same passes with gradient rollout left out (the pair pass, then each model's distance and
-gradient         rollout), against the same baseline: what the rest of compare costs. For information.
+                 compare uses) and forwarded under `torch.inference_mode()`. Both sides read each model's images
+                 once. Target: at most 1.15. compare runs one pass (`analysis_pass`): per batch one forward of
+                 each model feeds linear CKA, distance and rollout; gradient rollout adds its own forward and
+                 backward of each model per batch, which no plain forward pays, so the target cannot be met with
+                 it; the figure says by how much it is missed.
+time, no         the same pass with gradient rollout left out (CKA, distance and rollout from one forward of each
+gradient         model per batch), against the same baseline: what the rest of compare costs.
 rollout
 parts            (detail of the time figure) seconds of each part, each run once after the timed rounds: reading
                  the images, plain forwards, a plain forward + backward of the predicted logit (the least gradient
-                 rollout needs), the pair pass, each model's pass with and without gradient rollout.
+                 rollout needs), the comparisons alone (`pair_analyses`: a plain forward of each model), each
+                 model's data-set analyses with and without gradient rollout.
 memory           peak resident memory of `python -m vitviz compare A B --dataset shapes --split train --limit N
                  --json OUT` for the large N over the small N, each a fresh process that resets the kernel's
                  high-water mark before calling `vitviz.cli.main` (`bench.faithfulness.probe`). Target: at most 1.05.
@@ -102,11 +102,11 @@ class Passes:
         )
 
     def pair_pass(self) -> None:
+        """The comparisons alone, on plain forwards (`pair_analyses`)."""
         from vitviz import analyses as registry
-        from vitviz.comparison import _paired
         from vitviz.pipeline import pair_analyses
 
-        batches = _paired(self.open_batches(self.a), self.open_batches(self.b))
+        batches = zip(self._images(self.a), self._images(self.b), strict=True)
         pair_analyses(self.a, self.b, batches, registry.pair_names(), self.options)
 
     def model_pass(self, loaded: Any, analyses: tuple[str, ...]) -> None:
@@ -115,9 +115,10 @@ class Passes:
         dataset_analyses(loaded, self.open_batches(loaded), list(analyses), self.options)
 
     def without_gradient(self) -> None:
-        self.pair_pass()
-        for loaded in (self.a, self.b):
-            self.model_pass(loaded, ("distance", "rollout"))
+        """compare's pass with gradient rollout left out."""
+        from vitviz.comparison import analysis_pass
+
+        analysis_pass(self.a, self.b, self.open_batches, self.options, ("distance", "rollout"))
 
 
 ALL = ("distance", "rollout", "gradient-rollout")
@@ -181,7 +182,7 @@ def time_figures(plan: Plan) -> list[Figure]:
             detail={**timing.detail(), **common, "parts": measured_parts},
         ),
         Figure(
-            name=f"compare time {label}: without gradient rollout (pair pass, distance and rollout passes)",
+            name=f"compare time {label}: without gradient rollout (CKA, distance and rollout in one pass)",
             value=rest.ratio,
             target=None,
             better=LOWER,

@@ -20,6 +20,8 @@ memory (lora/full)  Peak training memory of the same run with `--strategy lora` 
                     MEMORY_STEPS steps (AdamW makes its state in the first; the later ones run with it). The value is
                     the ratio of the working memory (peak minus the resident size at the reset: gradients, optimiser
                     state, activations); the whole-process peaks are in the detail. Target: <= 0.6.
+memory, gradient    The same ratio with `--grad-checkpointing` on both runs (each block's activations recomputed
+checkpointing       in the backward pass instead of kept: what a user short of memory turns on). Target: <= 0.6.
 
 Sizes by plan: "full" ViT-S/16 at 224 px (196 patches) batch 32; "quick" ViT-S/16 at 112 px (49 patches) batch 32;
 "tiny" ViT-S/16 cut to 1 block at 32 px batch 8 (seconds: keeps the code working).
@@ -85,9 +87,11 @@ def size_of(plan_label: str) -> Size:
     return SIZES.get(plan_label, SIZES["tiny"])
 
 
-def finetune_argv(strategy: str, size: Size, steps: int) -> list[str]:
+def finetune_argv(strategy: str, size: Size, steps: int, *, checkpointing: bool = False) -> list[str]:
     """The `python -m training finetune` arguments of a run with room for `steps` steps in its first epoch."""
     argv = ["finetune", "--from", SOURCE, "--strategy", strategy, "--dataset", "shapes"]
+    if checkpointing:
+        argv.append("--grad-checkpointing")
     argv += ["--img-size", str(size.img), str(size.img)]
     if size.depth is not None:
         argv += ["--model-kwargs", f"depth={size.depth}"]
@@ -196,13 +200,14 @@ def step_figure(strategy: str, plan: Plan, scratch: Path) -> Figure:
     )
 
 
-def probe(strategy: str, plan_label: str) -> dict[str, Any]:
+def probe(strategy: str, plan_label: str, checkpointing: bool = False) -> dict[str, Any]:
     """Peak memory of MEMORY_STEPS steps of the run (call it in a fresh process)."""
     from bench.memory import _current_kib, _peak_kib, _reset_peak
 
     size = size_of(plan_label)
+    argv = finetune_argv(strategy, size, MEMORY_STEPS, checkpointing=checkpointing)
     with tempfile.TemporaryDirectory(prefix="vitviz-bench-") as folder:
-        run = project_run(finetune_argv(strategy, size, MEMORY_STEPS), Path(folder), "cpu")
+        run = project_run(argv, Path(folder), "cpu")
         step = project_step(run)
         gc.collect()
         method = _reset_peak()
@@ -213,13 +218,17 @@ def probe(strategy: str, plan_label: str) -> dict[str, Any]:
     return {"strategy": strategy, "peak_kib": peak_kib, "start_kib": start_kib, "method": method}
 
 
-def memory_figure(plan: Plan) -> Figure:
-    """LoRA's peak training memory over full fine-tuning's, each in a fresh process."""
+def memory_figure(plan: Plan, *, checkpointing: bool = False) -> Figure:
+    """LoRA's peak training memory over full fine-tuning's, each in a fresh process (both with gradient
+    checkpointing when `checkpointing`)."""
     size = size_of(plan.label)
     probes = {}
+    extra = ["--grad-checkpointing"] if checkpointing else []
     for strategy in STRATEGIES:
-        logger.info("finetune: %s memory, %s", strategy, size.label())
-        probes[strategy] = probe_in_child("bench.finetune", ["memory", strategy, plan.label], f"{strategy} probe")
+        logger.info("finetune: %s memory%s, %s", strategy, ", checkpointing" if checkpointing else "", size.label())
+        probes[strategy] = probe_in_child(
+            "bench.finetune", ["memory", strategy, plan.label, *extra], f"{strategy} probe"
+        )
 
     def working(strategy: str) -> float:
         measured = probes[strategy]
@@ -228,7 +237,8 @@ def memory_figure(plan: Plan) -> Figure:
 
     lora, full = working("lora"), working("full")
     return Figure(
-        name=f"finetune memory {size.label()}: lora vs full, peak training memory",
+        name=f"finetune memory {size.label()}: lora vs full, peak training memory"
+        + (", both with gradient checkpointing" if checkpointing else ""),
         value=lora / full,
         target=MEMORY_TARGET,
         better=LOWER,
@@ -242,14 +252,19 @@ def memory_figure(plan: Plan) -> Figure:
             "whole_process_ratio": round(probes["lora"]["peak_kib"] / probes["full"]["peak_kib"], 4),
             "steps": MEMORY_STEPS,
             "method": probes["lora"]["method"],
-            "command": command_line(finetune_argv("lora", size, MEMORY_STEPS)),
+            "command": command_line(finetune_argv("lora", size, MEMORY_STEPS, checkpointing=checkpointing)),
         },
     )
 
 
 def finetune_figures(plan: Plan, scratch: Path) -> list[Figure]:
-    """The step figure of each strategy, then LoRA's memory against full fine-tuning's."""
-    return [*(step_figure(strategy, plan, scratch) for strategy in STRATEGIES), memory_figure(plan)]
+    """The step figure of each strategy, then LoRA's memory against full fine-tuning's, without and with
+    gradient checkpointing."""
+    return [
+        *(step_figure(strategy, plan, scratch) for strategy in STRATEGIES),
+        memory_figure(plan),
+        memory_figure(plan, checkpointing=True),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["memory"])
     parser.add_argument("strategy", choices=STRATEGIES)
     parser.add_argument("plan", help="the plan label that sizes the run: full, quick or tiny")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="both runs recompute block activations")
     args = parser.parse_args(argv)
     from vitviz.allocator import tune_malloc
 
     tune_malloc()  # as python -m bench runs, for both strategies alike
-    print(json.dumps(probe(args.strategy, args.plan)))
+    print(json.dumps(probe(args.strategy, args.plan, args.grad_checkpointing)))
     return 0
 
 

@@ -170,7 +170,7 @@ def test_tiny_run_writes_the_faithfulness_figures(tmp_path: Path) -> None:
 def test_finetune_figures_set_the_projects_step_against_a_hand_written_loop_and_lora_against_full(
     tmp_path: Path,
 ) -> None:
-    full, lora, memory = _run_bench(tmp_path, "--only", "finetune")["figures"]
+    full, lora, memory, checkpointed = _run_bench(tmp_path, "--only", "finetune")["figures"]
     for figure, strategy in ((full, "full"), (lora, "lora")):
         _check_figure(figure)
         assert figure["name"] == (
@@ -194,9 +194,13 @@ def test_finetune_figures_set_the_projects_step_against_a_hand_written_loop_and_
         == "finetune memory vit_small_patch16_224 depth 1 32px batch 8: lora vs full, peak training memory"
     )
     assert (memory["better"], memory["target"], memory["unit"]) == ("lower", 0.6, "ratio")
-    detail = memory["detail"]
-    assert detail["full_working_mib"] > 0 and detail["steps"] == 3 and detail["method"]
-    assert memory["value"] == pytest.approx(detail["lora_working_mib"] / detail["full_working_mib"], rel=1e-2)
+    for figure in (memory, checkpointed):
+        detail = figure["detail"]
+        assert detail["full_working_mib"] > 0 and detail["steps"] == 3 and detail["method"]
+        assert figure["value"] == pytest.approx(detail["lora_working_mib"] / detail["full_working_mib"], rel=1e-2)
+    _check_figure(checkpointed)
+    assert checkpointed["name"] == memory["name"] + ", both with gradient checkpointing"
+    assert checkpointed["target"] == 0.6 and "--grad-checkpointing" in checkpointed["detail"]["command"]
 
 
 def test_compare_figures_are_its_time_against_plain_forwards_and_its_memory_against_fewer_images(

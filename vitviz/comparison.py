@@ -36,11 +36,13 @@ if TYPE_CHECKING:
     from vitviz.faithfulness import FaithfulnessOptions
 
 __all__ = [
+    "DATASET_PASS",
     "DEFAULT_METHODS",
     "MAPS",
     "Comparison",
     "ModelAUCs",
     "ModelSummary",
+    "analysis_pass",
     "compare_models",
     "scaled_map",
     "slice_batches",
@@ -441,6 +443,34 @@ def slice_batches(
     return open_batches, [slice_.image_name(i) for i in range(len(first))], first.class_names
 
 
+DATASET_PASS = ("distance", "rollout", "gradient-rollout")  # each model's data-set analyses in a comparison
+
+
+def analysis_pass(
+    loaded_a: LoadedModel,
+    loaded_b: LoadedModel,
+    open_batches: Callable[[LoadedModel], Batches],
+    options: Any,
+    analyses: Sequence[str] = DATASET_PASS,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], list[Any]]:
+    """(every registered comparison's result, [A's, B's] `DatasetResults` of `analyses`) in one pass: each batch
+    read once for each model and forwarded once through each, the forward feeding the model's data-set analyses
+    and the comparisons' consumers of its block outputs."""
+    from vitviz.pipeline import DatasetPass, PairPass
+
+    pair = PairPass(loaded_a, loaded_b, registry.pair_names(), options)
+    runs = [DatasetPass(m, analyses, options) for m in (loaded_a, loaded_b)]
+    for batch_a, batch_b in _same_images(open_batches(loaded_a), open_batches(loaded_b)):
+        size_a = runs[0].add(batch_a, pair_blocks=pair.blocks_a)
+        size_b = runs[1].add(batch_b, pair_blocks=pair.blocks_b)
+        pair.after_batch(size_a, size_b)
+        if progress is not None:
+            progress(PASSES * size_a)
+        del batch_a, batch_b  # nothing of a batch is held while the next one is read
+    return pair.result(), [run.result() for run in runs]
+
+
 def _same_images(batches_a: Batches, batches_b: Batches) -> Iterable[tuple[Any, Any]]:
     """(A's batch, B's batch) of each step; the two must hold the same images in the same order."""
     from vitviz.pipeline import _batch_parts
@@ -538,26 +568,13 @@ def compare_models(
     its methods (one pass each, `vitviz.faithfulness.dataset_faithfulness`; its `target_class` and `sanity` are
     not used: each model explains its own prediction). `progress(units)` after every batch of every pass (`work`
     in all)."""
-    from vitviz.pipeline import DatasetPass, PairPass
-
     if options.batch_size < 1:
         raise VitvizError(f"--batch-size must be at least 1, got {options.batch_size}")
     if faithfulness is not None:
         faithfulness = replace(faithfulness, target_class=None, sanity=False)
         for loaded in (loaded_a, loaded_b):  # refuse a --steps above a model's patches before any forward
             _checked_steps(loaded, faithfulness)
-    pair = PairPass(loaded_a, loaded_b, registry.pair_names(), options)
-    wanted = ["distance", "rollout", "gradient-rollout"]
-    runs = [DatasetPass(m, wanted, options) for m in (loaded_a, loaded_b)]
-    for batch_a, batch_b in _same_images(open_batches(loaded_a), open_batches(loaded_b)):
-        size_a = runs[0].add(batch_a, pair_blocks=pair.blocks_a)  # one forward of A feeds its analyses and the pair's
-        size_b = runs[1].add(batch_b, pair_blocks=pair.blocks_b)
-        pair.after_batch(size_a, size_b)
-        if progress is not None:
-            progress(PASSES * size_a)
-        del batch_a, batch_b  # nothing of a batch is held while the next one is read
-    pairs = pair.result()
-    results = [run.result() for run in runs]
+    pairs, results = analysis_pass(loaded_a, loaded_b, open_batches, options, DATASET_PASS, progress)
     if results[0].num_images != len(image_names) or results[1].num_images != len(image_names):
         raise ValueError("the batches do not hold the images named")
     aucs: list[ModelAUCs | None] = [None, None]
