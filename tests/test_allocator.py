@@ -60,3 +60,45 @@ def test_only_the_programs_import_the_allocator() -> None:
     assert importers <= programs | {"bench.memory", "bench.tokens", "bench.finetune"}, importers  # + memory probes
     assert "vitviz.cli" in importers and "bench.__main__" in importers  # the programs do call it
     assert "from vitviz.allocator import tune_malloc" in (ROOT / "app.py").read_text()
+
+
+def test_a_data_set_run_releases_freed_memory_every_so_many_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`releasing` passes every update on and releases once each time another `every` units are done, however
+    the units come in batches."""
+    released, updates = [], []
+    monkeypatch.setattr(vitviz.allocator, "release_free_memory", lambda: released.append(sum(updates)) or True)
+    progress = vitviz.allocator.releasing(updates.append, every=10)
+    for units in (4, 4, 4, 16, 1, 30):
+        progress(units)
+    assert updates == [4, 4, 4, 16, 1, 30]
+    assert released == [12, 28, 59]  # past 10, past 20 (28 crosses it once), past 30, 40 and 50 (once)
+
+
+def test_releasing_freed_memory_runs_on_glibc_and_not_when_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VITVIZ_MALLOC", raising=False)
+    assert vitviz.allocator.release_free_memory() is GLIBC_LINUX
+    monkeypatch.setenv("VITVIZ_MALLOC", "default")
+    assert vitviz.allocator.release_free_memory() is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "releases"),
+    [
+        (["analyze", "--analyses", "distance"], 2),  # 8 images, a release every 4
+        (["faithfulness", "--methods", "random", "--steps", "4"], 2),  # 8 maps
+        (["compare", "--methods", "none"], 2),  # 2 batches of 4 images, 12 units each: once a batch
+    ],
+)
+def test_the_clis_data_set_runs_release_freed_memory(
+    argv: list[str], releases: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vitviz.cli import main
+
+    released = []
+    monkeypatch.setattr(vitviz.allocator, "RELEASE_EVERY", 4)
+    monkeypatch.setattr(vitviz.allocator, "release_free_memory", lambda: released.append(1) or True)
+    model = str(ROOT / "assets" / "checkpoints" / "shapes-default.safetensors")
+    models = [model, model] if argv[0] == "compare" else [model]
+    command = [argv[0], *models, *argv[1:], "--dataset", "shapes", "--limit", "8", "--batch-size", "4"]
+    assert main([*command, "--json", str(tmp_path / "out.json")]) == 0
+    assert len(released) == releases

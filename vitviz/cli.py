@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from vitviz.allocator import tune_malloc
+from vitviz.allocator import releasing, tune_malloc
 from vitviz.errors import VitvizError, one_line, shown
 from vitviz.fileio import atomic_write_text
 
@@ -504,7 +504,7 @@ def analyze_dataset(args: argparse.Namespace, slice_: Any, analyses: list[str], 
                     dataset_batches(data, options.batch_size, ranks=ranks),
                     analyses,
                     options,
-                    progress=bar.update,
+                    progress=releasing(bar.update),  # freed heap memory goes back every few batches
                     ranks=ranks,
                 )
             target = "predicted" if options.target_class is None else options.target_class
@@ -560,7 +560,7 @@ def faithfulness_dataset(args: argparse.Namespace, slice_: Any, options: Any) ->
                 image_name=slice_.image_name,
                 dataset=slice_.describe(),
                 ranks=ranks,
-                progress=bar.update,
+                progress=releasing(bar.update),
             )
         if not ranks.is_main:
             return 0
@@ -813,7 +813,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             options,
             image_names=names,
             dataset_classes=classes,
-            progress=bar.update,
+            progress=releasing(bar.update),
             faithfulness=faithfulness,
         )
     cards = [model_card(m).model_section() for m in models]
