@@ -245,7 +245,7 @@ class TrainConfig:
     ema_decay: float | None = None  # model EMA (timm.utils.ModelEmaV3); evaluation and checkpoints use it
     grad_clip: float | None = 1.0  # max global gradient norm; none: no clipping
     # Recompute each block's activations in the backward pass instead of keeping them (timm's
-    # set_grad_checkpointing, transformers' gradient_checkpointing_enable): less memory, one more forward.
+    # set_grad_checkpointing, transformers' activation checkpointing): less memory, one more forward.
     grad_checkpointing: bool = False
     precision: Precision = "fp32"  # bf16: autocast where the device supports it
     seed: int = 0  # model init, data order, augmentation and masking all derive from it

@@ -41,19 +41,32 @@ TRIM_THRESHOLD = 256 * 2**20
 
 
 @functools.cache
-def tune_malloc() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process (once); True if they were set."""
-    if os.environ.get("VITVIZ_MALLOC", "").lower() == "default":
-        logger.info("VITVIZ_MALLOC=default: glibc malloc left as it is")
-        return False
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc on Linux (musl has mallopt as a stub), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl has mallopt as a stub)
-        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _left_alone() -> bool:
+    return os.environ.get("VITVIZ_MALLOC", "").lower() == "default"
+
+
+@functools.cache
+def tune_malloc() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process (once); True if they were set."""
+    if _left_alone():
+        logger.info("VITVIZ_MALLOC=default: glibc malloc left as it is")
         return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
@@ -65,18 +78,6 @@ def tune_malloc() -> bool:
 RELEASE_EVERY = 512  # units of a data-set run's progress (images, maps) between two releases
 
 
-def _glibc() -> ctypes.CDLL | None:
-    if os.environ.get("VITVIZ_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
-        libc.malloc_trim  # noqa: B018
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def release_free_memory() -> bool:
     """Give the pages of freed heap memory back to the kernel (glibc's ``malloc_trim(0)``); True if it ran.
 
@@ -86,7 +87,7 @@ def release_free_memory() -> bool:
     about 40 kB per image (docs/benchmarks.md). ``malloc_trim`` returns the pages of those free pieces; the next
     batch faults in what it needs again. Nothing where glibc is absent or with ``VITVIZ_MALLOC=default``.
     """
-    libc = _glibc()
+    libc = None if _left_alone() else _glibc()
     if libc is None:
         return False
     libc.malloc_trim(0)

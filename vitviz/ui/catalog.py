@@ -104,10 +104,7 @@ def discover_models(
     entries: list[ModelEntry] = []
     bundled = sorted(p for p in _safetensors_in(checkpoints))
     bundled.sort(key=lambda p: p.name != DEFAULT_CHECKPOINT.name)  # stable: default first, rest by name
-    for path in bundled:
-        entries.append(
-            ModelEntry(key=f"{BUNDLED}:{path.stem}", label=f"{path.stem} (bundled)", kind=BUNDLED, path=path)
-        )
+    entries += [bundled_entry(path) for path in bundled]
     for run in run_folders.list_run_folders(runs):
         main = run_folders.find_checkpoint(run)
         if main is None:
@@ -120,6 +117,11 @@ def discover_models(
         if epochs:
             entries += run_epoch_entries(run)
     return entries
+
+
+def bundled_entry(path: Path) -> ModelEntry:
+    """The picker's entry of a bundled checkpoint."""
+    return ModelEntry(key=f"{BUNDLED}:{path.stem}", label=f"{path.stem} (bundled)", kind=BUNDLED, path=path)
 
 
 def run_epoch_entries(run: Path) -> list[ModelEntry]:

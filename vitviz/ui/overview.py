@@ -115,12 +115,7 @@ def curves_picture(records: list[dict[str, Any]], marker: tuple[float, str] | No
 def warm_default_curves(loaded: Any) -> None:
     """Draw the bundled default's curves picture into the cache, as its overview will ask for it (the server's
     start-up calls this, so that the first visit does not wait for matplotlib)."""
-    entry = catalog.ModelEntry(
-        key=f"{catalog.BUNDLED}:{catalog.DEFAULT_CHECKPOINT.stem}",
-        label=catalog.DEFAULT_CHECKPOINT.stem,
-        kind=catalog.BUNDLED,
-        path=catalog.DEFAULT_CHECKPOINT,
-    )
+    entry = catalog.bundled_entry(catalog.DEFAULT_CHECKPOINT)
     training = pipeline.model_card(loaded).training
     records, _ = _training_log(entry, training)
     if records:
