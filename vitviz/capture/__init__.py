@@ -7,8 +7,11 @@ timm's ParallelScalingBlock spans ``k_norm`` to its MLP activation), a torch fun
 per thread) catches its call to ``scaled_dot_product_attention`` and computes it explicitly, once, as timm's
 non-fused path does (scale, q @ k^T, attention mask or relative-position bias, softmax, @ v): the
 probabilities [B, H, N, N] are handed over and the module continues with the same output. So the attention is
-computed once, not fused and then again for capture. A module whose ``fused_attn`` is off is read where timm's
-non-fused path passes its probabilities, through ``attn_drop``. A wrapped Hugging Face model
+computed once, not fused and then again for capture. Without autograd, a model whose every layer is such a
+plain attention held as ``model.blocks[i].attn`` runs instead as a view made for the forward (view.py): the
+same attention code with its call answered by the same explicit computation, and no hook or mode at all. A
+module whose ``fused_attn`` is off is read where timm's non-fused path passes its probabilities, through
+``attn_drop``. A wrapped Hugging Face model
 (``vitviz.models.hf``, eager attention) is read from what each attention module returns, (output, probabilities).
 Differential attention hands over S1 - lambda S2, the map that multiplies v, and SAM's windowed attention its
 windows placed on the real token grid (docs/design.md, "Attention in every timm family"). A ParallelThingsBlock's
@@ -27,6 +30,7 @@ The package keeps one module per model family, as timm keeps a file per family, 
     core.py          where a layer is read (AttentionSite), the family declaration (Reader), the hooks of one
                      capture (CaptureSession) and HOOK_LOCK
     explicit.py      the attention call computed explicitly (the torch function mode every reader enters)
+    view.py          the view of a plain model: its attention forwards answered without hooks or the mode
     readers.py       READERS, the declared list of family readers, and what it says about a model
     consumers.py     AttentionConsumer, KeepAllAttention, QueryAttention
     api.py           capture_attention, attention_maps, attention_gradients

@@ -71,7 +71,11 @@ def explicit_probabilities(
             out=scores.view(batch * heads, queries, keys),
         )
     if attn_mask is not None or is_causal:
-        scores = maybe_add_mask(scores, resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal))
+        bias = resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal)
+        if differentiable or scores.requires_grad or torch.broadcast_shapes(scores.shape, bias.shape) != scores.shape:
+            scores = maybe_add_mask(scores, bias)
+        else:
+            scores.add_(bias)  # the scores are this call's own tensor: the bias (BEiT's, relpos) added in place
     if differentiable or scores.requires_grad:
         attn = scores.softmax(dim=-1)  # autograd needs the scores and the probabilities as separate tensors
     else:
