@@ -34,6 +34,9 @@ from vitviz.models import LoadedModel
 logger = logging.getLogger(__name__)
 
 TARGET = 1.0
+# The capture's figure is the median of this many interleaved rounds at least: on a shared 2-core machine the
+# rounds of one figure spread over +-20% while the two sides differ by a few per cent.
+EXTRACT_ROUNDS = 15
 _TINY = {"embed_dim": 192, "num_heads": 3}
 
 # (label, timm name, keyword arguments for timm.create_model): ViT-Ti-sized members of each family.
@@ -89,8 +92,9 @@ def _figure(
         attention_maps(model, images)
 
     logger.info("extract: %s (%s) batch %d", label, loaded.meta.arch, batch)
+    rounds = plan.repeats if plan.label == "tiny" else max(plan.repeats, EXTRACT_ROUNDS)
     timing = paired_timing(
-        extract, capture, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock, min_round_s=plan.round_s
+        extract, capture, warmup=plan.warmup, repeats=rounds, clock=plan.clock, min_round_s=plan.round_s
     )
     floor = paired_timing(
         plain, capture, warmup=plan.warmup, repeats=plan.repeats, clock=plan.clock, min_round_s=plan.round_s

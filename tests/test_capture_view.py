@@ -117,21 +117,13 @@ class _BlocksByList(timm.models.vision_transformer.VisionTransformer):
 
 
 def test_a_forward_the_view_does_not_reach_is_read_with_the_hooks() -> None:
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
     torch.manual_seed(0)
-    model = _BlocksByList(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
+    model = _BlocksByList(**config).eval()
     model.__dict__["block_list"] = list(model.blocks)
     images = torch.randn(2, 3, 32, 32)
-    maps = attention_maps(model, images)
-    reference = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        num_classes=3,
-    ).eval()
+    maps = attention_maps(model, images)  # the view's forward reaches no attention: read again with the hooks
+    reference = timm.models.vision_transformer.VisionTransformer(**config).eval()  # read through the view
     reference.load_state_dict(model.state_dict())
     for got, want in zip(maps, attention_maps(reference, images), strict=True):
         assert torch.equal(got, want)

@@ -14,7 +14,8 @@ from vitviz.errors import VitvizError
 
 
 class AttentionConsumer(Protocol):
-    """Receives each layer's attention [B, H, N, N] as it is produced; must not keep it unless it means to."""
+    """Receives each layer's attention [B, H, N, N] as it is produced; must not keep it unless it means to, and
+    must not change it: the forward goes on with it (its product with v comes after)."""
 
     def consume(self, layer_index: int, attn: torch.Tensor) -> None: ...
 

@@ -25,19 +25,16 @@ def sdpa_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any
     return {**dict(zip(SDPA_ARGUMENTS, args)), **kwargs}
 
 
-def explicit_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scaled_dot_product_attention`` as timm's non-fused path computes it: (probabilities, output)."""
-    attn = explicit_probabilities(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return attn, attn @ value  # (B, H, N, N), (B, H, N, hd)
+def answered_attention(
+    deliver: Callable[[torch.Tensor], None], args: Sequence[Any], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """One ``scaled_dot_product_attention(*args, **kwargs)`` call computed as timm's non-fused path computes it:
+    its probabilities [B, H, N, N] go to ``deliver`` first (a capture that stops the forward after the last layer
+    spares that layer's product with v), then the output [B, H, N, hd] is returned."""
+    arguments = sdpa_arguments(args, kwargs)
+    attn = explicit_probabilities(**arguments)
+    deliver(attn)
+    return attn @ arguments["value"]
 
 
 def explicit_probabilities(
@@ -98,6 +95,4 @@ class ExplicitAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        attn, output = explicit_attention(*args, **kwargs)
-        self.deliver(attn)
-        return output
+        return answered_attention(self.deliver, args, kwargs)

@@ -7,7 +7,7 @@ copy of the path from the root to each attention module (the root, ``blocks``, e
 every other module, and every parameter, buffer and hook dictionary, is the model's own. Each attention copy runs
 its class's own ``forward``, the same code, with the globals through which that code reaches
 ``scaled_dot_product_attention`` (``F``, ``nn`` or ``torch``) seen through a namespace that answers that one
-function explicitly (``explicit.explicit_attention``, as ``ExplicitAttention`` does) and hands the probabilities
+function explicitly (``explicit.answered_attention``, as ``ExplicitAttention`` does) and hands the probabilities
 over. The maps are the ones the function mode reads, bit for bit (a test).
 
 Why: the function mode costs Python for every torch call inside its span, and the hooks around it cost a module
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitviz.capture.core import AttentionSite, CaptureSession, plain_hooks
-from vitviz.capture.explicit import explicit_attention
+from vitviz.capture.explicit import answered_attention
 
 
 class _Answering:
@@ -71,9 +71,7 @@ def _answered_forward(forward: types.FunctionType, deliver: Callable[[torch.Tens
     """``forward``'s own code with its path to ``scaled_dot_product_attention`` answered explicitly."""
 
     def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
-        attn, output = explicit_attention(*args, **kwargs)
-        deliver(attn)
-        return output
+        return answered_attention(deliver, args, kwargs)
 
     namespace = dict(forward.__globals__)
     for name in _answered_globals(forward):
