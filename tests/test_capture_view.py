@@ -3,7 +3,10 @@ bit, with neither, on every family it takes; the model untouched; the model's ow
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import weakref
 
 import pytest
 import timm
@@ -51,7 +54,7 @@ def _images(model: nn.Module, batch: int = 2) -> torch.Tensor:
 
 
 def _through_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(capture_api, "attention_view", lambda *_args: None)
+    monkeypatch.setattr(capture_api, "attention_view", lambda *_args: contextlib.nullcontext())
 
 
 @pytest.mark.parametrize("key", list(FAMILIES))
@@ -61,7 +64,8 @@ def test_the_view_gives_the_function_modes_maps_and_logits_without_hooks(
     model = _model(key)
     images = _images(model)
     sites = attention_sites(model)
-    assert attention_view(model, sites, CaptureSession(sites, lambda *_: None)) is not None
+    with attention_view(model, sites, CaptureSession(sites, lambda *_: None)) as view:
+        assert view is not None
     with monkeypatch.context() as patched:
         _through_hooks(patched)
         mode_maps = attention_maps(model, images)
@@ -127,3 +131,18 @@ def test_a_forward_the_view_does_not_reach_is_read_with_the_hooks() -> None:
     reference.load_state_dict(model.state_dict())
     for got, want in zip(maps, attention_maps(reference, images), strict=True):
         assert torch.equal(got, want)
+
+
+def test_the_view_and_the_consumers_are_freed_without_the_garbage_collector() -> None:
+    """The view's forwards refer to their own modules and to the session: left in place they would keep the
+    consumers (and all they hold) alive until a cyclic collection."""
+    model = _model("beit")
+    keep = KeepAllAttention()
+    watched = weakref.ref(keep)
+    gc.disable()
+    try:
+        capture_attention(model, _images(model), keep)
+        del keep
+        assert watched() is None
+    finally:
+        gc.enable()

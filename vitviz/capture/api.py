@@ -81,13 +81,13 @@ def capture_attention(
 
     session = CaptureSession(sites, deliver)
     output = None
-    view = attention_view(model, sites, session)
-    if view is not None:  # no hooks, no function mode: see capture/view.py
-        with torch.no_grad(), contextlib.suppress(_LastLayerRead):
-            output = view(images) if with_logits else view.forward_features(images)
-        if session.layers_seen:  # a forward that reached no block's attention is read with the hooks below
-            session.check_complete()
-            return output if with_logits else None
+    with attention_view(model, sites, session) as view:
+        if view is not None:  # no hooks, no function mode: see capture/view.py
+            with torch.no_grad(), contextlib.suppress(_LastLayerRead):
+                output = view(images) if with_logits else view.forward_features(images)
+    if session.layers_seen:  # a forward the view ran but that reached no attention is read with the hooks below
+        session.check_complete()
+        return output if with_logits else None
     with torch.no_grad(), session.installed(), contextlib.suppress(_LastLayerRead):
         output = model(images) if with_logits else model.forward_features(images)
     session.check_complete()

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -113,20 +114,32 @@ def _viewable(model: nn.Module, sites: Sequence[AttentionSite]) -> list[tuple[st
     return layers  # type: ignore[return-value]
 
 
-def attention_view(model: nn.Module, sites: Sequence[AttentionSite], session: CaptureSession) -> nn.Module | None:
+@contextmanager
+def attention_view(
+    model: nn.Module, sites: Sequence[AttentionSite], session: CaptureSession
+) -> Iterator[nn.Module | None]:
     """The model's view for one forward delivering every layer to ``session``, or None when a layer is not a
-    plain attention held as ``model.blocks[i].attn`` (then the capture installs its hooks)."""
+    plain attention held as ``model.blocks[i].attn`` (then the capture installs its hooks). On exit each
+    attention copy lets go of its forward, which refers to the copy itself and to the session: the view and the
+    consumers are freed as soon as the caller drops them, without waiting for the cyclic garbage collector."""
     layers = _viewable(model, sites)
     if layers is None:
-        return None
+        yield None
+        return
     root = _shallow(model)
     blocks = _shallow(model._modules["blocks"])
     root.__dict__["_modules"]["blocks"] = blocks
+    answered = []
     for layer_index, (key, block) in enumerate(layers):
         block_view = _shallow(block)
         attn = _shallow(block._modules["attn"])
         deliver = functools.partial(session.deliver, layer_index)
         attn.__dict__["forward"] = types.MethodType(_answered_forward(type(attn).forward, deliver), attn)
+        answered.append(attn)
         block_view.__dict__["_modules"]["attn"] = attn
         blocks.__dict__["_modules"][key] = block_view
-    return root
+    try:
+        yield root
+    finally:
+        for attn in answered:
+            del attn.__dict__["forward"]
