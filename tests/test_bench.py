@@ -116,6 +116,8 @@ def test_extract_figures_set_the_capture_against_timms_attention_extract(tmp_pat
         assert figure["value"] == pytest.approx(sorted(rounds)[len(rounds) // 2], abs=1e-4)  # the median round
         floor = figure["detail"]["floor"]
         assert floor["capture_over_plain"] > 0 and floor["baseline_s"] > 0 and figure["detail"]["layers"] == 1
+        control = figure["detail"]["control"]  # AttentionExtract against itself, timed as the figure
+        assert control["ratio"] > 0 and len(control["round_ratios"]) == len(rounds)
 
 
 def test_cli_figure_times_the_help_against_an_interpreter_importing_argparse(tmp_path: Path) -> None:
