@@ -53,9 +53,10 @@ Public API:
     class_attention_layers(model) -> the layers in which only the class token queries (CaiT's class attention)
     KeepAllAttention, QueryAttention: consumers (analysis/ holds the rollout and distance accumulators)
 
-Sharing one model: the app serves several sessions from one cached model in several threads. Hooks are
-registered and removed under a lock (torch's hook bookkeeping is not thread-safe), act only on forwards of
-the thread that installed them, and are removed on every exit path. The model's parameters, their
+Sharing one model: the app serves several sessions from one cached model in several threads. A view is the
+capturing thread's own object and changes nothing on the model. Hooks are registered and removed under a lock
+(torch's hook bookkeeping is not thread-safe), act only on forwards of the thread that installed them, and are
+removed on every exit path. The model's parameters, their
 ``requires_grad``, its buffers and its train/eval mode are never changed. The model must be in eval mode:
 in training mode dropout makes attention random and BatchNorm in hybrid stems would update its statistics.
 
