@@ -146,3 +146,21 @@ def test_the_view_and_the_consumers_are_freed_without_the_garbage_collector() ->
         assert watched() is None
     finally:
         gc.enable()
+
+
+def test_a_bias_is_added_in_place_only_where_the_sum_keeps_the_scores_dtype() -> None:
+    """The explicit scores take the bias in place; a bias of another dtype still promotes them as timm's sum does."""
+    from timm.layers.attention import maybe_add_mask
+
+    from vitviz.capture.explicit import explicit_probabilities
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 5, 4, generator=generator) * 3 for _ in range(2))
+    for bias in (torch.randn(2, 5, 5, generator=generator), torch.randn(2, 5, 5, generator=generator).double()):
+        with torch.no_grad():
+            got = explicit_probabilities(q, k, attn_mask=bias)
+        want = maybe_add_mask((q * 0.5) @ k.transpose(-2, -1), bias).softmax(-1)  # timm's non-fused path
+        assert got.dtype == want.dtype
+        # The float32 scores (four products, |q k| up to ~40) may be summed in another order by the two kernels:
+        # each logit within 4 eps sum|q_i k_i| ~ 1e-5, so each probability within about 2e-5 of itself.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -69,8 +69,9 @@ def explicit_probabilities(
         )
     if attn_mask is not None or is_causal:
         bias = resolve_self_attn_mask(scores.shape[-1], scores, attn_mask, is_causal)
-        if differentiable or scores.requires_grad or torch.broadcast_shapes(scores.shape, bias.shape) != scores.shape:
-            scores = maybe_add_mask(scores, bias)
+        in_place = bias.dtype == scores.dtype and torch.broadcast_shapes(scores.shape, bias.shape) == scores.shape
+        if differentiable or scores.requires_grad or not in_place:
+            scores = maybe_add_mask(scores, bias)  # a bias of another dtype promotes the scores, as timm's sum does
         else:
             scores.add_(bias)  # the scores are this call's own tensor: the bias (BEiT's, relpos) added in place
     if differentiable or scores.requires_grad:

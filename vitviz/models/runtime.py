@@ -19,7 +19,8 @@ def any_training(model: nn.Module) -> bool:
     which builds a name for every module: a third of the time on a ViT-Ti's 276 modules, measured)."""
     if model.training:
         return True
-    for child in model._modules.values():  # a loop, not any() over a generator: half the time (measured)  # noqa: SIM110
+    # A loop rather than any() over a generator: half the time (measured).
+    for child in model._modules.values():  # noqa: SIM110
         if child is not None and any_training(child):
             return True
     return False
