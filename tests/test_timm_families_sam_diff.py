@@ -128,10 +128,13 @@ def _sam_grid(windows: torch.Tensor, batch: int, heads: int, grid: tuple[int, in
     return out
 
 
-def _reference(key: str, images: torch.Tensor, grad: bool = False) -> tuple[list, list, torch.Tensor]:
-    """timm's eager maps, as the definitions read them, in float64, with d logit_c / d map (c = prediction)."""
+def _reference(
+    key: str, images: torch.Tensor, grad: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[list, list, torch.Tensor]:
+    """timm's eager maps, as the definitions read them, in float64, with d logit_c / d map (c = prediction); the
+    model runs in `dtype` (the images' own)."""
     model = _model(key)
-    eager = _unfused(model)
+    eager = _unfused(model).to(dtype)
     kept: list[torch.Tensor] = []
     drops = [m for block in eager.blocks for n, m in block.named_modules() if n.rsplit(".", 1)[-1] == "attn_drop"]
     assert len(drops) == len(eager.blocks)
@@ -218,10 +221,12 @@ def _distance_reference(maps: list[torch.Tensor], model: nn.Module, mode: str) -
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "non-fused"])
 @pytest.mark.parametrize("key", FAMILIES)
 def test_capture_equals_timm_eager_maps_and_leaves_the_output_alone(key: str, fused: bool) -> None:
-    model = _model(key) if fused else _unfused(_model(key))
+    # In float64 both sides differ only by their own rounding: with logits of magnitude ~50 over three layers,
+    # about 1e-12 (float32's unit roundoff, 6e-8, would leave them 1e-5 apart on some kernel paths).
+    model = copy.deepcopy(_model(key) if fused else _unfused(_model(key))).double()
     layout = token_layout(model)
-    images = _images(model)
-    want, _, want_logits = _reference(key, images)
+    images = _images(model).double()
+    want, _, want_logits = _reference(key, images, dtype=torch.float64)
     keep, rollout, distance = KeepAllAttention(), RolloutAccumulator(layout), DistanceAccumulator(layout)
     logits = capture_attention(model, images, [keep, rollout, distance])
     assert len(keep.result()) == len(want) == len(model.blocks)
@@ -240,11 +245,11 @@ def test_capture_equals_timm_eager_maps_and_leaves_the_output_alone(key: str, fu
 
 
 def test_sam_maps_are_the_windows_on_the_grid_without_the_pad_keys() -> None:
-    model = _model("sam_relpos")
+    model = copy.deepcopy(_model("sam_relpos")).double()  # float64: the row sums below hold to ~1e-15
     layout = token_layout(model)
     assert (layout.grid, layout.num_prefix_tokens, layout.has_class_token) == ((5, 4), 0, False)
     assert unreadable_reason(model) is None
-    images = _images(model)
+    images = _images(model).double()
     maps = attention_maps(model, images)
     eager = _unfused(model)
     kept: list[torch.Tensor] = []
@@ -258,7 +263,7 @@ def test_sam_maps_are_the_windows_on_the_grid_without_the_pad_keys() -> None:
     for layer in (0, 2):  # windowed blocks
         assert bool((maps[layer][..., ~same_window] == 0).all())  # zero between windows
         windows = kept[layer].reshape(2, 4, 2, 9, 9)  # (B, window, head, query, key) on the padded 6 x 6 grid
-        pad_mass = torch.zeros(2, 2, 20)
+        pad_mass = torch.zeros(2, 2, 20, dtype=torch.float64)
         for index in range(4):
             top, left = index // 2 * 3, index % 2 * 3
             for q in range(9):
@@ -267,9 +272,9 @@ def test_sam_maps_are_the_windows_on_the_grid_without_the_pad_keys() -> None:
                     pads = [k for k in range(9) if top + k // 3 >= 5 or left + k % 3 >= 4]
                     pad_mass[:, :, qy * 4 + qx] = windows[:, index, :, q, pads].sum(-1)
         # a row sums to 1 minus what its query gives the pad tokens; the top-left window holds none
-        torch.testing.assert_close(maps[layer].sum(-1), 1.0 - pad_mass, rtol=0, atol=2e-6)
+        torch.testing.assert_close(maps[layer].sum(-1), 1.0 - pad_mass, rtol=0, atol=1e-12)
         assert bool((pad_mass[..., window_of == 0] == 0).all()) and float(pad_mass.max()) > 0.05
-    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 2, 20))  # the global block: rows sum to 1
+    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 2, 20, dtype=torch.float64))  # global: rows sum to 1
 
 
 @pytest.mark.parametrize("key", DIFF_KEYS)
