@@ -11,9 +11,9 @@ function explicitly (``explicit.answered_attention``, as ``ExplicitAttention`` d
 over. The maps are the ones the function mode reads, bit for bit (a test).
 
 Why: the function mode costs Python for every torch call inside its span, and the hooks around it cost a module
-call's slow path twice a layer. On EVA-02 and rope ViTs, whose rope runs about 35 torch calls between ``k_norm``
-and the attention call, that was 15% of a ViT-Ti forward at batch 1 (docs/benchmarks.md); the view costs the
-copies of about 2L + 2 modules, once per forward.
+call's slow path twice a layer. On EVA-02, whose rope runs about 35 torch calls between ``k_norm`` and the
+attention call, that made the capture 15% slower than the view at 32 px, where the forward is almost all
+Python (docs/benchmarks.md, "The view"); the view costs the copies of about 2L + 2 modules, once per forward.
 
 Nothing of the model changes and no other thread sees the view. Hooks on the model's blocks, their children or
 its final norm fire as in the model's own forward, since the view's modules share the hook dictionaries (the
